@@ -1,0 +1,48 @@
+"""The one sample type every dataset reader yields: an image and the phrases grounded in it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels of the original image
+
+
+@dataclass
+class Phrase:
+    """A piece of text and the ground-truth boxes of what it names (any box counts as a hit)."""
+
+    text: str
+    boxes: list[Box]
+    kind: str = ""  # phrase type, e.g. "attribute", "relation", Flickr30k's "people"
+    id: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GroundingSample:
+    """One image with its phrases; the image is held in memory or read lazily from `image_path`."""
+
+    image_id: str
+    phrases: list[Phrase]
+    image_size: tuple[int, int]  # (width, height) of the original image
+    image: Image.Image | None = None
+    image_path: Path | None = None
+    caption: str | None = None
+    split: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def load_image(self) -> Image.Image:
+        """The image as RGB; raises FileNotFoundError naming the path when it is missing."""
+        if self.image is not None:
+            return self.image.convert("RGB")
+        if self.image_path is None:
+            raise FileNotFoundError(f"sample {self.image_id}: no image and no image path")
+        path = Path(self.image_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        with Image.open(path) as im:
+            return im.convert("RGB")

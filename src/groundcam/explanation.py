@@ -1,0 +1,117 @@
+"""The result of an explanation: maps on the patch grid, per-token maps, scores, and ways to look."""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Per map over the last two axes: (m - min) / (max - min) when max > min, zeros otherwise.
+    No epsilon: raw Grad-CAM of small models can be ~1e-5, an epsilon would distort it."""
+    flat = maps.flatten(-2)
+    lo, hi = flat.min(-1, keepdim=True).values, flat.max(-1, keepdim=True).values
+    span = hi - lo
+    out = torch.where(span > 0, (flat - lo) / torch.where(span > 0, span, 1), 0)
+    return torch.nan_to_num(out, nan=0.0).reshape(maps.shape)
+
+
+@dataclass
+class Explanation:
+    """Maps for P phrases: `maps` [P, h, w] in [0, 1]; `raw_maps` before normalisation."""
+
+    maps: torch.Tensor
+    raw_maps: torch.Tensor
+    scores: torch.Tensor
+    phrases: list[str]
+    tokens: list[list[str]]
+    method: str
+    layer: int | None
+    target: str
+    model: str
+    raw_token_maps: torch.Tensor | None = None  # [P, T, h, w] (head mean only, padded)
+    images: list[Image.Image] = field(default_factory=list)
+    image_index: list[int] = field(default_factory=list)  # phrase p belongs to images[...]
+    text_conditioned: bool = True
+
+    @property
+    def token_maps(self) -> list[torch.Tensor]:
+        """Per phrase, one normalised map per real (unpadded) token: [T_p, h, w]."""
+        if self.raw_token_maps is None:
+            raise AttributeError(f"method {self.method!r} has no per-token maps")
+        return [normalize_maps(self.raw_token_maps[p, : len(t)]) for p, t in enumerate(self.tokens)]
+
+    def __len__(self) -> int:
+        return self.maps.shape[0]
+
+    def resize(self, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+        """Maps upsampled to (H, W), `align_corners=False`, unclamped (the AMC protocol's view)."""
+        return F.interpolate(self.maps[:, None], size=size, mode=mode, align_corners=False)[:, 0]
+
+    def image(self, i: int) -> Image.Image:
+        if not self.images:
+            raise ValueError("this explanation was made from tensors and holds no image")
+        return self.images[self.image_index[i] if self.image_index else 0]
+
+    def overlay(self, i: int, alpha: float = 0.5, **kwargs: Any) -> Image.Image:
+        """Phrase i's map over its image (boxes, point and hit may be passed to draw them)."""
+        from groundcam.viz.overlay import overlay
+
+        return overlay(self.image(i), self.maps[i], alpha=alpha, **kwargs)
+
+    def meta(self) -> dict[str, Any]:
+        import transformers
+
+        return {
+            "method": self.method,
+            "layer": self.layer,
+            "target": self.target,
+            "model": self.model,
+            "text_conditioned": self.text_conditioned,
+            "phrases": self.phrases,
+            "tokens": self.tokens,
+            "scores": [float(s) for s in self.scores],
+            "grid": list(self.maps.shape[-2:]),
+            "versions": {
+                "groundcam": _version(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+            },
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Overlay PNGs (when images are held), `maps.npz` and `meta.json` under `directory`."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        arrays = {"maps": self.maps.numpy(), "raw_maps": self.raw_maps.numpy()}
+        if self.raw_token_maps is not None:
+            arrays["raw_token_maps"] = self.raw_token_maps.numpy()
+        np.savez_compressed(out / "maps.npz", **arrays)
+        (out / "meta.json").write_text(json.dumps(self.meta(), indent=1))
+        if self.images:
+            for i, phrase in enumerate(self.phrases):
+                self.overlay(i).save(out / f"{i:03d}_{_slug(phrase)}.png")
+        return out
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "phrase"
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("groundcam")
+    except Exception:  # noqa: BLE001 - running from a source tree
+        return "unknown"

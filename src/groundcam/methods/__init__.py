@@ -1,0 +1,29 @@
+"""Explanation methods: pure functions of recorded tensors and the patch geometry."""
+
+from __future__ import annotations
+
+from groundcam.methods.attention import Attention
+from groundcam.methods.attn_gradcam import AttnGradCAM
+from groundcam.methods.base import CROSS_ATTENTION, SELF_ATTENTION, TOKENS, Method, MethodOutput
+from groundcam.methods.gradcam import GradCAM
+from groundcam.methods.rollout import Rollout
+
+METHODS: dict[str, Method] = {m.name: m for m in (Attention(), Rollout(), GradCAM(), AttnGradCAM())}
+
+
+def get_method(name: str) -> Method:
+    """The method called `name`, or a ValueError listing the known ones."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; methods are {sorted(METHODS)}")
+    return METHODS[name]
+
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "MethodOutput",
+    "get_method",
+    "CROSS_ATTENTION",
+    "SELF_ATTENTION",
+    "TOKENS",
+]

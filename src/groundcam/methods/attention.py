@@ -1,0 +1,25 @@
+"""Raw attention: text-token -> patch rows of a cross-attention layer (the ALBEF visualisation), or
+for dual encoders the CLS -> patch row of a vision layer (not text-conditioned)."""
+
+from __future__ import annotations
+
+from groundcam.methods.base import (
+    CROSS_ATTENTION,
+    SELF_ATTENTION,
+    Method,
+    MethodOutput,
+    masked_token_maps,
+)
+
+
+class Attention(Method):
+    name = "attention"
+    sources = (CROSS_ATTENTION, SELF_ATTENTION)
+
+    def compute(self, source, recorded, grads, geometry, text_mask):
+        (probs,) = recorded
+        if source == SELF_ATTENTION:
+            cls_row = geometry.patches(probs[:, :, 0, :]).mean(1)
+            return MethodOutput(cls_row, None, text_conditioned=False)
+        per_token = masked_token_maps(geometry.patches(probs).mean(1), text_mask)  # head mean
+        return MethodOutput(per_token.mean(1), per_token)

@@ -1,0 +1,381 @@
+"""ALBEF (Li et al., NeurIPS 2021) in one readable file: ViT image encoder, BERT text encoder whose
+layers from `fusion_layer` on cross-attend to the image, ITC projections and the ITM head.
+
+Module names follow the official checkpoints (`visual_encoder.blocks.i.attn.qkv`,
+`text_encoder.encoder.layer.i.crossattention.self.key`, ...) so that a released state dict maps
+onto this model key for key. Every attention exposes its softmax probabilities through an
+`nn.Identity` named `probs` (before dropout), which is where explanation hooks attach.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+@dataclass
+class AlbefConfig:
+    """Every size of an ALBEF model; defaults are the released ALBEF (ViT-B/16, BERT-base)."""
+
+    image_size: int = 256
+    patch_size: int = 16
+    in_chans: int = 3
+    vision_width: int = 768
+    vision_depth: int = 12
+    vision_heads: int = 12
+    vision_mlp: int = 3072
+    vision_eps: float = 1e-6
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    text_layers: int = 12
+    fusion_layer: int = 6
+    text_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    pad_token_id: int = 0
+    text_eps: float = 1e-12
+    embed_dim: int = 256
+    temp: float = 0.07
+    dropout: float = 0.1  # BERT hidden and attention dropout (the ViT uses none)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    def validate(self) -> None:
+        """Raise ValueError on sizes that cannot form a model (heads not dividing widths, ...)."""
+        if self.vision_width % self.vision_heads:
+            raise ValueError(
+                f"vision width {self.vision_width} is not divisible by {self.vision_heads} heads"
+            )
+        if self.hidden_size % self.text_heads:
+            raise ValueError(
+                f"text hidden size {self.hidden_size} is not divisible by {self.text_heads} heads"
+            )
+        if not 0 <= self.fusion_layer < self.text_layers:
+            raise ValueError(
+                f"fusion_layer {self.fusion_layer} must lie in [0, {self.text_layers})"
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image size {self.image_size} is not a multiple of patch size")
+
+    def to_dict(self) -> dict:
+        return {"model_type": "albef", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AlbefConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# --------------------------------------------------------------------------- vision (timm-style ViT)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: AlbefConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.vision_width, cfg.patch_size, cfg.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, h*w, C], row-major grid
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.scale = (width // heads) ** -0.5
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.probs = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = self.probs(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: AlbefConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.vision_width, eps=cfg.vision_eps)
+        self.attn = VisionAttention(cfg.vision_width, cfg.vision_heads)
+        self.norm2 = nn.LayerNorm(cfg.vision_width, eps=cfg.vision_eps)
+        self.mlp = Mlp(cfg.vision_width, cfg.vision_mlp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: AlbefConfig):
+        super().__init__()
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.vision_width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid**2 + 1, cfg.vision_width))
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.vision_depth))
+        self.norm = nn.LayerNorm(cfg.vision_width, eps=cfg.vision_eps)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        expand_index: torch.Tensor | None = None,
+        expand_at: int | None = None,
+    ) -> torch.Tensor:
+        """Encode images; with `expand_index`, rows are gathered (one per phrase) before block
+        `expand_at`, so blocks before it run once per image and later ones once per phrase."""
+        x = self.patch_embed(pixel_values)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.pos_embed[:, : x.shape[1]]
+        for i, block in enumerate(self.blocks):
+            if expand_index is not None and i == expand_at:
+                x = x.index_select(0, expand_index)
+            x = block(x)
+        if expand_index is not None and expand_at is not None and expand_at >= len(self.blocks):
+            x = x.index_select(0, expand_index)
+        return self.norm(x)
+
+
+# --------------------------------------------------------------------------- text (BERT, post-norm)
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg: AlbefConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id
+        )
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.text_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = (
+            self.word_embeddings(input_ids)
+            + self.token_type_embeddings(torch.zeros_like(input_ids))
+            + self.position_embeddings(positions)[None]
+        )
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    """Scaled dot-product attention; keys/values come from `context` when it is given."""
+
+    def __init__(self, hidden: int, kv_width: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = hidden // heads
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(kv_width, hidden)
+        self.value = nn.Linear(kv_width, hidden)
+        self.probs = nn.Identity()
+        self.dropout = nn.Dropout(dropout)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:2], self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        additive_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        kv = x if context is None else context
+        k, v = self._split(self.key(kv)), self._split(self.value(kv))
+        if context_index is not None:  # keys/values once per image, then one row per phrase
+            k, v = k.index_select(0, context_index), v.index_select(0, context_index)
+        scores = self._split(self.query(x)) @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+        if additive_mask is not None:
+            scores = scores + additive_mask
+        attn = self.dropout(self.probs(scores.softmax(dim=-1)))
+        out = (attn @ v).transpose(1, 2)
+        return out.reshape(*out.shape[:2], -1)
+
+
+class BertOutput(nn.Module):
+    """Dense projection, dropout, residual add and LayerNorm (BERT's post-norm sublayer end)."""
+
+    def __init__(self, width_in: int, hidden: int, eps: float, dropout: float):
+        super().__init__()
+        self.dense = nn.Linear(width_in, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, cfg: AlbefConfig, kv_width: int):
+        super().__init__()
+        self.self = BertSelfAttention(cfg.hidden_size, kv_width, cfg.text_heads, cfg.dropout)
+        self.output = BertOutput(cfg.hidden_size, cfg.hidden_size, cfg.text_eps, cfg.dropout)
+
+    def forward(self, x, additive_mask=None, context=None, context_index=None):
+        return self.output(self.self(x, additive_mask, context, context_index), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, cfg: AlbefConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg: AlbefConfig, cross: bool):
+        super().__init__()
+        self.attention = BertAttention(cfg, cfg.hidden_size)
+        self.crossattention = BertAttention(cfg, cfg.vision_width) if cross else None
+        self.intermediate = BertIntermediate(cfg)
+        self.output = BertOutput(cfg.intermediate_size, cfg.hidden_size, cfg.text_eps, cfg.dropout)
+
+    def forward(self, x, additive_mask, image_embeds=None, image_index=None):
+        x = self.attention(x, additive_mask)
+        if self.crossattention is not None:
+            x = self.crossattention(x, None, image_embeds, image_index)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, cfg: AlbefConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(
+            BertLayer(cfg, cross=i >= cfg.fusion_layer) for i in range(cfg.text_layers)
+        )
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg: AlbefConfig):
+        super().__init__()
+        self.fusion_layer = cfg.fusion_layer
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = BertEncoder(cfg)
+
+    @staticmethod
+    def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Padding keys get -10000 added to their scores, as the original BERT/ALBEF code does."""
+        return (1.0 - attention_mask[:, None, None, :].to(dtype)) * -10000.0
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text-only layers [0, fusion_layer): the ITC text features come from here."""
+        x = self.embeddings(input_ids)
+        mask = self.additive_mask(attention_mask, x.dtype)
+        for layer in self.encoder.layer[: self.fusion_layer]:
+            x = layer(x, mask)
+        return x
+
+    def fuse(
+        self,
+        text_hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_embeds: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Fusion layers [fusion_layer, end): text self-attention, then cross-attention to the
+        image; `image_index[b]` says which image row text row b attends to."""
+        x = text_hidden
+        mask = self.additive_mask(attention_mask, x.dtype)
+        for layer in self.encoder.layer[self.fusion_layer :]:
+            x = layer(x, mask, image_embeds, image_index)
+        return x
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class AlbefModel(nn.Module):
+    """ALBEF with the heads that grounding needs: ITC projections and the ITM head."""
+
+    def __init__(self, cfg: AlbefConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.visual_encoder = VisionTransformer(cfg)
+        self.text_encoder = TextEncoder(cfg)
+        self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
+        self.text_proj = nn.Linear(cfg.hidden_size, cfg.embed_dim)
+        self.itm_head = nn.Linear(cfg.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(cfg.temp))
+
+    def encode_image(
+        self,
+        pixel_values: torch.Tensor,
+        expand_index: torch.Tensor | None = None,
+        expand_at: int | None = None,
+    ) -> torch.Tensor:
+        return self.visual_encoder(pixel_values, expand_index, expand_at)
+
+    def itc_from(self, image_embeds: torch.Tensor, text_hidden: torch.Tensor):
+        """Normalised ITC features from the image and text CLS tokens."""
+        img = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+        txt = F.normalize(self.text_proj(text_hidden[:, 0]), dim=-1)
+        return img, txt
+
+    def itm_from(
+        self,
+        image_embeds: torch.Tensor,
+        text_hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """ITM logits [B, 2] (column 1 = match) from text-only hidden states and image tokens."""
+        fused = self.text_encoder.fuse(text_hidden, attention_mask, image_embeds, image_index)
+        return self.itm_head(fused[:, 0])
+
+    def itc_features(self, pixel_values, input_ids, attention_mask):
+        """(image features, text features), each L2-normalised [B, embed_dim]."""
+        text = self.text_encoder.encode_text(input_ids, attention_mask)
+        return self.itc_from(self.encode_image(pixel_values), text)
+
+    def itm_logits(self, pixel_values, input_ids, attention_mask, image_index=None):
+        """ITM logits [B, 2]; row b pairs text b with image `image_index[b]` (default b)."""
+        text = self.text_encoder.encode_text(input_ids, attention_mask)
+        return self.itm_from(self.encode_image(pixel_values), text, attention_mask, image_index)
+
+    # ----------------------------------------------------------------------- our own format
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """config.json + model.safetensors, loadable by `AlbefModel.from_pretrained`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> AlbefModel:
+        directory = Path(directory)
+        cfg = AlbefConfig.from_dict(json.loads((directory / "config.json").read_text()))
+        model = cls(cfg)
+        model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=True)
+        return model.eval()
