@@ -1,0 +1,24 @@
+"""Built-in tiny models, trained by groundcam's own commands on its own synthetic data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ZOO = Path(__file__).parent
+
+BUILTIN: dict[str, dict[str, str]] = {
+    "albef-tiny-shapes": {
+        "family": "albef",
+        "description": "1.1M-parameter ALBEF trained from scratch on shapes scenes (ITC + ITM)",
+    },
+}
+
+
+def builtin_path(name: str) -> Path:
+    """The folder of built-in model `name` (config, weights, tokenizer, model card)."""
+    if name not in BUILTIN:
+        raise ValueError(f"unknown built-in model {name!r}; built-in models are {sorted(BUILTIN)}")
+    path = ZOO / name
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"built-in model {name!r} is missing its weights under {path}")
+    return path

@@ -1,0 +1,34 @@
+"""Shared test fixtures: the official ALBEF reference files and tiny models built offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tiny import tiny_albef
+
+from groundcam.data.shapes import vocabulary
+from groundcam.train.tokenizer import word_tokenizer
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.skip(f"reference fixtures not found at {FIXTURES}")
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return word_tokenizer(vocabulary())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny ALBEF saved the way the zoo stores models (config, safetensors, tokenizer)."""
+    path = tmp_path_factory.mktemp("tiny-albef")
+    tiny_albef(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
