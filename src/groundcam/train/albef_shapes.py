@@ -159,6 +159,13 @@ def evaluate(model: AlbefModel, adapter: AlbefAdapter, cfg: TrainConfig, split="
     return out
 
 
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint being resumed (they will be redone)."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
 def train(cfg: TrainConfig, threads: int | None = None) -> Path:
     """Run (or resume) training; writes `checkpoint.pt`, `log.jsonl` and finally `model/`."""
     out = Path(cfg.out)
@@ -186,6 +193,7 @@ def train(cfg: TrainConfig, threads: int | None = None) -> Path:
         model.load_state_dict(state["model"])
         optim.load_state_dict(state["optim"])
         step = state["step"]
+        _trim_log(out / "log.jsonl", step)
         print(f"resuming from step {step}")
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     pool = Pool(adapter, cfg)
