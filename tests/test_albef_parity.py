@@ -152,6 +152,10 @@ def test_bad_checkpoints_get_one_clear_error(fixtures, tmp_path):
     save_file(extra, str(tmp_path / "extra.safetensors"))
     with pytest.raises(CheckpointError, match="'text_encoder.pooler.dense.weight' fits no part"):
         load_official(tmp_path / "extra.safetensors", 4, 4)
+    no_temp = {k: v for k, v in state.items() if k != "temp"}
+    save_file(no_temp, str(tmp_path / "no_temp.safetensors"))
+    m = load_official(tmp_path / "no_temp.safetensors", 4, 4)
+    assert m.load_report.defaulted == ["temp"] and m.temp.item() == pytest.approx(0.07)
     missing = {k: v for k, v in state.items() if k != "itm_head.weight"}
     save_file(missing, str(tmp_path / "missing.safetensors"))
     with pytest.raises(CheckpointError, match="missing .*itm_head.weight"):

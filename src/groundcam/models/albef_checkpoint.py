@@ -39,6 +39,7 @@ class LoadReport:
     layout: str  # "fine-tuning" (text_encoder.*) or "pre-training" (text_encoder.bert.*)
     loaded: list[str] = field(default_factory=list)
     unused: dict[str, str] = field(default_factory=dict)  # key -> reason
+    defaulted: list[str] = field(default_factory=list)  # model keys the file lacks, left at init
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -176,12 +177,14 @@ def load_official(
                 f"the model expects {tuple(expected[key].shape)}"
             )
         to_load[key] = tensor
-    missing = sorted(set(expected) - set(to_load))
+    if "temp" not in to_load:  # some fine-tuned releases drop it; ITC scores then use 0.07
+        report.defaulted.append("temp")
+    missing = sorted(set(expected) - set(to_load) - set(report.defaulted))
     if missing:
         raise CheckpointError(
             f"{path}: missing weights {missing[:5]}{' ...' if len(missing) > 5 else ''}"
         )
-    model.load_state_dict(to_load, strict=True)
+    model.load_state_dict(to_load, strict=not report.defaulted)
     report.loaded = list(to_load)
     model.load_report = report
     return model.eval()
