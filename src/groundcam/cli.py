@@ -25,9 +25,8 @@ def _guard(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, TypeError, KeyError, OSError) as e:
-            msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-            raise UserError(msg) from None
+        except (ValueError, OSError) as e:  # bad input; bugs keep their traceback
+            raise UserError(str(e)) from None
 
     return wrapper
 
