@@ -169,3 +169,19 @@ def test_load_errors(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(ValueError, match="model_type 'gpt2' is not a supported family"):
         gc.load(tmp_path)
+
+
+def test_a_bert_vocab_txt_beside_the_model_is_used(tmp_path, tokenizer, image):
+    tiny_albef(len(tokenizer)).save_pretrained(tmp_path)
+    vocab = sorted(tokenizer.get_vocab(), key=tokenizer.get_vocab().get)
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    model = gc.load(tmp_path)
+    ids, _ = model.adapter.prepare_texts(["The red circle!"])
+    assert ids.tolist() == tokenizer(["the red circle"])["input_ids"]
+    assert model.explain(image, ["the red circle"]).tokens[0] == [
+        "[CLS]",
+        "the",
+        "red",
+        "circle",
+        "[SEP]",
+    ]

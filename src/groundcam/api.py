@@ -18,11 +18,17 @@ CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 
 def _tokenizer_from(directory: Path):
-    if not (directory / "tokenizer.json").is_file() and not (directory / "vocab.txt").is_file():
-        return None
-    from transformers import AutoTokenizer
+    """The tokenizer saved beside a model: `tokenizer.json`, or a BERT `vocab.txt`."""
+    if (directory / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
 
-    return AutoTokenizer.from_pretrained(str(directory))
+        return PreTrainedTokenizerFast.from_pretrained(str(directory))
+    if (directory / "vocab.txt").is_file():
+        from transformers import BertTokenizer
+
+        # transformers 5 ignores `vocab_file=`; `vocab=` is the argument that reads the file
+        return BertTokenizer(vocab=str(directory / "vocab.txt"))
+    return None
 
 
 def load(
