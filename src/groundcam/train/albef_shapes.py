@@ -1,8 +1,9 @@
 """Train a tiny ALBEF from scratch on the shapes train split with ITC + ITM only (no boxes).
 
-ITM negatives per pair: the phrase with one attribute swapped to an object the scene lacks, an
-in-batch hard-negative text and an in-batch hard-negative image (sampled by ITC similarity among
-the certainly-false ones). The run is deterministic given the seed and resumes from its last
+Every phrase of every scene in the batch is an ITM positive (the image is encoded once), paired
+with a negative made by swapping one attribute to an object the scene lacks; per scene, one
+phrase is its ITC text, and an in-batch hard-negative text and image are sampled by ITC similarity
+among the certainly-false ones (ALBEF's hard negatives, without false negatives). The run is deterministic given the seed and resumes from its last
 checkpoint: every step's data and negatives are drawn from a generator seeded by (seed, step).
 """
 
@@ -90,11 +91,18 @@ class Pool:
 
 
 def _batch(pool: Pool, rng: np.random.Generator, size: int):
+    """`size` scenes; every phrase of each is an ITM positive with its own swapped negative, and
+    one phrase per scene (the first of a random order) is its ITC text."""
     idx = rng.choice(len(pool.phrases), size=size, replace=False)
-    phrases = [pool.phrases[i][rng.integers(len(pool.phrases[i]))] for i in idx]
+    phrases, owner = [], []
+    for row, i in enumerate(idx):
+        for k in rng.permutation(len(pool.phrases[i])):
+            phrases.append(pool.phrases[i][k])
+            owner.append(row)
     objects = [pool.objects[i] for i in idx]
-    swaps = [swap_negative(p, o, rng) for p, o in zip(phrases, objects, strict=True)]
-    return pool.pixels[torch.from_numpy(idx)].float(), phrases, objects, swaps
+    swaps = [swap_negative(p, objects[o], rng) for p, o in zip(phrases, owner, strict=True)]
+    first = np.unique(owner, return_index=True)[1]
+    return pool.pixels[torch.from_numpy(idx)].float(), phrases, owner, first, objects, swaps
 
 
 def _sample_negatives(weights: torch.Tensor, allowed: torch.Tensor, gen: torch.Generator):
@@ -106,16 +114,18 @@ def _sample_negatives(weights: torch.Tensor, allowed: torch.Tensor, gen: torch.G
 
 
 def train_step(model: AlbefModel, adapter: AlbefAdapter, batch, gen: torch.Generator):
-    pixels, phrases, objects, swaps = batch
-    b = len(phrases)
+    pixels, phrases, owner, first, objects, swaps = batch
+    b, n = pixels.shape[0], len(phrases)
     ids, mask = adapter.prepare_texts([p.text for p in phrases] + swaps)
     image = model.encode_image(pixels)
     text = model.text_encoder.encode_text(ids, mask)
-    img_feat, txt_feat = model.itc_from(image, text[:b])
+    itc = torch.from_numpy(first)  # row of each scene's ITC phrase among the n phrases
+    itc_phrases = [phrases[i] for i in first]
+    img_feat, txt_feat = model.itc_from(image, text[itc])
     sim_i2t = img_feat @ txt_feat.T / model.temp
     # false[i, j]: text j certainly does not describe image i; true[i, j]: it certainly does.
-    false = torch.tensor([[certainly_false(p, o) for p in phrases] for o in objects])
-    true = torch.tensor([[certainly_true(p, o) for p in phrases] for o in objects])
+    false = torch.tensor([[certainly_false(p, o) for p in itc_phrases] for o in objects])
+    true = torch.tensor([[certainly_true(p, o) for p in itc_phrases] for o in objects])
     true |= torch.eye(b, dtype=torch.bool)
     target = true.float() / true.float().sum(1, keepdim=True)
     target_t = true.T.float() / true.T.float().sum(1, keepdim=True)
@@ -126,11 +136,12 @@ def train_step(model: AlbefModel, adapter: AlbefAdapter, batch, gen: torch.Gener
     with torch.no_grad():
         neg_text = _sample_negatives(sim_i2t.softmax(1), false.float(), gen)
         neg_image = _sample_negatives(sim_i2t.T.softmax(1), false.T.float(), gen)
-    rows = torch.arange(b)
-    image_index = torch.cat([rows, rows, rows, neg_image])
-    text_index = torch.cat([rows, rows + b, neg_text, rows])
+    rows, own = torch.arange(b), torch.tensor(owner)
+    phrase_rows = torch.arange(n)
+    image_index = torch.cat([own, own, rows, neg_image])
+    text_index = torch.cat([phrase_rows, phrase_rows + n, itc[neg_text], itc])
     logits = model.itm_from(image, text[text_index], mask[text_index], image_index)
-    labels = torch.cat([torch.ones(b), torch.zeros(3 * b)]).long()
+    labels = torch.cat([torch.ones(n), torch.zeros(n + 2 * b)]).long()
     loss_itm = F.cross_entropy(logits, labels)
     return loss_itc, loss_itm
 
