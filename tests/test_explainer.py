@@ -185,3 +185,27 @@ def test_a_bert_vocab_txt_beside_the_model_is_used(tmp_path, tokenizer, image):
         "circle",
         "[SEP]",
     ]
+
+
+@pytest.mark.parametrize(
+    ("method", "vision_rows"),
+    [
+        ("attn-gradcam", [1, 1]),  # every vision block once, on the one image
+        ("attention", [1, 1]),
+        ("rollout", [1, 1]),
+        (
+            "gradcam",
+            [1, 4],
+        ),  # blocks from the recorded one on run per phrase (their gradients differ)
+    ],
+)
+def test_the_image_is_encoded_once_for_all_phrases(explainer, image, method, vision_rows):
+    seen = []
+    blocks = explainer.model.visual_encoder.blocks
+    handles = [b.register_forward_hook(lambda m, i, o: seen.append(o.shape[0])) for b in blocks]
+    try:
+        explainer.explain(image, PHRASES, method=method)
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == vision_rows
