@@ -13,9 +13,11 @@ import json
 import time
 
 import numpy as np
+import torch
 
 import groundcam as gc
 from groundcam.data.shapes import generate_scene
+from groundcam.eval.pointing import PROTOCOLS
 from groundcam.eval.shapes import shapes_records, summarize
 from groundcam.train.shapes_negatives import swap_negative
 
@@ -33,7 +35,7 @@ def baselines(split: str, scenes: int, seed: int) -> dict:
                 "random object centre": (int((x1 + x2) / 2), int((y1 + y2) / 2)),
                 "image centre": (s.image_size[0] // 2, s.image_size[1] // 2),
             }.items():
-                hits[name].append(any(a < x < c and b < y < d for a, b, c, d in p.boxes))
+                hits[name].append(PROTOCOLS["amc"].hit_rule(x, y, torch.tensor(p.boxes)))
     return {k: {"accuracy": float(np.mean(v)), "n": len(v)} for k, v in hits.items()}
 
 

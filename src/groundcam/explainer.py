@@ -41,15 +41,7 @@ class Explainer:
     ) -> Explanation:
         """Maps for every phrase over one image; the image is encoded once for all phrases."""
         phrases = [phrases] if isinstance(phrases, str) else list(phrases)
-        if not phrases:
-            raise ValueError("no phrases given: pass at least one phrase to explain")
-        if any(not p.strip() for p in phrases):
-            raise ValueError("empty phrase: every phrase needs some text")
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"image must be a PIL.Image, got {type(image).__name__}")
-        pixel_values = self.adapter.prepare_images([image])
-        input_ids, mask = self.adapter.prepare_texts(phrases)
-        index = torch.zeros(len(phrases), dtype=torch.long, device=input_ids.device)
+        pixel_values, input_ids, mask, index = self._prepare(image, phrases)
         ex = self._run(pixel_values, input_ids, mask, index, method, layer, target)
         ex.phrases, ex.images, ex.image_index = phrases, [image], [0] * len(phrases)
         return ex
@@ -79,13 +71,24 @@ class Explainer:
     def scores(self, image: Image.Image, phrases: Sequence[str], target: str | None = None):
         """The target score per phrase without any explanation (forward only)."""
         a = self.adapter
-        pixel_values = a.prepare_images([image])
-        input_ids, mask = a.prepare_texts(list(phrases))
-        index = torch.zeros(len(phrases), dtype=torch.long, device=input_ids.device)
+        pixel_values, input_ids, mask, index = self._prepare(image, list(phrases))
         with torch.no_grad():
             return a.forward(
                 pixel_values, input_ids, mask, index, target or a.default_target
             ).reported
+
+    def _prepare(self, image: Image.Image, phrases: list[str]):
+        """Checked model inputs for one image and its phrases, every phrase on image row 0."""
+        if not phrases:
+            raise ValueError("no phrases given: pass at least one phrase to explain")
+        if any(not p.strip() for p in phrases):
+            raise ValueError("empty phrase: every phrase needs some text")
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"image must be a PIL.Image, got {type(image).__name__}")
+        pixel_values = self.adapter.prepare_images([image])
+        input_ids, mask = self.adapter.prepare_texts(phrases)
+        index = torch.zeros(len(phrases), dtype=torch.long, device=input_ids.device)
+        return pixel_values, input_ids, mask, index
 
     def _run(self, pixel_values, input_ids, mask, image_index, method_name, layer, target):
         a = self.adapter
