@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ from tiny import tiny_albef
 
 from groundcam.data.shapes import vocabulary
 from groundcam.train.tokenizer import word_tokenizer
+
+# Tests never reach the hub: a hub id that is not cached fails at once instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 

@@ -10,11 +10,13 @@ from torch import nn
 
 @dataclass(frozen=True)
 class HookPoint:
-    """A module whose output (or item `index` of its tuple output) is recorded under `name`."""
+    """A module whose output (or item `index` of its tuple output) is recorded under `name`.
+    `per_image` marks tensors computed once per image (row i = image i) rather than per pair."""
 
     name: str
     module: nn.Module
     index: int | None = None
+    per_image: bool = False
 
 
 class Recorder:
@@ -22,7 +24,9 @@ class Recorder:
 
     With `leaf=True` (and gradients enabled) the first recorded tensor of the pass is replaced by
     a detached copy that requires grad, so that `autograd.grad` stops there: gradients then go
-    only back to the recorded layer, and work even when the model's weights are frozen.
+    only back to the recorded layer, and work even when the model's weights are frozen. A later
+    recorded tensor that does not require grad (nothing before it does) becomes a leaf too; one
+    that does keeps its graph, so gradients through later layers' attention stay exact.
     """
 
     def __init__(self, points: list[HookPoint], leaf: bool = False):
@@ -40,7 +44,8 @@ class Recorder:
                     "(attention weights need the eager attention implementation)"
                 )
             replaced = None
-            if self.leaf and not self.records and torch.is_grad_enabled():
+            first = not self.records
+            if self.leaf and torch.is_grad_enabled() and (first or not t.requires_grad):
                 t = replaced = t.detach().requires_grad_(True)
             self.records[point.name] = t
             if replaced is None:

@@ -104,6 +104,88 @@ class Explanation:
         return out
 
 
+@dataclass
+class GenerationExplanation:
+    """Text a model generated for one image, with one map per generated token: `maps` [K, h, w]
+    in [0, 1]; `scores` are the tokens' probabilities; `positions` index the generated ids."""
+
+    text: str
+    tokens: list[str]
+    token_ids: list[int]
+    positions: list[int]
+    maps: torch.Tensor
+    raw_maps: torch.Tensor
+    scores: torch.Tensor
+    method: str
+    layer: int | None
+    model: str
+    image: Image.Image | None = None
+    text_conditioned: bool = True
+
+    @property
+    def token_maps(self) -> torch.Tensor:
+        return self.maps
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def resize(self, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+        return F.interpolate(self.maps[:, None], size=size, mode=mode, align_corners=False)[:, 0]
+
+    def overlay(self, k: int, alpha: float = 0.5, **kwargs: Any) -> Image.Image:
+        """Token k's map over the image."""
+        from groundcam.viz.overlay import overlay
+
+        if self.image is None:
+            raise ValueError("this explanation holds no image")
+        return overlay(self.image, self.maps[k], alpha=alpha, **kwargs)
+
+    def grid(self, columns: int = 6) -> Image.Image:
+        """The per-token figure: each token above its overlay."""
+        from groundcam.viz.token_grid import token_grid
+
+        if self.image is None:
+            raise ValueError("this explanation holds no image")
+        return token_grid(self.image, self.maps, self.tokens, self.scores.tolist(), columns)
+
+    def meta(self) -> dict[str, Any]:
+        import transformers
+
+        return {
+            "text": self.text,
+            "tokens": self.tokens,
+            "token_ids": self.token_ids,
+            "positions": self.positions,
+            "scores": [float(s) for s in self.scores],
+            "method": self.method,
+            "layer": self.layer,
+            "target": "token",
+            "model": self.model,
+            "text_conditioned": self.text_conditioned,
+            "grid": list(self.maps.shape[-2:]),
+            "versions": {
+                "groundcam": _version(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+            },
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """`tokens.png` (the grid), one overlay PNG per token, `maps.npz` and `meta.json`."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(
+            out / "maps.npz", maps=self.maps.numpy(), raw_maps=self.raw_maps.numpy()
+        )
+        (out / "meta.json").write_text(json.dumps(self.meta(), indent=1))
+        if self.image is not None:
+            self.grid().save(out / "tokens.png")
+            for k, token in enumerate(self.tokens):
+                self.overlay(k).save(out / f"{k:03d}_{_slug(token)}.png")
+        return out
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "phrase"
 

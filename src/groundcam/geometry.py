@@ -7,20 +7,38 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Geometry:
-    """A patch grid of `grid_h` x `grid_w` tokens stored row-major after `prefix` tokens (CLS,
-    registers, ...)."""
+    """A patch grid of `grid_h` x `grid_w` cells. Image tokens follow `prefix` tokens (CLS,
+    registers, or a whole text segment in single-stream models). They are stored row-major,
+    unless `cells` [B, M] names the grid cell (`row * grid_w + col`) of each of the M image
+    tokens of sample b (ViLT shuffles and may subsample its patches); cells with no token stay 0.
+    """
 
     grid_h: int
     grid_w: int
     prefix: int = 1
+    cells: torch.Tensor | None = None
 
     @property
     def num_patches(self) -> int:
         return self.grid_h * self.grid_w
 
     def patches(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The patch slice of the last axis' token positions, shaped [..., grid_h, grid_w]."""
-        cut = tokens[..., self.prefix : self.prefix + self.num_patches]
-        return cut.reshape(*cut.shape[:-1], self.grid_h, self.grid_w)
+        """The image-token slice of the last axis, placed on the grid: [..., grid_h, grid_w]."""
+        if self.cells is None:
+            cut = tokens[..., self.prefix : self.prefix + self.num_patches]
+            return cut.reshape(*cut.shape[:-1], self.grid_h, self.grid_w)
+        m = self.cells.shape[-1]
+        cut = tokens[..., self.prefix : self.prefix + m]
+        index = self.cells.to(cut.device).view(-1, *([1] * (cut.dim() - 2)), m).expand(cut.shape)
+        grid = cut.new_zeros(*cut.shape[:-1], self.num_patches).scatter(-1, index, cut)
+        return grid.reshape(*cut.shape[:-1], self.grid_h, self.grid_w)
+
+    def select(self, rows: torch.Tensor) -> Geometry:
+        """The geometry of samples `rows` (per-sample cells follow their samples)."""
+        if self.cells is None:
+            return self
+        return Geometry(
+            self.grid_h, self.grid_w, self.prefix, self.cells[rows.to(self.cells.device)]
+        )

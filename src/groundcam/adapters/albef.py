@@ -10,7 +10,14 @@ from groundcam.adapters.base import Adapter, RecordSpec, Scores
 from groundcam.capture import HookPoint
 from groundcam.data.text import pre_caption
 from groundcam.geometry import Geometry
-from groundcam.methods.base import CROSS_ATTENTION, SELF_ATTENTION, TOKENS
+from groundcam.methods.base import (
+    ATTENTION_GRAPH,
+    CROSS_ATTENTION,
+    SELF_ATTENTION,
+    TOKENS,
+    AttentionGraph,
+    AttentionStep,
+)
 from groundcam.models.albef import AlbefModel
 
 # The normalisation ALBEF's grounding transform uses (CLIP's statistics).
@@ -22,6 +29,8 @@ class AlbefAdapter(Adapter):
     family = "albef"
     targets = ("itm", "similarity")
     default_target = "itm"
+    architectures = ("AlbefModel",)
+    SOURCES = (CROSS_ATTENTION, SELF_ATTENTION, TOKENS, ATTENTION_GRAPH)
     model: AlbefModel
 
     def prepare_images(self, images: list[Image.Image]) -> torch.Tensor:
@@ -61,13 +70,12 @@ class AlbefAdapter(Adapter):
         p = self.model.config.patch_size
         return Geometry(pixel_values.shape[-2] // p, pixel_values.shape[-1] // p, prefix=1)
 
-    def sources(self) -> tuple[str, ...]:
-        return (CROSS_ATTENTION, SELF_ATTENTION, TOKENS)
-
     def layers(self, source: str) -> list[int]:
         cfg = self.model.config
         if source == CROSS_ATTENTION:  # ALBEF's `block_num`: absolute index into the text layers
             return list(range(cfg.fusion_layer, cfg.text_layers))
+        if source == ATTENTION_GRAPH:
+            return []
         return list(range(cfg.vision_depth))
 
     def default_layer(self, source: str, target: str) -> int:
@@ -82,8 +90,10 @@ class AlbefAdapter(Adapter):
             return max(cfg.vision_depth - 2, 0)
         return cfg.vision_depth - 1
 
-    def record_spec(self, source: str, layer: int | None) -> RecordSpec:
+    def record_spec(self, source: str, layer: int | None, target: str = "") -> RecordSpec:
         vit, text = self.model.visual_encoder, self.model.text_encoder
+        if source == ATTENTION_GRAPH:
+            return self._graph_spec(target)
         if source == CROSS_ATTENTION:
             mod = text.encoder.layer[layer].crossattention.self.probs
             return RecordSpec([HookPoint(f"text.{layer}.cross", mod)], layer)
@@ -94,6 +104,25 @@ class AlbefAdapter(Adapter):
         layers = self.layers(source) if layer is None else [layer]
         points = [HookPoint(f"vision.{i}.attn", vit.blocks[i].attn.probs) for i in layers]
         return RecordSpec(points, layer, per_image=True)
+
+    def _graph_spec(self, target: str) -> RecordSpec:
+        """Vision self-attention (once per image), then per text layer its self-attention and,
+        in fusion layers, its cross-attention to the image. ITC reads only the vision side."""
+        vit, text = self.model.visual_encoder, self.model.text_encoder
+        points = [
+            HookPoint(f"vision.{i}.attn", b.attn.probs, per_image=True)
+            for i, b in enumerate(vit.blocks)
+        ]
+        steps = [AttentionStep("image", "image")] * len(points)
+        if target == "similarity":
+            return RecordSpec(points, None, graph=AttentionGraph(tuple(steps), "image", "image"))
+        for i, layer in enumerate(text.encoder.layer):
+            points.append(HookPoint(f"text.{i}.self", layer.attention.self.probs))
+            steps.append(AttentionStep("text", "text"))
+            if layer.crossattention is not None:
+                points.append(HookPoint(f"text.{i}.cross", layer.crossattention.self.probs))
+                steps.append(AttentionStep("text", "image"))
+        return RecordSpec(points, None, graph=AttentionGraph(tuple(steps), "text", "image"))
 
     def check(self, source: str, target: str) -> None:
         if target == "similarity" and source == CROSS_ATTENTION:

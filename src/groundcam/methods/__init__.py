@@ -4,11 +4,23 @@ from __future__ import annotations
 
 from groundcam.methods.attention import Attention
 from groundcam.methods.attn_gradcam import AttnGradCAM
-from groundcam.methods.base import CROSS_ATTENTION, SELF_ATTENTION, TOKENS, Method, MethodOutput
+from groundcam.methods.base import (
+    ATTENTION_GRAPH,
+    CROSS_ATTENTION,
+    SELF_ATTENTION,
+    TOKENS,
+    AttentionGraph,
+    AttentionStep,
+    Method,
+    MethodOutput,
+)
 from groundcam.methods.gradcam import GradCAM
+from groundcam.methods.relevance import Relevance
 from groundcam.methods.rollout import Rollout
 
-METHODS: dict[str, Method] = {m.name: m for m in (Attention(), Rollout(), GradCAM(), AttnGradCAM())}
+METHODS: dict[str, Method] = {
+    m.name: m for m in (Attention(), Rollout(), GradCAM(), AttnGradCAM(), Relevance())
+}
 
 
 def get_method(name: str) -> Method:
@@ -26,4 +38,7 @@ __all__ = [
     "CROSS_ATTENTION",
     "SELF_ATTENTION",
     "TOKENS",
+    "ATTENTION_GRAPH",
+    "AttentionGraph",
+    "AttentionStep",
 ]

@@ -16,7 +16,7 @@ class Attention(Method):
     name = "attention"
     sources = (CROSS_ATTENTION, SELF_ATTENTION)
 
-    def compute(self, source, recorded, grads, geometry, text_mask):
+    def compute(self, source, recorded, grads, geometry, text_mask, graph=None):
         (probs,) = recorded
         if source == SELF_ATTENTION:
             cls_row = geometry.patches(probs[:, :, 0, :]).mean(1)

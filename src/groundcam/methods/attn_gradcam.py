@@ -11,7 +11,7 @@ class AttnGradCAM(Method):
     sources = (CROSS_ATTENTION,)
     needs_grad = True
 
-    def compute(self, source, recorded, grads, geometry, text_mask):
+    def compute(self, source, recorded, grads, geometry, text_mask, graph=None):
         (probs,), (grad,) = recorded, grads
         attn = geometry.patches(probs)  # [B, H, T, h, w], image CLS column dropped
         grad = geometry.patches(grad).clamp(min=0)

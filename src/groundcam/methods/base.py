@@ -12,6 +12,28 @@ from groundcam.geometry import Geometry
 CROSS_ATTENTION = "cross_attention"  # text -> image attention probs [B, H, T, K]
 SELF_ATTENTION = "self_attention"  # vision self-attention probs [B, H, N, N]
 TOKENS = "tokens"  # vision token activations [B, N, C]
+ATTENTION_GRAPH = "attention_graph"  # every attention of the model in forward order (relevance)
+
+
+@dataclass(frozen=True)
+class AttentionStep:
+    """One recorded attention: tokens of stream `query` attend tokens of stream `key` (the same
+    stream for self-attention). Streams are named by the adapter: "image", "text", "joint"..."""
+
+    query: str
+    key: str
+
+
+@dataclass(frozen=True)
+class AttentionGraph:
+    """How a model's attentions connect, for relevance propagation: `steps` align with the
+    recorded tensors; the map is read from rows of stream `readout` (row `readout_row` for the
+    whole-text map, e.g. CLS) over the key positions of stream `image`, placed by the geometry."""
+
+    steps: tuple[AttentionStep, ...]
+    readout: str
+    image: str
+    readout_row: int = 0
 
 
 @dataclass
@@ -37,6 +59,7 @@ class Method:
         grads: list[torch.Tensor] | None,
         geometry: Geometry,
         text_mask: torch.Tensor | None,
+        graph: AttentionGraph | None = None,
     ) -> MethodOutput:
         raise NotImplementedError
 

@@ -11,7 +11,7 @@ class GradCAM(Method):
     sources = (TOKENS,)
     needs_grad = True
 
-    def compute(self, source, recorded, grads, geometry, text_mask):
+    def compute(self, source, recorded, grads, geometry, text_mask, graph=None):
         (acts,), (grad,) = recorded, grads
         acts = geometry.patches(acts.transpose(1, 2))  # [B, C, h, w]
         grad = geometry.patches(grad.transpose(1, 2))

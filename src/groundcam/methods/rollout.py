@@ -13,7 +13,7 @@ class Rollout(Method):
     sources = (SELF_ATTENTION,)
     all_layers = True
 
-    def compute(self, source, recorded, grads, geometry, text_mask):
+    def compute(self, source, recorded, grads, geometry, text_mask, graph=None):
         n = recorded[0].shape[-1]
         eye = torch.eye(n, dtype=recorded[0].dtype, device=recorded[0].device)
         rollout = eye.expand(recorded[0].shape[0], n, n)
