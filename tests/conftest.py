@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+# Tests never reach the hub: a hub id that is not cached fails at once instead of retrying.
+# (Set before anything imports huggingface_hub, which reads it once.)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
 
 import pytest
 from tiny import tiny_albef
 
 from groundcam.data.shapes import vocabulary
 from groundcam.train.tokenizer import word_tokenizer
-
-# Tests never reach the hub: a hub id that is not cached fails at once instead of retrying.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 

@@ -164,7 +164,7 @@ def test_load_from_a_saved_directory_and_by_instance(tiny_model_dir, image, toke
 def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown model 'no/such-model'"):
         gc.load("no/such-model")
-    with pytest.raises(ValueError, match="unsupported model class Linear; supported families"):
+    with pytest.raises(ValueError, match="unsupported model class Linear; supported classes"):
         gc.load(torch.nn.Linear(2, 2))
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(ValueError, match="model_type 'gpt2' is not a supported family"):

@@ -100,8 +100,8 @@ def _from_directory(path: Path, processor, tokenizer, name: str) -> Adapter:
     family = family_of_config(config.get("model_type"), config.get("architectures"))
     if family is None:
         raise ValueError(
-            f"{cfg_file}: model_type {config.get('model_type')!r} "
-            f"(architectures {config.get('architectures')}) is not a supported family; "
+            f"{cfg_file}: model_type {config.get('model_type')!r} is not a supported family "
+            f"(architectures: {config.get('architectures')}); "
             f"supported families: {sorted(FAMILIES)}"
         )
     return adapter_class(family).from_pretrained(str(path), processor, tokenizer, name=name)

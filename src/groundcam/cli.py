@@ -70,6 +70,34 @@ def train_albef(out, steps, batch_size, lr, seed, pool, eval_every, threads) -> 
     click.echo(f"model written to {final}")
 
 
+@train.command("trocr")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--steps", default=6000, show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--pool", default=30000, show_default=True, help="Training lines rendered.")
+@click.option("--eval-every", default=500, show_default=True)
+@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+@_guard
+def train_trocr(out, steps, batch_size, lr, seed, pool, eval_every, threads) -> None:
+    """trocr-tiny-glyphs (ViT + TrOCR decoder) on synthetic text lines. Resumes from --out."""
+    from groundcam.train.trocr_glyphs import TrainConfig
+    from groundcam.train.trocr_glyphs import train as run
+
+    cfg = TrainConfig(
+        out=str(out),
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        pool=pool,
+        eval_every=eval_every,
+    )
+    final = run(cfg, threads=threads)
+    click.echo(f"model written to {final}")
+
+
 @main.command()
 @click.option("--out", default="groundcam-demo", show_default=True, type=click.Path())
 @click.option("--model", default="albef-tiny-shapes", show_default=True)
