@@ -26,7 +26,9 @@ class Recorder:
     a detached copy that requires grad, so that `autograd.grad` stops there: gradients then go
     only back to the recorded layer, and work even when the model's weights are frozen. A later
     recorded tensor that does not require grad (nothing before it does) becomes a leaf too; one
-    that does keeps its graph, so gradients through later layers' attention stay exact.
+    that does keeps its graph, so gradients through later layers' attention stay exact. Side
+    outputs (the attention weights a transformers module returns beside its output) are recorded
+    as they are: they carry gradient when the model's graph does (see `trainable`).
     """
 
     def __init__(self, points: list[HookPoint], leaf: bool = False):
@@ -45,7 +47,10 @@ class Recorder:
                 )
             replaced = None
             first = not self.records
-            if self.leaf and torch.is_grad_enabled() and (first or not t.requires_grad):
+            # Only a module's main output (item 0) feeds the rest of the model; replacing a side
+            # output such as the attention weights transformers returns would cut nothing.
+            main = point.index in (None, 0)
+            if self.leaf and main and torch.is_grad_enabled() and (first or not t.requires_grad):
                 t = replaced = t.detach().requires_grad_(True)
             self.records[point.name] = t
             if replaced is None:
@@ -79,3 +84,24 @@ class Recorder:
         if missing:
             raise RuntimeError(f"hook points never ran during the forward pass: {missing}")
         return [self.records[p.name] for p in self.points]
+
+
+class trainable:
+    """Context manager: every parameter of `model` requires grad while inside, so that tensors
+    recorded from a frozen model still have a graph; the previous flags come back on exit.
+    (`autograd.grad` computes only the gradients it is asked for, never the parameters'.)"""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._frozen: list[nn.Parameter] = []
+
+    def __enter__(self) -> trainable:
+        self._frozen = [p for p in self.model.parameters() if not p.requires_grad]
+        for p in self._frozen:
+            p.requires_grad_(True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self._frozen:
+            p.requires_grad_(False)
+        self._frozen = []

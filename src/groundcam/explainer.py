@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -9,7 +10,7 @@ import torch
 from PIL import Image
 
 from groundcam.adapters.base import Adapter, Scores
-from groundcam.capture import Recorder
+from groundcam.capture import Recorder, trainable
 from groundcam.explanation import Explanation, GenerationExplanation, normalize_maps
 from groundcam.methods import METHODS, get_method
 from groundcam.targets import check_target
@@ -120,7 +121,8 @@ class Explainer:
         """Run `run()` (a forward returning Scores) under the recorder; per explained score, the
         recorded tensors' rows and their gradients."""
         grad_mode = torch.enable_grad() if method.needs_grad else torch.no_grad()
-        with grad_mode, Recorder(spec.points, leaf=method.needs_grad) as rec:
+        params = trainable(self.model) if method.needs_grad else contextlib.nullcontext()
+        with grad_mode, params, Recorder(spec.points, leaf=method.needs_grad) as rec:
             scores = run()
             recorded = rec.tensors()
             rows = [

@@ -80,15 +80,21 @@ def load_pretrained(model_class, source: str, processor=None, **kwargs):
 
 
 def auto_processor(source: str):
+    """The saved processor; when that holds no image processor (AutoProcessor falls back to a
+    bare tokenizer for some directories), the saved image processor."""
     from transformers import AutoImageProcessor, AutoProcessor
+    from transformers.image_processing_base import ImageProcessingMixin
 
     try:
-        return AutoProcessor.from_pretrained(source)
+        proc = AutoProcessor.from_pretrained(source)
     except (OSError, ValueError, TypeError, KeyError):
-        try:
-            return AutoImageProcessor.from_pretrained(source)
-        except (OSError, ValueError):
-            return None
+        proc = None
+    if hasattr(proc, "image_processor") or isinstance(proc, ImageProcessingMixin):
+        return proc
+    try:
+        return AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError):
+        return proc
 
 
 def prepare_instance(model: nn.Module) -> nn.Module:

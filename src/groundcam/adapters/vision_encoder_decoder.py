@@ -1,0 +1,190 @@
+"""VisionEncoderDecoderModel (TrOCR-style): a ViT/DeiT/BEiT encoder read by a text decoder
+(TrOCR, GPT-2, BERT) through cross-attention. Explains generated text, one map per token.
+
+Layer stacks are found by structure, not by path: the encoder's and the decoder's longest
+`nn.ModuleList` are their layers; in a decoder layer the outermost attention module whose name
+says cross (`encoder_attn`, `crossattention`) reads the image, the other attends to the text.
+Each of these modules returns `(output, probs)` under eager attention."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from PIL import Image
+from torch import nn
+
+from groundcam.adapters import hf
+from groundcam.adapters.base import Adapter, RecordSpec
+from groundcam.capture import HookPoint
+from groundcam.geometry import Geometry
+from groundcam.methods.base import (
+    ATTENTION_GRAPH,
+    CROSS_ATTENTION,
+    SELF_ATTENTION,
+    TOKENS,
+    AttentionGraph,
+    AttentionStep,
+)
+
+CROSS_NAMES = ("encoder_attn", "crossattention", "cross_attn", "cross_attention")
+
+
+def layer_list(module: nn.Module) -> nn.ModuleList:
+    """The longest ModuleList under `module` (its transformer layers)."""
+    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise ValueError(f"{type(module).__name__}: no layer stack found")
+    return max(lists, key=len)
+
+
+def attention_modules(layer: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """(self-attention, cross-attention or None): the outermost modules of an attention class."""
+    found: dict[str, nn.Module] = {}
+    for name, mod in layer.named_modules():
+        if not name or "Attention" not in type(mod).__name__:
+            continue
+        if any(name.startswith(k + ".") for k in found):  # inside one already found
+            continue
+        found[name] = mod
+    cross = [m for n, m in found.items() if any(c in n for c in CROSS_NAMES)]
+    own = [m for n, m in found.items() if not any(c in n for c in CROSS_NAMES)]
+    if not own:
+        raise ValueError(f"{type(layer).__name__}: no attention module found")
+    return own[0], (cross[0] if cross else None)
+
+
+class VisionEncoderDecoderAdapter(Adapter):
+    family = "vision-encoder-decoder"
+    targets = ("token",)
+    default_target = "token"
+    architectures = ("VisionEncoderDecoderModel",)
+    SOURCES = (CROSS_ATTENTION, TOKENS, SELF_ATTENTION, ATTENTION_GRAPH)
+
+    def __init__(self, model: nn.Module, tokenizer=None, name: str = "", processor=None):
+        super().__init__(hf.prepare_instance(model), hf.tokenizer_of(processor, tokenizer), name)
+        self.processor = processor
+        self.encoder_layers = layer_list(model.encoder)
+        self.decoder_layers = layer_list(model.decoder)
+        self.decoder_attn = [attention_modules(layer) for layer in self.decoder_layers]
+        if any(cross is None for _, cross in self.decoder_attn):
+            raise ValueError(
+                f"{type(model.decoder).__name__} has no cross-attention to the image in every "
+                "layer; a VisionEncoderDecoder decoder needs add_cross_attention"
+            )
+
+    @classmethod
+    def from_pretrained(cls, source, processor=None, tokenizer=None, name=""):
+        from transformers import VisionEncoderDecoderModel
+
+        model, processor = hf.load_pretrained(VisionEncoderDecoderModel, source, processor)
+        if tokenizer is None and getattr(processor, "tokenizer", None) is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        return cls(model, tokenizer=tokenizer, name=name or source, processor=processor)
+
+    # ------------------------------------------------------------------ inputs and geometry
+    def prepare_images(self, images: list[Image.Image]) -> torch.Tensor:
+        return hf.pixel_values(self.processor, images, self.device)
+
+    def prepare_texts(self, phrases):
+        raise ValueError(
+            "a vision-encoder-decoder model explains the text it writes: use "
+            "explain_generation(image) (CLI: groundcam caption IMAGE)"
+        )
+
+    def token_strings(self, input_ids, attention_mask):
+        return hf.token_strings(self.tokenizer, input_ids, attention_mask)
+
+    def geometry(self, pixel_values: torch.Tensor) -> Geometry:
+        cfg = self.model.config.encoder
+        p = cfg.patch_size
+        p_h, p_w = (p, p) if isinstance(p, int) else p
+        emb = getattr(self.model.encoder, "embeddings", None)
+        prefix = sum(getattr(emb, n, None) is not None for n in ("cls_token", "distillation_token"))
+        registers = getattr(emb, "register_tokens", None)
+        prefix += 0 if registers is None else registers.shape[-2]
+        return Geometry(pixel_values.shape[-2] // p_h, pixel_values.shape[-1] // p_w, prefix)
+
+    # ------------------------------------------------------------------ layers
+    def layers(self, source: str) -> list[int]:
+        if source == CROSS_ATTENTION:
+            return list(range(len(self.decoder_layers)))
+        if source == ATTENTION_GRAPH:
+            return []
+        return list(range(len(self.encoder_layers)))
+
+    def default_layer(self, source: str, target: str) -> int:
+        """The last decoder layer's cross-attention (row k-1 feeds token k's logit directly);
+        the last encoder layer (the decoder reads every encoder token)."""
+        if source == CROSS_ATTENTION:
+            return len(self.decoder_layers) - 1
+        return len(self.encoder_layers) - 1
+
+    def record_spec(self, source: str, layer: int | None, target: str = "") -> RecordSpec:
+        if source == CROSS_ATTENTION:
+            _, cross = self.decoder_attn[layer]
+            return RecordSpec([HookPoint(f"decoder.{layer}.cross", cross, index=1)], layer)
+        if source == TOKENS:
+            return RecordSpec([HookPoint(f"encoder.{layer}", self.encoder_layers[layer])], layer)
+        if source == SELF_ATTENTION:
+            layers = self.layers(source) if layer is None else [layer]
+            points = [self._encoder_attention(i) for i in layers]
+            return RecordSpec(points, layer)
+        points = [self._encoder_attention(i) for i in range(len(self.encoder_layers))]
+        steps = [AttentionStep("image", "image")] * len(points)
+        for i, (own, cross) in enumerate(self.decoder_attn):
+            points += [
+                HookPoint(f"decoder.{i}.self", own, index=1),
+                HookPoint(f"decoder.{i}.cross", cross, index=1),
+            ]
+            steps += [AttentionStep("text", "text"), AttentionStep("text", "image")]
+        return RecordSpec(points, None, graph=AttentionGraph(tuple(steps), "text", "image"))
+
+    def _encoder_attention(self, i: int) -> HookPoint:
+        own, _ = attention_modules(self.encoder_layers[i])
+        return HookPoint(f"encoder.{i}.attn", own, index=1)
+
+    def forward(self, *args, **kwargs):
+        self.prepare_texts([])
+
+    # ------------------------------------------------------------------ generation
+    def _start_id(self) -> int:
+        cfg = self.model.config
+        start = cfg.decoder_start_token_id
+        if start is None:
+            start = getattr(self.model.generation_config, "decoder_start_token_id", None)
+        if start is None:
+            raise ValueError("the model's config sets no decoder_start_token_id")
+        return int(start)
+
+    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int):
+        config = copy.deepcopy(self.model.generation_config)
+        config.max_length, config.max_new_tokens = None, max_new_tokens
+        config.do_sample, config.num_beams = False, 1
+        ids = self.model.generate(pixel_values=pixel_values, generation_config=config)
+        return ids[:1], 1
+
+    def teacher_ids(self, text: str):
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass tokenizer= to gc.load")
+        body = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        eos = self.model.config.eos_token_id or self.tokenizer.eos_token_id
+        ids = [self._start_id(), *body] + ([int(eos)] if eos is not None else [])
+        return torch.tensor([ids], device=self.device), 1
+
+    def decoder_logits(self, pixel_values, input_ids, expand_vision_at=None):
+        # TrOCR's attention modules return their weights only when asked for them
+        out = self.model(
+            pixel_values=pixel_values, decoder_input_ids=input_ids, output_attentions=True
+        )
+        return out.logits
+
+    def special_ids(self) -> set[int]:
+        cfg = self.model.config
+        ids = set(super().special_ids()) if self.tokenizer is not None else set()
+        for v in (cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id):
+            if v is not None:
+                ids.add(int(v))
+        return ids
