@@ -22,6 +22,8 @@ ALL = [
     ("rollout", "itm"),
     ("gradcam", "similarity"),
     ("rollout", "similarity"),
+    ("relevance", "itm"),
+    ("relevance", "similarity"),
 ]
 
 

@@ -137,6 +137,33 @@ def explain(image, phrases, model, method, layer, target, out) -> None:
     click.echo(f"wrote {len(ex)} overlays, maps.npz and meta.json to {path}")
 
 
+@main.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option(
+    "--model", required=True, help="A captioning/OCR model: built-in name, hub id or dir."
+)
+@click.option("--method", default="gradcam", show_default=True)
+@click.option("--layer", default=None, type=int, help="Layer (default: the family's).")
+@click.option("--max-new-tokens", default=30, show_default=True, type=click.IntRange(1, 512))
+@click.option("--text", default=None, help="Explain this text instead of generating.")
+@click.option("--out", default="groundcam-caption", show_default=True, type=click.Path())
+@_guard
+def caption(image, model, method, layer, max_new_tokens, text, out) -> None:
+    """Generate text for IMAGE and write one map per generated token (tokens.png + overlays)."""
+    from groundcam.api import load
+    from groundcam.io import read_image
+
+    gen = load(model).explain_generation(
+        read_image(image), method=method, layer=layer, max_new_tokens=max_new_tokens, text=text
+    )
+    path = gen.save(out)
+    click.echo(gen.text)
+    click.echo(
+        "  ".join(f"{t}:{p:.2f}" for t, p in zip(gen.tokens, gen.scores.tolist(), strict=True))
+    )
+    click.echo(f"wrote tokens.png, {len(gen)} overlays, maps.npz and meta.json to {path}")
+
+
 @main.group("eval")
 def eval_() -> None:
     """Pointing-game evaluation on a dataset."""
@@ -200,9 +227,15 @@ def models() -> None:
     click.echo("built-in models:")
     for name, info in builtin_models().items():
         click.echo(f"  {name:<20} {info['family']:<8} {info['description']}")
-    click.echo("families (methods):")
-    for family, names in families().items():
-        click.echo(f"  {family:<20} {', '.join(names)}")
+    from groundcam.methods import METHODS
+
+    matrix = families()
+    names = sorted(METHODS)
+    click.echo("families x methods (+ supported, - not defined for the family):")
+    click.echo(f"  {'':<24}" + "".join(f"{n:>14}" for n in names))
+    for family, supported in matrix.items():
+        marks = "".join(f"{'+' if n in supported else '-':>14}" for n in names)
+        click.echo(f"  {family:<24}{marks}")
 
 
 if __name__ == "__main__":
