@@ -211,3 +211,21 @@ def test_the_image_is_encoded_once_for_all_phrases(explainer, image, method, vis
         for h in handles:
             h.remove()
     assert seen == vision_rows
+
+
+@pytest.mark.parametrize(("method", "target"), ALL)
+def test_many_images_with_their_phrases_equal_one_pair_at_a_time(explainer, method, target):
+    rng = np.random.default_rng(5)
+    images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    groups = [PHRASES[:2], PHRASES[2:3], PHRASES[1:]]
+    ex = explainer.explain_many(images, groups, method=method, target=target)
+    assert ex.image_index == [0, 0, 1, 2, 2, 2]
+    row = 0
+    for image, group in zip(images, groups, strict=True):
+        for phrase in group:
+            one = explainer.explain(image, [phrase], method=method, target=target)
+            assert torch.allclose(ex.maps[row], one.maps[0], atol=1e-5)
+            assert torch.allclose(ex.scores[row], one.scores[0], atol=1e-6)
+            row += 1
+    with pytest.raises(ValueError, match="2 images but 1 phrase lists"):
+        explainer.explain_many(images[:2], [PHRASES])

@@ -44,9 +44,29 @@ class Explainer:
     ) -> Explanation:
         """Maps for every phrase over one image; the image is encoded once for all phrases."""
         phrases = [phrases] if isinstance(phrases, str) else list(phrases)
-        pixel_values, input_ids, mask, index = self._prepare(image, phrases)
+        return self.explain_many([image], [phrases], method=method, layer=layer, target=target)
+
+    def explain_many(
+        self,
+        images: Sequence[Image.Image],
+        phrases: Sequence[Sequence[str]],
+        method: str = "attn-gradcam",
+        layer: int | None = None,
+        target: str | None = None,
+    ) -> Explanation:
+        """Maps for many images with their own phrases in one batch (`phrases[i]` belong to
+        `images[i]`); each image is encoded once. Rows follow the phrases in order."""
+        if len(images) != len(phrases):
+            raise ValueError(f"{len(images)} images but {len(phrases)} phrase lists")
+        flat = [p for group in phrases for p in ([group] if isinstance(group, str) else group)]
+        pixel_values, input_ids, mask = self._prepare(list(images), flat)
+        counts = [1 if isinstance(g, str) else len(g) for g in phrases]
+        if 0 in counts:
+            raise ValueError(f"image {counts.index(0)} has no phrases")
+        index = torch.repeat_interleave(torch.arange(len(images)), torch.tensor(counts))
+        index = index.to(input_ids.device)
         ex = self._run(pixel_values, input_ids, mask, index, method, layer, target)
-        ex.phrases, ex.images, ex.image_index = phrases, [image], [0] * len(phrases)
+        ex.phrases, ex.images, ex.image_index = flat, list(images), index.tolist()
         return ex
 
     def explain_tensors(
@@ -74,24 +94,26 @@ class Explainer:
     def scores(self, image: Image.Image, phrases: Sequence[str], target: str | None = None):
         """The target score per phrase without any explanation (forward only)."""
         a = self.adapter
-        pixel_values, input_ids, mask, index = self._prepare(image, list(phrases))
+        phrases = [phrases] if isinstance(phrases, str) else list(phrases)
+        pixel_values, input_ids, mask = self._prepare([image], phrases)
+        index = torch.zeros(len(phrases), dtype=torch.long, device=input_ids.device)
         with torch.no_grad():
             return a.forward(
                 pixel_values, input_ids, mask, index, target or a.default_target
             ).reported
 
-    def _prepare(self, image: Image.Image, phrases: list[str]):
-        """Checked model inputs for one image and its phrases, every phrase on image row 0."""
+    def _prepare(self, images: list[Image.Image], phrases: list[str]):
+        """Checked model inputs: pixel values per image, token ids and mask per phrase."""
         if not phrases:
             raise ValueError("no phrases given: pass at least one phrase to explain")
-        if any(not p.strip() for p in phrases):
+        if any(not isinstance(p, str) or not p.strip() for p in phrases):
             raise ValueError("empty phrase: every phrase needs some text")
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"image must be a PIL.Image, got {type(image).__name__}")
-        pixel_values = self.adapter.prepare_images([image])
+        for image in images:
+            if not isinstance(image, Image.Image):
+                raise TypeError(f"image must be a PIL.Image, got {type(image).__name__}")
+        pixel_values = self.adapter.prepare_images(images)
         input_ids, mask = self.adapter.prepare_texts(phrases)
-        index = torch.zeros(len(phrases), dtype=torch.long, device=input_ids.device)
-        return pixel_values, input_ids, mask, index
+        return pixel_values, input_ids, mask
 
     def _resolve(self, method_name: str, layer: int | None, target: str | None):
         """The method, its source on this family, the checked target and layer."""
