@@ -217,8 +217,22 @@ class Explainer:
             ids, first = a.teacher_ids(text)
         skip = a.special_ids()
         positions = [k for k in range(first, ids.shape[1]) if int(ids[0, k]) not in skip]
-        if not positions:
-            raise ValueError("the model generated no text tokens for this image")
+        if not positions:  # nothing but start/end tokens: an empty explanation, not an error
+            g = a.geometry(pixel_values)
+            empty = torch.zeros(0, g.grid_h, g.grid_w)
+            return GenerationExplanation(
+                text="",
+                tokens=[],
+                token_ids=[],
+                positions=[],
+                maps=empty,
+                raw_maps=empty,
+                scores=torch.zeros(0),
+                method=method,
+                layer=layer,
+                model=self.name,
+                image=image,
+            )
         pos = torch.tensor(positions, device=ids.device)
         spec = a.record_spec(source, layer, "token")
 
