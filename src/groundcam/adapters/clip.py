@@ -1,0 +1,199 @@
+"""CLIP (a dual encoder): the explained score of a pair is the logit CLIPModel itself outputs,
+`logits_per_image[i, t] = exp(logit_scale) * cos(image i, text t)`; the reported score is the
+cosine. Only the vision tower is explained (the score reads the image through its CLS token), so
+no method here is text-conditioned except through the gradient of that logit.
+
+Layer stacks are found by structure: the longest `nn.ModuleList` under `vision_model` holds the
+vision blocks; in a block the outermost module of an attention class returns `(output, probs)`
+under eager attention, and its first LayerNorm is what the block reads its input through.
+
+Grad-CAM layer `i` is block `i`'s output *as the next block reads it*, after that block's first
+LayerNorm (`layers[i + 1].layer_norm1`), as pytorch-grad-cam's CLIP example does for the last
+block. The last block's own output is not offered: CLIP's score reads only its CLS token, so its
+patch tokens get exactly zero gradient (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from PIL import Image
+from torch import nn
+
+from groundcam.adapters import hf
+from groundcam.adapters.base import Adapter, RecordSpec, Scores
+from groundcam.capture import HookPoint
+from groundcam.geometry import Geometry
+from groundcam.methods.base import (
+    ATTENTION_GRAPH,
+    SELF_ATTENTION,
+    TOKENS,
+    AttentionGraph,
+    AttentionStep,
+)
+
+
+def layer_list(module: nn.Module) -> nn.ModuleList:
+    """The longest ModuleList under `module`: its transformer blocks."""
+    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise ValueError(f"{type(module).__name__}: no layer stack found")
+    return max(lists, key=len)
+
+
+def attention_of(block: nn.Module) -> nn.Module:
+    """The outermost module of an attention class in a block (returns `(output, probs)`)."""
+    for mod in block.modules():
+        if mod is not block and "Attention" in type(mod).__name__:
+            return mod
+    raise ValueError(f"{type(block).__name__}: no attention module found")
+
+
+def first_norm(block: nn.Module) -> nn.Module:
+    """The LayerNorm a pre-norm block reads its input through (before its attention)."""
+    norm = getattr(block, "layer_norm1", None)
+    if norm is None:
+        norm = next((m for m in block.children() if isinstance(m, nn.LayerNorm)), None)
+    if norm is None:
+        raise ValueError(f"{type(block).__name__}: no input LayerNorm found")
+    return norm
+
+
+class ClipAdapter(Adapter):
+    family = "clip"
+    targets = ("similarity",)
+    default_target = "similarity"
+    architectures = ("CLIPModel",)
+    SOURCES = (TOKENS, SELF_ATTENTION, ATTENTION_GRAPH)
+    prefix = 1  # the CLS token before the patches
+    padding: str | bool = "longest"  # the text tower pools the EOS token, wherever it is
+
+    def __init__(self, model: nn.Module, tokenizer=None, name: str = "", processor=None):
+        super().__init__(hf.prepare_instance(model), hf.tokenizer_of(processor, tokenizer), name)
+        self.processor = processor
+        self.vision = model.vision_model
+        self.blocks = layer_list(self.vision)
+        self.attentions = [attention_of(b) for b in self.blocks]
+        self.readers = self._token_readers()
+
+    @classmethod
+    def from_pretrained(
+        cls, source: str, processor=None, tokenizer=None, name: str = ""
+    ) -> ClipAdapter:
+        """Load with eager attention; the tokenizer comes from the processor when not given."""
+        import transformers
+
+        model_class = getattr(transformers, cls.architectures[0])
+        model, processor = hf.load_pretrained(model_class, source, processor)
+        if tokenizer is None and getattr(processor, "tokenizer", None) is None:
+            with contextlib.suppress(OSError, ValueError):
+                tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        return cls(model, tokenizer=tokenizer, name=name or source, processor=processor)
+
+    def _token_readers(self) -> list[nn.Module]:
+        """Per Grad-CAM layer i, the module whose output is block i's tokens as they are read."""
+        return [first_norm(b) for b in self.blocks[1:]]
+
+    # ------------------------------------------------------------------ inputs and geometry
+    def prepare_images(self, images: list[Image.Image]) -> torch.Tensor:
+        return hf.pixel_values(self.processor, images, self.device)
+
+    def prepare_texts(self, phrases: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        max_length = self.model.config.text_config.max_position_embeddings
+        return hf.text_inputs(self.tokenizer, phrases, max_length, self.device, self.padding)
+
+    def token_strings(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> list[list[str]]:
+        return hf.token_strings(self.tokenizer, input_ids, attention_mask)
+
+    def _patch(self) -> tuple[int, int]:
+        p = self.model.config.vision_config.patch_size
+        return (p, p) if isinstance(p, int) else tuple(p)
+
+    def geometry(self, pixel_values: torch.Tensor) -> Geometry:
+        p_h, p_w = self._patch()
+        return Geometry(pixel_values.shape[-2] // p_h, pixel_values.shape[-1] // p_w, self.prefix)
+
+    # ------------------------------------------------------------------ layers
+    def layers(self, source: str) -> list[int]:
+        if source == TOKENS:
+            return list(range(len(self.readers)))
+        if source == SELF_ATTENTION:
+            return list(range(len(self.blocks)))
+        return []
+
+    def default_layer(self, source: str, target: str) -> int:
+        """Grad-CAM: the last layer whose patch tokens reach the score (for CLIP the input of
+        the last block). Attention: the last block, whose CLS row the pooled output reads."""
+        if source == TOKENS:
+            return len(self.readers) - 1
+        return len(self.blocks) - 1
+
+    def record_spec(self, source: str, layer: int | None, target: str = "") -> RecordSpec:
+        if source == TOKENS:
+            point = HookPoint(f"vision.{layer}", self.readers[layer], per_image=True)
+            return RecordSpec([point], layer, per_image=True)
+        if source == SELF_ATTENTION:
+            layers = self.layers(source) if layer is None else [layer]
+            return RecordSpec([self._attention_point(i) for i in layers], layer, per_image=True)
+        return self._graph_spec()
+
+    def _attention_point(self, i: int) -> HookPoint:
+        return HookPoint(f"vision.{i}.attn", self.attentions[i], index=1, per_image=True)
+
+    def _graph_spec(self) -> RecordSpec:
+        """Relevance over every vision self-attention (once per image), read from the CLS row."""
+        points = [self._attention_point(i) for i in range(len(self.blocks))]
+        steps = (AttentionStep("image", "image"),) * len(points)
+        graph = AttentionGraph(steps, "image", "image")
+        return RecordSpec(points, None, per_image=True, graph=graph)
+
+    def check(self, source: str, target: str) -> None:
+        """A dual encoder's score never passes through a cross-attention."""
+        if source not in self.sources():
+            raise ValueError(
+                f"the {self.family} similarity reads only the vision tower; it has no "
+                f"{source.replace('_', '-')}"
+            )
+
+    def methods_note(self) -> str:
+        return (
+            "attention and rollout read the vision CLS row (not text-conditioned); gradcam layer i "
+            "is block i's output after the next block's first LayerNorm (the last block's patch "
+            "outputs never reach CLIP's score); score: the model's logit exp(logit_scale)*cosine, "
+            "reported as the cosine"
+        )
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_index: torch.Tensor,
+        target: str,
+        expand_vision_at: int | None = None,
+    ) -> Scores:
+        """Each image and each text encoded once; pair b scores image `image_index[b]` with text
+        b from the model's own logit matrix."""
+        size = self.model.config.vision_config.image_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        with self._forward_hooks():
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                pixel_values=pixel_values,
+                interpolate_pos_encoding=tuple(pixel_values.shape[-2:]) != size,
+            )
+        pairs = torch.arange(input_ids.shape[0], device=input_ids.device)
+        image_index = image_index.to(input_ids.device)
+        logits = out.logits_per_image[image_index, pairs]
+        return Scores(logits, self._reported(out, image_index, logits.detach()))
+
+    def _forward_hooks(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def _reported(self, out, image_index: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The cosine similarity of the pair (the logit without its scale)."""
+        return (out.image_embeds[image_index] * out.text_embeds).sum(-1).detach()
