@@ -11,10 +11,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pathlib import Path  # noqa: E402
 
 import pytest
+import torch
 from tiny import tiny_albef
 
 from groundcam.data.shapes import vocabulary
 from groundcam.train.tokenizer import word_tokenizer
+
+# Tiny models run fastest on one thread; on 2 shared cores, more threads only fight.
+torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
