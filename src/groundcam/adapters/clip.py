@@ -33,14 +33,6 @@ from groundcam.methods.base import (
 )
 
 
-def layer_list(module: nn.Module) -> nn.ModuleList:
-    """The longest ModuleList under `module`: its transformer blocks."""
-    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m)]
-    if not lists:
-        raise ValueError(f"{type(module).__name__}: no layer stack found")
-    return max(lists, key=len)
-
-
 def attention_of(block: nn.Module) -> nn.Module:
     """The outermost module of an attention class in a block (returns `(output, probs)`)."""
     for mod in block.modules():
@@ -72,7 +64,7 @@ class ClipAdapter(Adapter):
         super().__init__(hf.prepare_instance(model), hf.tokenizer_of(processor, tokenizer), name)
         self.processor = processor
         self.vision = model.vision_model
-        self.blocks = layer_list(self.vision)
+        self.blocks = hf.layer_list(self.vision)
         self.attentions = [attention_of(b) for b in self.blocks]
         self.readers = self._token_readers()
 

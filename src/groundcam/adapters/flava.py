@@ -25,7 +25,6 @@ output is what the model computes on with, so recorded slices carry exact gradie
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import ExitStack
 
 import torch
@@ -35,6 +34,7 @@ from torch import nn
 
 from groundcam.adapters import hf
 from groundcam.adapters.base import Adapter, RecordSpec, Scores
+from groundcam.adapters.taps import Tap, route
 from groundcam.capture import HookPoint
 from groundcam.geometry import Geometry
 from groundcam.methods.base import (
@@ -45,88 +45,6 @@ from groundcam.methods.base import (
     AttentionGraph,
     AttentionStep,
 )
-
-
-class Tap(nn.Module):
-    """An identity a Recorder can watch: a view of a model tensor passes through it, and the model
-    goes on with the tensor rebuilt from the tap's (possibly replaced) output."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def route(
-    stack: ExitStack,
-    module: nn.Module,
-    tap: Tap,
-    take: Callable[[torch.Tensor], torch.Tensor],
-    put: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    index: int | None = None,
-) -> None:
-    """While `stack` is open, `module`'s output `t` (item `index` of a tuple) becomes
-    `put(t, tap(take(t)))`; nothing is installed when no hook watches `tap`."""
-    if not tap._forward_hooks:
-        return
-
-    def hook(_module, _inputs, output):
-        t = output if index is None else output[index]
-        new = put(t, tap(take(t)))
-        return new if index is None else (*output[:index], new, *output[index + 1 :])
-
-    stack.callback(module.register_forward_hook(hook).remove)
-
-
-def blocks(encoder: nn.Module, what: str) -> nn.ModuleList:
-    """The transformer blocks under `encoder`, found by structure (paths move between releases):
-    the module list whose items hold a self-attention."""
-    for module in encoder.modules():
-        if (
-            isinstance(module, nn.ModuleList)
-            and len(module)
-            and all(_attention(b, strict=False) is not None for b in module)
-        ):
-            return module
-    raise ValueError(f"could not find the {what} blocks of {type(encoder).__name__}")
-
-
-def _attention(block: nn.Module, strict: bool = True) -> nn.Module | None:
-    """The module of `block` that computes attention probabilities: query/key/value projections
-    and one dropout, applied to the probabilities in eager attention."""
-    for module in block.modules():
-        children = dict(module.named_children())
-        if all(isinstance(children.get(n), nn.Linear) for n in ("query", "key", "value")):
-            return module
-    if strict:
-        raise ValueError(f"{type(block).__name__}: no query/key/value self-attention found")
-    return None
-
-
-def attention_probs(block: nn.Module) -> nn.Module:
-    """The dropout on `block`'s attention probabilities: its output (the probabilities, in eval
-    mode) is what the context is computed from, so a recorded leaf there carries the gradient."""
-    attention = _attention(block)
-    drops = [c for c in attention.children() if isinstance(c, nn.Dropout)]
-    if len(drops) != 1:
-        raise ValueError(f"{type(attention).__name__}: no attention-probability dropout to hook")
-    return drops[0]
-
-
-def patch_size(config) -> tuple[int, int]:
-    p = config.patch_size
-    return (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
-
-
-def load_tokenizer(source: str, processor, tokenizer):
-    """An explicit tokenizer, else the processor's, else the one saved beside the model."""
-    tokenizer = hf.tokenizer_of(processor, tokenizer)
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError, TypeError, KeyError):
-            tokenizer = None
-    return tokenizer
 
 
 class FlavaAdapter(Adapter):
@@ -152,10 +70,10 @@ class FlavaAdapter(Adapter):
         self.itm_head = getattr(model, "itm_head", None)
         if self.itm_head is None:
             self.default_target = "similarity"
-        self.image_blocks = blocks(self.flava.image_model, "image")
-        self.mm_blocks = blocks(self.flava.multimodal_model, "multimodal")
-        self.image_probs = [attention_probs(b) for b in self.image_blocks]
-        self.mm_probs = [attention_probs(b) for b in self.mm_blocks]
+        self.image_blocks = hf.blocks(self.flava.image_model, "image")
+        self.mm_blocks = hf.blocks(self.flava.multimodal_model, "multimodal")
+        self.image_probs = [hf.attention_probs(b) for b in self.image_blocks]
+        self.mm_probs = [hf.attention_probs(b) for b in self.mm_blocks]
         self.mm_cls = int(getattr(self.flava.multimodal_model, "cls_token", None) is not None)
         n = len(self.mm_blocks)
         self._cross, self._joint, self._mm_tokens = ([Tap() for _ in range(n)] for _ in range(3))
@@ -171,7 +89,7 @@ class FlavaAdapter(Adapter):
         if arch not in (getattr(config, "architectures", None) or []):
             arch = "FlavaModel"
         model, processor = hf.load_pretrained(getattr(transformers, arch), source, processor)
-        tokenizer = load_tokenizer(source, processor, tokenizer)
+        tokenizer = hf.load_tokenizer(source, processor, tokenizer)
         return cls(model, tokenizer=tokenizer, processor=processor, name=name or source)
 
     @property
@@ -189,7 +107,7 @@ class FlavaAdapter(Adapter):
         return hf.token_strings(self.tokenizer, input_ids, attention_mask)
 
     def geometry(self, pixel_values: torch.Tensor) -> Geometry:
-        ph, pw = patch_size(self.flava.image_model.config)
+        ph, pw = hf.patch_size(self.flava.image_model.config)
         return Geometry(pixel_values.shape[-2] // ph, pixel_values.shape[-1] // pw, prefix=1)
 
     def layers(self, source: str) -> list[int]:

@@ -101,3 +101,65 @@ def prepare_instance(model: nn.Module) -> nn.Module:
     """A caller's model: eager attention (or a clear error), eval mode."""
     ensure_eager(model)
     return model.eval()
+
+
+# --------------------------------------------------------------- layers, found by structure
+def layer_list(module: nn.Module) -> nn.ModuleList:
+    """The longest ModuleList under `module`: its transformer blocks."""
+    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise ValueError(f"{type(module).__name__}: no layer stack found")
+    return max(lists, key=len)
+
+
+def blocks(encoder: nn.Module, what: str) -> nn.ModuleList:
+    """The transformer blocks under `encoder`, found by structure (paths move between releases):
+    the module list whose items hold a self-attention."""
+    for module in encoder.modules():
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module)
+            and all(_attention(b, strict=False) is not None for b in module)
+        ):
+            return module
+    raise ValueError(f"could not find the {what} blocks of {type(encoder).__name__}")
+
+
+def _attention(block: nn.Module, strict: bool = True) -> nn.Module | None:
+    """The module of `block` that computes attention probabilities: query/key/value projections
+    and one dropout, applied to the probabilities in eager attention."""
+    for module in block.modules():
+        children = dict(module.named_children())
+        if all(isinstance(children.get(n), nn.Linear) for n in ("query", "key", "value")):
+            return module
+    if strict:
+        raise ValueError(f"{type(block).__name__}: no query/key/value self-attention found")
+    return None
+
+
+def attention_probs(block: nn.Module) -> nn.Module:
+    """The dropout on `block`'s attention probabilities: its output (the probabilities, in eval
+    mode) is what the context is computed from, so a recorded leaf there carries the gradient."""
+    attention = _attention(block)
+    drops = [c for c in attention.children() if isinstance(c, nn.Dropout)]
+    if len(drops) != 1:
+        raise ValueError(f"{type(attention).__name__}: no attention-probability dropout to hook")
+    return drops[0]
+
+
+def patch_size(config) -> tuple[int, int]:
+    p = config.patch_size
+    return (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
+
+
+def load_tokenizer(source: str, processor, tokenizer):
+    """An explicit tokenizer, else the processor's, else the one saved beside the model."""
+    tokenizer = tokenizer_of(processor, tokenizer)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, TypeError, KeyError):
+            tokenizer = None
+    return tokenizer

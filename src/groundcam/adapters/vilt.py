@@ -30,7 +30,7 @@ from torch import nn
 
 from groundcam.adapters import hf
 from groundcam.adapters.base import Adapter, RecordSpec, Scores
-from groundcam.adapters.flava import Tap, attention_probs, blocks, load_tokenizer, patch_size, route
+from groundcam.adapters.taps import Tap, route
 from groundcam.capture import HookPoint
 from groundcam.geometry import Geometry
 from groundcam.methods.base import (
@@ -58,8 +58,8 @@ class ViltAdapter(Adapter):
         )
         if self.vilt is None:
             raise ValueError(f"{type(model).__name__}: no ViLT embeddings with visual_embed")
-        self.blocks = blocks(self.vilt.encoder, "joint")
-        self.probs = [attention_probs(b) for b in self.blocks]
+        self.blocks = hf.blocks(self.vilt.encoder, "joint")
+        self.probs = [hf.attention_probs(b) for b in self.blocks]
         self._rows = [Tap() for _ in self.blocks]
 
     @classmethod
@@ -67,7 +67,7 @@ class ViltAdapter(Adapter):
         from transformers import ViltForImageAndTextRetrieval
 
         model, processor = hf.load_pretrained(ViltForImageAndTextRetrieval, source, processor)
-        tokenizer = load_tokenizer(source, processor, tokenizer)
+        tokenizer = hf.load_tokenizer(source, processor, tokenizer)
         return cls(model, tokenizer=tokenizer, processor=processor, name=name or source)
 
     def prepare_images(self, images: list[Image.Image]) -> torch.Tensor:
@@ -95,7 +95,7 @@ class ViltAdapter(Adapter):
     def geometry(self, pixel_values: torch.Tensor) -> Geometry:
         """The patch grid alone; the forward returns the full geometry (text prefix, token
         cells), which the maps use."""
-        ph, pw = patch_size(self.model.config)
+        ph, pw = hf.patch_size(self.model.config)
         return Geometry(pixel_values.shape[-2] // ph, pixel_values.shape[-1] // pw, prefix=1)
 
     def layers(self, source: str) -> list[int]:
@@ -139,7 +139,7 @@ class ViltAdapter(Adapter):
                 image_embeds=tokens.index_select(0, image_index),
                 pixel_mask=token_mask.index_select(0, image_index),
             ).logits[:, 0]
-        ph, pw = patch_size(self.model.config)
+        ph, pw = hf.patch_size(self.model.config)
         cells = patch_index[..., 0] * (width // pw) + patch_index[..., 1]
         geometry = Geometry(
             height // ph, width // pw, prefix=t + 1, cells=cells.index_select(0, image_index)

@@ -30,14 +30,6 @@ from groundcam.methods.base import (
 CROSS_NAMES = ("encoder_attn", "crossattention", "cross_attn", "cross_attention")
 
 
-def layer_list(module: nn.Module) -> nn.ModuleList:
-    """The longest ModuleList under `module` (its transformer layers)."""
-    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m)]
-    if not lists:
-        raise ValueError(f"{type(module).__name__}: no layer stack found")
-    return max(lists, key=len)
-
-
 def attention_modules(layer: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     """(self-attention, cross-attention or None): the outermost modules of an attention class."""
     found: dict[str, nn.Module] = {}
@@ -64,8 +56,8 @@ class VisionEncoderDecoderAdapter(Adapter):
     def __init__(self, model: nn.Module, tokenizer=None, name: str = "", processor=None):
         super().__init__(hf.prepare_instance(model), hf.tokenizer_of(processor, tokenizer), name)
         self.processor = processor
-        self.encoder_layers = layer_list(model.encoder)
-        self.decoder_layers = layer_list(model.decoder)
+        self.encoder_layers = hf.layer_list(model.encoder)
+        self.decoder_layers = hf.layer_list(model.decoder)
         self.decoder_attn = [attention_modules(layer) for layer in self.decoder_layers]
         if any(cross is None for _, cross in self.decoder_attn):
             raise ValueError(
