@@ -1,0 +1,329 @@
+"""BLIP (🤗 transformers): image-text matching (ITM head or ITC cosine) and captioning.
+
+Both models are a ViT (`vision_model`) plus a BERT whose every layer cross-attends to all image
+tokens. The image is encoded once per image; the text side reads it through
+`encoder_hidden_states=image_embeds.index_select(0, image_index)`, using the model's own modules.
+BLIP's outputs carry no cross-attentions, so attention probabilities are recorded where they are
+made: each attention core (`crossattention.self`, `attention.self`, the vision `self_attn`)
+returns `(context, probs)` under eager attention, and item 1 is recorded.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from groundcam.adapters import hf
+from groundcam.adapters.base import Adapter, RecordSpec, Scores
+from groundcam.capture import HookPoint
+from groundcam.geometry import Geometry
+from groundcam.methods.base import (
+    ATTENTION_GRAPH,
+    CROSS_ATTENTION,
+    SELF_ATTENTION,
+    TOKENS,
+    AttentionGraph,
+    AttentionStep,
+)
+
+QUERY_NAMES = ("query", "qkv", "q_proj")
+NO_PHRASES = (
+    "BLIP captioning explains the tokens it generates: use explain_generation "
+    "(pass text= to explain a given caption)"
+)
+
+
+def layer_stack(root: nn.Module, depth: int, what: str) -> nn.ModuleList:
+    """The list of `depth` blocks under `root`, found by structure (module paths move between
+    transformers releases)."""
+    for _, module in root.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == depth:
+            return module
+    raise ValueError(f"could not find the {depth} {what} layers of this BLIP model")
+
+
+def attention_cores(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Per attention of `block`, in forward order: (its path, the module that owns the query
+    projection, which returns `(context, probs)`)."""
+    found = []
+    for name, module in block.named_modules():
+        children = dict(module.named_children())
+        if any(isinstance(children.get(q), nn.Linear) for q in QUERY_NAMES):
+            found.append((name, module))
+    if not found:
+        raise ValueError(f"{type(block).__name__}: no attention module found")
+    return found
+
+
+def probs_point(name: str, core: nn.Module, per_image: bool = False) -> HookPoint:
+    """The attention probabilities an attention core returns beside its context."""
+    return HookPoint(name, core, index=1, per_image=per_image)
+
+
+def middle_layer(layers: list[int]) -> int:
+    """The middle of a stack, never its last layer when there are two or more."""
+    return layers[min(len(layers) // 2, len(layers) - 2)] if len(layers) > 1 else layers[0]
+
+
+class _BlipBase(Adapter):
+    """What the ITM and captioning models share: the vision tower, its geometry and hooks."""
+
+    def __init__(self, model: nn.Module, tokenizer=None, name: str = "", processor=None):
+        hf.prepare_instance(model)
+        super().__init__(model, hf.tokenizer_of(processor, tokenizer), name, processor)
+        cfg = model.config
+        self.vision_blocks = layer_stack(
+            model.vision_model, cfg.vision_config.num_hidden_layers, "vision"
+        )
+        self.text_layers = layer_stack(self._text(), cfg.text_config.num_hidden_layers, "text")
+        self.cross = {}  # text layer -> its cross-attention core
+        for i, layer in enumerate(self.text_layers):
+            cross = [m for path, m in attention_cores(layer) if "cross" in path]
+            if cross:
+                self.cross[i] = cross[0]
+        if not self.cross:
+            raise ValueError(
+                f"{type(model).__name__}: its text model has no cross-attention to the image "
+                "(text_config.is_decoder is False), so nothing reads the image"
+            )
+
+    @classmethod
+    def _model_class(cls) -> type[nn.Module]:
+        import transformers
+
+        return getattr(transformers, cls.architectures[0])
+
+    @classmethod
+    def from_pretrained(cls, source: str, processor=None, tokenizer=None, name: str = ""):
+        """A saved or hub BLIP model with eager attention, and its processor."""
+        model, processor = hf.load_pretrained(cls._model_class(), source, processor)
+        tokenizer = hf.load_tokenizer(source, processor, tokenizer)
+        return cls(model, tokenizer=tokenizer, processor=processor, name=name or source)
+
+    @property
+    def _vcfg(self):
+        return self.model.config.vision_config
+
+    def _text(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Image tokens [n_img, 1 + h*w, C] (CLS first), position embeddings interpolated to
+        the input's actual grid (a no-op at the model's own square size)."""
+        out = self.model.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=True)
+        return out.last_hidden_state
+
+    def prepare_images(self, images: list[Image.Image]) -> torch.Tensor:
+        return hf.pixel_values(self.processor, images, self.device)
+
+    def token_strings(self, input_ids, attention_mask):
+        return hf.token_strings(self.tokenizer, input_ids, attention_mask)
+
+    def geometry(self, pixel_values: torch.Tensor) -> Geometry:
+        ph, pw = hf.patch_size(self._vcfg)
+        return Geometry(pixel_values.shape[-2] // ph, pixel_values.shape[-1] // pw, prefix=1)
+
+    def layers(self, source: str) -> list[int]:
+        if source == CROSS_ATTENTION:
+            return sorted(self.cross)
+        if source == ATTENTION_GRAPH:
+            return []
+        return list(range(self._vcfg.num_hidden_layers))
+
+    def _vision_points(self) -> list[HookPoint]:
+        """Every vision self-attention, recorded once per image."""
+        return [
+            probs_point(f"vision.{i}.attn", attention_cores(block)[0][1], per_image=True)
+            for i, block in enumerate(self.vision_blocks)
+        ]
+
+    def _record_vision_or_cross(self, source: str, layer: int | None) -> RecordSpec:
+        if source == CROSS_ATTENTION:
+            point = probs_point(f"text.{layer}.cross", self.cross[layer])
+            return RecordSpec([point], layer)
+        if source == TOKENS:
+            block = self.vision_blocks[layer]
+            return RecordSpec([HookPoint(f"vision.{layer}", block, per_image=True)], layer)
+        points = self._vision_points()
+        if layer is not None:
+            points = [points[layer]]
+        return RecordSpec(points, layer, per_image=True)
+
+    def _text_graph(self) -> RecordSpec:
+        """Vision self-attention once per image, then per text layer its self-attention and its
+        cross-attention to the image tokens; read from the text stream."""
+        points = self._vision_points()
+        steps = [AttentionStep("image", "image")] * len(points)
+        for i, layer in enumerate(self.text_layers):
+            for name, core in attention_cores(layer):
+                cross = "cross" in name
+                points.append(probs_point(f"text.{i}.{'cross' if cross else 'self'}", core))
+                steps.append(AttentionStep("text", "image" if cross else "text"))
+        return RecordSpec(points, None, graph=AttentionGraph(tuple(steps), "text", "image"))
+
+
+class BlipItmAdapter(_BlipBase):
+    """`BlipForImageTextRetrieval`: target `itm` (explained: the match logit `itm_score[:, 1]`;
+    reported: the match probability) or `similarity` (explained and reported: the ITC cosine that
+    the model itself outputs with `use_itm_head=False`; no temperature is applied)."""
+
+    family = "blip-itm"
+    targets = ("itm", "similarity")
+    default_target = "itm"
+    architectures = ("BlipForImageTextRetrieval",)
+    SOURCES = (CROSS_ATTENTION, SELF_ATTENTION, TOKENS, ATTENTION_GRAPH)
+
+    def _text(self) -> nn.Module:
+        return self.model.text_encoder
+
+    def prepare_texts(self, phrases: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        limit = self.model.config.text_config.max_position_embeddings
+        return hf.text_inputs(self.tokenizer, phrases, limit, self.device)
+
+    def default_layer(self, source: str, target: str) -> int:
+        """Cross-attention: the middle text layer (6 of 12, LAVIS's `compute_gradcam` default
+        for BLIP; never the last, whose non-CLS rows get no gradient). Vision: the last block for
+        ITM (every text layer cross-attends to every image token), the one before for similarity
+        (ITC reads only the image CLS, so the last block's patch outputs get zero gradient)."""
+        if source == CROSS_ATTENTION:
+            return middle_layer(self.layers(source))
+        depth = self._vcfg.num_hidden_layers
+        if source == TOKENS and target == "similarity":
+            return max(depth - 2, 0)
+        return depth - 1
+
+    def record_spec(self, source: str, layer: int | None, target: str = "") -> RecordSpec:
+        if source != ATTENTION_GRAPH:
+            return self._record_vision_or_cross(source, layer)
+        if target == "similarity":  # ITC reads the image through its CLS token only
+            points = self._vision_points()
+            steps = (AttentionStep("image", "image"),) * len(points)
+            return RecordSpec(points, None, graph=AttentionGraph(steps, "image", "image"))
+        return self._text_graph()
+
+    def methods_note(self) -> str:
+        return (
+            "every BLIP text layer cross-attends to the image (layers 0..L-1); similarity is "
+            "BLIP's ITC cosine and only reaches the vision tower (gradcam, rollout, relevance)"
+        )
+
+    def check(self, source: str, target: str) -> None:
+        if target == "similarity" and source == CROSS_ATTENTION:
+            raise ValueError(
+                "BLIP's similarity (ITC cosine) target never passes through a cross-attention: "
+                "use target 'itm', or a vision method (gradcam, rollout, relevance)"
+            )
+
+    def forward(
+        self, pixel_values, input_ids, attention_mask, image_index, target, expand_vision_at=None
+    ):
+        m = self.model
+        image = self._encode_image(pixel_values)
+        if target == "similarity":
+            text = m.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
+            img_feat = F.normalize(m.vision_proj(image[:, 0]), dim=-1).index_select(0, image_index)
+            txt_feat = F.normalize(m.text_proj(text.last_hidden_state[:, 0]), dim=-1)
+            cosine = (img_feat * txt_feat).sum(-1)
+            return Scores(cosine, cosine.detach())
+        text = m.text_encoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image.index_select(0, image_index),
+        )
+        logits = m.itm_head(text.last_hidden_state[:, 0])
+        return Scores(logits[:, 1], logits.detach().softmax(-1)[:, 1])
+
+
+class BlipCaptionAdapter(_BlipBase):
+    """`BlipForConditionalGeneration`: one map per generated token (target `token`, its
+    log-probability). Captions start with BLIP's [DEC] (bos) token, then the optional `prompt`
+    (e.g. "a picture of"), then the generated text."""
+
+    family = "blip-caption"
+    targets = ("token",)
+    default_target = "token"
+    architectures = ("BlipForConditionalGeneration",)
+    SOURCES = (CROSS_ATTENTION, TOKENS, ATTENTION_GRAPH)
+    prompt: str | None = None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer=None,
+        name: str = "",
+        processor=None,
+        prompt: str | None = None,
+    ):
+        super().__init__(model, tokenizer, name, processor)
+        self.prompt = prompt
+
+    def _text(self) -> nn.Module:
+        return self.model.text_decoder
+
+    def default_layer(self, source: str, target: str) -> int:
+        """Cross-attention: the middle decoder layer (as for ITM); vision: the last block (the
+        decoder cross-attends to every image token)."""
+        if source == CROSS_ATTENTION:
+            return middle_layer(self.layers(source))
+        return self._vcfg.num_hidden_layers - 1
+
+    def record_spec(self, source: str, layer: int | None, target: str = "") -> RecordSpec:
+        if source == ATTENTION_GRAPH:
+            return self._text_graph()
+        return self._record_vision_or_cross(source, layer)
+
+    def prepare_texts(self, phrases: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise ValueError(NO_PHRASES)
+
+    def forward(self, *args, **kwargs) -> Scores:
+        raise ValueError(NO_PHRASES)
+
+    def _prompt_ids(self, text: str = "") -> torch.Tensor:
+        """`[bos] prompt text [SEP]` as the decoder reads it (BLIP swaps [CLS] for [DEC])."""
+        if self.tokenizer is None:
+            raise ValueError("this BLIP model has no tokenizer: pass tokenizer= (or processor=)")
+        full = " ".join(s for s in (self.prompt or "", text) if s.strip())
+        ids = self.tokenizer([full], return_tensors="pt")["input_ids"].to(self.device)
+        ids[:, 0] = self.model.config.text_config.bos_token_id
+        return ids
+
+    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, int]:
+        """Greedy caption: ids [1, T] = [bos] + prompt + generated (ending at [SEP] if reached)."""
+        prompt = self._prompt_ids()  # model.generate drops the trailing [SEP] itself
+        ids = self.model.generate(
+            pixel_values,
+            input_ids=prompt.clone(),
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            interpolate_pos_encoding=True,
+        )
+        return ids, prompt.shape[1] - 1
+
+    def teacher_ids(self, text: str) -> tuple[torch.Tensor, int]:
+        return self._prompt_ids(text), self._prompt_ids().shape[1] - 1
+
+    def decoder_logits(self, pixel_values, input_ids, expand_vision_at=None) -> torch.Tensor:
+        """Teacher-forced logits [1, T, V]: the image encoded once, the decoder reading it."""
+        image = self._encode_image(pixel_values)
+        out = self.model.text_decoder(
+            input_ids=input_ids, encoder_hidden_states=image, use_cache=False
+        )
+        return out.logits
+
+    def special_ids(self) -> set[int]:
+        cfg = self.model.config.text_config
+        ids = set(super().special_ids())
+        for i in (cfg.bos_token_id, cfg.pad_token_id, cfg.sep_token_id, cfg.eos_token_id):
+            ids.update(i if isinstance(i, list) else [i] if i is not None else [])
+        return ids
+
+    def decode(self, input_ids: list[int]) -> str:
+        skip = self.special_ids()
+        return self.tokenizer.decode([i for i in input_ids if i not in skip]).strip()
+
+    def methods_note(self) -> str:
+        return "per generated token: decoder cross-attention row k-1, vision Grad-CAM, relevance"
