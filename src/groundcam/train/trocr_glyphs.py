@@ -1,0 +1,448 @@
+"""Train `trocr-tiny-glyphs`: a tiny TrOCR-style VisionEncoderDecoderModel that reads the short
+synthetic text lines of `groundcam.data.glyphs`.
+
+The model is a transformers `VisionEncoderDecoderModel` (a `ViTModel` encoder on the 32 x 128
+line image with 8 x 8 patches, so a 4 x 16 patch grid after one CLS token, and a
+`TrOCRForCausalLM` decoder) built from config classes with random weights and eager attention,
+so that encoder attentions and the decoder's cross-attentions come back from
+`output_attentions=True`. Text is tokenised one token per character.
+
+Training is teacher-forced cross-entropy with AdamW, linear warmup then cosine decay, on a pool
+of training lines rendered once and kept as uint8 tensors (with a small random shift and pixel
+noise as augmentation). Every step's batch and augmentation come from generators seeded by
+(seed, step), so a run is deterministic given its seed and resumes exactly from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tqdm import tqdm
+from transformers import (
+    PreTrainedTokenizerFast,
+    TrOCRConfig,
+    TrOCRProcessor,
+    VisionEncoderDecoderConfig,
+    VisionEncoderDecoderModel,
+    ViTConfig,
+)
+
+from groundcam.data.glyphs import IMAGE_SIZE, MAX_CHARS, alphabet, render_line
+
+# Token ids follow TrOCR/RoBERTa: <s> = 0 (also the decoder start), <pad> = 1, </s> = 2.
+SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
+BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+IMAGE_MEAN = IMAGE_STD = (0.5, 0.5, 0.5)
+IGNORE = -100  # label value the loss skips
+
+
+def char_tokenizer(chars: str | None = None) -> PreTrainedTokenizerFast:
+    """One token per character of `chars` (default: the glyph alphabet) after the specials.
+
+    Encoding lower-cases, drops whitespace, splits into characters and appends `</s>` (so the
+    ids are the decoder's labels; the decoder input is `<s>` + the characters). Unknown
+    characters become `<unk>`. Decoding fuses the tokens with no separator, so
+    `decode(ids, skip_special_tokens=True)` gives back the string.
+    """
+    chars = alphabet() if chars is None else chars
+    vocab = {t: i for i, t in enumerate(SPECIALS + list(dict.fromkeys(chars)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), behavior="isolated")]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=MAX_CHARS + 2,
+    )
+
+
+def build_model(
+    vocab_size: int,
+    *,
+    hidden: int = 96,
+    encoder_layers: int = 3,
+    decoder_layers: int = 2,
+    heads: int = 4,
+    mlp_ratio: int = 4,
+    patch_size: int = 8,
+    image_size: tuple[int, int] = IMAGE_SIZE,
+    max_chars: int = MAX_CHARS,
+) -> VisionEncoderDecoderModel:
+    """A randomly initialised ViT + TrOCR-decoder model with eager attention, in eval mode."""
+    encoder = ViTConfig(
+        image_size=list(image_size),
+        patch_size=patch_size,
+        hidden_size=hidden,
+        num_hidden_layers=encoder_layers,
+        num_attention_heads=heads,
+        intermediate_size=mlp_ratio * hidden,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    decoder = TrOCRConfig(
+        vocab_size=vocab_size,
+        d_model=hidden,
+        decoder_layers=decoder_layers,
+        decoder_attention_heads=heads,
+        decoder_ffn_dim=mlp_ratio * hidden,
+        cross_attention_hidden_size=hidden,
+        use_learned_position_embeddings=True,
+        max_position_embeddings=max_chars + 8,
+        layernorm_embedding=True,
+        scale_embedding=False,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        bos_token_id=BOS_ID,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=BOS_ID,
+    )
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id = BOS_ID
+    config.bos_token_id = BOS_ID
+    config.pad_token_id = PAD_ID
+    config.eos_token_id = EOS_ID
+    # `_from_config` sets eager attention on the encoder and decoder configs alike.
+    model = VisionEncoderDecoderModel._from_config(config, attn_implementation="eager")
+    gen = model.generation_config
+    gen.decoder_start_token_id, gen.bos_token_id = BOS_ID, BOS_ID
+    gen.pad_token_id, gen.eos_token_id = PAD_ID, EOS_ID
+    gen.max_length = max_chars + 2  # the start token, the characters and </s>
+    gen.num_beams, gen.do_sample = 1, False
+    return model.eval()
+
+
+def image_processor(image_size: tuple[int, int] = IMAGE_SIZE):
+    """A `ViTImageProcessor` that gives the same tensors as `pixel_values`."""
+    try:  # transformers without torchvision: the PIL backend, without its fallback warning
+        from transformers import ViTImageProcessorPil as cls
+    except ImportError:  # pragma: no cover - depends on the installed extras
+        from transformers import ViTImageProcessor as cls
+    return cls(
+        do_resize=True,
+        size={"height": image_size[0], "width": image_size[1]},
+        resample=Image.Resampling.BILINEAR,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(IMAGE_MEAN),
+        image_std=list(IMAGE_STD),
+    )
+
+
+def _normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 in [-1, 1], exactly as the image processor computes it."""
+    return (pixels.float() / 255.0 - 0.5) / 0.5
+
+
+def _to_uint8(images, image_size: tuple[int, int]) -> torch.Tensor:
+    if isinstance(images, Image.Image):
+        images = [images]
+    h, w = image_size
+    arrays = []
+    for im in images:
+        im = im.convert("RGB")
+        if im.size != (w, h):
+            im = im.resize((w, h), Image.Resampling.BILINEAR)
+        arrays.append(np.asarray(im, dtype=np.uint8))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def pixel_values(images, image_size: tuple[int, int] = IMAGE_SIZE) -> torch.Tensor:
+    """PIL image(s) -> float32 [B, 3, H, W]: resized to `image_size` (bilinear) if needed,
+    scaled to [0, 1], then normalised with mean 0.5 and std 0.5."""
+    return _normalise(_to_uint8(images, image_size))
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions and substitutions all cost 1)."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def char_accuracy(prediction: str, target: str) -> float:
+    """1 - edit_distance / len(target), floored at 0."""
+    return max(0.0, 1.0 - edit_distance(prediction, target) / max(1, len(target)))
+
+
+@torch.no_grad()
+def read_text(model: VisionEncoderDecoderModel, tokenizer, images, batch_size: int = 256) -> list:
+    """Greedy transcriptions of PIL images (or an already normalised pixel tensor)."""
+    pixels = images if isinstance(images, torch.Tensor) else pixel_values(images)
+    was_training = model.training
+    model.eval()
+    texts = []
+    for start in range(0, len(pixels), batch_size):
+        ids = model.generate(pixel_values=pixels[start : start + batch_size], do_sample=False)
+        texts += tokenizer.batch_decode(ids, skip_special_tokens=True)
+    model.train(was_training)
+    return texts
+
+
+def evaluate_text(
+    model: VisionEncoderDecoderModel, tokenizer, split: str = "val", n: int = 500, seed: int = 0
+) -> dict:
+    """Greedy-decoding character accuracy and exact-match rate on the first `n` lines of
+    `split`."""
+    samples = [render_line(split, i, seed) for i in range(n)]
+    predictions = read_text(model, tokenizer, [s.image for s in samples])
+    targets = [s.text for s in samples]
+    return {
+        "char_acc": round(
+            float(
+                np.mean([char_accuracy(p, t) for p, t in zip(predictions, targets, strict=True)])
+            ),
+            4,
+        ),
+        "exact": round(
+            float(np.mean([p == t for p, t in zip(predictions, targets, strict=True)])), 4
+        ),
+        "n": n,
+    }
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    steps: int = 6000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 300
+    seed: int = 0
+    pool: int = 30000  # training lines rendered once and sampled from
+    augment: bool = True  # random shift of up to `shift` pixels and pixel noise per sample
+    shift: int = 2
+    hidden: int = 96
+    encoder_layers: int = 3
+    decoder_layers: int = 2
+    heads: int = 4
+    patch_size: int = 8
+    eval_every: int = 500
+    eval_lines: int = 500
+    log_every: int = 10
+    clip_grad: float = 1.0
+
+
+def model_from_config(cfg: TrainConfig, vocab_size: int) -> VisionEncoderDecoderModel:
+    return build_model(
+        vocab_size,
+        hidden=cfg.hidden,
+        encoder_layers=cfg.encoder_layers,
+        decoder_layers=cfg.decoder_layers,
+        heads=cfg.heads,
+        patch_size=cfg.patch_size,
+    )
+
+
+class Pool:
+    """Training lines rendered once: uint8 images [N, 3, H, W] and label ids [N, MAX_CHARS + 1]
+    (the characters then `</s>`, padded with -100)."""
+
+    def __init__(self, tokenizer, size: int, seed: int, progress: bool = True):
+        images, labels = [], torch.full((size, MAX_CHARS + 1), IGNORE, dtype=torch.long)
+        chunk = 1000
+        for start in tqdm(
+            range(0, size, chunk), desc="rendering lines", leave=False, disable=not progress
+        ):
+            samples = [
+                render_line("train", i, seed) for i in range(start, min(start + chunk, size))
+            ]
+            images.append(_to_uint8([s.image for s in samples], IMAGE_SIZE))
+            for k, s in enumerate(samples):
+                ids = tokenizer(s.text).input_ids
+                labels[start + k, : len(ids)] = torch.tensor(ids)
+        self.images = torch.cat(images)
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _batch(pool: Pool, cfg: TrainConfig, step: int):
+    """Normalised pixels, decoder inputs and labels of step `step` (a pure function of it)."""
+    rng = np.random.default_rng([cfg.seed, step])
+    idx = torch.from_numpy(rng.choice(len(pool), size=cfg.batch_size, replace=False))
+    images, labels = pool.images[idx], pool.labels[idx]
+    pixels = _normalise(images)
+    if cfg.augment:
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        b = len(idx)
+        dx = torch.randint(-cfg.shift, cfg.shift + 1, (b,), generator=gen)
+        dy = torch.randint(-cfg.shift, cfg.shift + 1, (b,), generator=gen)
+        for i in range(b):  # the text keeps a 2 px margin, so a small roll never cuts ink
+            pixels[i] = torch.roll(pixels[i], (int(dy[i]), int(dx[i])), dims=(1, 2))
+        sigma = 0.06 * torch.rand(b, 1, 1, 1, generator=gen)
+        pixels = pixels + sigma * torch.randn(pixels.shape, generator=gen)
+    # Decoder input: <s> then the characters (labels shifted right; -100 becomes <pad>).
+    decoder_in = torch.cat([torch.full((len(idx), 1), BOS_ID), labels[:, :-1]], 1)
+    decoder_in = decoder_in.masked_fill(decoder_in == IGNORE, PAD_ID)
+    return pixels, decoder_in, labels
+
+
+def loss_on(model: VisionEncoderDecoderModel, pixels, decoder_in, labels) -> torch.Tensor:
+    """Teacher-forced cross-entropy over the non-padded label positions."""
+    # Padding sits after </s>, and the decoder is causal, so real positions never see it.
+    logits = model(pixel_values=pixels, decoder_input_ids=decoder_in).logits
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+
+
+def _lr_factor(cfg: TrainConfig):
+    def factor(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint being resumed (they will be redone)."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def save_model(model, tokenizer, out: Path) -> Path:
+    """`save_pretrained` of the model, its tokenizer and its image processor (also as a
+    TrOCRProcessor, so `AutoProcessor.from_pretrained(out)` works)."""
+    model.save_pretrained(out)
+    processor = image_processor()
+    TrOCRProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(out)
+    # transformers 5 nests the image processor inside processor_config.json; the separate
+    # preprocessor_config.json is what `ViTImageProcessor.from_pretrained` and older readers use.
+    processor.save_pretrained(out)
+    return out
+
+
+def train(cfg: TrainConfig, threads: int | None = None, stop_at: int | None = None) -> Path:
+    """Run (or resume) training in `cfg.out`; writes `train_log.jsonl`, `checkpoint.pt` (at every
+    evaluation) and finally `model/`. `stop_at` ends the run early after that step, with a
+    checkpoint (to test resuming); the final model is then not written."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    tokenizer = char_tokenizer()
+    torch.manual_seed(cfg.seed)
+    model = model_from_config(cfg, len(tokenizer))
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optim = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_factor(cfg))
+    step, elapsed0, window = 0, 0.0, []
+    ckpt, log_path = out / "checkpoint.pt", out / "train_log.jsonl"
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if state["config"] != asdict(cfg):
+            raise ValueError(f"{ckpt} was written with another configuration; use a new --out")
+        model.load_state_dict(state["model"])
+        optim.load_state_dict(state["optim"])
+        sched.load_state_dict(state["sched"])
+        torch.set_rng_state(state["rng"]["torch"])
+        step, elapsed0, window = state["step"], state["elapsed_s"], list(state["window"])
+        _trim_log(log_path, step)
+        print(f"resuming from step {step}", flush=True)
+    elif log_path.exists():
+        log_path.unlink()  # a log without a checkpoint belongs to a run that never saved
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params:,} parameters; rendering {cfg.pool} training lines", flush=True)
+    pool = Pool(tokenizer, cfg.pool, cfg.seed)
+    model.train()
+    t0 = time.time()
+
+    def save_checkpoint() -> None:
+        tmp = out / "checkpoint.pt.tmp"
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optim": optim.state_dict(),
+                "sched": sched.state_dict(),
+                "step": step,
+                "elapsed_s": elapsed0 + time.time() - t0,
+                "window": window,
+                "rng": {"torch": torch.get_rng_state()},
+                "config": asdict(cfg),
+            },
+            tmp,
+        )
+        tmp.replace(ckpt)
+
+    last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    with log_path.open("a") as log:
+        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", mininterval=30)
+        while step < last:
+            lr = optim.param_groups[0]["lr"]
+            loss = loss_on(model, *_batch(pool, cfg, step))
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            optim.step()
+            sched.step()
+            step += 1
+            window.append(loss.item())
+            bar.update(1)
+            evaluate_now = step % cfg.eval_every == 0 or step == cfg.steps
+            if step % cfg.log_every == 0 or evaluate_now or step == last:
+                record = {
+                    "step": step,
+                    "loss": round(float(np.mean(window)), 5),
+                    "lr": lr,
+                    "elapsed_s": round(elapsed0 + time.time() - t0, 1),
+                }
+                window = []
+                if evaluate_now:
+                    record["val"] = evaluate_text(model, tokenizer, "val", cfg.eval_lines, cfg.seed)
+                    model.train()
+                    tqdm.write(json.dumps(record))
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if evaluate_now or step == last:
+                save_checkpoint()
+        bar.close()
+    model.eval()
+    if step < cfg.steps:
+        return out
+    final = save_model(model, tokenizer, out / "model")
+    result = {
+        "steps": step,
+        "parameters": n_params,
+        "val": evaluate_text(model, tokenizer, "val", cfg.eval_lines, cfg.seed),
+        "test": evaluate_text(model, tokenizer, "test", cfg.eval_lines, cfg.seed),
+    }
+    (out / "final_eval.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result), flush=True)
+    return final
