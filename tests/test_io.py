@@ -29,3 +29,14 @@ def test_missing_and_unreadable(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"\x00\x01")
     with pytest.raises(ValueError, match="cannot read image .*bad.jpg"):
         read_image(tmp_path / "bad.jpg")
+
+
+def test_sixteen_bit_images_reach_the_model_scaled_not_clipped():
+    import numpy as np
+    from PIL import Image
+
+    from groundcam.io import to_rgb
+
+    wide = np.full((8, 8), 30000, dtype=np.uint16)  # ~46% grey in 16 bits
+    rgb = np.asarray(to_rgb(Image.fromarray(wide)))
+    assert rgb.shape == (8, 8, 3) and abs(int(rgb[0, 0, 0]) - 30000 // 256) <= 1

@@ -9,6 +9,14 @@ from PIL import Image, UnidentifiedImageError
 MAX_PIXELS = 64_000_000  # larger images are refused rather than exhausting memory
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB for the model: 16-bit and integer/float grayscale are scaled to 8 bits first (a plain
+    `convert("RGB")` would clip them to white), palette/RGBA/L converted."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        im = im.point(lambda v: v / 256).convert("L")
+    return im.convert("RGB")
+
+
 def read_image(path: str | Path) -> Image.Image:
     """An RGB image from `path` (grayscale, RGBA, palette and 16-bit are converted)."""
     path = Path(path)
@@ -20,8 +28,6 @@ def read_image(path: str | Path) -> Image.Image:
                 raise ValueError(
                     f"{path}: {im.width}x{im.height} is larger than {MAX_PIXELS} pixels"
                 )
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                im = im.point(lambda v: v / 256).convert("L")
-            return im.convert("RGB")
+            return to_rgb(im)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None

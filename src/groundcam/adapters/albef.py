@@ -10,6 +10,7 @@ from groundcam.adapters.base import Adapter, RecordSpec, Scores
 from groundcam.capture import HookPoint
 from groundcam.data.text import pre_caption
 from groundcam.geometry import Geometry
+from groundcam.io import to_rgb
 from groundcam.methods.base import (
     ATTENTION_GRAPH,
     CROSS_ATTENTION,
@@ -37,7 +38,7 @@ class AlbefAdapter(Adapter):
         """Bicubic resize to the model's resolution, [0, 1], then ALBEF's mean/std."""
         size = self.model.config.image_size
         arrays = [
-            np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32)
+            np.asarray(to_rgb(im).resize((size, size), Image.BICUBIC), dtype=np.float32)
             for im in images
         ]
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0

@@ -9,6 +9,7 @@ from PIL import Image
 from torch import nn
 
 from groundcam.adapters.base import ensure_eager
+from groundcam.io import to_rgb
 
 
 def image_processor_of(processor):
@@ -26,7 +27,7 @@ def pixel_values(processor, images: list[Image.Image], device: torch.device, **k
     if processor is None:
         raise ValueError("this model has no image processor: pass processor= to gc.load")
     ip = image_processor_of(processor)
-    out = ip(images=[im.convert("RGB") for im in images], return_tensors="pt", **kwargs)
+    out = ip(images=[to_rgb(im) for im in images], return_tensors="pt", **kwargs)
     return out["pixel_values"].to(device)
 
 

@@ -33,6 +33,7 @@ from groundcam.adapters.base import Adapter, RecordSpec, Scores
 from groundcam.adapters.taps import Tap, route
 from groundcam.capture import HookPoint
 from groundcam.geometry import Geometry
+from groundcam.io import to_rgb
 from groundcam.methods.base import (
     ATTENTION_GRAPH,
     CROSS_ATTENTION,
@@ -76,7 +77,7 @@ class ViltAdapter(Adapter):
         ip = hf.image_processor_of(self.processor)
         if ip is None:
             raise ValueError("this model has no image processor: pass processor= to gc.load")
-        out = ip(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        out = ip(images=[to_rgb(im) for im in images], return_tensors="pt")
         mask = out.get("pixel_mask")
         if mask is not None and not bool(mask.bool().all()):
             raise ValueError(
