@@ -1,0 +1,180 @@
+"""RefCOCO / RefCOCO+ / RefCOCOg read from `refs(unc).p` (or `refs(umd).p`) and `instances.json`.
+
+One `GroundingSample` per sentence of every ref of the split (DESIGN §6 `amc`), its one phrase
+boxed by the ref's COCO annotation: `bbox [x, y, w, h]` from instances.json becomes
+`(x, y, x + w, y + h)` (no -1). The pickle is read with `SafeUnpickler`, which loads only plain
+builtins (dict, list, str, int, float, tuple, bool, None) and refuses any global, so a pickle
+holding anything else is rejected without running it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from groundcam.data.flickr30k_entities import ReadReport
+from groundcam.data.sample import GroundingSample, Phrase
+
+SPLITS = ("train", "val", "test", "testA", "testB")
+REFS_FILES = ("refs(unc).p", "refs(umd).p", "refs(google).p")
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """The pickle references a global (class, function), which a plain-data pickle never does."""
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickler for plain-builtin data: every global lookup is refused, so nothing is executed."""
+
+    def __init__(self, file: Any, *, name: str = "<pickle>") -> None:
+        # Python 2 pickles (the public refs files) hold byte strings: decode them as UTF-8.
+        super().__init__(file, encoding="utf-8", errors="replace")
+        self.name = name
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise UnsafePickleError(
+            f"{self.name}: refusing to unpickle global {module}.{name}; this file should hold "
+            "only plain builtins (dict, list, str, int, float, tuple, bool, None)"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError(f"{self.name}: refusing persistent id {pid!r}")
+
+
+def safe_load_pickle(path: str | Path) -> Any:
+    """Load a plain-data pickle; `UnsafePickleError` naming `path` if it holds anything else."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return SafeUnpickler(io.BytesIO(data), name=str(path)).load()
+    except UnsafePickleError:
+        raise
+    except Exception as e:  # truncated or corrupt pickle
+        raise pickle.UnpicklingError(f"{path}: cannot unpickle ({e})") from e
+
+
+def _find_refs(root: Path, refs: str | Path | None) -> Path:
+    if refs is not None:
+        path = Path(refs) if Path(refs).is_absolute() else root / refs
+        if not path.is_file():
+            raise FileNotFoundError(f"RefCOCO refs file not found: {path}")
+        return path
+    for name in REFS_FILES:
+        if (root / name).is_file():
+            return root / name
+    raise FileNotFoundError(
+        f"RefCOCO refs file not found: {root / REFS_FILES[0]} (nor {', '.join(REFS_FILES[1:])})"
+    )
+
+
+class RefCOCO:
+    """Samples of one split (`val`, `testA`, `testB`, `train`, `test`; None for all).
+
+    `root` holds the refs pickle and `instances.json`; `images` the COCO train2014 images,
+    looked up by the file name instances.json gives the ref's `image_id` (the refs' own
+    `file_name` carries an `_<ann_id>` suffix and names no file). `Phrase.text` is the ref's
+    `sent`, `kind` the category name; sample and phrase `meta` hold `ref_id`, `sent_id`,
+    `ann_id`, `category`, `raw`. A missing image sets `sample.meta["error"]`; refs whose
+    annotation or image is absent from instances.json are skipped and counted in `self.report`.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        images: str | Path,
+        split: str | None = "val",
+        refs: str | Path | None = None,
+        instances: str | Path = "instances.json",
+    ) -> None:
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"unknown RefCOCO split {split!r}; use one of {SPLITS} or None")
+        self.root = Path(root)
+        self.images = Path(images)
+        self.split = split
+        self.refs_path = _find_refs(self.root, refs)
+        inst_path = Path(instances) if Path(instances).is_absolute() else self.root / instances
+        if not inst_path.is_file():
+            raise FileNotFoundError(f"RefCOCO instances file not found: {inst_path}")
+        self.instances_path = inst_path
+        self.report = ReadReport()
+        self._samples = self._load()
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __iter__(self) -> Iterator[GroundingSample]:
+        return iter(self._samples)
+
+    def __getitem__(self, index: int) -> GroundingSample:
+        return self._samples[index]
+
+    def _load(self) -> list[GroundingSample]:
+        report = self.report
+        refs = safe_load_pickle(self.refs_path)
+        if not isinstance(refs, list):
+            raise ValueError(
+                f"{self.refs_path}: expected a list of refs, got {type(refs).__name__}"
+            )
+        with open(self.instances_path, encoding="utf-8") as f:
+            inst = json.load(f)
+        images = {im["id"]: im for im in inst.get("images", [])}
+        anns = {a["id"]: a for a in inst.get("annotations", [])}
+        cats = {c["id"]: c["name"] for c in inst.get("categories", [])}
+        samples: list[GroundingSample] = []
+        for k, ref in enumerate(refs):
+            where = f"{self.refs_path}: ref #{k}"
+            try:
+                if self.split is not None and ref["split"] != self.split:
+                    continue
+                ref_id, ann_id, image_id = ref["ref_id"], ref["ann_id"], ref["image_id"]
+                sentences = ref["sentences"]
+            except (KeyError, TypeError) as e:
+                report.skipped_samples += 1
+                report.error(where, f"malformed ref ({e!r}); skipped")
+                continue
+            ann, image = anns.get(ann_id), images.get(image_id)
+            if ann is None or image is None:
+                missing = f"annotation {ann_id}" if ann is None else f"image {image_id}"
+                report.skipped_samples += len(sentences)
+                report.error(where, f"{missing} not in {self.instances_path}; skipped")
+                continue
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            box = (x, y, x + w, y + h)
+            category = cats.get(ref.get("category_id", ann.get("category_id")), "")
+            image_path = self.images / image["file_name"]
+            error = None
+            if not image_path.is_file():
+                error = f"image not found: {image_path}"
+                report.missing_images.append(str(image_path))
+                report.error(str(image_path), "image not found")
+            for sent in sentences:
+                text = sent.get("sent", sent.get("raw", ""))
+                meta = {
+                    "ref_id": ref_id,
+                    "sent_id": sent.get("sent_id"),
+                    "ann_id": ann_id,
+                    "category": category,
+                    "category_id": ref.get("category_id"),
+                    "raw": sent.get("raw", text),
+                }
+                sample_meta = dict(meta)
+                if error:
+                    sample_meta["error"] = error
+                samples.append(
+                    GroundingSample(
+                        image_id=str(image_id),
+                        phrases=[Phrase(text, [box], category, str(sent.get("sent_id")), meta)],
+                        image_size=(int(image["width"]), int(image["height"])),
+                        image_path=image_path,
+                        caption=text,
+                        split=ref["split"],
+                        meta=sample_meta,
+                    )
+                )
+                report.samples += 1
+                report.phrases += 1
+        return samples
