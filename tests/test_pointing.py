@@ -151,8 +151,8 @@ def test_numpy_input_gives_same_result_as_torch():
 
 
 def test_unknown_protocol_names_it_and_lists_valid_ones():
-    with pytest.raises(ValueError, match="'torchray'.*amc"):
-        pointing_game(torch.zeros(4, 4), [], protocol="torchray")
+    with pytest.raises(ValueError, match="'nope'.*amc"):
+        pointing_game(torch.zeros(4, 4), [], protocol="nope")
     assert "amc" in PROTOCOLS
 
 
