@@ -69,8 +69,6 @@ class Explanation:
         return overlay(self.image(i), self.maps[i], alpha=alpha, **kwargs)
 
     def meta(self) -> dict[str, Any]:
-        import transformers
-
         return {
             "method": self.method,
             "layer": self.layer,
@@ -81,12 +79,7 @@ class Explanation:
             "tokens": self.tokens,
             "scores": [float(s) for s in self.scores],
             "grid": list(self.maps.shape[-2:]),
-            "versions": {
-                "groundcam": _version(),
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "python": platform.python_version(),
-            },
+            "versions": versions(),
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -149,8 +142,6 @@ class GenerationExplanation:
         return token_grid(self.image, self.maps, self.tokens, self.scores.tolist(), columns)
 
     def meta(self) -> dict[str, Any]:
-        import transformers
-
         return {
             "text": self.text,
             "tokens": self.tokens,
@@ -163,12 +154,7 @@ class GenerationExplanation:
             "model": self.model,
             "text_conditioned": self.text_conditioned,
             "grid": list(self.maps.shape[-2:]),
-            "versions": {
-                "groundcam": _version(),
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "python": platform.python_version(),
-            },
+            "versions": versions(),
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -188,6 +174,18 @@ class GenerationExplanation:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "phrase"
+
+
+def versions() -> dict[str, str]:
+    """The library versions a saved result was made with."""
+    import transformers
+
+    return {
+        "groundcam": _version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _version() -> str:
