@@ -33,6 +33,7 @@ from groundcam.train.trocr_glyphs import (
     build_model,
     char_accuracy,
     char_tokenizer,
+    column_targets,
     edit_distance,
     evaluate_text,
     image_processor,
@@ -108,6 +109,16 @@ def test_tokenizer_round_trip_and_reload(tmp_path):
     again = PreTrainedTokenizerFast.from_pretrained(tmp_path)
     assert again("q1w2e3").input_ids == tok("q1w2e3").input_ids
     assert again.decode(tok("q1w2e3").input_ids, skip_special_tokens=True) == "q1w2e3"
+
+
+def test_column_targets_put_each_character_in_its_box_column():
+    tok = char_tokenizer()
+    for i in range(20):
+        s = render_line("train", i)
+        target = column_targets(s, tok, 16).tolist()
+        assert len(target) == 16 and sum(t != PAD_ID for t in target) <= len(s.text)
+        ch, (x1, _, x2, _) = s.text[-1], s.char_boxes[-1]  # the last character is never overwritten
+        assert target[int((x1 + x2) / 2 // 8)] == tok.convert_tokens_to_ids(ch)
 
 
 def test_edit_distance_and_char_accuracy():

@@ -72,11 +72,11 @@ def train_albef(out, steps, batch_size, lr, seed, pool, eval_every, threads) -> 
 
 @train.command("trocr")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--steps", default=6000, show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--steps", default=16000, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--pool", default=30000, show_default=True, help="Training lines rendered.")
+@click.option("--pool", default=50000, show_default=True, help="Training lines rendered.")
 @click.option("--eval-every", default=500, show_default=True)
 @click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
 @_guard

@@ -1,8 +1,8 @@
 """Synthetic text lines with one exact box per character, to train and score a tiny OCR model.
 
 Every line is a short word or code (3-6 characters of lowercase letters and digits, no spaces)
-drawn in one of the DejaVu fonts that ship with matplotlib, at a random size, roughly centred
-(jittered by up to 12 px across and 3 px down), in a
+drawn in one of the DejaVu fonts that ship with matplotlib, at a random size, left-aligned
+(starting 2-10 px from the left edge) and vertically centred give or take 3 px, in a
 dark-on-light or light-on-dark colour pair, on a 32 x 128 image. Each character is drawn on its
 own at the pen position the font's advance widths give, so its box is measured exactly: the tight
 bounding box of that character's rendered ink (pixels at least 1/8 covered). A line is a pure
@@ -39,7 +39,7 @@ SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 _STREAM = 0x6C7970  # keeps these seeds apart from the other synthetic generators' seeds
 WORD_PROB = 0.5  # the rest are random codes
 MARGIN = 2  # pixels kept free between the ink and the image border
-JITTER = (3, 12)  # (vertical, horizontal) position jitter around the centre, in pixels
+JITTER = (3, 8)  # (vertical, horizontal) position jitter in pixels
 INK_LEVEL = 32  # mask value (of 255) from which a pixel counts as ink for the boxes
 
 # Common short English words (3-6 letters), so lines look like text as well as like codes.
@@ -219,11 +219,11 @@ def render_line(split: str, index: int, seed: int = 0) -> GlyphSample:
         if (x1 - x0 <= width - 2 * MARGIN and bottom - top <= height - 2 * MARGIN) or size <= 8:
             break
         size -= 1
-    # Pen position (left end of the baseline): the ink centred, then jittered by up to
-    # JITTER pixels each way, clamped so that it stays inside the margins.
-    cx = (width - (x1 - x0)) / 2 - x0 + rng.uniform(-JITTER[1], JITTER[1])
+    # Pen position (left end of the baseline): the ink starts 0-JITTER[1] pixels right of the
+    # left margin (lines are left-aligned, as in cropped text lines) and is vertically centred
+    # give or take JITTER[0] pixels, always inside the margins.
+    x = MARGIN - x0 + rng.uniform(0, max(0.0, min(JITTER[1], width - 2 * MARGIN - (x1 - x0))))
     cy = (height - (bottom - top)) / 2 - top + rng.uniform(-JITTER[0], JITTER[0])
-    x = float(np.clip(cx, MARGIN - x0, width - MARGIN - x1))
     y = float(np.clip(cy, MARGIN - top, height - MARGIN - bottom))
     x, y = round(x, 2), round(y, 2)
     bg, ink = _colours(rng)

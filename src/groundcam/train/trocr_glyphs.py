@@ -8,9 +8,20 @@ so that encoder attentions and the decoder's cross-attentions come back from
 `output_attentions=True`. Text is tokenised one token per character.
 
 Training is teacher-forced cross-entropy with AdamW, linear warmup then cosine decay, on a pool
-of training lines rendered once and kept as uint8 tensors (with a small random shift and pixel
-noise as augmentation). Every step's batch and augmentation come from generators seeded by
+of training lines rendered once and kept as uint8 tensors (optionally with a small random shift
+and pixel noise). Every step's batch and augmentation come from generators seeded by
 (seed, step), so a run is deterministic given its seed and resumes exactly from its checkpoint.
+
+A ViT and an attention decoder trained from scratch sit for thousands of steps on a plateau where
+the decoder is only a language model: its cross-attention is uniform over the 65 image tokens and
+has to find the character it reads before the encoder's tokens become worth reading (measured
+here: after 4,000 steps of batch 32, validation character accuracy was still 7%). To leave it
+within a CPU budget, the first `aux_until` fraction of training adds an auxiliary loss on the
+*encoder*: a linear head (discarded afterwards) classifies each patch column's token mean as the
+character whose ink-box centre lies in that column, or blank. Its weight decays linearly to zero,
+and the rest of training is the plain captioning loss (with it, the same run read 62% of the
+characters after 2,000 steps and 81% after 3,000). The decoder's cross-attention is never
+supervised: where it looks is learned from the text alone.
 """
 
 from __future__ import annotations
@@ -212,16 +223,10 @@ def evaluate_text(
     samples = [render_line(split, i, seed) for i in range(n)]
     predictions = read_text(model, tokenizer, [s.image for s in samples])
     targets = [s.text for s in samples]
+    pairs = list(zip(predictions, targets, strict=True))
     return {
-        "char_acc": round(
-            float(
-                np.mean([char_accuracy(p, t) for p, t in zip(predictions, targets, strict=True)])
-            ),
-            4,
-        ),
-        "exact": round(
-            float(np.mean([p == t for p, t in zip(predictions, targets, strict=True)])), 4
-        ),
+        "char_acc": round(float(np.mean([char_accuracy(p, t) for p, t in pairs])), 4),
+        "exact": round(float(np.mean([p == t for p, t in pairs])), 4),
         "n": n,
     }
 
@@ -229,15 +234,17 @@ def evaluate_text(
 @dataclass
 class TrainConfig:
     out: str
-    steps: int = 6000
-    batch_size: int = 64
+    steps: int = 16000
+    batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup: int = 300
     seed: int = 0
-    pool: int = 30000  # training lines rendered once and sampled from
-    augment: bool = True  # random shift of up to `shift` pixels and pixel noise per sample
+    pool: int = 50000  # training lines rendered once and sampled from
+    augment: bool = False  # random shift of up to `shift` pixels and pixel noise per sample
     shift: int = 2
+    aux_weight: float = 1.0  # initial weight of the auxiliary per-column encoder loss
+    aux_until: float = 0.5  # fraction of the steps over which that weight decays to zero
     hidden: int = 96
     encoder_layers: int = 3
     decoder_layers: int = 2
@@ -260,12 +267,24 @@ def model_from_config(cfg: TrainConfig, vocab_size: int) -> VisionEncoderDecoder
     )
 
 
-class Pool:
-    """Training lines rendered once: uint8 images [N, 3, H, W] and label ids [N, MAX_CHARS + 1]
-    (the characters then `</s>`, padded with -100)."""
+def column_targets(sample, tokenizer, columns: int) -> torch.Tensor:
+    """Per patch column: the token id of the character whose ink-box centre lies in it, or
+    `<pad>` (blank) where none does (the right-most wins where two centres share a column)."""
+    target = torch.full((columns,), PAD_ID, dtype=torch.long)
+    col_width = IMAGE_SIZE[1] / columns
+    for ch, (x1, _, x2, _) in zip(sample.text, sample.char_boxes, strict=True):
+        column = min(columns - 1, int((x1 + x2) / 2 // col_width))
+        target[column] = tokenizer.convert_tokens_to_ids(ch)
+    return target
 
-    def __init__(self, tokenizer, size: int, seed: int, progress: bool = True):
+
+class Pool:
+    """Training lines rendered once: uint8 images [N, 3, H, W], label ids [N, MAX_CHARS + 1]
+    (the characters then `</s>`, padded with -100) and per-column targets [N, columns]."""
+
+    def __init__(self, tokenizer, size: int, seed: int, columns: int = 16, progress: bool = True):
         images, labels = [], torch.full((size, MAX_CHARS + 1), IGNORE, dtype=torch.long)
+        self.columns = torch.empty((size, columns), dtype=torch.long)
         chunk = 1000
         for start in tqdm(
             range(0, size, chunk), desc="rendering lines", leave=False, disable=not progress
@@ -277,6 +296,7 @@ class Pool:
             for k, s in enumerate(samples):
                 ids = tokenizer(s.text).input_ids
                 labels[start + k, : len(ids)] = torch.tensor(ids)
+                self.columns[start + k] = column_targets(s, tokenizer, columns)
         self.images = torch.cat(images)
         self.labels = labels
 
@@ -285,10 +305,11 @@ class Pool:
 
 
 def _batch(pool: Pool, cfg: TrainConfig, step: int):
-    """Normalised pixels, decoder inputs and labels of step `step` (a pure function of it)."""
+    """Normalised pixels, decoder inputs, labels and column targets of step `step` (a pure
+    function of it)."""
     rng = np.random.default_rng([cfg.seed, step])
     idx = torch.from_numpy(rng.choice(len(pool), size=cfg.batch_size, replace=False))
-    images, labels = pool.images[idx], pool.labels[idx]
+    images, labels, columns = pool.images[idx], pool.labels[idx], pool.columns[idx]
     pixels = _normalise(images)
     if cfg.augment:
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
@@ -297,19 +318,39 @@ def _batch(pool: Pool, cfg: TrainConfig, step: int):
         dy = torch.randint(-cfg.shift, cfg.shift + 1, (b,), generator=gen)
         for i in range(b):  # the text keeps a 2 px margin, so a small roll never cuts ink
             pixels[i] = torch.roll(pixels[i], (int(dy[i]), int(dx[i])), dims=(1, 2))
+        # (column targets are not shifted: 2 px moves few centres across an 8 px column)
         sigma = 0.06 * torch.rand(b, 1, 1, 1, generator=gen)
         pixels = pixels + sigma * torch.randn(pixels.shape, generator=gen)
     # Decoder input: <s> then the characters (labels shifted right; -100 becomes <pad>).
     decoder_in = torch.cat([torch.full((len(idx), 1), BOS_ID), labels[:, :-1]], 1)
     decoder_in = decoder_in.masked_fill(decoder_in == IGNORE, PAD_ID)
-    return pixels, decoder_in, labels
+    return pixels, decoder_in, labels, columns
 
 
-def loss_on(model: VisionEncoderDecoderModel, pixels, decoder_in, labels) -> torch.Tensor:
-    """Teacher-forced cross-entropy over the non-padded label positions."""
+def losses(
+    model: VisionEncoderDecoderModel,
+    pixels: torch.Tensor,
+    decoder_in: torch.Tensor,
+    labels: torch.Tensor,
+    columns: torch.Tensor | None = None,
+    aux_head: torch.nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Teacher-forced cross-entropy over the non-padded label positions, and (with `aux_head`)
+    the auxiliary per-column cross-entropy on the encoder's patch tokens."""
     # Padding sits after </s>, and the decoder is causal, so real positions never see it.
-    logits = model(pixel_values=pixels, decoder_input_ids=decoder_in).logits
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    out = model(pixel_values=pixels, decoder_input_ids=decoder_in)
+    loss = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    if aux_head is None:
+        return loss, None
+    b, n_cols = columns.shape
+    tokens = out.encoder_last_hidden_state[:, 1:]  # drop CLS; row-major over the patch grid
+    per_column = tokens.reshape(b, -1, n_cols, tokens.shape[-1]).mean(1)
+    return loss, F.cross_entropy(aux_head(per_column).flatten(0, 1), columns.flatten())
+
+
+def _aux_weight(cfg: TrainConfig, step: int) -> float:
+    end = cfg.aux_until * cfg.steps
+    return cfg.aux_weight * max(0.0, 1.0 - step / end) if end > 0 else 0.0
 
 
 def _lr_factor(cfg: TrainConfig):
@@ -343,20 +384,21 @@ def save_model(model, tokenizer, out: Path) -> Path:
 
 def train(cfg: TrainConfig, threads: int | None = None, stop_at: int | None = None) -> Path:
     """Run (or resume) training in `cfg.out`; writes `train_log.jsonl`, `checkpoint.pt` (at every
-    evaluation) and finally `model/`. `stop_at` ends the run early after that step, with a
-    checkpoint (to test resuming); the final model is then not written."""
+    evaluation) and finally `model/` and `final_eval.json`. `stop_at` ends the run early after
+    that step, with a checkpoint (as a crash after a checkpoint would); the final model is then
+    not written, and running again with the same configuration resumes."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads or os.cpu_count() or 1)
     tokenizer = char_tokenizer()
     torch.manual_seed(cfg.seed)
     model = model_from_config(cfg, len(tokenizer))
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    aux_head = torch.nn.Linear(cfg.hidden, len(tokenizer))  # training aid only, never saved
+    params = list(model.parameters()) + list(aux_head.parameters())
     optim = torch.optim.AdamW(
         [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ],
         lr=cfg.lr,
     )
@@ -368,10 +410,12 @@ def train(cfg: TrainConfig, threads: int | None = None, stop_at: int | None = No
         if state["config"] != asdict(cfg):
             raise ValueError(f"{ckpt} was written with another configuration; use a new --out")
         model.load_state_dict(state["model"])
+        aux_head.load_state_dict(state["aux_head"])
         optim.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
         torch.set_rng_state(state["rng"]["torch"])
-        step, elapsed0, window = state["step"], state["elapsed_s"], list(state["window"])
+        step, elapsed0 = state["step"], state["elapsed_s"]
+        window = [list(w) for w in state["window"]]
         _trim_log(log_path, step)
         print(f"resuming from step {step}", flush=True)
     elif log_path.exists():
@@ -379,7 +423,8 @@ def train(cfg: TrainConfig, threads: int | None = None, stop_at: int | None = No
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters; rendering {cfg.pool} training lines", flush=True)
-    pool = Pool(tokenizer, cfg.pool, cfg.seed)
+    grid_w = IMAGE_SIZE[1] // cfg.patch_size
+    pool = Pool(tokenizer, cfg.pool, cfg.seed, columns=grid_w)
     model.train()
     t0 = time.time()
 
@@ -388,6 +433,7 @@ def train(cfg: TrainConfig, threads: int | None = None, stop_at: int | None = No
         torch.save(
             {
                 "model": model.state_dict(),
+                "aux_head": aux_head.state_dict(),
                 "optim": optim.state_dict(),
                 "sched": sched.state_dict(),
                 "step": step,
@@ -401,31 +447,40 @@ def train(cfg: TrainConfig, threads: int | None = None, stop_at: int | None = No
         tmp.replace(ckpt)
 
     last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    val = None
     with log_path.open("a") as log:
         bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", mininterval=30)
         while step < last:
             lr = optim.param_groups[0]["lr"]
-            loss = loss_on(model, *_batch(pool, cfg, step))
+            aux_w = _aux_weight(cfg, step)
+            pixels, decoder_in, labels, columns = _batch(pool, cfg, step)
+            head = aux_head if aux_w > 0 else None
+            loss, aux = losses(model, pixels, decoder_in, labels, columns, head)
+            total = loss if aux is None else loss + aux_w * aux
             optim.zero_grad(set_to_none=True)
-            loss.backward()
+            total.backward()
             if cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
             optim.step()
             sched.step()
             step += 1
-            window.append(loss.item())
+            window.append([loss.item(), 0.0 if aux is None else aux.item()])
             bar.update(1)
             evaluate_now = step % cfg.eval_every == 0 or step == cfg.steps
             if step % cfg.log_every == 0 or evaluate_now or step == last:
+                mean = np.mean(window, axis=0)
                 record = {
                     "step": step,
-                    "loss": round(float(np.mean(window)), 5),
+                    "loss": round(float(mean[0]), 5),
                     "lr": lr,
                     "elapsed_s": round(elapsed0 + time.time() - t0, 1),
                 }
+                if aux_w > 0:
+                    record |= {"aux_loss": round(float(mean[1]), 5), "aux_weight": aux_w}
                 window = []
                 if evaluate_now:
-                    record["val"] = evaluate_text(model, tokenizer, "val", cfg.eval_lines, cfg.seed)
+                    val = evaluate_text(model, tokenizer, "val", cfg.eval_lines, cfg.seed)
+                    record["val"] = val
                     model.train()
                     tqdm.write(json.dumps(record))
                 log.write(json.dumps(record) + "\n")
@@ -440,7 +495,7 @@ def train(cfg: TrainConfig, threads: int | None = None, stop_at: int | None = No
     result = {
         "steps": step,
         "parameters": n_params,
-        "val": evaluate_text(model, tokenizer, "val", cfg.eval_lines, cfg.seed),
+        "val": val or evaluate_text(model, tokenizer, "val", cfg.eval_lines, cfg.seed),
         "test": evaluate_text(model, tokenizer, "test", cfg.eval_lines, cfg.seed),
     }
     (out / "final_eval.json").write_text(json.dumps(result, indent=1))
