@@ -23,3 +23,26 @@ def test_builtin_model_points_far_above_the_random_object_baseline():
     s = summarize(list(shapes_records(model, "val", 40)))
     assert s["n"] > 150
     assert s["by_kind"]["attribute"]["accuracy"] > 0.6
+
+
+def test_builtin_reader_is_small_documented_and_reads():
+    folder = ZOO / "trocr-tiny-glyphs"
+    assert (folder / "model.safetensors").stat().st_size < 10 * 2**20
+    card = (folder / "README.md").read_text()
+    assert "groundcam train trocr --out runs/trocr-tiny-glyphs --steps 18000" in card
+    from groundcam.data.glyphs import render_line
+
+    model = gc.load("trocr-tiny-glyphs")
+    lines = [render_line("test", i) for i in range(5)]
+    read = [model.explain_generation(s.image, method="attention") for s in lines]
+    assert sum(g.text == s.text for g, s in zip(read, lines, strict=True)) >= 4
+    # the default cross-attention map of a correctly read token peaks inside its glyph
+    hits = total = 0
+    for g, s in zip(read, lines, strict=True):
+        if g.text != s.text:
+            continue
+        maps = g.resize((s.image.height, s.image.width))
+        for k, box in enumerate(s.char_boxes):
+            r = gc.pointing_game(maps[k], [box], protocol="amc")
+            hits, total = hits + r.hit, total + 1
+    assert total and hits / total >= 0.7

@@ -75,12 +75,19 @@ def train_albef(out, steps, batch_size, lr, seed, pool, eval_every, threads) -> 
 @click.option("--steps", default=16000, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
+@click.option(
+    "--aux-weight",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Start weight of the per-column encoder loss (decays to 0 by mid-training; 0 = off).",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--pool", default=50000, show_default=True, help="Training lines rendered.")
 @click.option("--eval-every", default=500, show_default=True)
 @click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
 @_guard
-def train_trocr(out, steps, batch_size, lr, seed, pool, eval_every, threads) -> None:
+def train_trocr(out, steps, batch_size, lr, aux_weight, seed, pool, eval_every, threads) -> None:
     """trocr-tiny-glyphs (ViT + TrOCR decoder) on synthetic text lines. Resumes from --out."""
     from groundcam.train.trocr_glyphs import TrainConfig
     from groundcam.train.trocr_glyphs import train as run
@@ -90,6 +97,7 @@ def train_trocr(out, steps, batch_size, lr, seed, pool, eval_every, threads) -> 
         steps=steps,
         batch_size=batch_size,
         lr=lr,
+        aux_weight=aux_weight,
         seed=seed,
         pool=pool,
         eval_every=eval_every,
