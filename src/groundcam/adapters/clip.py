@@ -33,14 +33,6 @@ from groundcam.methods.base import (
 )
 
 
-def attention_of(block: nn.Module) -> nn.Module:
-    """The outermost module of an attention class in a block (returns `(output, probs)`)."""
-    for mod in block.modules():
-        if mod is not block and "Attention" in type(mod).__name__:
-            return mod
-    raise ValueError(f"{type(block).__name__}: no attention module found")
-
-
 def first_norm(block: nn.Module) -> nn.Module:
     """The LayerNorm a pre-norm block reads its input through (before its attention)."""
     norm = getattr(block, "layer_norm1", None)
@@ -65,7 +57,7 @@ class ClipAdapter(Adapter):
         self.processor = processor
         self.vision = model.vision_model
         self.blocks = hf.layer_list(self.vision)
-        self.attentions = [attention_of(b) for b in self.blocks]
+        self.attentions = [hf.attention_modules(b)[0] for b in self.blocks]
         self.readers = self._token_readers()
 
     @classmethod
@@ -77,9 +69,7 @@ class ClipAdapter(Adapter):
 
         model_class = getattr(transformers, cls.architectures[0])
         model, processor = hf.load_pretrained(model_class, source, processor)
-        if tokenizer is None and getattr(processor, "tokenizer", None) is None:
-            with contextlib.suppress(OSError, ValueError):
-                tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        tokenizer = hf.load_tokenizer(source, processor, tokenizer)
         return cls(model, tokenizer=tokenizer, name=name or source, processor=processor)
 
     def _token_readers(self) -> list[nn.Module]:
@@ -99,12 +89,8 @@ class ClipAdapter(Adapter):
     ) -> list[list[str]]:
         return hf.token_strings(self.tokenizer, input_ids, attention_mask)
 
-    def _patch(self) -> tuple[int, int]:
-        p = self.model.config.vision_config.patch_size
-        return (p, p) if isinstance(p, int) else tuple(p)
-
     def geometry(self, pixel_values: torch.Tensor) -> Geometry:
-        p_h, p_w = self._patch()
+        p_h, p_w = hf.patch_size(self.model.config.vision_config)
         return Geometry(pixel_values.shape[-2] // p_h, pixel_values.shape[-1] // p_w, self.prefix)
 
     # ------------------------------------------------------------------ layers

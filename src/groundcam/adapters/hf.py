@@ -113,6 +113,27 @@ def layer_list(module: nn.Module) -> nn.ModuleList:
     return max(lists, key=len)
 
 
+CROSS_NAMES = ("encoder_attn", "crossattention", "cross_attn", "cross_attention")
+
+
+def attention_modules(layer: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """(self-attention, cross-attention or None) of a layer: its outermost modules of an attention
+    class, told apart by name (`encoder_attn`, `crossattention`, ...). Each returns `(output, probs)`
+    under eager attention."""
+    found: dict[str, nn.Module] = {}
+    for name, mod in layer.named_modules():
+        if not name or "Attention" not in type(mod).__name__:
+            continue
+        if any(name.startswith(k + ".") for k in found):  # inside one already found
+            continue
+        found[name] = mod
+    cross = [m for n, m in found.items() if any(c in n for c in CROSS_NAMES)]
+    own = [m for n, m in found.items() if not any(c in n for c in CROSS_NAMES)]
+    if not own:
+        raise ValueError(f"{type(layer).__name__}: no attention module found")
+    return own[0], (cross[0] if cross else None)
+
+
 def blocks(encoder: nn.Module, what: str) -> nn.ModuleList:
     """The transformer blocks under `encoder`, found by structure (paths move between releases):
     the module list whose items hold a self-attention."""

@@ -27,24 +27,6 @@ from groundcam.methods.base import (
     AttentionStep,
 )
 
-CROSS_NAMES = ("encoder_attn", "crossattention", "cross_attn", "cross_attention")
-
-
-def attention_modules(layer: nn.Module) -> tuple[nn.Module, nn.Module | None]:
-    """(self-attention, cross-attention or None): the outermost modules of an attention class."""
-    found: dict[str, nn.Module] = {}
-    for name, mod in layer.named_modules():
-        if not name or "Attention" not in type(mod).__name__:
-            continue
-        if any(name.startswith(k + ".") for k in found):  # inside one already found
-            continue
-        found[name] = mod
-    cross = [m for n, m in found.items() if any(c in n for c in CROSS_NAMES)]
-    own = [m for n, m in found.items() if not any(c in n for c in CROSS_NAMES)]
-    if not own:
-        raise ValueError(f"{type(layer).__name__}: no attention module found")
-    return own[0], (cross[0] if cross else None)
-
 
 class VisionEncoderDecoderAdapter(Adapter):
     family = "vision-encoder-decoder"
@@ -58,7 +40,7 @@ class VisionEncoderDecoderAdapter(Adapter):
         self.processor = processor
         self.encoder_layers = hf.layer_list(model.encoder)
         self.decoder_layers = hf.layer_list(model.decoder)
-        self.decoder_attn = [attention_modules(layer) for layer in self.decoder_layers]
+        self.decoder_attn = [hf.attention_modules(layer) for layer in self.decoder_layers]
         if any(cross is None for _, cross in self.decoder_attn):
             raise ValueError(
                 f"{type(model.decoder).__name__} has no cross-attention to the image in every "
@@ -70,10 +52,9 @@ class VisionEncoderDecoderAdapter(Adapter):
         from transformers import VisionEncoderDecoderModel
 
         model, processor = hf.load_pretrained(VisionEncoderDecoderModel, source, processor)
-        if tokenizer is None and getattr(processor, "tokenizer", None) is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = hf.load_tokenizer(source, processor, tokenizer)
+        if tokenizer is None:
+            raise ValueError(f"{source}: no tokenizer saved beside the model; pass tokenizer=")
         return cls(model, tokenizer=tokenizer, name=name or source, processor=processor)
 
     # ------------------------------------------------------------------ inputs and geometry
@@ -90,9 +71,7 @@ class VisionEncoderDecoderAdapter(Adapter):
         return hf.token_strings(self.tokenizer, input_ids, attention_mask)
 
     def geometry(self, pixel_values: torch.Tensor) -> Geometry:
-        cfg = self.model.config.encoder
-        p = cfg.patch_size
-        p_h, p_w = (p, p) if isinstance(p, int) else p
+        p_h, p_w = hf.patch_size(self.model.config.encoder)
         emb = getattr(self.model.encoder, "embeddings", None)
         prefix = sum(getattr(emb, n, None) is not None for n in ("cls_token", "distillation_token"))
         registers = getattr(emb, "register_tokens", None)
@@ -135,7 +114,7 @@ class VisionEncoderDecoderAdapter(Adapter):
         return RecordSpec(points, None, graph=AttentionGraph(tuple(steps), "text", "image"))
 
     def _encoder_attention(self, i: int) -> HookPoint:
-        own, _ = attention_modules(self.encoder_layers[i])
+        own, _ = hf.attention_modules(self.encoder_layers[i])
         return HookPoint(f"encoder.{i}.attn", own, index=1)
 
     def forward(self, *args, **kwargs):
