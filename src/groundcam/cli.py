@@ -177,6 +177,27 @@ def eval_() -> None:
     """Pointing-game evaluation on a dataset."""
 
 
+def _write_records(stream, out: Path, desc: str, unit: str) -> list[dict]:
+    """Write each record to `out/results.jsonl` as it comes (with a progress bar); return them."""
+    import json
+
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    with (out / "results.jsonl").open("w") as f:
+        for rec in tqdm(stream, desc=desc, unit=unit):
+            records.append(rec)
+            f.write(json.dumps(rec) + "\n")
+    return records
+
+
+def _write_summary(out: Path, summary: dict) -> None:
+    import json
+
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
 @eval_.command("shapes")
 @click.option(
     "--split",
@@ -193,22 +214,12 @@ def eval_() -> None:
 @_guard
 def eval_shapes(split, scenes, model, method, layer, seed, out) -> None:
     """Pointing accuracy (protocol amc) on synthetic shapes scenes."""
-    import json
-
-    from tqdm import tqdm
-
     from groundcam.api import load
     from groundcam.eval.shapes import shapes_records, summarize
 
-    explainer = load(model)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
-    with (out / "results.jsonl").open("w") as f:
-        stream = shapes_records(explainer, split, scenes, method, layer, seed)
-        for rec in tqdm(stream, desc=f"shapes/{split}", unit="phrase"):
-            records.append(rec)
-            f.write(json.dumps(rec) + "\n")
+    stream = shapes_records(load(model), split, scenes, method, layer, seed)
+    records = _write_records(stream, out, f"shapes/{split}", "phrase")
     summary = summarize(records)
     summary |= {
         "method": method,
@@ -219,7 +230,7 @@ def eval_shapes(split, scenes, model, method, layer, seed, out) -> None:
         "seed": seed,
         "protocol": "amc",
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    _write_summary(out, summary)
     click.echo(
         f"accuracy {summary['accuracy']:.2%} (n={summary['n']}) on shapes/{split}, "
         f"{method} layer {summary['layer']}"
@@ -239,26 +250,16 @@ def eval_shapes(split, scenes, model, method, layer, seed, out) -> None:
 def eval_glyphs(split, lines, model, method, layer, seed, out) -> None:
     """Character accuracy and token pointing (does each generated character's map peak on its
     glyph?) on rendered text lines."""
-    import json
-
-    from tqdm import tqdm
-
     from groundcam.api import load
     from groundcam.eval.glyphs import glyph_records, summarize_glyphs
 
-    explainer = load(model)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
-    with (out / "results.jsonl").open("w") as f:
-        stream = glyph_records(explainer, split, lines, method, layer, seed)
-        for rec in tqdm(stream, desc=f"glyphs/{split}", unit="token"):
-            records.append(rec)
-            f.write(json.dumps(rec) + "\n")
+    stream = glyph_records(load(model), split, lines, method, layer, seed)
+    records = _write_records(stream, out, f"glyphs/{split}", "token")
     summary = summarize_glyphs(records)
     summary |= {"method": method, "layer": records[0]["layer"] if records else layer}
     summary |= {"model": model, "split": split, "lines": lines, "seed": seed, "protocol": "amc"}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    _write_summary(out, summary)
     click.echo(
         f"token pointing {summary['token_pointing']:.2%} (n={summary['n_tokens']}), "
         f"char accuracy {summary['char_accuracy']:.2%} on glyphs/{split}, {method}"
