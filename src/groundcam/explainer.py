@@ -273,8 +273,11 @@ class Explainer:
 
 
 def take_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Rows `rows` of `t`; a view (no copy) when they are all the same row."""
+    """Rows `rows` of `t`; no copy when they are all its rows in order, a view when they are all
+    the same row."""
     rows = rows.to(t.device)
+    if len(rows) == t.shape[0] and torch.equal(rows, torch.arange(len(rows), device=t.device)):
+        return t
     if len(rows) and bool((rows == rows[0]).all()):
         return t[rows[0] : rows[0] + 1].expand(len(rows), *t.shape[1:])
     return t.index_select(0, rows)
