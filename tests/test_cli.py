@@ -96,8 +96,9 @@ def test_eval_shapes_writes_summary_and_records(tiny_model_dir, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     records = (out / "results.jsonl").read_text().splitlines()
     assert summary["n"] == len(records) > 0
-    assert summary["method"] == "attn-gradcam" and summary["layer"] == 1
-    assert summary["model"] == str(tiny_model_dir)
+    config = summary["config"]
+    assert config["method"] == "attn-gradcam" and config["layer"] == 1
+    assert config["model"] == str(tiny_model_dir) and config["splits"] == ["val"]
     hits = sum(json.loads(r)["hit"] for r in records)
     assert summary["accuracy"] == hits / len(records)
     assert f"(n={len(records)})" in r.output

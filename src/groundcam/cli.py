@@ -198,44 +198,269 @@ def _write_summary(out: Path, summary: dict) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
-@eval_.command("shapes")
-@click.option(
-    "--split",
-    default="test",
-    show_default=True,
-    type=click.Choice(["train", "val", "test", "compositional"]),
-)
-@click.option("--scenes", default=500, show_default=True, type=click.IntRange(1))
-@click.option("--model", default="albef-tiny-shapes", show_default=True)
-@click.option("--method", default="attn-gradcam", show_default=True)
-@click.option("--layer", default=None, type=int)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-@_guard
-def eval_shapes(split, scenes, model, method, layer, seed, out) -> None:
-    """Pointing accuracy (protocol amc) on synthetic shapes scenes."""
-    from groundcam.api import load
-    from groundcam.eval.shapes import shapes_records, summarize
+_EVAL_DATASETS = ("flickr30k-entities", "refcoco", "refcoco+", "refcocog", "shapes")
 
-    out = Path(out)
-    stream = shapes_records(load(model), split, scenes, method, layer, seed)
-    records = _write_records(stream, out, f"shapes/{split}", "phrase")
-    summary = summarize(records)
-    summary |= {
-        "method": method,
-        "layer": records[0]["layer"],
-        "model": model,
-        "split": split,
-        "scenes": scenes,
-        "seed": seed,
-        "protocol": "amc",
-    }
-    _write_summary(out, summary)
-    click.echo(
-        f"accuracy {summary['accuracy']:.2%} (n={summary['n']}) on shapes/{split}, "
-        f"{method} layer {summary['layer']}"
+
+def _eval_options(fn):
+    """Options every dataset evaluation shares (see `groundcam eval DATASET --help`)."""
+    options = [
+        click.option("--root", type=click.Path(), help="Dataset annotation directory."),
+        click.option("--images", type=click.Path(), help="Image directory (default per dataset)."),
+        click.option("--split", default=None, help="Split(s), comma-separated."),
+        click.option("--model", default="albef-tiny-shapes", show_default=True),
+        click.option("--method", default="attn-gradcam", show_default=True),
+        click.option("--layer", default=None, type=int, help="Layer (default: the family's)."),
+        click.option("--target", default=None, help="itm or similarity (default: the family's)."),
+        click.option(
+            "--protocol", default="amc", show_default=True, help="amc, mg, torchray, albef-boxes."
+        ),
+        click.option(
+            "--metrics",
+            default="pointing",
+            show_default=True,
+            help="pointing[,deletion][,insertion]",
+        ),
+        click.option("--steps", default=16, show_default=True, help="Deletion/insertion steps."),
+        click.option("--dets", type=click.Path(), help="dets.json proposals (albef-boxes)."),
+        click.option("--limit", type=click.IntRange(1), help="First N images of each split."),
+        click.option(
+            "--scenes",
+            default=500,
+            show_default=True,
+            type=click.IntRange(1),
+            help="shapes: scenes per split.",
+        ),
+        click.option("--seed", default=0, show_default=True, help="shapes: scene seed."),
+        click.option(
+            "--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"])
+        ),
+        click.option(
+            "--threads", default=None, type=click.IntRange(1), help="CPU threads per process."
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _eval_setup(dataset, root, images, split, model, limit, scenes, seed, threads):
+    """Processes, work units and the loaded model of an evaluation (reader problems summed up
+    in one line rather than one warning each)."""
+    import warnings
+
+    import torch
+
+    from groundcam.api import load
+    from groundcam.eval.datasets import dataset_spec, open_units, parse_splits
+    from groundcam.eval.runner import Processes
+
+    if threads:
+        torch.set_num_threads(threads)
+    procs = Processes.from_environment()
+    spec = dataset_spec(dataset)
+    splits = parse_splits(spec, split)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        units = open_units(dataset, splits, root, images, scenes, seed, limit)
+    if procs.is_main:
+        for name, report in units.reports.items():
+            if report.errors:
+                click.echo(
+                    f"{dataset}/{name}: {len(report.errors)} reader problem(s), e.g. "
+                    f"{report.errors[0]} (all in summary.json 'reader')",
+                    err=True,
+                )
+    return procs, splits, units, load(model, device=procs.device)
+
+
+def _eval_config(
+    dataset, splits, model, method, layer, target, protocol, metrics, steps, seed, dets, precision
+):
+    from groundcam.eval.runner import EvalConfig
+
+    return EvalConfig(
+        dataset=dataset,
+        splits=tuple(splits),
+        model=str(model),
+        method=method,
+        layer=layer,
+        target=target,
+        protocol=protocol,
+        metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
+        steps=steps,
+        precision=precision,
+        seed=seed if dataset == "shapes" else 0,
+        dets=str(dets) if dets else None,
     )
-    click.echo(f"wrote {out / 'summary.json'}")
+
+
+def _percent(block: dict) -> str:
+    if block["accuracy"] is None:
+        return "n/a"
+    lo, hi = block["ci95"]
+    return f"{block['accuracy']:.2%} [{lo:.1%}-{hi:.1%}]"
+
+
+def _make_eval_command(dataset: str):
+    @eval_.command(dataset)
+    @_eval_options
+    @click.option(
+        "--out",
+        required=True,
+        type=click.Path(file_okay=False),
+        help="Results directory (resumes).",
+    )
+    @click.option("--report", is_flag=True, help="Also write report.html.")
+    @click.option(
+        "--examples", default=8, show_default=True, help="Best/worst examples in the report."
+    )
+    @_guard
+    def command(
+        root,
+        images,
+        split,
+        model,
+        method,
+        layer,
+        target,
+        protocol,
+        metrics,
+        steps,
+        dets,
+        limit,
+        scenes,
+        seed,
+        precision,
+        threads,
+        out,
+        report,
+        examples,
+    ):
+        from groundcam.eval.runner import run_eval
+
+        procs, splits, units, explainer = _eval_setup(
+            dataset, root, images, split, model, limit, scenes, seed, threads
+        )
+        cfg = _eval_config(
+            dataset,
+            splits,
+            model,
+            method,
+            layer,
+            target,
+            protocol,
+            metrics,
+            steps,
+            seed,
+            dets,
+            precision,
+        )
+        result = run_eval(
+            cfg,
+            units,
+            explainer,
+            out,
+            procs,
+            progress=procs.is_main,
+            report=report,
+            report_examples=examples,
+        )
+        if result.summary is None:
+            return
+        s, c = result.summary, result.summary["config"]
+        click.echo(
+            f"accuracy {_percent(s)} (n={s['n']}) on {dataset}/{','.join(splits)}, "
+            f"{c['method']} layer {c['layer']}, protocol {c['protocol']}"
+        )
+        for name in ("deletion_auc", "insertion_auc"):
+            if s.get(name) is not None:
+                click.echo(f"{name} {s[name]:.4f}")
+        if s["skipped"]:
+            click.echo(f"{s['skipped']} phrase(s) skipped by protocol {protocol}")
+        if s["errors"]:
+            click.echo(
+                f"{s['errors']} phrase(s) not scored, e.g. {s['error_examples'][0]}", err=True
+            )
+        if result.resumed:
+            click.echo(f"resumed: {result.resumed} phrase(s) were already done in {out}")
+        click.echo(f"wrote {Path(out) / 'summary.json'} and results.jsonl")
+        if report:
+            click.echo(f"wrote {Path(out) / 'report.html'}")
+
+    command.__doc__ = (
+        f"Pointing accuracy on {dataset}: results.jsonl, summary.json; resumes from --out. "
+        "Runs sharded under `accelerate launch -m groundcam eval ...`."
+    )
+    return command
+
+
+for _name in _EVAL_DATASETS:
+    _make_eval_command(_name)
+
+
+@main.command("sweep-layers")
+@click.argument("dataset", type=click.Choice(_EVAL_DATASETS))
+@_eval_options
+@click.option(
+    "--layers", default=None, help="Comma-separated layers (default: all of the method's source)."
+)
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Sweep directory (resumes)."
+)
+@_guard
+def sweep_layers(
+    dataset,
+    root,
+    images,
+    split,
+    model,
+    method,
+    layer,
+    target,
+    protocol,
+    metrics,
+    steps,
+    dets,
+    limit,
+    scenes,
+    seed,
+    precision,
+    threads,
+    layers,
+    out,
+):
+    """Pointing accuracy per layer on a validation split: a table (sweep.json, sweep.tsv) to
+    choose a layer from evidence."""
+    from groundcam.eval.sweep import sweep
+
+    if layer is not None:
+        raise UserError("sweep-layers tries every layer: use --layers, not --layer")
+    procs, splits, units, explainer = _eval_setup(
+        dataset, root, images, split or "val", model, limit, scenes, seed, threads
+    )
+    cfg = _eval_config(
+        dataset,
+        splits,
+        model,
+        method,
+        None,
+        target,
+        protocol,
+        metrics,
+        steps,
+        seed,
+        dets,
+        precision,
+    )
+    wanted = [int(v) for v in layers.split(",")] if layers else None
+    table = sweep(cfg, units, explainer, out, wanted, procs)
+    if table is None:
+        return
+    click.echo(f"{'layer':>5}  {'accuracy':>24}  {'n':>6}")
+    for row in table["layers"]:
+        mark = "  <- best" if row["layer"] == table["best_layer"] else ""
+        click.echo(f"{row['layer']:>5}  {_percent(row):>24}  {row['n']:>6}{mark}")
+    click.echo(f"wrote {Path(out) / 'sweep.json'} and sweep.tsv")
 
 
 @eval_.command("glyphs")

@@ -10,7 +10,7 @@ from typing import Any
 
 from PIL import Image
 
-_CSS = """
+CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif;
        margin: 24px; color: #1d1d1f; background: #fafafa; }
 h1 { font-size: 22px; margin: 0 0 12px; }
@@ -103,7 +103,7 @@ def render_report(title: str, summary: dict[str, str], sections: list[dict[str, 
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{escape(title)}</title><style>{_CSS}</style></head>"
+        f"<title>{escape(title)}</title><style>{CSS}</style></head>"
         f"<body><header><h1>{escape(title)}</h1>{_render_summary(summary)}</header>"
         f"{body}</body></html>\n"
     )

@@ -1,0 +1,190 @@
+"""The datasets `groundcam eval` knows, turned into work units: one image with all its phrases.
+
+Readers yield samples in the dataset's own unit (RefCOCO: one sentence per sample); the runner
+wants every phrase of an image in one batch, so samples of the same image are merged here, in
+order of first appearance. Box conventions the protocols need (the Flickr30k parser's -1) live
+here too, so the runner stays dataset-agnostic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from groundcam.data.flickr30k_entities import ReadReport
+from groundcam.data.sample import GroundingSample
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What `groundcam eval NAME` reads and how its boxes relate to the raw annotation."""
+
+    name: str
+    splits: tuple[str, ...]
+    default_split: str
+    needs_root: bool
+    # Added back to every box coordinate for protocols that score raw 1-based annotation boxes
+    # (`mg`): Flickr30k Entities' reference parser subtracts 1, COCO boxes are already 0-based.
+    raw_box_shift: float = 0.0
+    root_help: str = ""
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "flickr30k-entities": DatasetSpec(
+        "flickr30k-entities",
+        ("train", "val", "test"),
+        "test",
+        True,
+        raw_box_shift=1.0,
+        root_help="the Flickr30k Entities directory (Annotations/, Sentences/, test.txt)",
+    ),
+    "refcoco": DatasetSpec(
+        "refcoco",
+        ("train", "val", "testA", "testB"),
+        "testA,testB",
+        True,
+        root_help="the directory holding refs(unc).p and instances.json",
+    ),
+    "refcoco+": DatasetSpec(
+        "refcoco+",
+        ("train", "val", "testA", "testB"),
+        "testA,testB",
+        True,
+        root_help="the directory holding refs(unc).p and instances.json",
+    ),
+    "refcocog": DatasetSpec(
+        "refcocog",
+        ("train", "val", "test"),
+        "test",
+        True,
+        root_help="the directory holding refs(umd).p (or refs(google).p) and instances.json",
+    ),
+    "shapes": DatasetSpec("shapes", ("train", "val", "test", "compositional"), "test", False),
+}
+
+
+@dataclass
+class Unit:
+    """One image and every phrase to score on it; `index` is its place in dataset order."""
+
+    index: int
+    sample: GroundingSample
+
+    @property
+    def split(self) -> str:
+        return self.sample.split
+
+    def uid(self, k: int) -> str:
+        """The key of phrase `k`: stable across runs, processes and `--limit` values."""
+        phrase = self.sample.phrases[k]
+        return f"{self.sample.split}/{self.sample.image_id}/{phrase.id}"
+
+
+@dataclass
+class Units:
+    """The work of one evaluation: units in dataset order and what the readers reported."""
+
+    spec: DatasetSpec
+    units: list[Unit]
+    reports: dict[str, ReadReport] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def parse_splits(spec: DatasetSpec, split: str | None) -> list[str]:
+    """`"testA,testB"` -> `["testA", "testB"]`, checked against the dataset's splits."""
+    names = [s.strip() for s in (split or spec.default_split).split(",") if s.strip()]
+    if not names:
+        raise ValueError(f"--split: no split named; {spec.name} has {', '.join(spec.splits)}")
+    for name in names:
+        if name not in spec.splits:
+            raise ValueError(
+                f"--split: {spec.name} has no split {name!r}; valid: {', '.join(spec.splits)}"
+            )
+    return list(dict.fromkeys(names))
+
+
+def merge_by_image(samples: Iterable[GroundingSample]) -> list[GroundingSample]:
+    """Samples of the same (split, image) merged into one, phrases in reading order."""
+    merged: dict[tuple[str, str], GroundingSample] = {}
+    for sample in samples:
+        key = (sample.split, sample.image_id)
+        if key not in merged:
+            merged[key] = replace(sample, phrases=list(sample.phrases), meta=dict(sample.meta))
+        else:
+            merged[key].phrases.extend(sample.phrases)
+    return list(merged.values())
+
+
+def _refs_file(name: str, root: Path) -> str | None:
+    if name != "refcocog":
+        return None
+    for candidate in ("refs(umd).p", "refs(google).p"):
+        if (root / candidate).is_file():
+            return candidate
+    return "refs(umd).p"  # the reader names it in its not-found message
+
+
+def open_units(
+    name: str,
+    splits: list[str],
+    root: str | Path | None = None,
+    images: str | Path | None = None,
+    scenes: int = 500,
+    seed: int = 0,
+    limit: int | None = None,
+) -> Units:
+    """Read dataset `name` (all `splits`) into work units; `limit` keeps the first units of each
+    split. A wrong root raises FileNotFoundError naming the file that was expected."""
+    spec = dataset_spec(name)
+    if spec.needs_root and root is None:
+        raise ValueError(f"--root is required for {name}: {spec.root_help}")
+    if root is not None and not Path(root).is_dir():
+        raise FileNotFoundError(f"--root {root}: not a directory ({spec.root_help})")
+    samples: list[GroundingSample] = []
+    reports: dict[str, ReadReport] = {}
+    for split in splits:
+        split_samples, report = _read_split(spec, split, root, images, scenes, seed)
+        merged = merge_by_image(split_samples)
+        samples.extend(merged[:limit] if limit is not None else merged)
+        if report is not None:
+            reports[split] = report
+    units = [Unit(i, s) for i, s in enumerate(samples)]
+    _check_unique(units)
+    return Units(spec, units, reports)
+
+
+def _read_split(spec, split, root, images, scenes, seed):
+    if spec.name == "shapes":
+        from groundcam.data.shapes import generate_scene
+
+        return [generate_scene(split, i, seed) for i in range(scenes)], None
+    if spec.name == "flickr30k-entities":
+        from groundcam.data.flickr30k_entities import Flickr30kEntities
+
+        data = Flickr30kEntities(root, split, images)
+        return list(data), data.report
+    from groundcam.data.refcoco import RefCOCO
+
+    if images is None:
+        raise ValueError(f"--images is required for {spec.name}: the COCO train2014 directory")
+    data = RefCOCO(root, images, split, refs=_refs_file(spec.name, Path(root)))
+    return list(data), data.report
+
+
+def _check_unique(units: list[Unit]) -> None:
+    seen: dict[str, int] = {}
+    for unit in units:
+        for k in range(len(unit.sample.phrases)):
+            uid = unit.uid(k)
+            if uid in seen:
+                raise ValueError(f"two phrases share the id {uid!r}; the dataset has duplicates")
+            seen[uid] = unit.index

@@ -1,0 +1,62 @@
+"""`groundcam sweep-layers`: the pointing accuracy of one method at every layer, so a layer is
+picked from evidence (ALBEF uses block 8, LAVIS 6, others 7) rather than folklore."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from groundcam.eval.datasets import Units
+from groundcam.eval.runner import EvalConfig, Processes, run_eval
+
+
+def sweep_layers_of(explainer, cfg: EvalConfig) -> list[int]:
+    """Every layer of the source `cfg.method` reads on this model."""
+    method, source, _, _ = explainer._resolve(cfg.method, None, cfg.target)
+    if method.all_layers:
+        raise ValueError(f"method {cfg.method!r} uses every layer at once; nothing to sweep")
+    return list(explainer.adapter.layers(source))
+
+
+def sweep(
+    cfg: EvalConfig,
+    units: Units,
+    explainer,
+    out: str | Path,
+    layers: list[int] | None = None,
+    procs: Processes | None = None,
+    progress: bool = True,
+) -> dict | None:
+    """One resumable evaluation per layer in `out/layer-<k>/`; the table (main process only)
+    goes to `sweep.json` and `sweep.tsv`. The best layer is the most accurate, the lower one on
+    a tie."""
+    procs = procs or Processes()
+    valid = sweep_layers_of(explainer, cfg)
+    layers = valid if layers is None else layers
+    bad = [k for k in layers if k not in valid]
+    if bad:
+        raise ValueError(f"--layers {bad}: not layers of this model's source; valid are {valid}")
+    out = Path(out)
+    rows = []
+    for layer in layers:
+        result = run_eval(
+            replace(cfg, layer=layer), units, explainer, out / f"layer-{layer}", procs, progress
+        )
+        if result.summary is not None:
+            s = result.summary
+            keys = ("accuracy", "n", "hits", "ci95")
+            rows.append({"layer": layer} | {k: s[k] for k in keys})
+    if not procs.is_main:
+        return None
+    scored = [r for r in rows if r["accuracy"] is not None]
+    best = max(scored, key=lambda r: (r["accuracy"], -r["layer"]))["layer"] if scored else None
+    table = {"config": replace(cfg, layer=None).__dict__ | {"splits": list(cfg.splits)}}
+    table |= {"layers": rows, "best_layer": best}
+    (out / "sweep.json").write_text(json.dumps(table, indent=1) + "\n")
+    lines = ["layer\taccuracy\tci95_low\tci95_high\tn"]
+    for r in rows:
+        lo, hi = r["ci95"] or (None, None)
+        lines.append(f"{r['layer']}\t{r['accuracy']}\t{lo}\t{hi}\t{r['n']}")
+    (out / "sweep.tsv").write_text("\n".join(lines) + "\n")
+    return table
