@@ -1,0 +1,224 @@
+"""Faithfulness of a map with the text held fixed: deletion and insertion curves.
+
+The image is cut into the model's own patch grid. Cells are removed (deletion) or added
+(insertion) in the order of the map, highest value first, and the target score of the unchanged
+phrase is read after every step. A faithful map names the cells the score depends on, so its
+deletion curve falls early (a small area under it) and its insertion curve rises early (a large
+area under it).
+
+The baseline a removed cell takes is the value 0 in the model's normalised pixel space, which is
+the processor's mean colour (`(x - mean) / std == 0` exactly when `x == mean`). It is the choice
+that does not depend on the family: every processor maps its own mean to 0, whatever its mean and
+std; it is the one flat colour that sits at the centre of the inputs the model was trained on,
+rather than at an extreme such as black (about -1.8 after CLIP/ALBEF normalisation) that the
+model may read as an object of its own; and a flat cell carries no edges or texture the map could
+be rewarded for. Another flat value can be passed as `baseline` (in the same normalised space).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from PIL import Image
+
+from groundcam.targets import check_target
+
+METRICS = ("deletion", "insertion")
+
+
+@dataclass
+class Curves:
+    """One phrase's curves: the score after each step (step 0 first, `steps + 1` values) and the
+    area under each; a metric that was not asked for is None."""
+
+    deletion: list[float] | None = None
+    insertion: list[float] | None = None
+    deletion_auc: float | None = None
+    insertion_auc: float | None = None
+
+    def to_record(self) -> dict:
+        """The fields that were computed, under the keys of the eval JSONL records."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def patch_order(grid_map: torch.Tensor) -> torch.Tensor:
+    """Row-major cell indices of a [h, w] map sorted by descending value; equal values keep
+    row-major order (the lower index first)."""
+    if grid_map.dim() != 2:
+        raise ValueError(f"grid_map must be [h, w], got shape {tuple(grid_map.shape)}")
+    flat = grid_map.detach().reshape(-1).float().cpu()
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("grid_map holds NaN or infinite values: cannot order its cells")
+    return torch.sort(flat, descending=True, stable=True).indices
+
+
+def step_counts(num_cells: int, steps: int) -> list[int]:
+    """Cells removed (or added) after each of `steps` steps, `steps + 1` counts from 0 to
+    `num_cells`, evenly spaced: round(k * num_cells / steps), halves rounded up. Counts never
+    decrease; they repeat when there are more steps than cells."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if num_cells < 0:
+        raise ValueError(f"num_cells must be non-negative, got {num_cells}")
+    # floor(k * n / s + 1/2) in integers, so the endpoints are exact and nothing depends on floats
+    return [(2 * k * num_cells + steps) // (2 * steps) for k in range(steps + 1)]
+
+
+def cell_bounds(size: int, cells: int) -> list[int]:
+    """Pixel boundaries of `cells` cells over `size` pixels: round(i * size / cells), halves up."""
+    return [(2 * i * size + cells) // (2 * cells) for i in range(cells + 1)]
+
+
+def cell_index(height: int, width: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """[H, W] long: the row-major grid cell each pixel belongs to. Cell (r, c) covers rows
+    `round(r*H/grid_h) : round((r+1)*H/grid_h)` and the same for columns, so the grid need not be
+    square and H need not be a multiple of grid_h."""
+    rows = torch.empty(height, dtype=torch.long)
+    cols = torch.empty(width, dtype=torch.long)
+    for r, (a, b) in enumerate(pairwise(cell_bounds(height, grid_h))):
+        rows[a:b] = r
+    for c, (a, b) in enumerate(pairwise(cell_bounds(width, grid_w))):
+        cols[a:b] = c
+    return rows[:, None] * grid_w + cols[None, :]
+
+
+def pairwise(xs: list[int]) -> list[tuple[int, int]]:
+    return list(zip(xs[:-1], xs[1:], strict=True))
+
+
+def masked_images(
+    pixel_values: torch.Tensor,
+    order: torch.Tensor,
+    grid_h: int,
+    grid_w: int,
+    counts: Sequence[int],
+    mode: str,
+    baseline: float | torch.Tensor = 0.0,
+) -> torch.Tensor:
+    """[len(counts), C, H, W] copies of one image [1, C, H, W]. Deletion: image k has the first
+    `counts[k]` cells of `order` set to `baseline`; insertion: image k is `baseline` except for
+    the first `counts[k]` cells of `order`, copied from the image. `baseline` is a value in the
+    model's normalised pixel space (0 = the processor's mean colour; see the module docstring),
+    a float or a tensor that broadcasts to [C, H, W]."""
+    if mode not in METRICS:
+        raise ValueError(f"unknown mode {mode!r}; modes are {list(METRICS)}")
+    if pixel_values.dim() != 4 or pixel_values.shape[0] != 1:
+        raise ValueError(
+            f"pixel_values must be one image [1, C, H, W], got {tuple(pixel_values.shape)}"
+        )
+    num_cells = grid_h * grid_w
+    order = torch.as_tensor(order).reshape(-1).long().cpu()
+    if order.numel() != num_cells or not torch.equal(order.sort().values, torch.arange(num_cells)):
+        raise ValueError(f"order must be a permutation of the {grid_h}x{grid_w} grid's cells")
+    counts_t = torch.as_tensor(list(counts), dtype=torch.long)
+    if counts_t.numel() and (int(counts_t.min()) < 0 or int(counts_t.max()) > num_cells):
+        raise ValueError(f"counts must lie in 0..{num_cells}, got {list(counts)}")
+    image = pixel_values[0]
+    height, width = image.shape[-2:]
+    rank = torch.empty(num_cells, dtype=torch.long)
+    rank[order] = torch.arange(num_cells)  # rank[cell] = the step at which the cell goes
+    pixel_rank = rank[cell_index(height, width, grid_h, grid_w)].to(image.device)
+    chosen = pixel_rank[None] < counts_t.to(image.device)[:, None, None]  # [K, H, W]
+    chosen = chosen[:, None]  # broadcast over channels
+    base = torch.as_tensor(baseline, dtype=image.dtype, device=image.device).expand_as(image)
+    if mode == "deletion":
+        return torch.where(chosen, base[None], image[None])
+    return torch.where(chosen, image[None], base[None])
+
+
+def auc(curve: Sequence[float]) -> float:
+    """Trapezoid area under `curve` over the fractions 0..1, evenly spaced (S + 1 values)."""
+    values = [float(v) for v in curve]
+    if len(values) < 2:
+        raise ValueError(f"a curve needs at least 2 values to have an area, got {len(values)}")
+    steps = len(values) - 1
+    return sum((a + b) / 2 for a, b in zip(values[:-1], values[1:], strict=True)) / steps
+
+
+def faithfulness(
+    explainer,
+    image: Image.Image,
+    phrases: str | Sequence[str],
+    maps: torch.Tensor,
+    metrics: str | Sequence[str] = METRICS,
+    steps: int = 16,
+    target: str | None = None,
+    batch_size: int = 64,
+    baseline: float = 0.0,
+) -> list[Curves]:
+    """Deletion / insertion curves of `maps[p]` (the patch-grid maps of an explanation,
+    [P, h, w]) for `phrases[p]` over `image`, one `Curves` per phrase. The image and the phrases
+    are prepared once; every masked image is scored with its phrase's text in forward-only
+    batches of `batch_size` rows."""
+    phrases = [phrases] if isinstance(phrases, str) else list(phrases)
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    if not metrics:
+        raise ValueError(f"no metrics given; metrics are {list(METRICS)}")
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r}; metrics are {list(METRICS)}")
+    metrics = [m for m in METRICS if m in metrics]  # fixed order, no repeats
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer of at least 1, got {steps!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
+    if not isinstance(maps, torch.Tensor):
+        maps = torch.as_tensor(maps)
+    if maps.dim() != 3:
+        raise ValueError(f"maps must be [P, h, w] (one map per phrase), got {tuple(maps.shape)}")
+    if maps.shape[0] != len(phrases):
+        raise ValueError(f"{maps.shape[0]} maps but {len(phrases)} phrases: give one map each")
+
+    a = explainer.adapter
+    target = check_target(target or a.default_target, list(a.targets))
+    pixel_values, input_ids, mask = explainer._prepare([image], phrases)
+    geometry = a.geometry(pixel_values)
+    gh, gw = geometry.grid_h, geometry.grid_w
+    if tuple(maps.shape[1:]) != (gh, gw):
+        raise ValueError(
+            f"maps are on a {maps.shape[1]}x{maps.shape[2]} grid but the model's patch grid "
+            f"is {gh}x{gw}: pass the explanation's maps (Explanation.maps), not resized ones"
+        )
+    orders = [patch_order(m) for m in maps]
+    counts = step_counts(gh * gw, steps)
+
+    # One row per (phrase, metric, step), scored in chunks that may span phrases and metrics.
+    rows = [(p, m, k) for p in range(len(phrases)) for m in metrics for k in range(steps + 1)]
+    values: dict[tuple[int, str], list[float]] = {
+        (p, m): [] for p in range(len(phrases)) for m in metrics
+    }
+    device = pixel_values.device
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            images, groups = [], []
+            for p, m, k in chunk:  # consecutive rows of one (phrase, metric) share one call
+                if groups and groups[-1][0] == (p, m):
+                    groups[-1][1].append(counts[k])
+                else:
+                    groups.append(((p, m), [counts[k]]))
+            for (p, m), cs in groups:
+                images.append(masked_images(pixel_values, orders[p], gh, gw, cs, m, baseline))
+            batch = torch.cat(images)
+            who = torch.tensor([p for p, _, _ in chunk], device=input_ids.device)
+            n = batch.shape[0]
+            scores = a.forward(
+                batch,
+                input_ids.index_select(0, who),
+                mask.index_select(0, who),
+                torch.arange(n, device=device),
+                target,
+            ).reported
+            for (p, m, _), v in zip(chunk, scores.float().cpu().tolist(), strict=True):
+                values[(p, m)].append(v)
+
+    out = []
+    for p in range(len(phrases)):
+        c = Curves()
+        for m in metrics:
+            setattr(c, m, values[(p, m)])
+            setattr(c, f"{m}_auc", auc(values[(p, m)]))
+        out.append(c)
+    return out
