@@ -16,15 +16,18 @@ def write_flickr_like(
     missing_images: tuple[int, ...] = (),
     malformed_xml: tuple[int, ...] = (),
     malformed_line: tuple[int, ...] = (),
+    captions: int = 1,
+    image_size: int = 128,
 ) -> Path:
     """`root/{Annotations,Sentences,flickr30k_images}` and `root/<split>.txt` for `n_images`
-    scenes; one sentence line per attribute phrase, one chain (with a 1-based box) per object.
-    Image `i` is left out, given broken XML, or given a broken sentence line when listed."""
+    scenes; `captions` sentence lines each naming every object once (about 3.5 phrases a line),
+    one chain (with a 1-based box) per object. Image `i` is left out, given broken XML, or
+    given a broken sentence line when listed."""
     for sub in ("Annotations", "Sentences", "flickr30k_images"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     ids = []
     for i in range(n_images):
-        scene = generate_scene("val", i, seed)
+        scene = generate_scene("val", i, seed, image_size)
         image_id = str(3000000000 + i)
         ids.append(image_id)
         if i not in missing_images:
@@ -44,11 +47,15 @@ def write_flickr_like(
         if i in malformed_xml:
             xml = xml.replace("</size>", "")
         (root / "Annotations" / f"{image_id}.xml").write_text(xml)
-        lines = []
-        for phrase in scene.phrases:
-            if phrase.kind == "attribute":
-                chain = phrase.meta["target"] + 1
-                lines.append(f"[/EN#{chain}/other {phrase.text.capitalize()}] is here .")
+        mentions = [
+            f"[/EN#{p.meta['target'] + 1}/other {p.text}]"
+            for p in scene.phrases
+            if p.kind == "attribute"
+        ]
+        openings = ("Here are", "We see", "A picture of", "There is", "Look at")
+        lines = [
+            f"{openings[c % len(openings)]} {' and '.join(mentions)} ." for c in range(captions)
+        ]
         if i in malformed_line:
             lines.append("[/EN#1/other an unclosed phrase is here .")
         (root / "Sentences" / f"{image_id}.txt").write_text("\n".join(lines) + "\n")

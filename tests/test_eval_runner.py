@@ -169,6 +169,34 @@ def test_deletion_insertion_metrics_in_records_and_summary(
     assert s["insertion_auc"] == pytest.approx(sum(r["insertion_auc"] for r in records) / 2)
 
 
+def test_batches_of_images_give_the_one_image_results(
+    flickr_like, explainer, tiny_model_dir, tmp_path
+):
+    units = open_units("flickr30k-entities", ["test"], flickr_like)
+    one = run_eval(flickr_cfg(tiny_model_dir, batch_images=1), units, explainer, tmp_path / "1")
+    four = run_eval(flickr_cfg(tiny_model_dir, batch_images=4), units, explainer, tmp_path / "4")
+    a, b = lines(tmp_path / "1" / "results.jsonl"), lines(tmp_path / "4" / "results.jsonl")
+    assert [(r["uid"], r["point"], r["hit"]) for r in a] == [
+        (r["uid"], r["point"], r["hit"]) for r in b
+    ]
+    for x, y in zip(a, b, strict=True):
+        assert x["score"] == pytest.approx(y["score"], abs=1e-5)
+    assert one.summary["accuracy"] == four.summary["accuracy"]
+    assert json.loads((tmp_path / "4" / "config.json").read_text())["batch_images"] == 4
+
+
+def test_batches_never_cross_a_split():
+    from groundcam.data.sample import GroundingSample
+    from groundcam.eval.datasets import Unit, Units
+    from groundcam.eval.runner import batches_of
+
+    def unit(i, split):
+        return Unit(i, GroundingSample(str(i), [], (1, 1), split=split))
+
+    units = Units(None, [unit(0, "a"), unit(1, "a"), unit(2, "a"), unit(3, "b"), unit(4, "b")])
+    assert [[u.index for u in b] for b in batches_of(units, 2)] == [[0, 1], [2], [3, 4]]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -189,7 +217,12 @@ def test_missing_image_is_recorded_and_retried_on_resume(tmp_path, explainer, ti
     result = run_eval(
         flickr_cfg(tiny_model_dir), units, explainer, tmp_path / "out", progress=False
     )
-    assert result.summary["errors"] == 0 and result.computed == len(errors)
+    # the image's whole batch (here all 3 images) is recomputed, as an uninterrupted run has it
+    assert result.summary["errors"] == 0 and result.computed == result.summary["n"]
+    run_eval(flickr_cfg(tiny_model_dir), units, explainer, tmp_path / "new", progress=False)
+    assert (tmp_path / "out" / "results.jsonl").read_text() == (
+        tmp_path / "new" / "results.jsonl"
+    ).read_text()
 
 
 def test_malformed_files_are_reported_and_skipped(tmp_path):
@@ -254,17 +287,17 @@ def test_interrupted_run_resumes_to_identical_results(
     flickr_like, explainer, tiny_model_dir, tmp_path, monkeypatch
 ):
     units = open_units("flickr30k-entities", ["test"], flickr_like)
-    cfg = flickr_cfg(tiny_model_dir)
+    cfg = flickr_cfg(tiny_model_dir, batch_images=1)
     full = run_eval(cfg, units, explainer, tmp_path / "full", progress=False)
 
     calls = {"n": 0}
     original = UnitScorer.__call__
 
-    def crash_after_three(self, unit):
+    def crash_after_three(self, batch, images=None):
         calls["n"] += 1
         if calls["n"] > 3:
             raise KeyboardInterrupt
-        return original(self, unit)
+        return original(self, batch, images)
 
     monkeypatch.setattr(UnitScorer, "__call__", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
@@ -296,7 +329,7 @@ def _env():
 
 def test_killed_process_resumes_to_identical_results(flickr_like, tiny_model_dir, tmp_path):
     args = ["eval", "flickr30k-entities", "--root", flickr_like, "--model", tiny_model_dir]
-    args += ["--threads", "1"]
+    args += ["--threads", "1", "--batch-images", "1"]
     full = _cli(*args, "--out", tmp_path / "full", env=_env())
     victim = _cli(*args, "--out", tmp_path / "cut", env=_env())
     part = tmp_path / "cut" / "parts" / "rank0.jsonl"
@@ -332,7 +365,7 @@ def test_two_accelerate_processes_give_the_single_process_results(
     flickr_like, tiny_model_dir, tmp_path
 ):
     args = ["eval", "flickr30k-entities", "--root", flickr_like, "--model", tiny_model_dir]
-    args += ["--threads", "1"]
+    args += ["--threads", "1", "--batch-images", "3"]
     single = _cli(*args, "--out", tmp_path / "one", env=_env())
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
     launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]

@@ -237,6 +237,12 @@ def _eval_options(fn):
         click.option(
             "--threads", default=None, type=click.IntRange(1), help="CPU threads per process."
         ),
+        click.option(
+            "--batch-images",
+            default=None,
+            type=click.IntRange(1),
+            help="Images per forward, all their phrases together (default 8; ViLT 1).",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -274,7 +280,19 @@ def _eval_setup(dataset, root, images, split, model, limit, scenes, seed, thread
 
 
 def _eval_config(
-    dataset, splits, model, method, layer, target, protocol, metrics, steps, seed, dets, precision
+    dataset,
+    splits,
+    model,
+    method,
+    layer,
+    target,
+    protocol,
+    metrics,
+    steps,
+    seed,
+    dets,
+    precision,
+    batch_images=None,
 ):
     from groundcam.eval.runner import EvalConfig
 
@@ -291,6 +309,7 @@ def _eval_config(
         precision=precision,
         seed=seed if dataset == "shapes" else 0,
         dets=str(dets) if dets else None,
+        batch_images=batch_images,
     )
 
 
@@ -332,6 +351,7 @@ def _make_eval_command(dataset: str):
         seed,
         precision,
         threads,
+        batch_images,
         out,
         report,
         examples,
@@ -354,6 +374,7 @@ def _make_eval_command(dataset: str):
             seed,
             dets,
             precision,
+            batch_images,
         )
         result = run_eval(
             cfg,
@@ -426,6 +447,7 @@ def sweep_layers(
     seed,
     precision,
     threads,
+    batch_images,
     layers,
     out,
 ):
@@ -451,6 +473,7 @@ def sweep_layers(
         seed,
         dets,
         precision,
+        batch_images,
     )
     wanted = [int(v) for v in layers.split(",")] if layers else None
     table = sweep(cfg, units, explainer, out, wanted, procs)

@@ -64,6 +64,21 @@ def upsample(heatmap: ArrayLike, size: tuple[int, int], mode: str = "bicubic") -
     return resized[0, 0]
 
 
+def upsample_many(maps: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """`upsample` for a stack of maps [P, h, w] in one call (the same values, map by map)."""
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be [P, h, w], got shape {tuple(maps.shape)}")
+    height, width = (int(s) for s in size)
+    if tuple(maps.shape[1:]) == (height, width):
+        return maps.float()
+    if mode not in _RESIZE_MODES:
+        raise ValueError(f"unsupported resize mode {mode!r}; valid: {', '.join(_RESIZE_MODES)}")
+    resized = F.interpolate(
+        maps[:, None].float(), size=(height, width), mode=mode, align_corners=False
+    )
+    return resized[:, 0]
+
+
 # ----------------------------------------------------------------------------- hit / skip rules
 
 
@@ -224,13 +239,44 @@ def pointing_game(
     """
     rule = _protocol(protocol)
     tensor = _prepared_map(heatmap, image_size, rule.resize_mode)
-    x, y = _first_argmax(tensor)
+    return _decide(tensor, _first_argmax(tensor), boxes, protocol, proposals)
+
+
+def pointing_games(
+    heatmaps: torch.Tensor,
+    boxes: Sequence[ArrayLike | Sequence[Sequence[float]]],
+    protocol: str = "amc",
+    *,
+    proposals: ArrayLike | Sequence[Sequence[float]] | None = None,
+) -> list[PointingResult]:
+    """`pointing_game` for a stack of maps [P, H, W] already at image size (on any device), one
+    argmax for all of them; `boxes[p]` are map p's boxes, `proposals` shared by all."""
+    _protocol(protocol)
+    if heatmaps.ndim != 3:
+        raise ValueError(f"heatmaps must be [P, H, W], got shape {tuple(heatmaps.shape)}")
+    if len(boxes) != heatmaps.shape[0]:
+        raise ValueError(f"{heatmaps.shape[0]} maps but {len(boxes)} box lists")
+    if torch.isnan(heatmaps).any():
+        raise ValueError("heatmap contains NaN")
+    width = heatmaps.shape[2]
+    # torch.argmax returns the first maximal index (first in row-major order) on every device.
+    flat = torch.argmax(heatmaps.reshape(heatmaps.shape[0], -1), dim=1).tolist()
+    return [
+        _decide(heatmaps[p], (i % width, i // width), boxes[p], protocol, proposals)
+        for p, i in enumerate(flat)
+    ]
+
+
+def _decide(tensor, point, boxes, protocol, proposals) -> PointingResult:
+    """The protocol's verdict on a map at image size whose first maximum is `point`."""
+    rule = _protocol(protocol)
+    x, y = point
     box_tensor = _as_boxes(boxes)
     if rule.uses_proposals:
         if proposals is None:
             raise ValueError(f"protocol {protocol!r} needs proposals=[[x, y, w, h], ...]")
         gt_xywh = torch.cat([box_tensor[:, :2], box_tensor[:, 2:] - box_tensor[:, :2]], dim=1)
-        return _score_proposals(tensor, (x, y), proposals, gt_xywh.tolist(), protocol)
+        return _score_proposals(tensor.cpu(), (x, y), proposals, gt_xywh.tolist(), protocol)
     if proposals is not None:
         raise ValueError(f"proposals are only used by protocol 'albef-boxes', not {protocol!r}")
     assert rule.hit_rule is not None

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from groundcam.data.text import pre_caption
 from groundcam.eval.datasets import Unit, Units
-from groundcam.eval.pointing import PROTOCOLS, pointing_game, read_dets, upsample
+from groundcam.eval.pointing import PROTOCOLS, pointing_games, read_dets, upsample_many
 from groundcam.eval.summary import summarize
 
 METRICS = ("pointing", "deletion", "insertion")
@@ -45,6 +49,7 @@ class EvalConfig:
     precision: str = "fp32"
     seed: int = 0
     dets: str | None = None
+    batch_images: int | None = None  # images per forward; None: 8 (1 for ViLT, which pads)
 
     def check(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -57,6 +62,8 @@ class EvalConfig:
             )
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision {self.precision!r}: valid are {', '.join(PRECISIONS)}")
+        if self.batch_images is not None and self.batch_images < 1:
+            raise ValueError(f"--batch-images must be at least 1, got {self.batch_images}")
         if self.steps < 1:
             raise ValueError(f"--steps must be at least 1, got {self.steps}")
         if PROTOCOLS[self.protocol].uses_proposals and not self.dets:
@@ -112,13 +119,17 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def read_parts(out: Path) -> dict[str, dict]:
-    """Every record written so far by any process of any earlier run, by uid; a successful
-    record wins over an error record of the same phrase (the image may have appeared since)."""
+    """Every record written so far by any process of any earlier run, by uid: the latest one,
+    except that a successful record wins over a later error (the image may have gone since)."""
     done: dict[str, dict] = {}
     for path in sorted((out / "parts").glob("*.jsonl")):
         for rec in _read_jsonl(path):
-            if rec.get("error") and rec["uid"] in done and not done[rec["uid"]].get("error"):
-                continue
+            old = done.get(rec["uid"])
+            if old is not None:
+                if rec.get("error") and not old.get("error"):
+                    continue
+                if rec.get("_seq", 0) < old.get("_seq", 0) and not old.get("error"):
+                    continue
             done[rec["uid"]] = rec
     return done
 
@@ -194,23 +205,42 @@ def _failed(base: dict, message: str) -> dict:
     }
 
 
-def in_box_fraction(heatmap: torch.Tensor, boxes: list[list[float]]) -> float | None:
-    """The share of the (non-negative) map's mass on pixels inside any box, edges included."""
-    mass = heatmap.clamp(min=0)
-    total = float(mass.sum())
-    if total <= 0 or not boxes:
-        return None
-    h, w = mass.shape
-    ys = torch.arange(h, dtype=torch.float64)[:, None]
-    xs = torch.arange(w, dtype=torch.float64)[None, :]
-    inside = torch.zeros(h, w, dtype=torch.bool)
-    for x1, y1, x2, y2 in boxes:
-        inside |= (xs >= x1) & (xs <= x2) & (ys >= y1) & (ys <= y2)
-    return float(mass[inside].sum()) / total
+def in_box_fractions(heatmaps: torch.Tensor, boxes: list[list[list[float]]]) -> list[float | None]:
+    """Per map [P, H, W], the share of its (non-negative) mass on pixels inside any of its boxes,
+    edges included; None for a map with no mass or no box."""
+    mass = heatmaps.clamp(min=0)
+    _, h, w = mass.shape
+    inside = torch.zeros_like(mass, dtype=torch.bool)
+    for p, phrase_boxes in enumerate(boxes):
+        for x1, y1, x2, y2 in phrase_boxes:  # pixels x with x1 <= x <= x2, likewise y
+            left, top = max(math.ceil(x1), 0), max(math.ceil(y1), 0)
+            right, bottom = min(math.floor(x2), w - 1), min(math.floor(y2), h - 1)
+            inside[p, top : bottom + 1, left : right + 1] = True
+    totals = mass.sum(dim=(1, 2))
+    within = (mass * inside).sum(dim=(1, 2))
+    return [
+        float(a / t) if t > 0 and phrase_boxes else None
+        for a, t, phrase_boxes in zip(within.tolist(), totals.tolist(), boxes, strict=True)
+    ]
+
+
+@dataclass
+class _Ready:
+    """One unit that reached the model: its image, phrase rows kept and partial records."""
+
+    unit: Unit
+    image: Image.Image
+    keep: list[int]
+    texts: list[str]
+    bases: list[dict]
+    proposals: list | None
 
 
 class UnitScorer:
-    """Scores every phrase of one image: explanation, pointing, optional faithfulness."""
+    """Scores every phrase of a batch of images: explanation, pointing, optional faithfulness.
+
+    A batch is always the same images (fixed groups of `batch_images` consecutive images), so a
+    record does not depend on which process computed it or on what ran before."""
 
     def __init__(self, explainer, cfg: EvalConfig, raw_box_shift: float, device_type: str):
         self.explainer = explainer
@@ -225,47 +255,74 @@ class UnitScorer:
             else contextlib.nullcontext()
         )
 
-    def explain(self, unit: Unit, k: int):
-        """The unit's image and phrase `k`'s map, computed in the same batch as when scored."""
-        texts = [pre_caption(p.text) for p in unit.sample.phrases]
-        keep = [j for j, t in enumerate(texts) if t.strip()]
-        image = unit.sample.load_image()
+    def _explain(self, ready: list[_Ready]):
         with self.autocast:
-            ex = self.explainer.explain(
-                image, [texts[j] for j in keep], self.cfg.method, self.cfg.layer, self.cfg.target
+            return self.explainer.explain_many(
+                [r.image for r in ready],
+                [r.texts for r in ready],
+                self.cfg.method,
+                self.cfg.layer,
+                self.cfg.target,
             )
-        return image, ex.maps[keep.index(k)]
 
-    def __call__(self, unit: Unit) -> list[dict]:
-        cfg = self.cfg
-        texts = [pre_caption(p.text) for p in unit.sample.phrases]
-        bases = [_base_record(unit, k, t, self.shift) for k, t in enumerate(texts)]
-        if error := unit.sample.meta.get("error"):
-            return [_failed(b, error) for b in bases]
-        proposals = None
-        if self.dets is not None:
-            proposals = self.dets.get(unit.sample.image_id)
-            if proposals is None:
-                message = f"no detections for image {unit.sample.image_id} in {cfg.dets}"
-                return [_failed(b, message) for b in bases]
-        keep = [k for k, t in enumerate(texts) if t.strip()]
-        records = {
-            k: _failed(bases[k], "phrase is empty after preprocessing")
-            for k in range(len(texts))
-            if k not in keep
-        }
-        if keep:
-            records |= self._score(unit, keep, [texts[k] for k in keep], bases, proposals)
-        return [records[k] for k in range(len(texts))]
+    def explain(self, batch: list[Unit], unit: Unit, k: int):
+        """The image of `unit` and phrase `k`'s map, recomputed in the batch it was scored in."""
+        records: dict[str, dict] = {}
+        ready = self._prepare(batch, [None] * len(batch), records)
+        ex = self._explain(ready)
+        row = 0
+        for r in ready:
+            if r.unit is unit:
+                return r.image, ex.maps[row + r.keep.index(k)]
+            row += len(r.keep)
+        raise ValueError(f"phrase {unit.uid(k)} was not scored")
 
-    def _score(self, unit, keep, texts, bases, proposals) -> dict[int, dict]:
+    def _prepare(self, batch: list[Unit], images: list, records: dict) -> list[_Ready]:
+        """Units whose image loads, with their phrases' texts; failures go to `records`."""
+        ready = []
+        for unit, image in zip(batch, images, strict=True):
+            texts = [pre_caption(p.text) for p in unit.sample.phrases]
+            bases = [_base_record(unit, k, t, self.shift) for k, t in enumerate(texts)]
+            error = unit.sample.meta.get("error")
+            proposals = None
+            if not error and self.dets is not None:
+                proposals = self.dets.get(unit.sample.image_id)
+                if proposals is None:
+                    error = f"no detections for image {unit.sample.image_id} in {self.cfg.dets}"
+            if not error and not isinstance(image, Image.Image):
+                try:
+                    image = unit.sample.load_image()
+                except (FileNotFoundError, OSError) as e:
+                    error = str(e)
+            keep = [] if error else [k for k, t in enumerate(texts) if t.strip()]
+            for k, base in enumerate(bases):
+                if k not in keep:
+                    records[base["uid"]] = _failed(
+                        base, error or "phrase is empty after preprocessing"
+                    )
+            if keep:
+                kept_texts = [texts[k] for k in keep]
+                ready.append(_Ready(unit, image, keep, kept_texts, bases, proposals))
+        return ready
+
+    def __call__(self, batch: list[Unit], images: list | None = None) -> list[dict]:
+        """Records of every phrase of the batch's units, in order (`images`: already loaded
+        images or None per unit)."""
+        records: dict[str, dict] = {}
+        ready = self._prepare(batch, images or [None] * len(batch), records)
+        if ready:
+            ex = self._explain(ready)
+            row = 0
+            for r in ready:
+                n = len(r.keep)
+                scores = ex.scores[row : row + n]
+                for rec in self._score(r, ex.maps[row : row + n], scores):
+                    records[rec["uid"]] = rec
+                row += n
+        return [records[u.uid(k)] for u in batch for k in range(len(u.sample.phrases))]
+
+    def _score(self, r: _Ready, maps: torch.Tensor, scores: torch.Tensor) -> list[dict]:
         cfg = self.cfg
-        try:
-            image = unit.sample.load_image()
-        except (FileNotFoundError, OSError) as e:
-            return {k: _failed(bases[k], str(e)) for k in keep}
-        with self.autocast:
-            ex = self.explainer.explain(image, texts, cfg.method, cfg.layer, cfg.target)
         curves = None
         if len(cfg.metrics) > 1:
             from groundcam.eval.faithfulness import faithfulness
@@ -273,32 +330,44 @@ class UnitScorer:
             wanted = tuple(m for m in cfg.metrics if m != "pointing")
             with self.autocast:
                 curves = faithfulness(
-                    self.explainer, image, texts, ex.maps, wanted, cfg.steps, cfg.target
+                    self.explainer, r.image, r.texts, maps, wanted, cfg.steps, cfg.target
                 )
-        size = (image.height, image.width)
-        out = {}
-        for row, k in enumerate(keep):
-            base = bases[k]
-            heatmap = upsample(ex.maps[row], size, mode=self.protocol.resize_mode)
-            result = pointing_game(heatmap, base["boxes"], cfg.protocol, proposals=proposals)
-            rec = base | {
-                "image_size": [image.width, image.height],
+        size = (r.image.height, r.image.width)
+        # at image size on the model's device: on a GPU this is most of the work saved
+        grid = maps.to(self.explainer.adapter.device)
+        heatmaps = upsample_many(grid, size, mode=self.protocol.resize_mode)
+        boxes = [r.bases[k]["boxes"] for k in r.keep]
+        results = pointing_games(heatmaps, boxes, cfg.protocol, proposals=r.proposals)
+        in_box = in_box_fractions(heatmaps, boxes)
+        out = []
+        for row, k in enumerate(r.keep):
+            result = results[row]
+            rec = r.bases[k] | {
+                "image_size": [r.image.width, r.image.height],
                 "point": list(result.point),
                 "hit": result.hit,
                 "skipped": result.skipped,
-                "score": float(ex.scores[row]),
-                "in_box": in_box_fraction(heatmap, base["boxes"]),
+                "score": float(scores[row]),
+                "in_box": in_box[row],
             }
             if result.box is not None or result.iou is not None:
                 rec |= {"proposal": result.box, "iou": result.iou}
             if curves is not None:
-                c = curves[row]
-                for name in ("deletion", "insertion"):
-                    if name in cfg.metrics:
-                        rec[name] = getattr(c, name)
-                        rec[f"{name}_auc"] = getattr(c, f"{name}_auc")
-            out[k] = rec
+                rec |= curves[row].to_record()
+            out.append(rec)
         return out
+
+
+def batches_of(units: Units, size: int) -> list[list[Unit]]:
+    """Fixed groups of `size` consecutive images, never across a split boundary."""
+    groups: list[list[Unit]] = []
+    for unit in units.units:
+        last = groups[-1] if groups else None
+        if last and len(last) < size and last[0].split == unit.split:
+            last.append(unit)
+        else:
+            groups.append([unit])
+    return groups
 
 
 # ----------------------------------------------------------------------------- the run
@@ -312,11 +381,26 @@ class RunResult:
     resumed: int  # phrases found done before this run started
 
 
+DEFAULT_BATCH_IMAGES = 8
+PREFETCH = 2  # batches of images decoded ahead of the model
+
+
+def _load(unit: Unit):
+    """The unit's image, or the error that loading it raised (reported by the scorer)."""
+    if unit.sample.meta.get("error"):
+        return None
+    try:
+        return unit.sample.load_image()
+    except (FileNotFoundError, OSError) as e:
+        return e
+
+
 def fingerprint(cfg: EvalConfig, explainer) -> dict:
     """The configuration a resumed run must share, with the layer and target resolved."""
     _, _, target, layer = explainer._resolve(cfg.method, cfg.layer, cfg.target)
     lists = {"splits": list(cfg.splits), "metrics": list(cfg.metrics)}
-    return asdict(cfg) | lists | {"layer": layer, "target": target}
+    batch = cfg.batch_images or (1 if explainer.adapter.family == "vilt" else DEFAULT_BATCH_IMAGES)
+    return asdict(cfg) | lists | {"layer": layer, "target": target, "batch_images": batch}
 
 
 def run_eval(
@@ -347,12 +431,15 @@ def run_eval(
     done = {uid: r for uid, r in read_parts(out).items() if not r.get("error")}
     procs.barrier()  # nobody writes until every process has read what is done
 
+    batches = batches_of(units, fp["batch_images"])
     pending = [
-        u for u in units.units if any(u.uid(k) not in done for k in range(len(u.sample.phrases)))
+        b
+        for b in batches
+        if any(u.uid(k) not in done for u in b for k in range(len(u.sample.phrases)))
     ]
     mine = pending[procs.rank :: procs.world]
     scorer = UnitScorer(explainer, cfg, units.spec.raw_box_shift, procs.device.type)
-    total = sum(len(u.sample.phrases) for u in mine)
+    total = sum(len(u.sample.phrases) for b in mine for u in b)
     desc = f"{cfg.dataset}/{','.join(cfg.splits)}"
     if procs.world > 1:
         desc += f" [{procs.rank + 1}/{procs.world}]"
@@ -360,16 +447,23 @@ def run_eval(
     with (
         _open_part(out / "parts" / f"rank{procs.rank}.jsonl") as part,
         tqdm(total=total, desc=desc, unit="phrase", disable=not progress) as bar,
+        ThreadPoolExecutor(max_workers=2) as pool,
     ):
-        for unit in mine:
-            records = scorer(unit)
-            part.write("".join(json.dumps(r) + "\n" for r in records))
+        # images are decoded ahead, in threads, while the model works on the current batch
+        ahead = [[pool.submit(_load, u) for u in b] for b in mine[:PREFETCH]]
+        for i, batch in enumerate(mine):
+            if i + PREFETCH < len(mine):
+                ahead.append([pool.submit(_load, u) for u in mine[i + PREFETCH]])
+            records = scorer(batch, [f.result() for f in ahead[i]])
+            ahead[i] = []
+            seq = time.time_ns()  # a recomputed batch's records supersede older ones
+            part.write("".join(json.dumps(r | {"_seq": seq}) + "\n" for r in records))
             part.flush()
             computed += len(records)
             bar.update(len(records))
     procs.barrier()
     resumed = sum(len(u.sample.phrases) for u in units.units) - sum(
-        len(u.sample.phrases) for u in pending
+        len(u.sample.phrases) for b in pending for u in b
     )
     if not procs.is_main:
         return RunResult(None, out, computed, resumed)
@@ -390,7 +484,7 @@ def run_eval(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     if report:
-        write_report(out, summary, records, units, scorer, report_examples)
+        write_report(out, summary, records, units, scorer, report_examples, fp["batch_images"])
     return RunResult(summary, out, computed, resumed)
 
 
@@ -403,6 +497,7 @@ def merge_records(out: Path, units: Units) -> list[dict]:
             rec = found.get(unit.uid(k))
             if rec is None:
                 raise RuntimeError(f"no record for {unit.uid(k)} after every process finished")
+            rec = {key: v for key, v in rec.items() if key != "_seq"}
             records.append(rec | {"unit": unit.index, "index": k})
     tmp = out / "results.jsonl.tmp"
     with tmp.open("w", encoding="utf-8") as f:
@@ -411,18 +506,21 @@ def merge_records(out: Path, units: Units) -> list[dict]:
     return records
 
 
-def write_report(out: Path, summary, records, units: Units, scorer: UnitScorer, k: int) -> Path:
+def write_report(
+    out: Path, summary, records, units: Units, scorer: UnitScorer, k: int, batch_images: int
+) -> Path:
     """`report.html`: the summary and the best and worst examples, their maps recomputed."""
     from groundcam.viz.report import Example, select_examples, write_eval_report
 
     best, worst = select_examples(records, k)
-    by_index = {u.index: u for u in units.units}
+    batch_of = {u.index: b for b in batches_of(units, batch_images) for u in b}
 
     def examples(chosen: list[dict]) -> list[Example]:
         result = []
         for rec in chosen:
-            unit = by_index[rec["unit"]]
-            image, heatmap = scorer.explain(unit, rec["index"])
+            batch = batch_of[rec["unit"]]
+            unit = next(u for u in batch if u.index == rec["unit"])
+            image, heatmap = scorer.explain(batch, unit, rec["index"])
             result.append(Example(rec, image, heatmap, scorer.protocol.resize_mode))
         return result
 
