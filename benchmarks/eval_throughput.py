@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--image-size", type=int, default=448, help="side of the written images")
     ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--batch-images", default="1,8", help="images per forward, comma-separated")
     ap.add_argument("--baseline-pairs", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
@@ -75,30 +76,41 @@ def main(argv: list[str] | None = None) -> dict:
         units = open_units("flickr30k-entities", ["test"], root)
         phrases = sum(len(u.sample.phrases) for u in units.units)
         report["phrases"], report["images"] = phrases, len(units)
-        for precision in args.precisions.split(","):
+        runs = [
+            (p, int(b)) for b in args.batch_images.split(",") for p in args.precisions.split(",")
+        ]
+        for precision, batch in runs:
+            name = f"{precision}_batch{batch}"
             cfg = EvalConfig(
-                "flickr30k-entities", ("test",), "blip-random", layer=layer, precision=precision
+                "flickr30k-entities",
+                ("test",),
+                "blip-random",
+                layer=layer,
+                precision=precision,
+                batch_images=batch,
             )
-            warm = open_units("flickr30k-entities", ["test"], root, limit=2)
-            run_eval(cfg, warm, explainer, Path(tmp) / f"warm-{precision}", progress=False)
+            warm = open_units("flickr30k-entities", ["test"], root, limit=batch)
+            run_eval(cfg, warm, explainer, Path(tmp) / f"warm-{name}", progress=False)
             sync(device)
-            profiler = cProfile.Profile() if args.profile else None
+            profiler = (
+                cProfile.Profile() if args.profile and (precision, batch) == runs[-1] else None
+            )
             start = time.perf_counter()
             if profiler:
                 profiler.enable()
-            result = run_eval(cfg, units, explainer, Path(tmp) / precision, progress=False)
+            result = run_eval(cfg, units, explainer, Path(tmp) / name, progress=False)
             sync(device)
             seconds = time.perf_counter() - start
             if profiler:
                 profiler.disable()
-                pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
-            report["runs"][precision] = {
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+            report["runs"][name] = {
                 "seconds": seconds,
                 "phrases_per_s": phrases / seconds,
                 "accuracy": result.summary["accuracy"],
             }
             print(
-                f"eval {precision}: {phrases} phrases in {seconds:.1f} s = "
+                f"eval {name}: {phrases} phrases in {seconds:.1f} s = "
                 f"{phrases / seconds:.1f} phrases/s",
                 flush=True,
             )

@@ -230,6 +230,7 @@ class _Ready:
 
     unit: Unit
     image: Image.Image
+    pixels: torch.Tensor  # the model's input for this image, [1, C, H, W]
     keep: list[int]
     texts: list[str]
     bases: list[dict]
@@ -256,14 +257,29 @@ class UnitScorer:
         )
 
     def _explain(self, ready: list[_Ready]):
+        """One explanation for the batch; each image was prepared on its own (possibly in a
+        loader thread), which gives the same input as preparing them together."""
+        a = self.explainer.adapter
+        texts = [t for r in ready for t in r.texts]
+        input_ids, mask = a.prepare_texts(texts)
+        counts = torch.tensor([len(r.texts) for r in ready])
+        index = torch.repeat_interleave(torch.arange(len(ready)), counts).to(input_ids.device)
+        pixels = torch.cat([r.pixels for r in ready]).to(a.device)
         with self.autocast:
-            return self.explainer.explain_many(
-                [r.image for r in ready],
-                [r.texts for r in ready],
-                self.cfg.method,
-                self.cfg.layer,
-                self.cfg.target,
+            return self.explainer.explain_tensors(
+                pixels, input_ids, mask, self.cfg.method, self.cfg.layer, self.cfg.target, index
             )
+
+    def load(self, unit: Unit):
+        """The unit's image and model input, or the error loading it raised (None when the
+        reader already knows the image is missing)."""
+        if unit.sample.meta.get("error"):
+            return None
+        try:
+            image = unit.sample.load_image()
+        except (FileNotFoundError, OSError) as e:
+            return e
+        return image, self.explainer.adapter.prepare_images([image])
 
     def explain(self, batch: list[Unit], unit: Unit, k: int):
         """The image of `unit` and phrase `k`'s map, recomputed in the batch it was scored in."""
@@ -289,11 +305,9 @@ class UnitScorer:
                 proposals = self.dets.get(unit.sample.image_id)
                 if proposals is None:
                     error = f"no detections for image {unit.sample.image_id} in {self.cfg.dets}"
-            if not error and not isinstance(image, Image.Image):
-                try:
-                    image = unit.sample.load_image()
-                except (FileNotFoundError, OSError) as e:
-                    error = str(e)
+            loaded = image if error or image is not None else self.load(unit)
+            if not error and isinstance(loaded, Exception):
+                error = str(loaded)
             keep = [] if error else [k for k, t in enumerate(texts) if t.strip()]
             for k, base in enumerate(bases):
                 if k not in keep:
@@ -302,7 +316,8 @@ class UnitScorer:
                     )
             if keep:
                 kept_texts = [texts[k] for k in keep]
-                ready.append(_Ready(unit, image, keep, kept_texts, bases, proposals))
+                image, pixels = loaded
+                ready.append(_Ready(unit, image, pixels, keep, kept_texts, bases, proposals))
         return ready
 
     def __call__(self, batch: list[Unit], images: list | None = None) -> list[dict]:
@@ -385,16 +400,6 @@ DEFAULT_BATCH_IMAGES = 8
 PREFETCH = 2  # batches of images decoded ahead of the model
 
 
-def _load(unit: Unit):
-    """The unit's image, or the error that loading it raised (reported by the scorer)."""
-    if unit.sample.meta.get("error"):
-        return None
-    try:
-        return unit.sample.load_image()
-    except (FileNotFoundError, OSError) as e:
-        return e
-
-
 def fingerprint(cfg: EvalConfig, explainer) -> dict:
     """The configuration a resumed run must share, with the layer and target resolved."""
     _, _, target, layer = explainer._resolve(cfg.method, cfg.layer, cfg.target)
@@ -449,11 +454,11 @@ def run_eval(
         tqdm(total=total, desc=desc, unit="phrase", disable=not progress) as bar,
         ThreadPoolExecutor(max_workers=2) as pool,
     ):
-        # images are decoded ahead, in threads, while the model works on the current batch
-        ahead = [[pool.submit(_load, u) for u in b] for b in mine[:PREFETCH]]
+        # images are decoded and prepared ahead, in threads, while the model works
+        ahead = [[pool.submit(scorer.load, u) for u in b] for b in mine[:PREFETCH]]
         for i, batch in enumerate(mine):
             if i + PREFETCH < len(mine):
-                ahead.append([pool.submit(_load, u) for u in mine[i + PREFETCH]])
+                ahead.append([pool.submit(scorer.load, u) for u in mine[i + PREFETCH]])
             records = scorer(batch, [f.result() for f in ahead[i]])
             ahead[i] = []
             seq = time.time_ns()  # a recomputed batch's records supersede older ones
