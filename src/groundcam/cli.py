@@ -249,25 +249,32 @@ def _eval_options(fn):
     return fn
 
 
-def _eval_setup(dataset, root, images, split, model, limit, scenes, seed, threads):
-    """Processes, work units and the loaded model of an evaluation (reader problems summed up
-    in one line rather than one warning each)."""
+def _eval_run_setup(dataset: str, opts: dict, default_split: str | None = None):
+    """Processes, work units, the loaded model and the EvalConfig of an evaluation (reader
+    problems summed up in one line rather than one warning each)."""
     import warnings
 
     import torch
 
     from groundcam.api import load
     from groundcam.eval.datasets import dataset_spec, open_units, parse_splits
-    from groundcam.eval.runner import Processes
+    from groundcam.eval.runner import EvalConfig, Processes
 
-    if threads:
-        torch.set_num_threads(threads)
+    if opts["threads"]:
+        torch.set_num_threads(opts["threads"])
     procs = Processes.from_environment()
-    spec = dataset_spec(dataset)
-    splits = parse_splits(spec, split)
+    splits = parse_splits(dataset_spec(dataset), opts["split"] or default_split)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        units = open_units(dataset, splits, root, images, scenes, seed, limit)
+        units = open_units(
+            dataset,
+            splits,
+            opts["root"],
+            opts["images"],
+            opts["scenes"],
+            opts["seed"],
+            opts["limit"],
+        )
     if procs.is_main:
         for name, report in units.reports.items():
             if report.errors:
@@ -276,41 +283,22 @@ def _eval_setup(dataset, root, images, split, model, limit, scenes, seed, thread
                     f"{report.errors[0]} (all in summary.json 'reader')",
                     err=True,
                 )
-    return procs, splits, units, load(model, device=procs.device)
-
-
-def _eval_config(
-    dataset,
-    splits,
-    model,
-    method,
-    layer,
-    target,
-    protocol,
-    metrics,
-    steps,
-    seed,
-    dets,
-    precision,
-    batch_images=None,
-):
-    from groundcam.eval.runner import EvalConfig
-
-    return EvalConfig(
+    cfg = EvalConfig(
         dataset=dataset,
         splits=tuple(splits),
-        model=str(model),
-        method=method,
-        layer=layer,
-        target=target,
-        protocol=protocol,
-        metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
-        steps=steps,
-        precision=precision,
-        seed=seed if dataset == "shapes" else 0,
-        dets=str(dets) if dets else None,
-        batch_images=batch_images,
+        model=str(opts["model"]),
+        method=opts["method"],
+        layer=opts.get("layer"),
+        target=opts["target"],
+        protocol=opts["protocol"],
+        metrics=tuple(m.strip() for m in opts["metrics"].split(",") if m.strip()),
+        steps=opts["steps"],
+        precision=opts["precision"],
+        seed=opts["seed"] if dataset == "shapes" else 0,
+        dets=str(opts["dets"]) if opts["dets"] else None,
+        batch_images=opts["batch_images"],
     )
+    return procs, units, load(opts["model"], device=procs.device), cfg
 
 
 def _percent(block: dict) -> str:
@@ -334,48 +322,10 @@ def _make_eval_command(dataset: str):
         "--examples", default=8, show_default=True, help="Best/worst examples in the report."
     )
     @_guard
-    def command(
-        root,
-        images,
-        split,
-        model,
-        method,
-        layer,
-        target,
-        protocol,
-        metrics,
-        steps,
-        dets,
-        limit,
-        scenes,
-        seed,
-        precision,
-        threads,
-        batch_images,
-        out,
-        report,
-        examples,
-    ):
+    def command(out, report, examples, **opts):
         from groundcam.eval.runner import run_eval
 
-        procs, splits, units, explainer = _eval_setup(
-            dataset, root, images, split, model, limit, scenes, seed, threads
-        )
-        cfg = _eval_config(
-            dataset,
-            splits,
-            model,
-            method,
-            layer,
-            target,
-            protocol,
-            metrics,
-            steps,
-            seed,
-            dets,
-            precision,
-            batch_images,
-        )
+        procs, units, explainer, cfg = _eval_run_setup(dataset, opts)
         result = run_eval(
             cfg,
             units,
@@ -390,14 +340,14 @@ def _make_eval_command(dataset: str):
             return
         s, c = result.summary, result.summary["config"]
         click.echo(
-            f"accuracy {_percent(s)} (n={s['n']}) on {dataset}/{','.join(splits)}, "
+            f"accuracy {_percent(s)} (n={s['n']}) on {dataset}/{','.join(cfg.splits)}, "
             f"{c['method']} layer {c['layer']}, protocol {c['protocol']}"
         )
         for name in ("deletion_auc", "insertion_auc"):
             if s.get(name) is not None:
                 click.echo(f"{name} {s[name]:.4f}")
         if s["skipped"]:
-            click.echo(f"{s['skipped']} phrase(s) skipped by protocol {protocol}")
+            click.echo(f"{s['skipped']} phrase(s) skipped by protocol {cfg.protocol}")
         if s["errors"]:
             click.echo(
                 f"{s['errors']} phrase(s) not scored, e.g. {s['error_examples'][0]}", err=True
@@ -419,6 +369,15 @@ for _name in _EVAL_DATASETS:
     _make_eval_command(_name)
 
 
+def _layer_list(value: str | None) -> list[int] | None:
+    if not value:
+        return None
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise UserError(f"--layers {value!r}: expected comma-separated layer numbers") from None
+
+
 @main.command("sweep-layers")
 @click.argument("dataset", type=click.Choice(_EVAL_DATASETS))
 @_eval_options
@@ -429,54 +388,16 @@ for _name in _EVAL_DATASETS:
     "--out", required=True, type=click.Path(file_okay=False), help="Sweep directory (resumes)."
 )
 @_guard
-def sweep_layers(
-    dataset,
-    root,
-    images,
-    split,
-    model,
-    method,
-    layer,
-    target,
-    protocol,
-    metrics,
-    steps,
-    dets,
-    limit,
-    scenes,
-    seed,
-    precision,
-    threads,
-    batch_images,
-    layers,
-    out,
-):
-    """Pointing accuracy per layer on a validation split: a table (sweep.json, sweep.tsv) to
-    choose a layer from evidence."""
+def sweep_layers(dataset, layers, out, **opts):
+    """Pointing accuracy per layer on a validation split (default val): a table (sweep.json,
+    sweep.tsv) to choose a layer from evidence."""
     from groundcam.eval.sweep import sweep
 
-    if layer is not None:
+    if opts.pop("layer") is not None:
         raise UserError("sweep-layers tries every layer: use --layers, not --layer")
-    procs, splits, units, explainer = _eval_setup(
-        dataset, root, images, split or "val", model, limit, scenes, seed, threads
-    )
-    cfg = _eval_config(
-        dataset,
-        splits,
-        model,
-        method,
-        None,
-        target,
-        protocol,
-        metrics,
-        steps,
-        seed,
-        dets,
-        precision,
-        batch_images,
-    )
-    wanted = [int(v) for v in layers.split(",")] if layers else None
-    table = sweep(cfg, units, explainer, out, wanted, procs)
+    wanted = _layer_list(layers)
+    procs, units, explainer, cfg = _eval_run_setup(dataset, opts, default_split="val")
+    table = sweep(cfg, units, explainer, out, wanted, procs, progress=procs.is_main)
     if table is None:
         return
     click.echo(f"{'layer':>5}  {'accuracy':>24}  {'n':>6}")

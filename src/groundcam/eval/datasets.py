@@ -39,20 +39,16 @@ DATASETS: dict[str, DatasetSpec] = {
         raw_box_shift=1.0,
         root_help="the Flickr30k Entities directory (Annotations/, Sentences/, test.txt)",
     ),
-    "refcoco": DatasetSpec(
-        "refcoco",
-        ("train", "val", "testA", "testB"),
-        "testA,testB",
-        True,
-        root_help="the directory holding refs(unc).p and instances.json",
-    ),
-    "refcoco+": DatasetSpec(
-        "refcoco+",
-        ("train", "val", "testA", "testB"),
-        "testA,testB",
-        True,
-        root_help="the directory holding refs(unc).p and instances.json",
-    ),
+    **{
+        name: DatasetSpec(
+            name,
+            ("train", "val", "testA", "testB"),
+            "testA,testB",
+            True,
+            root_help="the directory holding refs(unc).p and instances.json",
+        )
+        for name in ("refcoco", "refcoco+")
+    },
     "refcocog": DatasetSpec(
         "refcocog",
         ("train", "val", "test"),
