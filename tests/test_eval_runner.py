@@ -267,6 +267,21 @@ def test_wrong_root_names_the_expected_file(tmp_path, tiny_model_dir):
     assert r.exit_code == 2 and "no split 'testC'" in r.output
 
 
+def test_a_pickle_with_globals_is_refused_unrun(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    import pickle
+
+    (tmp_path / "refs(unc).p").write_bytes(pickle.dumps([Evil()], protocol=2))
+    (tmp_path / "instances.json").write_text('{"images": [], "annotations": []}')
+    r = run("eval", "refcoco+", "--root", tmp_path, "--images", tmp_path, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "refusing to unpickle global posix.system" in r.output.splitlines()[-1]
+    assert not (tmp_path / "ran").exists()
+
+
 def test_out_of_another_configuration_is_refused(flickr_like, tiny_model_dir, tmp_path):
     args = ["eval", "flickr30k-entities", "--root", flickr_like, "--model", tiny_model_dir]
     args += ["--limit", "2", "--out", tmp_path]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
 
@@ -25,8 +26,8 @@ def _guard(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, OSError) as e:  # bad input; bugs keep their traceback
-            raise UserError(str(e)) from None
+        except (ValueError, OSError, pickle.UnpicklingError) as e:  # bad input; bugs keep
+            raise UserError(str(e)) from None  # their traceback
 
     return wrapper
 
