@@ -49,19 +49,7 @@ def _as_2d_tensor(heatmap: ArrayLike | Sequence) -> torch.Tensor:
 
 def upsample(heatmap: ArrayLike, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
     """Resize a patch-grid map to (H, W) exactly as the reference grounding code does."""
-    tensor = _as_2d_tensor(heatmap)
-    height, width = (int(s) for s in size)
-    if height <= 0 or width <= 0:
-        raise ValueError(f"size must be positive (H, W), got {tuple(size)}")
-    if tuple(tensor.shape) == (height, width):
-        return tensor.float()
-    if mode not in _RESIZE_MODES:
-        raise ValueError(f"unsupported resize mode {mode!r}; valid: {', '.join(_RESIZE_MODES)}")
-    # No clamping afterwards: bicubic overshoot is part of the protocol.
-    resized = F.interpolate(
-        tensor[None, None].float(), size=(height, width), mode=mode, align_corners=False
-    )
-    return resized[0, 0]
+    return upsample_many(_as_2d_tensor(heatmap)[None], size, mode)[0]
 
 
 def upsample_many(maps: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
@@ -69,10 +57,13 @@ def upsample_many(maps: torch.Tensor, size: tuple[int, int], mode: str = "bicubi
     if maps.ndim != 3:
         raise ValueError(f"maps must be [P, h, w], got shape {tuple(maps.shape)}")
     height, width = (int(s) for s in size)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"size must be positive (H, W), got {tuple(size)}")
     if tuple(maps.shape[1:]) == (height, width):
         return maps.float()
     if mode not in _RESIZE_MODES:
         raise ValueError(f"unsupported resize mode {mode!r}; valid: {', '.join(_RESIZE_MODES)}")
+    # No clamping afterwards: bicubic overshoot is part of the protocol.
     resized = F.interpolate(
         maps[:, None].float(), size=(height, width), mode=mode, align_corners=False
     )
