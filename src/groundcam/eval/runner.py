@@ -2,11 +2,11 @@
 sharded across the processes `accelerate launch` starts.
 
 Layout of `--out`: `config.json` (what must match to resume), `parts/rank<r>.jsonl` (records as
-each process writes them, one image at a time), then, merged by the main process in dataset
-order, `results.jsonl` and `summary.json` (and `report.html` with `--report`). Every image's
-phrases are computed in one batch on their own, so a record never depends on which process
-computed it or on what ran before: 1 process, 2 processes and an interrupted-then-resumed run
-give the same numbers.
+each process writes them, one batch of images at a time), then, merged by the main process in
+dataset order, `results.jsonl` and `summary.json` (and `report.html` with `--report`). Batches
+are fixed groups of consecutive images, so a record never depends on which process computed it
+or on what ran before: 1 process, 2 processes and an interrupted-then-resumed run give the same
+numbers.
 """
 
 from __future__ import annotations
@@ -281,17 +281,14 @@ class UnitScorer:
             return e
         return image, self.explainer.adapter.prepare_images([image])
 
-    def explain(self, batch: list[Unit], unit: Unit, k: int):
-        """The image of `unit` and phrase `k`'s map, recomputed in the batch it was scored in."""
-        records: dict[str, dict] = {}
-        ready = self._prepare(batch, [None] * len(batch), records)
-        ex = self._explain(ready)
-        row = 0
-        for r in ready:
-            if r.unit is unit:
-                return r.image, ex.maps[row + r.keep.index(k)]
-            row += len(r.keep)
-        raise ValueError(f"phrase {unit.uid(k)} was not scored")
+    def explain(self, unit: Unit) -> tuple[Image.Image, dict[int, torch.Tensor]]:
+        """The unit's image and its phrases' maps by phrase index, the unit explained alone
+        (for pictures: the values differ from the scored batch's only by float rounding)."""
+        ready = self._prepare([unit], [None], {})
+        if not ready:
+            raise ValueError(f"image {unit.sample.image_id} has no phrase to explain")
+        maps = self._explain(ready).maps
+        return ready[0].image, {k: maps[row] for row, k in enumerate(ready[0].keep)}
 
     def _prepare(self, batch: list[Unit], images: list, records: dict) -> list[_Ready]:
         """Units whose image loads, with their phrases' texts; failures go to `records`."""
@@ -489,7 +486,7 @@ def run_eval(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     if report:
-        write_report(out, summary, records, units, scorer, report_examples, fp["batch_images"])
+        write_report(out, summary, records, units, scorer, report_examples)
     return RunResult(summary, out, computed, resumed)
 
 
@@ -511,22 +508,21 @@ def merge_records(out: Path, units: Units) -> list[dict]:
     return records
 
 
-def write_report(
-    out: Path, summary, records, units: Units, scorer: UnitScorer, k: int, batch_images: int
-) -> Path:
-    """`report.html`: the summary and the best and worst examples, their maps recomputed."""
+def write_report(out: Path, summary, records, units: Units, scorer: UnitScorer, k: int) -> Path:
+    """`report.html`: the summary and the best and worst examples, each image explained once."""
     from groundcam.viz.report import Example, select_examples, write_eval_report
 
     best, worst = select_examples(records, k)
-    batch_of = {u.index: b for b in batches_of(units, batch_images) for u in b}
+    by_index = {u.index: u for u in units.units}
+    explained: dict[int, tuple[Image.Image, dict[int, torch.Tensor]]] = {}
 
     def examples(chosen: list[dict]) -> list[Example]:
         result = []
         for rec in chosen:
-            batch = batch_of[rec["unit"]]
-            unit = next(u for u in batch if u.index == rec["unit"])
-            image, heatmap = scorer.explain(batch, unit, rec["index"])
-            result.append(Example(rec, image, heatmap, scorer.protocol.resize_mode))
+            if rec["unit"] not in explained:
+                explained[rec["unit"]] = scorer.explain(by_index[rec["unit"]])
+            image, maps = explained[rec["unit"]]
+            result.append(Example(rec, image, maps[rec["index"]], scorer.protocol.resize_mode))
         return result
 
     title = f"groundcam eval: {summary['config']['dataset']} ({summary['config']['model']})"
