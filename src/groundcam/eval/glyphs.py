@@ -6,21 +6,37 @@ from collections.abc import Iterator
 
 from groundcam.data.glyphs import render_line
 from groundcam.eval.pointing import pointing_game
-from groundcam.train.trocr_glyphs import char_accuracy
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions and substitutions all cost 1)."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def char_accuracy(prediction: str, target: str) -> float:
+    """1 - edit_distance / len(target), floored at 0."""
+    return max(0.0, 1.0 - edit_distance(prediction, target) / max(1, len(target)))
 
 
 def glyph_records(
     explainer,
     split: str,
     n_lines: int,
-    method: str = "gradcam",
+    method: str | None = None,
     layer: int | None = None,
     seed: int = 0,
 ) -> Iterator[dict]:
     """One record per generated character of the first `n_lines` lines of `split`. A token's
     glyph boxes are the ink boxes of every occurrence of that character in the true text; a
     token whose character is not in the text has no box and counts as a miss (`in_text` False).
-    The peak is read on the map upsampled to the image (protocol `amc`)."""
+    The peak is read on the map upsampled to the image (protocol `amc`). `method` is passed to
+    `explain_generation` as given (None: the family's default method)."""
     for index in range(n_lines):
         sample = render_line(split, index, seed)
         gen = explainer.explain_generation(sample.image, method=method, layer=layer)

@@ -49,6 +49,7 @@ from transformers import (
 )
 
 from groundcam.data.glyphs import IMAGE_SIZE, MAX_CHARS, alphabet, render_line
+from groundcam.eval.glyphs import char_accuracy, edit_distance  # noqa: F401 (re-exported)
 
 # Token ids follow TrOCR/RoBERTa: <s> = 0 (also the decoder start), <pad> = 1, </s> = 2.
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
@@ -183,22 +184,6 @@ def pixel_values(images, image_size: tuple[int, int] = IMAGE_SIZE) -> torch.Tens
     """PIL image(s) -> float32 [B, 3, H, W]: resized to `image_size` (bilinear) if needed,
     scaled to [0, 1], then normalised with mean 0.5 and std 0.5."""
     return _normalise(_to_uint8(images, image_size))
-
-
-def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance (insertions, deletions and substitutions all cost 1)."""
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
-def char_accuracy(prediction: str, target: str) -> float:
-    """1 - edit_distance / len(target), floored at 0."""
-    return max(0.0, 1.0 - edit_distance(prediction, target) / max(1, len(target)))
 
 
 @torch.no_grad()
