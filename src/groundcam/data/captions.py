@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from groundcam.data.flickr30k_entities import ReadReport
+from groundcam.data.sample import ReadReport
 
 LAYOUTS = ("csv", "pipe", "token")
 CAPTION_FILES = ("captions.txt", "results.csv", "results_20130124.token", "Flickr8k.token.txt")

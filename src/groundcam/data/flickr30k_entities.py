@@ -11,35 +11,16 @@ ymax-1)` in pixels of the original image.
 from __future__ import annotations
 
 import re
-import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from groundcam.data.sample import Box, GroundingSample, Phrase
+# ReadReport is imported from here too (it lived here before it moved to `sample`).
+from groundcam.data.sample import Box, GroundingSample, Phrase, ReadReport
 
 SPLITS = ("train", "val", "test")
 _PHRASE_HEAD = re.compile(r"^\[/EN#(\d+)((?:/[^/\s\]]+)+)$")
-
-
-@dataclass
-class ReadReport:
-    """What a reader read and what it had to skip; `errors` holds `file[:line]: message` lines."""
-
-    samples: int = 0
-    phrases: int = 0
-    skipped_samples: int = 0
-    skipped_lines: int = 0
-    skipped_rows: int = 0
-    repaired_rows: int = 0
-    missing_images: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-
-    def error(self, where: str, message: str) -> None:
-        text = f"{where}: {message}"
-        self.errors.append(text)
-        warnings.warn(text, stacklevel=3)
 
 
 @dataclass

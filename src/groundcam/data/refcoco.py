@@ -16,8 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from groundcam.data.flickr30k_entities import ReadReport
-from groundcam.data.sample import GroundingSample, Phrase
+from groundcam.data.sample import GroundingSample, Phrase, ReadReport
 
 SPLITS = ("train", "val", "test", "testA", "testB")
 REFS_FILES = ("refs(unc).p", "refs(umd).p", "refs(google).p")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,25 @@ from typing import Any
 from PIL import Image
 
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels of the original image
+
+
+@dataclass
+class ReadReport:
+    """What a reader read and what it had to skip; `errors` holds `file[:line]: message` lines."""
+
+    samples: int = 0
+    phrases: int = 0
+    skipped_samples: int = 0
+    skipped_lines: int = 0
+    skipped_rows: int = 0
+    repaired_rows: int = 0
+    missing_images: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def error(self, where: str, message: str) -> None:
+        text = f"{where}: {message}"
+        self.errors.append(text)
+        warnings.warn(text, stacklevel=3)
 
 
 @dataclass

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from groundcam.data.flickr30k_entities import ReadReport
-from groundcam.data.sample import GroundingSample, Phrase
+from groundcam.data.sample import GroundingSample, Phrase, ReadReport
 
 
 class VisualGenomeRegions:
