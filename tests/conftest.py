@@ -20,14 +20,43 @@ from groundcam.train.tokenizer import word_tokenizer
 # Tiny models run fastest on one thread; on 2 shared cores, more threads only fight.
 torch.set_num_threads(1)
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+ROOT = Path(__file__).resolve().parents[1]
+# The shared reference files sit next to the checkout (`/work/main` -> `/work/shared/fixtures`);
+# a checkout elsewhere names them with GROUNDCAM_FIXTURES.
+DEFAULT_FIXTURES = ROOT.parent / "shared" / "fixtures"
+ALLOW_MISSING = "GROUNDCAM_ALLOW_MISSING_FIXTURES"
+
+
+def fixtures_path() -> Path:
+    """GROUNDCAM_FIXTURES when set (relative to the working directory), else `../shared/fixtures`
+    next to the project root."""
+    named = os.environ.get("GROUNDCAM_FIXTURES")
+    return Path(named).resolve() if named else DEFAULT_FIXTURES
+
+
+def missing_fixtures(path: Path) -> str:
+    return (
+        f"reference fixtures not found at {path}: they come with the project's shared folder "
+        f"(shared/fixtures/ next to the checkout, i.e. {DEFAULT_FIXTURES}); point "
+        f"GROUNDCAM_FIXTURES at a copy of that folder, or set {ALLOW_MISSING}=1 to skip the "
+        "reference tests"
+    )
+
+
+def require_fixtures(path: Path) -> Path:
+    """`path` when it is a folder; else the test fails (as in CI), or is skipped when
+    GROUNDCAM_ALLOW_MISSING_FIXTURES=1."""
+    if path.is_dir():
+        return path
+    if os.environ.get(ALLOW_MISSING) == "1":
+        pytest.skip(missing_fixtures(path))
+    pytest.fail(missing_fixtures(path), pytrace=False)
 
 
 @pytest.fixture(scope="session")
 def fixtures() -> Path:
-    if not FIXTURES.is_dir():
-        pytest.skip(f"reference fixtures not found at {FIXTURES}")
-    return FIXTURES
+    """The shared reference files (see `fixtures_path`, `require_fixtures`)."""
+    return require_fixtures(fixtures_path())
 
 
 @pytest.fixture(scope="session")

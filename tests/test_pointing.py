@@ -2,7 +2,6 @@
 
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +15,6 @@ from groundcam.eval.pointing import (
     pointing_game,
     upsample,
 )
-
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-ALBEF_EXPECTED = FIXTURES / "albef" / "expected.safetensors"
 
 
 def peak_map(height: int, width: int, x: int, y: int) -> torch.Tensor:
@@ -189,12 +185,10 @@ def test_pointing_accuracy_counts_hits():
 
 
 @pytest.mark.parametrize(("case", "size"), [(0, (48, 64)), (1, (40, 40)), (2, (56, 36))])
-def test_upsample_matches_official_albef_grounding(case, size):
-    if not ALBEF_EXPECTED.exists():
-        pytest.skip(f"ALBEF reference fixture not found at {ALBEF_EXPECTED}")
+def test_upsample_matches_official_albef_grounding(fixtures, case, size):
     from safetensors.torch import load_file
 
-    expected = load_file(str(ALBEF_EXPECTED))
+    expected = load_file(str(fixtures / "albef" / "expected.safetensors"))
     reference = expected[f"grounding_upsampled_case{case}"]
     result = upsample(expected["gradcam_block3"][case], size)
     assert reference.shape == size
