@@ -119,6 +119,7 @@ def test_mg_skip_uses_union_box_of_all_boxes_and_the_image_size():
     tiny_far_apart = [[0.0, 0.0, 2.0, 2.0], [8.0, 8.0, 10.0, 10.0]]  # union 10 x 10 = 100
     assert union_box(tiny_far_apart) == (0.0, 0.0, 10.0, 10.0)
     grid = torch.zeros(4, 4)
+    grid[0, 0] = 1.0  # not flat (a flat map is a miss); its maximum is the corner
     kept = pointing_game(grid, tiny_far_apart, protocol="mg", image_size=(40, 50))  # 5% = 100
     assert kept.skipped is False and kept.hit is True  # first max (0, 0) lies in the first box
     skipped = pointing_game(grid, tiny_far_apart, protocol="mg", image_size=(40, 51))  # 102
@@ -217,6 +218,7 @@ def test_inclusive_iou_hand_computed():
 )
 def test_albef_boxes_iou_threshold_is_inclusive(proposal, hit):
     heatmap = torch.ones(2, 100)
+    heatmap[0, 0] = 2.0  # not flat (a flat map is a miss); the one proposal scores > 0
     result = albef_boxes(heatmap, [proposal], [0.0, 0.0, 100.0, 2.0])
     assert result.box == tuple(proposal)
     assert result.hit is hit

@@ -14,15 +14,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from groundcam.maps import normalize_maps
 
-def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Per map over the last two axes: (m - min) / (max - min) when max > min, zeros otherwise.
-    No epsilon: raw Grad-CAM of small models can be ~1e-5, an epsilon would distort it."""
-    flat = maps.flatten(-2)
-    lo, hi = flat.min(-1, keepdim=True).values, flat.max(-1, keepdim=True).values
-    span = hi - lo
-    out = torch.where(span > 0, (flat - lo) / torch.where(span > 0, span, 1), 0)
-    return torch.nan_to_num(out, nan=0.0).reshape(maps.shape)
+__all__ = ["Explanation", "GenerationExplanation", "normalize_maps", "versions"]
 
 
 @dataclass

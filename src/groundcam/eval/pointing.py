@@ -13,6 +13,14 @@ Four protocols (DESIGN §6), all reached through `pointing_game(..., protocol=..
 
 "The point" is always the first maximum in row-major order of the map after resizing.
 Accuracy helpers (`pointing_accuracy`, `class_averaged_accuracy`) ignore skipped trials.
+
+A map with no variation (all zero, constant, or flat after the resize; see
+`groundcam.maps.is_flat`) has no point: it is a miss under every protocol (``hit=False``,
+``flat=True``; `point` is still its first maximum, ``box`` None), so a zero map never "hits"
+the box in the image's corner and a constant map never hits through bicubic rounding noise.
+`mg`'s skip rule comes first: a skipped phrase stays skipped (``flat`` still says whether its map
+was flat). NaN and +-inf are refused with an `InputError` before and after the resize (a finite
+map near float32's limit can overflow in the bicubic resize).
 """
 
 from __future__ import annotations
@@ -25,49 +33,45 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-ArrayLike = torch.Tensor | np.ndarray
+from groundcam.errors import InputError
+from groundcam.maps import (
+    ArrayLike,
+    as_2d_tensor,
+    check_finite,
+    is_flat,
+    upsample,
+    upsample_many,
+)
+
+__all__ = [
+    "ALBEF_IOU_THRESHOLD",
+    "MG_MIN_UNION_FRACTION",
+    "PROTOCOLS",
+    "TORCHRAY_TOLERANCE",
+    "PointingResult",
+    "Protocol",
+    "albef_boxes",
+    "class_averaged_accuracy",
+    "inclusive_iou",
+    "pointing_accuracy",
+    "pointing_game",
+    "pointing_games",
+    "proposal_scores",
+    "read_dets",
+    "union_box",
+    "upsample",
+    "upsample_many",
+]
+
 HitRule = Callable[[int, int, torch.Tensor], bool]
 # (xyxy boxes [K, 4], (H, W) of the image the point lives in) -> skip this phrase?
 SkipRule = Callable[[torch.Tensor, tuple[int, int]], bool]
 
-_RESIZE_MODES = ("bicubic", "bilinear")
 
 MG_MIN_UNION_FRACTION = 0.05
 TORCHRAY_TOLERANCE = 15.0
 ALBEF_IOU_THRESHOLD = 0.5
-
-
-def _as_2d_tensor(heatmap: ArrayLike | Sequence) -> torch.Tensor:
-    """Turn a torch/numpy map into a tensor and insist on [h, w]."""
-    tensor = heatmap if isinstance(heatmap, torch.Tensor) else torch.as_tensor(np.asarray(heatmap))
-    if tensor.ndim != 2:
-        raise ValueError(f"heatmap must be 2-D [h, w], got shape {tuple(tensor.shape)}")
-    return tensor
-
-
-def upsample(heatmap: ArrayLike, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
-    """Resize a patch-grid map to (H, W) exactly as the reference grounding code does."""
-    return upsample_many(_as_2d_tensor(heatmap)[None], size, mode)[0]
-
-
-def upsample_many(maps: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
-    """`upsample` for a stack of maps [P, h, w] in one call (the same values, map by map)."""
-    if maps.ndim != 3:
-        raise ValueError(f"maps must be [P, h, w], got shape {tuple(maps.shape)}")
-    height, width = (int(s) for s in size)
-    if height <= 0 or width <= 0:
-        raise ValueError(f"size must be positive (H, W), got {tuple(size)}")
-    if tuple(maps.shape[1:]) == (height, width):
-        return maps.float()
-    if mode not in _RESIZE_MODES:
-        raise ValueError(f"unsupported resize mode {mode!r}; valid: {', '.join(_RESIZE_MODES)}")
-    # No clamping afterwards: bicubic overshoot is part of the protocol.
-    resized = F.interpolate(
-        maps[:, None].float(), size=(height, width), mode=mode, align_corners=False
-    )
-    return resized[:, 0]
 
 
 # ----------------------------------------------------------------------------- hit / skip rules
@@ -108,7 +112,7 @@ def union_box(boxes: ArrayLike | Sequence[Sequence[float]]) -> tuple[float, floa
     """The smallest xyxy box enclosing all `boxes` (the `mg` protocol's "union box")."""
     tensor = _as_boxes(boxes)
     if tensor.shape[0] == 0:
-        raise ValueError("union_box needs at least one box")
+        raise InputError("union_box needs at least one box")
     x1, y1 = tensor[:, 0].min().item(), tensor[:, 1].min().item()
     x2, y2 = tensor[:, 2].max().item(), tensor[:, 3].max().item()
     return (x1, y1, x2, y2)
@@ -162,7 +166,9 @@ class PointingResult:
     `hit` is None exactly when `skipped` is True (the protocol leaves the phrase out, e.g. `mg`'s
     5% rule); accuracy helpers ignore such trials. For `albef-boxes`, `hit` means "the chosen
     proposal has IoU >= 0.5", `box` is that proposal ``(x, y, w, h)`` (None when no proposal
-    scored above 0) and `iou` its IoU with the ground truth.
+    scored above 0) and `iou` its IoU with the ground truth. `flat` is True when the map had no
+    variation (before or after the resize): then `hit` is False (unless skipped), `point` is the
+    first maximum all the same, and `box`/`iou` are None.
     """
 
     hit: bool | None
@@ -171,6 +177,7 @@ class PointingResult:
     skipped: bool = False
     box: tuple[float, float, float, float] | None = None
     iou: float | None = None
+    flat: bool = False
 
 
 def _as_boxes(boxes: ArrayLike | Sequence[Sequence[float]]) -> torch.Tensor:
@@ -184,25 +191,30 @@ def _as_boxes(boxes: ArrayLike | Sequence[Sequence[float]]) -> torch.Tensor:
     if tensor.ndim == 1 and tensor.shape[0] == 4:
         tensor = tensor[None]
     if tensor.ndim != 2 or tensor.shape[1] != 4:
-        raise ValueError(f"boxes must be xyxy with shape [K, 4], got {tuple(tensor.shape)}")
+        raise InputError(f"boxes must be xyxy with shape [K, 4], got {tuple(tensor.shape)}")
     return tensor
 
 
 def _protocol(name: str) -> Protocol:
     if name not in PROTOCOLS:
-        raise ValueError(f"unknown pointing protocol {name!r}; valid: {', '.join(PROTOCOLS)}")
+        raise InputError(f"unknown pointing protocol {name!r}; valid: {', '.join(PROTOCOLS)}")
     return PROTOCOLS[name]
 
 
 def _prepared_map(
     heatmap: ArrayLike, image_size: tuple[int, int] | None, mode: str
-) -> torch.Tensor:
-    tensor = _as_2d_tensor(heatmap).detach()
-    if torch.isnan(tensor).any():
-        raise ValueError("heatmap contains NaN")
+) -> tuple[torch.Tensor, bool]:
+    """The map at image size and whether it is flat (on the grid or after the resize); NaN and
+    inf refused before and after the resize."""
+    tensor = as_2d_tensor(heatmap).detach()
+    check_finite(tensor)
+    flat = bool(is_flat(tensor))
     if image_size is not None:
         tensor = upsample(tensor, image_size, mode=mode)
-    return tensor
+        height, width = tensor.shape
+        check_finite(tensor, when=f" after the resize to {height}x{width} (float32 overflow)")
+        flat = flat or bool(is_flat(tensor))
+    return tensor, flat
 
 
 def _first_argmax(tensor: torch.Tensor) -> tuple[int, int]:
@@ -229,8 +241,8 @@ def pointing_game(
     ``[x1, y1, x2 - x1, y2 - y1]`` and the best IoU over them is used (see `albef_boxes`).
     """
     rule = _protocol(protocol)
-    tensor = _prepared_map(heatmap, image_size, rule.resize_mode)
-    return _decide(tensor, _first_argmax(tensor), boxes, protocol, proposals)
+    tensor, flat = _prepared_map(heatmap, image_size, rule.resize_mode)
+    return _decide(tensor, _first_argmax(tensor), boxes, protocol, proposals, flat)
 
 
 def pointing_games(
@@ -241,38 +253,46 @@ def pointing_games(
     proposals: ArrayLike | Sequence[Sequence[float]] | None = None,
 ) -> list[PointingResult]:
     """`pointing_game` for a stack of maps [P, H, W] already at image size (on any device), one
-    argmax for all of them; `boxes[p]` are map p's boxes, `proposals` shared by all."""
+    argmax for all of them; `boxes[p]` are map p's boxes, `proposals` shared by all.
+
+    Flatness is judged on these maps (a constant grid map resized to image size is flat: its
+    rounding noise is below `groundcam.maps.FLAT_RTOL`); NaN and inf are refused."""
     _protocol(protocol)
     if heatmaps.ndim != 3:
-        raise ValueError(f"heatmaps must be [P, H, W], got shape {tuple(heatmaps.shape)}")
+        raise InputError(f"heatmaps must be [P, H, W], got shape {tuple(heatmaps.shape)}")
     if len(boxes) != heatmaps.shape[0]:
-        raise ValueError(f"{heatmaps.shape[0]} maps but {len(boxes)} box lists")
-    if torch.isnan(heatmaps).any():
-        raise ValueError("heatmap contains NaN")
+        raise InputError(f"{heatmaps.shape[0]} maps but {len(boxes)} box lists")
+    check_finite(heatmaps)
     width = heatmaps.shape[2]
     # torch.argmax returns the first maximal index (first in row-major order) on every device.
-    flat = torch.argmax(heatmaps.reshape(heatmaps.shape[0], -1), dim=1).tolist()
+    argmax = torch.argmax(heatmaps.reshape(heatmaps.shape[0], -1), dim=1).tolist()
+    flat = is_flat(heatmaps).tolist()
     return [
-        _decide(heatmaps[p], (i % width, i // width), boxes[p], protocol, proposals)
-        for p, i in enumerate(flat)
+        _decide(heatmaps[p], (i % width, i // width), boxes[p], protocol, proposals, flat[p])
+        for p, i in enumerate(argmax)
     ]
 
 
-def _decide(tensor, point, boxes, protocol, proposals) -> PointingResult:
-    """The protocol's verdict on a map at image size whose first maximum is `point`."""
+def _decide(tensor, point, boxes, protocol, proposals, flat: bool = False) -> PointingResult:
+    """The protocol's verdict on a map at image size whose first maximum is `point`; a `flat` map
+    is a miss (after `mg`'s skip rule, which still skips)."""
     rule = _protocol(protocol)
     x, y = point
     box_tensor = _as_boxes(boxes)
     if rule.uses_proposals:
         if proposals is None:
-            raise ValueError(f"protocol {protocol!r} needs proposals=[[x, y, w, h], ...]")
+            raise InputError(f"protocol {protocol!r} needs proposals=[[x, y, w, h], ...]")
         gt_xywh = torch.cat([box_tensor[:, :2], box_tensor[:, 2:] - box_tensor[:, :2]], dim=1)
-        return _score_proposals(tensor.cpu(), (x, y), proposals, gt_xywh.tolist(), protocol)
+        return _score_proposals(
+            tensor.cpu(), (x, y), proposals, gt_xywh.tolist(), protocol, flat=flat
+        )
     if proposals is not None:
-        raise ValueError(f"proposals are only used by protocol 'albef-boxes', not {protocol!r}")
+        raise InputError(f"proposals are only used by protocol 'albef-boxes', not {protocol!r}")
     assert rule.hit_rule is not None
     if rule.skip_rule is not None and rule.skip_rule(box_tensor, tuple(tensor.shape)):
-        return PointingResult(hit=None, point=(x, y), protocol=protocol, skipped=True)
+        return PointingResult(hit=None, point=(x, y), protocol=protocol, skipped=True, flat=flat)
+    if flat:
+        return PointingResult(hit=False, point=(x, y), protocol=protocol, flat=True)
     hit = bool(box_tensor.shape[0]) and rule.hit_rule(x, y, box_tensor)
     return PointingResult(hit=hit, point=(x, y), protocol=protocol)
 
@@ -289,12 +309,12 @@ def _as_proposals(proposals: ArrayLike | Sequence[Sequence[float]]) -> torch.Ten
     else:
         rows = [list(row)[:4] for row in proposals]
         if any(len(row) != 4 for row in rows):
-            raise ValueError("each proposal must have at least 4 values [x, y, w, h, ...]")
+            raise InputError("each proposal must have at least 4 values [x, y, w, h, ...]")
         tensor = torch.tensor(rows, dtype=torch.float64)
     if tensor.numel() == 0:
         return tensor.reshape(0, 4)
     if tensor.ndim != 2 or tensor.shape[1] < 4:
-        raise ValueError(
+        raise InputError(
             f"proposals must be [K, >=4] rows [x, y, w, h, ...], got {tuple(tensor.shape)}"
         )
     return tensor[:, :4]
@@ -310,7 +330,7 @@ def proposal_scores(
     to 0 (ALBEF would wrap around). Sums are taken in float64. A proposal with ``w * h <= 0``
     scores NaN (never chosen). Returns a float64 tensor [K].
     """
-    tensor = _as_2d_tensor(heatmap).detach()
+    tensor = as_2d_tensor(heatmap).detach()
     rows = _as_proposals(proposals).tolist()
     scores = torch.full((len(rows),), float("nan"), dtype=torch.float64)
     for k, (x, y, w, h) in enumerate(rows):
@@ -344,8 +364,11 @@ def _score_proposals(
     proposals: ArrayLike | Sequence[Sequence[float]],
     gt_boxes: Sequence[Sequence[float]],
     protocol: str,
+    flat: bool = False,
 ) -> PointingResult:
     boxes = _as_proposals(proposals)
+    if flat:  # every proposal would be ranked by its area alone: no choice, a miss
+        return PointingResult(hit=False, point=point, protocol=protocol, flat=True)
     scores = proposal_scores(tensor, boxes)
     # ALBEF: max_score = 0, then `if score > max_score` -> first strictly best positive score.
     best, best_score = None, 0.0
@@ -372,13 +395,16 @@ def albef_boxes(
     `heatmap` is resized bicubically to `image_size` (H, W) (unless None: already at image size),
     `proposals` are the image's detector rows ``[x, y, w, h, ...]`` (one `read_dets` entry) and
     `gt_box` the COCO ``[x, y, w, h]`` box. The first proposal with the strictly highest
-    positive score is chosen; none scoring above 0 is a miss with ``box=None``.
+    positive score is chosen; none scoring above 0 is a miss with ``box=None``, and so is a flat
+    map (``flat=True``: ranking by a constant map is ranking by area).
     """
-    tensor = _prepared_map(heatmap, image_size, PROTOCOLS["albef-boxes"].resize_mode)
+    tensor, flat = _prepared_map(heatmap, image_size, PROTOCOLS["albef-boxes"].resize_mode)
     gt = [float(v) for v in gt_box]
     if len(gt) != 4:
-        raise ValueError(f"gt_box must be [x, y, w, h], got {gt_box!r}")
-    return _score_proposals(tensor, _first_argmax(tensor), proposals, [gt], "albef-boxes")
+        raise InputError(f"gt_box must be [x, y, w, h], got {gt_box!r}")
+    return _score_proposals(
+        tensor, _first_argmax(tensor), proposals, [gt], "albef-boxes", flat=flat
+    )
 
 
 def read_dets(path: str | Path) -> dict[str, list[list[float]]]:
@@ -389,15 +415,15 @@ def read_dets(path: str | Path) -> dict[str, list[list[float]]]:
     """
     raw = json.loads(Path(path).read_text())
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected an object {{image_id: [[x, y, w, h, ...], ...]}}")
+        raise InputError(f"{path}: expected an object {{image_id: [[x, y, w, h, ...], ...]}}")
     dets: dict[str, list[list[float]]] = {}
     for image_id, rows in raw.items():
         if not isinstance(rows, list):
-            raise ValueError(f"{path}: detections of image {image_id} must be a list")
+            raise InputError(f"{path}: detections of image {image_id} must be a list")
         boxes = []
         for row in rows:
             if not isinstance(row, list) or len(row) < 4:
-                raise ValueError(f"{path}: image {image_id}: bad detection {row!r}")
+                raise InputError(f"{path}: image {image_id}: bad detection {row!r}")
             boxes.append([float(v) for v in row[:4]])
         dets[str(image_id)] = boxes
     return dets
@@ -429,7 +455,7 @@ def class_averaged_accuracy(
     """
     results, classes = list(results), list(classes)
     if len(results) != len(classes):
-        raise ValueError(f"{len(results)} results but {len(classes)} class labels")
+        raise InputError(f"{len(results)} results but {len(classes)} class labels")
     groups: dict[Hashable, list[PointingResult]] = {}
     for result, label in zip(results, classes, strict=True):
         groups.setdefault(label, []).append(result)
