@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from groundcam.contract import HookPoint
 
-@dataclass(frozen=True)
-class HookPoint:
-    """A module whose output (or item `index` of its tuple output) is recorded under `name`.
-    `per_image` marks tensors computed once per image (row i = image i) rather than per pair."""
-
-    name: str
-    module: nn.Module
-    index: int | None = None
-    per_image: bool = False
+__all__ = ["HookPoint", "Recorder", "trainable"]
 
 
 class Recorder:

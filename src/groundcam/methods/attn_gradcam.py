@@ -3,12 +3,12 @@ of a cross-attention layer, times the text mask, mean over heads, then over all 
 
 from __future__ import annotations
 
-from groundcam.methods.base import CROSS_ATTENTION, Method, MethodOutput
+from groundcam.methods.base import TEXT_TO_IMAGE, Method, MethodOutput
 
 
 class AttnGradCAM(Method):
     name = "attn-gradcam"
-    sources = (CROSS_ATTENTION,)
+    sources = (TEXT_TO_IMAGE,)
     needs_grad = True
 
     def compute(self, source, recorded, grads, geometry, text_mask, graph=None):

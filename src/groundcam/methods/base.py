@@ -6,34 +6,35 @@ from dataclasses import dataclass
 
 import torch
 
+from groundcam.contract import (
+    ATTENTION_GRAPH,
+    TEXT_TO_IMAGE,
+    VISION_ATTENTION,
+    VISION_TOKENS,
+    AttentionGraph,
+    AttentionStep,
+)
 from groundcam.geometry import Geometry
 
-# Where recorded tensors come from; adapters say which of these their family has.
-CROSS_ATTENTION = "cross_attention"  # text -> image attention probs [B, H, T, K]
-SELF_ATTENTION = "self_attention"  # vision self-attention probs [B, H, N, N]
-TOKENS = "tokens"  # vision token activations [B, N, C]
-ATTENTION_GRAPH = "attention_graph"  # every attention of the model in forward order (relevance)
+__all__ = [
+    "ATTENTION_GRAPH",
+    "AttentionGraph",
+    "AttentionStep",
+    "CROSS_ATTENTION",
+    "Method",
+    "MethodOutput",
+    "SELF_ATTENTION",
+    "TEXT_TO_IMAGE",
+    "TOKENS",
+    "VISION_ATTENTION",
+    "VISION_TOKENS",
+    "masked_token_maps",
+]
 
-
-@dataclass(frozen=True)
-class AttentionStep:
-    """One recorded attention: tokens of stream `query` attend tokens of stream `key` (the same
-    stream for self-attention). Streams are named by the adapter: "image", "text", "joint"..."""
-
-    query: str
-    key: str
-
-
-@dataclass(frozen=True)
-class AttentionGraph:
-    """How a model's attentions connect, for relevance propagation: `steps` align with the
-    recorded tensors; the map is read from rows of stream `readout` (row `readout_row` for the
-    whole-text map, e.g. CLS) over the key positions of stream `image`, placed by the geometry."""
-
-    steps: tuple[AttentionStep, ...]
-    readout: str
-    image: str
-    readout_row: int = 0
+# Old names of the source kinds, kept for code written against them.
+CROSS_ATTENTION = TEXT_TO_IMAGE
+SELF_ATTENTION = VISION_ATTENTION
+TOKENS = VISION_TOKENS
 
 
 @dataclass

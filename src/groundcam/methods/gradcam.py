@@ -3,12 +3,12 @@ mean of the gradient; the map is relu of the weighted channel sum."""
 
 from __future__ import annotations
 
-from groundcam.methods.base import TOKENS, Method, MethodOutput
+from groundcam.methods.base import VISION_TOKENS, Method, MethodOutput
 
 
 class GradCAM(Method):
     name = "gradcam"
-    sources = (TOKENS,)
+    sources = (VISION_TOKENS,)
     needs_grad = True
 
     def compute(self, source, recorded, grads, geometry, text_mask, graph=None):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from groundcam.methods.base import SELF_ATTENTION, Method, MethodOutput
+from groundcam.methods.base import VISION_ATTENTION, Method, MethodOutput
 
 
 class Rollout(Method):
     name = "rollout"
-    sources = (SELF_ATTENTION,)
+    sources = (VISION_ATTENTION,)
     all_layers = True
 
     def compute(self, source, recorded, grads, geometry, text_mask, graph=None):
