@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import socket
+import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -13,32 +17,19 @@ from groundcam.adapters import (
     FAMILIES,
     Adapter,
     adapter_class,
+    checkpoint_suffixes,
     family_of_class,
     family_of_config,
+    family_of_file,
     supported_classes,
 )
-from groundcam.adapters.albef import AlbefAdapter
+from groundcam.errors import GroundcamWarning, InputError
 from groundcam.explainer import Explainer
 from groundcam.methods import METHODS
-from groundcam.models.albef import AlbefModel
 from groundcam.zoo import BUILTIN, builtin_path
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-
-
-def _tokenizer_from(directory: Path):
-    """The tokenizer saved beside a model: `tokenizer.json`, or a BERT `vocab.txt`."""
-    if (directory / "tokenizer.json").is_file():
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(str(directory))
-    if (directory / "vocab.txt").is_file():
-        from transformers import BertTokenizer
-
-        # transformers 5 ignores `vocab_file=`; `vocab=` is the argument that reads the file
-        return BertTokenizer(vocab=str(directory / "vocab.txt"))
-    return None
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
+HUB_PROBE_SECONDS = 3.0
 
 
 def load(
@@ -51,39 +42,87 @@ def load(
 ) -> Explainer:
     """A model ready to explain: a built-in name, a hub id, a local directory, an official ALBEF
     checkpoint file (`num_heads`/`text_num_heads` give its head counts), or a model instance
-    (with its `processor`/`tokenizer`)."""
-    name = str(model) if not isinstance(model, nn.Module) else type(model).__name__
+    (with its `processor`/`tokenizer`; an image processor that follows from the config is built
+    when none is given)."""
     if isinstance(model, nn.Module):
-        adapter = _from_instance(model, processor, tokenizer, name)
-    elif str(model) in BUILTIN:
-        adapter = _from_directory(builtin_path(str(model)), processor, tokenizer, name)
+        adapter = _from_instance(model, processor, tokenizer, type(model).__name__)
+    elif isinstance(model, str | Path) and str(model).strip():
+        adapter = _from_name(str(model), processor, tokenizer, num_heads, text_num_heads)
     else:
-        path = Path(model)
-        if path.is_dir():
-            adapter = _from_directory(path, processor, tokenizer, name)
-        elif path.suffix in CHECKPOINT_SUFFIXES:
-            from groundcam.models.albef_checkpoint import load_official
-
-            net = load_official(path, num_heads=num_heads, text_num_heads=text_num_heads)
-            adapter = AlbefAdapter(net, tokenizer, name=name)
-        else:
-            adapter = _from_hub(str(model), processor, tokenizer, name)
+        raise InputError(
+            f"gc.load(model): expected a built-in name {sorted(BUILTIN)}, a hub id, a directory, "
+            f"a checkpoint file or a model instance, got {model!r}"
+        )
     adapter.model.eval()
     if device is not None:
-        adapter.model.to(device)
+        adapter.model.to(_device(device))
     return Explainer(adapter)
 
 
+def _device(device: str | torch.device) -> torch.device:
+    """A device that exists on this machine, or a one-line error."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(
+            f"device {device!r}: not a torch device (cpu, cuda, cuda:1, mps)"
+        ) from None
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available()
+        and (dev.index is None or dev.index < torch.cuda.device_count()),
+        "mps": torch.backends.mps.is_available(),
+    }.get(dev.type, False)
+    if not available:
+        raise InputError(f"device {device!r} is not available on this machine")
+    return dev
+
+
+def _from_name(name: str, processor, tokenizer, num_heads: int, text_num_heads: int) -> Adapter:
+    if name in BUILTIN:
+        return _from_directory(builtin_path(name), processor, tokenizer, name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _from_directory(path, processor, tokenizer, name)
+    family = family_of_file(path.suffix)
+    if path.is_file():
+        if family is None:
+            raise InputError(
+                f"{name}: a file, but not a checkpoint groundcam reads "
+                f"({', '.join(checkpoint_suffixes())}); a saved model is a directory"
+            )
+        return adapter_class(family).from_pretrained(
+            str(path),
+            processor,
+            tokenizer,
+            name=name,
+            num_heads=num_heads,
+            text_num_heads=text_num_heads,
+        )
+    if family is not None or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise InputError(f"model {name!r}: no such file or directory")
+    return _from_hub(name, processor, tokenizer)
+
+
 def _from_instance(model: nn.Module, processor, tokenizer, name: str) -> Adapter:
-    if isinstance(model, AlbefModel):
-        return AlbefAdapter(model, tokenizer, name=name)
     family = family_of_class(type(model).__name__)
     if family is None:
-        raise ValueError(
+        raise InputError(
             f"unsupported model class {type(model).__name__}; supported classes: "
             f"{', '.join(supported_classes())}"
         )
-    return adapter_class(family)(model, tokenizer=tokenizer, processor=processor, name=name)
+    cls = adapter_class(family)
+    if processor is None:
+        processor = cls.default_image_processor(model)
+        if processor is not None:
+            warnings.warn(
+                f"no processor given for {type(model).__name__}: built "
+                f"{type(processor).__name__} from the model's config (image size "
+                "and the family's normalisation); pass processor= to use the checkpoint's own",
+                GroundcamWarning,
+                stacklevel=3,
+            )
+    return cls(model, tokenizer=tokenizer, processor=processor, name=name)
 
 
 def _from_directory(path: Path, processor, tokenizer, name: str) -> Adapter:
@@ -93,13 +132,10 @@ def _from_directory(path: Path, processor, tokenizer, name: str) -> Adapter:
     try:
         config = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    if config.get("model_type") == "albef":
-        net = AlbefModel.from_pretrained(path)
-        return AlbefAdapter(net, tokenizer or _tokenizer_from(path), name=name)
+        raise InputError(f"{cfg_file}: not valid JSON ({e.msg}, line {e.lineno})") from None
     family = family_of_config(config.get("model_type"), config.get("architectures"))
     if family is None:
-        raise ValueError(
+        raise InputError(
             f"{cfg_file}: model_type {config.get('model_type')!r} is not a supported family "
             f"(architectures: {config.get('architectures')}); "
             f"supported families: {sorted(FAMILIES)}"
@@ -107,31 +143,69 @@ def _from_directory(path: Path, processor, tokenizer, name: str) -> Adapter:
     return adapter_class(family).from_pretrained(str(path), processor, tokenizer, name=name)
 
 
-def _from_hub(model_id: str, processor, tokenizer, name: str) -> Adapter:
-    """A hub id: its config names the family; the family's adapter loads the weights."""
+def _unknown(model_id: str, why: str) -> InputError:
+    return InputError(
+        f"unknown model {model_id!r}: not a built-in model {sorted(BUILTIN)}, a local "
+        f"directory, a checkpoint file ({', '.join(checkpoint_suffixes())}), or a hub id "
+        f"that could be loaded ({why})"
+    )
+
+
+def _from_hub(model_id: str, processor, tokenizer) -> Adapter:
+    """A hub id: its config names the family; the family's adapter loads the weights. Offline
+    (HF_HUB_OFFLINE, or the hub unreachable) only the local cache is read, so a model that is not
+    there fails at once instead of after the hub client's retries."""
     from transformers import AutoConfig
 
     if not HUB_ID.match(model_id):
-        raise ValueError(
-            f"unknown model {model_id!r}: no such built-in model {sorted(BUILTIN)}, local "
-            "directory or checkpoint file, and not a hub id (owner/name)"
-        )
+        raise _unknown(model_id, "hub ids look like owner/name")
+    with _offline_unless_reachable():
+        try:
+            config = AutoConfig.from_pretrained(model_id)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if _hub_offline():
+                first = "offline: the hub cannot be reached and it is not in the local cache"
+            raise _unknown(model_id, first) from None
+        family = family_of_config(config.model_type, getattr(config, "architectures", None))
+        if family is None:
+            raise InputError(
+                f"{model_id}: model_type {config.model_type!r} is not a supported family; "
+                f"supported families: {sorted(FAMILIES)}"
+            )
+        return adapter_class(family).from_pretrained(model_id, processor, tokenizer, name=model_id)
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+@contextlib.contextmanager
+def _offline_unless_reachable():
+    """Hub offline mode for the duration, when the hub's endpoint does not answer a TCP connect
+    within a few seconds (the hub client would otherwise retry for tens of seconds)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or _reachable(constants.ENDPOINT):
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
     try:
-        config = AutoConfig.from_pretrained(model_id)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"unknown model {model_id!r}: not a built-in model {sorted(BUILTIN)}, a local "
-            f"directory, a checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)}), or a hub id "
-            f"that could be loaded ({first})"
-        ) from None
-    family = family_of_config(config.model_type, getattr(config, "architectures", None))
-    if family is None:
-        raise ValueError(
-            f"{model_id}: model_type {config.model_type!r} is not a supported family; "
-            f"supported families: {sorted(FAMILIES)}"
-        )
-    return adapter_class(family).from_pretrained(model_id, processor, tokenizer, name=name)
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
+def _reachable(endpoint: str) -> bool:
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=HUB_PROBE_SECONDS):
+            return True
+    except OSError:
+        return False
 
 
 def methods() -> list[str]:

@@ -1,40 +1,58 @@
-"""One adapter per model family; the registry resolves a model, a class name or a config to one."""
+"""One adapter per model family; the registry resolves a model, a class name, a config or a
+checkpoint file to one. A new family is one adapter module plus one entry here."""
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 from groundcam.adapters.base import Adapter
 
-# family -> (module, adapter class, model class names it explains)
-FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "albef": ("groundcam.adapters.albef", "AlbefAdapter", ("AlbefModel",)),
-    "clip": ("groundcam.adapters.clip", "ClipAdapter", ("CLIPModel",)),
-    "siglip": ("groundcam.adapters.siglip", "SiglipAdapter", ("SiglipModel",)),
-    "blip-itm": ("groundcam.adapters.blip", "BlipItmAdapter", ("BlipForImageTextRetrieval",)),
-    "blip-caption": (
-        "groundcam.adapters.blip",
-        "BlipCaptionAdapter",
-        ("BlipForConditionalGeneration",),
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family's adapter lives and what it explains: model class names, the
+    `config.model_type`s of saved configs that name no architecture, and the suffixes of single
+    checkpoint files it loads (not directories)."""
+
+    module: str
+    adapter: str
+    classes: tuple[str, ...]
+    model_types: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
+
+
+FAMILIES: dict[str, Family] = {
+    "albef": Family(
+        "groundcam.adapters.albef",
+        "AlbefAdapter",
+        ("AlbefModel",),
+        ("albef",),
+        files=(".pth", ".pt", ".bin", ".safetensors"),
     ),
-    "flava": ("groundcam.adapters.flava", "FlavaAdapter", ("FlavaModel", "FlavaForPreTraining")),
-    "vilt": ("groundcam.adapters.vilt", "ViltAdapter", ("ViltForImageAndTextRetrieval",)),
-    "vision-encoder-decoder": (
+    "clip": Family("groundcam.adapters.clip", "ClipAdapter", ("CLIPModel",), ("clip",)),
+    "siglip": Family("groundcam.adapters.siglip", "SiglipAdapter", ("SiglipModel",), ("siglip",)),
+    "blip-itm": Family(
+        "groundcam.adapters.blip", "BlipItmAdapter", ("BlipForImageTextRetrieval",), ("blip",)
+    ),
+    "blip-caption": Family(
+        "groundcam.adapters.blip", "BlipCaptionAdapter", ("BlipForConditionalGeneration",)
+    ),
+    "flava": Family(
+        "groundcam.adapters.flava",
+        "FlavaAdapter",
+        ("FlavaModel", "FlavaForPreTraining"),
+        ("flava",),
+    ),
+    "vilt": Family(
+        "groundcam.adapters.vilt", "ViltAdapter", ("ViltForImageAndTextRetrieval",), ("vilt",)
+    ),
+    "vision-encoder-decoder": Family(
         "groundcam.adapters.vision_encoder_decoder",
         "VisionEncoderDecoderAdapter",
         ("VisionEncoderDecoderModel",),
+        ("vision-encoder-decoder",),
     ),
-}
-
-# config.model_type -> family, for configs that name no architecture
-MODEL_TYPES: dict[str, str] = {
-    "albef": "albef",
-    "clip": "clip",
-    "siglip": "siglip",
-    "blip": "blip-itm",
-    "flava": "flava",
-    "vilt": "vilt",
-    "vision-encoder-decoder": "vision-encoder-decoder",
 }
 
 
@@ -42,16 +60,13 @@ def adapter_class(family: str) -> type[Adapter]:
     """The adapter class of `family` (imported on first use)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; supported families: {sorted(FAMILIES)}")
-    module, name, _ = FAMILIES[family]
-    return getattr(importlib.import_module(module), name)
+    entry = FAMILIES[family]
+    return getattr(importlib.import_module(entry.module), entry.adapter)
 
 
 def family_of_class(class_name: str) -> str | None:
     """The family that explains model class `class_name`, if any."""
-    for family, (_, _, classes) in FAMILIES.items():
-        if class_name in classes:
-            return family
-    return None
+    return next((f for f, e in FAMILIES.items() if class_name in e.classes), None)
 
 
 def family_of_config(model_type: str | None, architectures: list[str] | None) -> str | None:
@@ -60,11 +75,30 @@ def family_of_config(model_type: str | None, architectures: list[str] | None) ->
         family = family_of_class(arch)
         if family is not None:
             return family
-    return MODEL_TYPES.get(model_type or "")
+    return next((f for f, e in FAMILIES.items() if model_type in e.model_types), None)
+
+
+def family_of_file(suffix: str) -> str | None:
+    """The family that loads single checkpoint files ending in `suffix`, if any."""
+    return next((f for f, e in FAMILIES.items() if suffix.lower() in e.files), None)
+
+
+def checkpoint_suffixes() -> list[str]:
+    return sorted({s for e in FAMILIES.values() for s in e.files})
 
 
 def supported_classes() -> list[str]:
-    return sorted(c for _, _, classes in FAMILIES.values() for c in classes)
+    return sorted(c for e in FAMILIES.values() for c in e.classes)
 
 
-__all__ = ["Adapter", "FAMILIES", "adapter_class", "family_of_class", "family_of_config"]
+__all__ = [
+    "Adapter",
+    "FAMILIES",
+    "Family",
+    "adapter_class",
+    "checkpoint_suffixes",
+    "family_of_class",
+    "family_of_config",
+    "family_of_file",
+    "supported_classes",
+]

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
 
-from groundcam.adapters.base import Adapter, RecordSpec, Scores
-from groundcam.capture import HookPoint
+from groundcam.adapters import hf
+from groundcam.adapters.base import Adapter
+from groundcam.contract import (
+    ATTENTION_GRAPH,
+    TEXT_TO_IMAGE,
+    VISION_ATTENTION,
+    VISION_TOKENS,
+    AttentionGraph,
+    AttentionStep,
+    HookPoint,
+    RecordSpec,
+    Scores,
+    Source,
+)
 from groundcam.data.text import pre_caption
 from groundcam.geometry import Geometry
 from groundcam.io import to_rgb
-from groundcam.methods.base import (
-    ATTENTION_GRAPH,
-    CROSS_ATTENTION,
-    SELF_ATTENTION,
-    TOKENS,
-    AttentionGraph,
-    AttentionStep,
-)
 from groundcam.models.albef import AlbefModel
 
 # The normalisation ALBEF's grounding transform uses (CLIP's statistics).
@@ -31,8 +37,34 @@ class AlbefAdapter(Adapter):
     targets = ("itm", "similarity")
     default_target = "itm"
     architectures = ("AlbefModel",)
-    SOURCES = (CROSS_ATTENTION, SELF_ATTENTION, TOKENS, ATTENTION_GRAPH)
+    SOURCES = (TEXT_TO_IMAGE, VISION_ATTENTION, VISION_TOKENS, ATTENTION_GRAPH)
     model: AlbefModel
+
+    def __init__(self, model: AlbefModel, tokenizer=None, name: str = "", processor=None):
+        super().__init__(model, hf.tokenizer_of(processor, tokenizer), name, processor)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str,
+        processor=None,
+        tokenizer=None,
+        name: str = "",
+        num_heads: int = 12,
+        text_num_heads: int = 12,
+    ) -> AlbefAdapter:
+        """A saved directory (config.json with model_type "albef", safetensors, tokenizer), or an
+        official ALBEF checkpoint file (`num_heads`/`text_num_heads`: its head counts, which the
+        tensors do not tell)."""
+        path = Path(source)
+        if path.is_dir():
+            net = AlbefModel.from_pretrained(path)
+            tokenizer = hf.tokenizer_of(processor, tokenizer) or hf.tokenizer_from_directory(path)
+            return cls(net, tokenizer, name=name or source)
+        from groundcam.models.albef_checkpoint import load_official
+
+        net = load_official(path, num_heads=num_heads, text_num_heads=text_num_heads)
+        return cls(net, tokenizer, name=name or source, processor=processor)
 
     def prepare_images(self, images: list[Image.Image]) -> torch.Tensor:
         """Bicubic resize to the model's resolution, [0, 1], then ALBEF's mean/std."""
@@ -46,67 +78,65 @@ class AlbefAdapter(Adapter):
         return x.to(self.device)
 
     def prepare_texts(self, phrases: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """ALBEF's `pre_caption` of each phrase, tokenised (too long: truncated, with a warning)."""
         if self.tokenizer is None:
             raise ValueError("this ALBEF model has no tokenizer: pass tokenizer= to gc.load")
-        enc = self.tokenizer(
-            [pre_caption(p) for p in phrases],
-            padding="longest",
-            truncation=True,
-            max_length=self.model.config.max_position_embeddings,
-            return_tensors="pt",
-        )
-        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        limit = self.model.config.max_position_embeddings
+        texts = [pre_caption(p) for p in phrases]
+        return hf.text_inputs(self.tokenizer, texts, limit, self.device, shown=phrases)
 
     def token_strings(self, input_ids, attention_mask):
-        out = []
-        for ids, m in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
-            ids = [i for i, keep in zip(ids, m, strict=True) if keep]
-            if self.tokenizer is None:
-                out.append([str(i) for i in ids])
-            else:
-                out.append(self.tokenizer.convert_ids_to_tokens(ids))
-        return out
+        return hf.token_strings(self.tokenizer, input_ids, attention_mask)
 
     def geometry(self, pixel_values: torch.Tensor) -> Geometry:
         p = self.model.config.patch_size
         return Geometry(pixel_values.shape[-2] // p, pixel_values.shape[-1] // p, prefix=1)
 
-    def layers(self, source: str) -> list[int]:
+    def table(self) -> tuple[Source, ...]:
+        """Cross-attention: ALBEF's `block_num`, an absolute index into the text layers, from the
+        fusion layer on; the default is a middle fusion layer (8 of 12 in the released models;
+        never the last, whose non-CLS rows get no gradient). Vision Grad-CAM: the last block for
+        ITM (the fusion layers read every image token), the one before for similarity (ITC reads
+        only the image CLS, so the last block's patch outputs get exactly zero gradient)."""
         cfg = self.model.config
-        if source == CROSS_ATTENTION:  # ALBEF's `block_num`: absolute index into the text layers
-            return list(range(cfg.fusion_layer, cfg.text_layers))
-        if source == ATTENTION_GRAPH:
-            return []
-        return list(range(cfg.vision_depth))
+        fusion = tuple(range(cfg.fusion_layer, cfg.text_layers))
+        vision = tuple(range(cfg.vision_depth))
+        last = cfg.vision_depth - 1
+        return (
+            Source(
+                TEXT_TO_IMAGE,
+                self._cross_spec,
+                fusion,
+                cfg.fusion_layer + (cfg.text_layers - cfg.fusion_layer - 1) // 2,
+                targets=("itm",),
+                unreachable="ALBEF's similarity (ITC) target never passes through the fusion "
+                "layers: use target 'itm', or a vision method (gradcam, rollout)",
+            ),
+            Source(VISION_ATTENTION, self._vision_attention_spec, vision, last),
+            Source(
+                VISION_TOKENS,
+                self._tokens_spec,
+                vision,
+                {"itm": last, "similarity": max(last - 1, 0)},
+            ),
+            Source(ATTENTION_GRAPH, self._graph_spec),
+        )
 
-    def default_layer(self, source: str, target: str) -> int:
-        """A middle fusion layer (8 of 12 in the released models; never the last, whose
-        non-CLS rows get no gradient). Vision: the last block for ITM (the fusion layers read
-        every image token), the one before for similarity (ITC reads only the image CLS, so the
-        last block's patch outputs get exactly zero gradient)."""
-        cfg = self.model.config
-        if source == CROSS_ATTENTION:
-            return cfg.fusion_layer + (cfg.text_layers - cfg.fusion_layer - 1) // 2
-        if source == TOKENS and target == "similarity":
-            return max(cfg.vision_depth - 2, 0)
-        return cfg.vision_depth - 1
+    def _cross_spec(self, layer: int, target: str) -> RecordSpec:
+        mod = self.model.text_encoder.encoder.layer[layer].crossattention.self.probs
+        return RecordSpec([HookPoint(f"text.{layer}.cross", mod)], layer)
 
-    def record_spec(self, source: str, layer: int | None, target: str = "") -> RecordSpec:
-        vit, text = self.model.visual_encoder, self.model.text_encoder
-        if source == ATTENTION_GRAPH:
-            return self._graph_spec(target)
-        if source == CROSS_ATTENTION:
-            mod = text.encoder.layer[layer].crossattention.self.probs
-            return RecordSpec([HookPoint(f"text.{layer}.cross", mod)], layer)
-        if source == TOKENS:
-            return RecordSpec(
-                [HookPoint(f"vision.{layer}", vit.blocks[layer])], layer, expand_vision_at=layer
-            )
-        layers = self.layers(source) if layer is None else [layer]
-        points = [HookPoint(f"vision.{i}.attn", vit.blocks[i].attn.probs) for i in layers]
+    def _tokens_spec(self, layer: int, target: str) -> RecordSpec:
+        block = self.model.visual_encoder.blocks[layer]
+        return RecordSpec([HookPoint(f"vision.{layer}", block)], layer, expand_vision_at=layer)
+
+    def _vision_attention_spec(self, layer: int | None, target: str) -> RecordSpec:
+        blocks = self.model.visual_encoder.blocks
+        layers = range(len(blocks)) if layer is None else [layer]
+        points = [HookPoint(f"vision.{i}.attn", blocks[i].attn.probs) for i in layers]
         return RecordSpec(points, layer, per_image=True)
 
-    def _graph_spec(self, target: str) -> RecordSpec:
+    def _graph_spec(self, layer: None, target: str) -> RecordSpec:
         """Vision self-attention (once per image), then per text layer its self-attention and,
         in fusion layers, its cross-attention to the image. ITC reads only the vision side."""
         vit, text = self.model.visual_encoder, self.model.text_encoder
@@ -124,13 +154,6 @@ class AlbefAdapter(Adapter):
                 points.append(HookPoint(f"text.{i}.cross", layer.crossattention.self.probs))
                 steps.append(AttentionStep("text", "image"))
         return RecordSpec(points, None, graph=AttentionGraph(tuple(steps), "text", "image"))
-
-    def check(self, source: str, target: str) -> None:
-        if target == "similarity" and source == CROSS_ATTENTION:
-            raise ValueError(
-                "ALBEF's similarity (ITC) target never passes through the fusion layers: "
-                "use target 'itm', or a vision method (gradcam, rollout)"
-            )
 
     def forward(
         self, pixel_values, input_ids, attention_mask, image_index, target, expand_vision_at=None

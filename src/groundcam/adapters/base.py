@@ -2,34 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import torch
 from PIL import Image
 from torch import nn
 
-from groundcam.capture import HookPoint
+from groundcam.contract import RecordSpec, Scores, Source, source_label
 from groundcam.geometry import Geometry
-from groundcam.methods.base import AttentionGraph
 
-
-@dataclass
-class RecordSpec:
-    """Hook points for one explanation; `per_image` records hold one row per image (not per
-    phrase) and are gathered by the image index afterwards."""
-
-    points: list[HookPoint]
-    layer: int | None
-    per_image: bool = False
-    expand_vision_at: int | None = None
-    graph: AttentionGraph | None = None  # for relevance: how the recorded attentions connect
-
-
-@dataclass
-class Scores:
-    explained: torch.Tensor  # [B] the scalar per pair whose gradient explains it
-    reported: torch.Tensor  # [B] what a person reads (a probability, a cosine)
-    geometry: Geometry | None = None  # when only the forward knows it (ViLT's shuffled patches)
+__all__ = ["Adapter", "RecordSpec", "Scores", "Source", "ensure_eager"]
 
 
 class Adapter:
@@ -39,7 +21,10 @@ class Adapter:
     targets: tuple[str, ...] = ()
     default_target: str = ""
     architectures: tuple[str, ...] = ()  # model class names this adapter explains
-    SOURCES: tuple[str, ...] = ()  # recorded-tensor kinds the family has (methods.base)
+    SOURCES: tuple[str, ...] = ()  # recorded-tensor kinds the family has (contract)
+    default_methods: Mapping[str, str] = {"itm": "attn-gradcam"}  # target -> default method
+    batch_images: int = 8  # images per forward in an evaluation (all their phrases together)
+    missing_targets: Mapping[str, str] = {}  # target -> why this model cannot explain it
 
     def __init__(self, model: nn.Module, tokenizer=None, name: str = "", processor=None):
         self.model = model
@@ -53,6 +38,13 @@ class Adapter:
     ) -> Adapter:
         """Load a model of this family from a hub id or a local directory."""
         raise NotImplementedError
+
+    @classmethod
+    def default_image_processor(cls, model: nn.Module):
+        """The image processor that follows from `model`'s config (its image size and the
+        family's normalisation), for a model instance passed without one; None when the family
+        has no such processor or needs none."""
+        return None
 
     @classmethod
     def handles(cls, model: nn.Module) -> bool:
@@ -76,29 +68,66 @@ class Adapter:
     def geometry(self, pixel_values: torch.Tensor) -> Geometry:
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ the table
+    def table(self) -> tuple[Source, ...]:
+        """The family's sources on this model: one row per kind of recorded tensor, with its
+        layers, default layer, the targets that reach it and how to record it."""
+        raise NotImplementedError
+
+    @property
+    def _table_of_sources(self) -> dict[str, Source]:
+        rows = self.__dict__.get("_table_rows")
+        if rows is None:
+            rows = {row.kind: row for row in self.table()}
+            self.__dict__["_table_rows"] = rows
+        return rows
+
     def sources(self) -> tuple[str, ...]:
         """Where this model's methods can read from (a subset of `SOURCES` for some configs)."""
-        return self.SOURCES
+        return tuple(self._table_of_sources)
+
+    def source(self, kind: str) -> Source:
+        """The table row of `kind`, or a ValueError naming what this model has."""
+        row = self._table_of_sources.get(kind)
+        if row is None:
+            have = ", ".join(source_label(k) for k in self._table_of_sources)
+            raise ValueError(
+                f"the {self.family} family has no {source_label(kind)} (it has {have})"
+            )
+        return row
 
     def layers(self, source: str) -> list[int]:
         """Valid layer numbers of a source, in the family's own numbering."""
-        raise NotImplementedError
+        return list(self.source(source).layers)
 
-    def default_layer(self, source: str, target: str) -> int:
-        """A layer whose maps are never degenerate for this target."""
-        raise NotImplementedError
+    def default_layer(self, source: str, target: str) -> int | None:
+        """A layer whose maps are never degenerate for this target (None: every layer)."""
+        return self.source(source).default_for(target)
 
     def record_spec(self, source: str, layer: int | None, target: str = "") -> RecordSpec:
         """What to record for `source` at `layer` (every layer when None) for `target`."""
-        raise NotImplementedError
+        return self.source(source).record(layer, target or self.default_target)
+
+    def check(self, source: str, target: str) -> None:
+        """Raise ValueError when this model cannot explain `target`, or when the target's score
+        never reaches this source (e.g. a dual-encoder score never passes through a fusion
+        layer)."""
+        if target in self.missing_targets:
+            raise ValueError(self.missing_targets[target])
+        row = self.source(source)
+        if row.targets is not None and target not in row.targets:
+            raise ValueError(
+                row.unreachable
+                or f"target {target!r} never reaches the {source_label(source)} of this model"
+            )
 
     def methods_note(self) -> str:
         """Anything a user should know about this family's methods (shown by `groundcam models`)."""
         return ""
 
-    def check(self, source: str, target: str) -> None:
-        """Raise ValueError when this target cannot reach this source (e.g. a dual-encoder score
-        never passes through a fusion layer)."""
+    def default_method(self, target: str) -> str:
+        """The method the evidence supports for `target` on this family."""
+        return self.default_methods.get(target) or next(iter(self.default_methods.values()))
 
     def forward(
         self,
@@ -112,9 +141,11 @@ class Adapter:
         raise NotImplementedError
 
     # Generation families (target "token") also implement these two.
-    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, int]:
+    def generate(
+        self, pixel_values: torch.Tensor, max_new_tokens: int | None
+    ) -> tuple[torch.Tensor, int]:
         """Greedy text for one image: ids [1, T] including any start token or prompt, and the
-        position of the first generated token."""
+        position of the first generated token (None: the model's generation_config's length)."""
         raise NotImplementedError
 
     def decoder_logits(

@@ -16,32 +16,27 @@ from PIL import Image
 from torch import nn
 
 from groundcam.adapters import hf
-from groundcam.adapters.base import Adapter, RecordSpec, Scores
-from groundcam.capture import HookPoint
-from groundcam.geometry import Geometry
-from groundcam.methods.base import (
+from groundcam.adapters.base import Adapter
+from groundcam.contract import (
     ATTENTION_GRAPH,
-    CROSS_ATTENTION,
-    SELF_ATTENTION,
-    TOKENS,
+    TEXT_TO_IMAGE,
+    VISION_ATTENTION,
+    VISION_TOKENS,
     AttentionGraph,
     AttentionStep,
+    HookPoint,
+    RecordSpec,
+    Scores,
+    Source,
+    middle_layer,
 )
+from groundcam.geometry import Geometry
 
 QUERY_NAMES = ("query", "qkv", "q_proj")
 NO_PHRASES = (
     "BLIP captioning explains the tokens it generates: use explain_generation "
     "(pass text= to explain a given caption)"
 )
-
-
-def layer_stack(root: nn.Module, depth: int, what: str) -> nn.ModuleList:
-    """The list of `depth` blocks under `root`, found by structure (module paths move between
-    transformers releases)."""
-    for _, module in root.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == depth:
-            return module
-    raise ValueError(f"could not find the {depth} {what} layers of this BLIP model")
 
 
 def attention_cores(block: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -62,11 +57,6 @@ def probs_point(name: str, core: nn.Module, per_image: bool = False) -> HookPoin
     return HookPoint(name, core, index=1, per_image=per_image)
 
 
-def middle_layer(layers: list[int]) -> int:
-    """The middle of a stack, never its last layer when there are two or more."""
-    return layers[min(len(layers) // 2, len(layers) - 2)] if len(layers) > 1 else layers[0]
-
-
 class _BlipBase(Adapter):
     """What the ITM and captioning models share: the vision tower, its geometry and hooks."""
 
@@ -74,10 +64,10 @@ class _BlipBase(Adapter):
         hf.prepare_instance(model)
         super().__init__(model, hf.tokenizer_of(processor, tokenizer), name, processor)
         cfg = model.config
-        self.vision_blocks = layer_stack(
-            model.vision_model, cfg.vision_config.num_hidden_layers, "vision"
+        self.vision_blocks = hf.layer_stack(
+            model.vision_model, "vision", cfg.vision_config.num_hidden_layers
         )
-        self.text_layers = layer_stack(self._text(), cfg.text_config.num_hidden_layers, "text")
+        self.text_layers = hf.layer_stack(self._text(), "text", cfg.text_config.num_hidden_layers)
         self.cross = {}  # text layer -> its cross-attention core
         for i, layer in enumerate(self.text_layers):
             cross = [m for path, m in attention_cores(layer) if "cross" in path]
@@ -125,13 +115,6 @@ class _BlipBase(Adapter):
         ph, pw = hf.patch_size(self._vcfg)
         return Geometry(pixel_values.shape[-2] // ph, pixel_values.shape[-1] // pw, prefix=1)
 
-    def layers(self, source: str) -> list[int]:
-        if source == CROSS_ATTENTION:
-            return sorted(self.cross)
-        if source == ATTENTION_GRAPH:
-            return []
-        return list(range(self._vcfg.num_hidden_layers))
-
     def _vision_points(self) -> list[HookPoint]:
         """Every vision self-attention, recorded once per image."""
         return [
@@ -139,19 +122,24 @@ class _BlipBase(Adapter):
             for i, block in enumerate(self.vision_blocks)
         ]
 
-    def _record_vision_or_cross(self, source: str, layer: int | None) -> RecordSpec:
-        if source == CROSS_ATTENTION:
-            point = probs_point(f"text.{layer}.cross", self.cross[layer])
-            return RecordSpec([point], layer)
-        if source == TOKENS:
-            block = self.vision_blocks[layer]
-            return RecordSpec([HookPoint(f"vision.{layer}", block, per_image=True)], layer)
-        points = self._vision_points()
-        if layer is not None:
-            points = [points[layer]]
-        return RecordSpec(points, layer, per_image=True)
+    def _cross_spec(self, layer: int, target: str) -> RecordSpec:
+        return RecordSpec([probs_point(f"text.{layer}.cross", self.cross[layer])], layer)
 
-    def _text_graph(self) -> RecordSpec:
+    def _tokens_spec(self, layer: int, target: str) -> RecordSpec:
+        block = self.vision_blocks[layer]
+        return RecordSpec([HookPoint(f"vision.{layer}", block, per_image=True)], layer)
+
+    def _vision_attention_spec(self, layer: int | None, target: str) -> RecordSpec:
+        points = self._vision_points()
+        return RecordSpec(points if layer is None else [points[layer]], layer, per_image=True)
+
+    def _vision_graph(self) -> RecordSpec:
+        """Relevance over the vision tower alone, read at the image CLS."""
+        points = self._vision_points()
+        steps = (AttentionStep("image", "image"),) * len(points)
+        return RecordSpec(points, None, graph=AttentionGraph(steps, "image", "image"))
+
+    def _text_graph(self, layer: None = None, target: str = "") -> RecordSpec:
         """Vision self-attention once per image, then per text layer its self-attention and its
         cross-attention to the image tokens; read from the text stream."""
         points = self._vision_points()
@@ -173,7 +161,7 @@ class BlipItmAdapter(_BlipBase):
     targets = ("itm", "similarity")
     default_target = "itm"
     architectures = ("BlipForImageTextRetrieval",)
-    SOURCES = (CROSS_ATTENTION, SELF_ATTENTION, TOKENS, ATTENTION_GRAPH)
+    SOURCES = (TEXT_TO_IMAGE, VISION_ATTENTION, VISION_TOKENS, ATTENTION_GRAPH)
 
     def _text(self) -> nn.Module:
         return self.model.text_encoder
@@ -182,39 +170,45 @@ class BlipItmAdapter(_BlipBase):
         limit = self.model.config.text_config.max_position_embeddings
         return hf.text_inputs(self.tokenizer, phrases, limit, self.device)
 
-    def default_layer(self, source: str, target: str) -> int:
+    def table(self) -> tuple[Source, ...]:
         """Cross-attention: the middle text layer (6 of 12, LAVIS's `compute_gradcam` default
         for BLIP; never the last, whose non-CLS rows get no gradient). Vision: the last block for
         ITM (every text layer cross-attends to every image token), the one before for similarity
         (ITC reads only the image CLS, so the last block's patch outputs get zero gradient)."""
-        if source == CROSS_ATTENTION:
-            return middle_layer(self.layers(source))
-        depth = self._vcfg.num_hidden_layers
-        if source == TOKENS and target == "similarity":
-            return max(depth - 2, 0)
-        return depth - 1
-
-    def record_spec(self, source: str, layer: int | None, target: str = "") -> RecordSpec:
-        if source != ATTENTION_GRAPH:
-            return self._record_vision_or_cross(source, layer)
-        if target == "similarity":  # ITC reads the image through its CLS token only
-            points = self._vision_points()
-            steps = (AttentionStep("image", "image"),) * len(points)
-            return RecordSpec(points, None, graph=AttentionGraph(steps, "image", "image"))
-        return self._text_graph()
+        cross = tuple(sorted(self.cross))
+        vision = tuple(range(self._vcfg.num_hidden_layers))
+        last = vision[-1]
+        return (
+            Source(
+                TEXT_TO_IMAGE,
+                self._cross_spec,
+                cross,
+                middle_layer(cross),
+                targets=("itm",),
+                unreachable="BLIP's similarity (ITC cosine) target never passes through a "
+                "cross-attention: use target 'itm', or a vision method (gradcam, rollout, "
+                "relevance)",
+            ),
+            Source(VISION_ATTENTION, self._vision_attention_spec, vision, last),
+            Source(
+                VISION_TOKENS,
+                self._tokens_spec,
+                vision,
+                {"itm": last, "similarity": max(last - 1, 0)},
+            ),
+            Source(
+                ATTENTION_GRAPH,
+                lambda layer, target: (
+                    self._vision_graph() if target == "similarity" else self._text_graph()
+                ),
+            ),
+        )
 
     def methods_note(self) -> str:
         return (
             "every BLIP text layer cross-attends to the image (layers 0..L-1); similarity is "
             "BLIP's ITC cosine and only reaches the vision tower (gradcam, rollout, relevance)"
         )
-
-    def check(self, source: str, target: str) -> None:
-        if target == "similarity" and source == CROSS_ATTENTION:
-            raise ValueError(
-                "BLIP's similarity (ITC cosine) target never passes through a cross-attention: "
-                "use target 'itm', or a vision method (gradcam, rollout, relevance)"
-            )
 
     def forward(
         self, pixel_values, input_ids, attention_mask, image_index, target, expand_vision_at=None
@@ -245,7 +239,8 @@ class BlipCaptionAdapter(_BlipBase):
     targets = ("token",)
     default_target = "token"
     architectures = ("BlipForConditionalGeneration",)
-    SOURCES = (CROSS_ATTENTION, TOKENS, ATTENTION_GRAPH)
+    SOURCES = (TEXT_TO_IMAGE, VISION_TOKENS, ATTENTION_GRAPH)
+    default_methods = {"token": "attn-gradcam"}  # LAVIS explains BLIP with this
     prompt: str | None = None
 
     def __init__(
@@ -262,17 +257,16 @@ class BlipCaptionAdapter(_BlipBase):
     def _text(self) -> nn.Module:
         return self.model.text_decoder
 
-    def default_layer(self, source: str, target: str) -> int:
+    def table(self) -> tuple[Source, ...]:
         """Cross-attention: the middle decoder layer (as for ITM); vision: the last block (the
         decoder cross-attends to every image token)."""
-        if source == CROSS_ATTENTION:
-            return middle_layer(self.layers(source))
-        return self._vcfg.num_hidden_layers - 1
-
-    def record_spec(self, source: str, layer: int | None, target: str = "") -> RecordSpec:
-        if source == ATTENTION_GRAPH:
-            return self._text_graph()
-        return self._record_vision_or_cross(source, layer)
+        cross = tuple(sorted(self.cross))
+        vision = tuple(range(self._vcfg.num_hidden_layers))
+        return (
+            Source(TEXT_TO_IMAGE, self._cross_spec, cross, middle_layer(cross)),
+            Source(VISION_TOKENS, self._tokens_spec, vision, vision[-1]),
+            Source(ATTENTION_GRAPH, self._text_graph),
+        )
 
     def prepare_texts(self, phrases: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(NO_PHRASES)
@@ -289,17 +283,21 @@ class BlipCaptionAdapter(_BlipBase):
         ids[:, 0] = self.model.config.text_config.bos_token_id
         return ids
 
-    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, int]:
-        """Greedy caption: ids [1, T] = [bos] + prompt + generated (ending at [SEP] if reached)."""
+    def generate(
+        self, pixel_values: torch.Tensor, max_new_tokens: int | None
+    ) -> tuple[torch.Tensor, int]:
+        """Greedy caption: ids [1, T] = [bos] + prompt + generated (ending at [SEP] if reached);
+        its length is the model's generation_config's unless `max_new_tokens` is given."""
         prompt = self._prompt_ids()  # model.generate drops the trailing [SEP] itself
+        length = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
         ids = self.model.generate(
             pixel_values,
             input_ids=prompt.clone(),
             attention_mask=torch.ones_like(prompt),
-            max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,
             interpolate_pos_encoding=True,
+            **length,
         )
         return ids, prompt.shape[1] - 1
 

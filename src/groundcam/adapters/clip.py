@@ -21,16 +21,19 @@ from PIL import Image
 from torch import nn
 
 from groundcam.adapters import hf
-from groundcam.adapters.base import Adapter, RecordSpec, Scores
-from groundcam.capture import HookPoint
-from groundcam.geometry import Geometry
-from groundcam.methods.base import (
+from groundcam.adapters.base import Adapter
+from groundcam.contract import (
     ATTENTION_GRAPH,
-    SELF_ATTENTION,
-    TOKENS,
+    VISION_ATTENTION,
+    VISION_TOKENS,
     AttentionGraph,
     AttentionStep,
+    HookPoint,
+    RecordSpec,
+    Scores,
+    Source,
 )
+from groundcam.geometry import Geometry
 
 
 def first_norm(block: nn.Module) -> nn.Module:
@@ -48,7 +51,8 @@ class ClipAdapter(Adapter):
     targets = ("similarity",)
     default_target = "similarity"
     architectures = ("CLIPModel",)
-    SOURCES = (TOKENS, SELF_ATTENTION, ATTENTION_GRAPH)
+    SOURCES = (VISION_TOKENS, VISION_ATTENTION, ATTENTION_GRAPH)
+    default_methods = {"similarity": "gradcam"}
     prefix = 1  # the CLS token before the patches
     padding: str | bool = "longest"  # the text tower pools the EOS token, wherever it is
 
@@ -56,7 +60,7 @@ class ClipAdapter(Adapter):
         super().__init__(hf.prepare_instance(model), hf.tokenizer_of(processor, tokenizer), name)
         self.processor = processor
         self.vision = model.vision_model
-        self.blocks = hf.layer_list(self.vision)
+        self.blocks = hf.layer_stack(self.vision, "vision")
         self.attentions = [hf.attention_modules(b)[0] for b in self.blocks]
         self.readers = self._token_readers()
 
@@ -94,28 +98,25 @@ class ClipAdapter(Adapter):
         return Geometry(pixel_values.shape[-2] // p_h, pixel_values.shape[-1] // p_w, self.prefix)
 
     # ------------------------------------------------------------------ layers
-    def layers(self, source: str) -> list[int]:
-        if source == TOKENS:
-            return list(range(len(self.readers)))
-        if source == SELF_ATTENTION:
-            return list(range(len(self.blocks)))
-        return []
-
-    def default_layer(self, source: str, target: str) -> int:
+    def table(self) -> tuple[Source, ...]:
         """Grad-CAM: the last layer whose patch tokens reach the score (for CLIP the input of
-        the last block). Attention: the last block, whose CLS row the pooled output reads."""
-        if source == TOKENS:
-            return len(self.readers) - 1
-        return len(self.blocks) - 1
+        the last block). Attention: the last block, whose CLS row the pooled output reads. A dual
+        encoder's score never passes through a cross-attention: there is none."""
+        readers = tuple(range(len(self.readers)))
+        blocks = tuple(range(len(self.blocks)))
+        rows = [Source(VISION_TOKENS, self._tokens_spec, readers, readers[-1])]
+        if VISION_ATTENTION in self.SOURCES:
+            rows.append(Source(VISION_ATTENTION, self._attention_spec, blocks, blocks[-1]))
+        rows.append(Source(ATTENTION_GRAPH, lambda layer, target: self._graph_spec()))
+        return tuple(rows)
 
-    def record_spec(self, source: str, layer: int | None, target: str = "") -> RecordSpec:
-        if source == TOKENS:
-            point = HookPoint(f"vision.{layer}", self.readers[layer], per_image=True)
-            return RecordSpec([point], layer, per_image=True)
-        if source == SELF_ATTENTION:
-            layers = self.layers(source) if layer is None else [layer]
-            return RecordSpec([self._attention_point(i) for i in layers], layer, per_image=True)
-        return self._graph_spec()
+    def _tokens_spec(self, layer: int, target: str) -> RecordSpec:
+        point = HookPoint(f"vision.{layer}", self.readers[layer], per_image=True)
+        return RecordSpec([point], layer, per_image=True)
+
+    def _attention_spec(self, layer: int | None, target: str) -> RecordSpec:
+        layers = range(len(self.blocks)) if layer is None else [layer]
+        return RecordSpec([self._attention_point(i) for i in layers], layer, per_image=True)
 
     def _attention_point(self, i: int) -> HookPoint:
         return HookPoint(f"vision.{i}.attn", self.attentions[i], index=1, per_image=True)
@@ -126,14 +127,6 @@ class ClipAdapter(Adapter):
         steps = (AttentionStep("image", "image"),) * len(points)
         graph = AttentionGraph(steps, "image", "image")
         return RecordSpec(points, None, per_image=True, graph=graph)
-
-    def check(self, source: str, target: str) -> None:
-        """A dual encoder's score never passes through a cross-attention."""
-        if source not in self.sources():
-            raise ValueError(
-                f"the {self.family} similarity reads only the vision tower; it has no "
-                f"{source.replace('_', '-')}"
-            )
 
     def methods_note(self) -> str:
         return (

@@ -6,12 +6,12 @@ logit; reported: the match probability); `similarity` is the contrastive logit t
 `cos(image, text) * exp(logit_scale)` (reported: the cosine). A bare FlavaModel has no ITM head.
 
 Sources (layers are 0-based in the named stack):
-- `SELF_ATTENTION`: the image encoder's self-attention (attention, rollout: the image CLS row;
+- `VISION_ATTENTION`: the image encoder's self-attention (attention, rollout: the image CLS row;
   not text-conditioned).
-- `TOKENS`: layer k < image depth is image block k's output (encoded once per image); layer
+- `VISION_TOKENS`: layer k < image depth is image block k's output (encoded once per image); layer
   k >= image depth is multimodal block `k - image depth`, its image tokens (itm only). The itm
   default is the multimodal stream, whose image tokens have already read the phrase.
-- `CROSS_ATTENTION`: a multimodal block's self-attention, text rows over image columns (itm only).
+- `TEXT_TO_IMAGE`: a multimodal block's self-attention, text rows over image columns (itm only).
 - `ATTENTION_GRAPH`: for itm, the multimodal blocks only (Chefer et al.'s rule for a single-stream
   fusion: relevance starts from the identity at the multimodal input and is read at the mm-CLS row
   that the ITM head pools; the image encoder is not chained on, as the method has no rule across
@@ -33,18 +33,21 @@ from PIL import Image
 from torch import nn
 
 from groundcam.adapters import hf
-from groundcam.adapters.base import Adapter, RecordSpec, Scores
+from groundcam.adapters.base import Adapter
 from groundcam.adapters.taps import Tap, route
-from groundcam.capture import HookPoint
-from groundcam.geometry import Geometry
-from groundcam.methods.base import (
+from groundcam.contract import (
     ATTENTION_GRAPH,
-    CROSS_ATTENTION,
-    SELF_ATTENTION,
-    TOKENS,
+    TEXT_TO_IMAGE,
+    VISION_ATTENTION,
+    VISION_TOKENS,
     AttentionGraph,
     AttentionStep,
+    HookPoint,
+    RecordSpec,
+    Scores,
+    Source,
 )
+from groundcam.geometry import Geometry
 
 
 class FlavaAdapter(Adapter):
@@ -52,7 +55,8 @@ class FlavaAdapter(Adapter):
     targets = ("itm", "similarity")
     default_target = "itm"
     architectures = ("FlavaModel", "FlavaForPreTraining")
-    SOURCES = (CROSS_ATTENTION, SELF_ATTENTION, TOKENS, ATTENTION_GRAPH)
+    SOURCES = (TEXT_TO_IMAGE, VISION_ATTENTION, VISION_TOKENS, ATTENTION_GRAPH)
+    default_methods = {"itm": "attn-gradcam", "similarity": "gradcam"}
 
     def __init__(self, model: nn.Module, tokenizer=None, name: str = "", processor=None):
         hf.prepare_instance(model)
@@ -70,8 +74,14 @@ class FlavaAdapter(Adapter):
         self.itm_head = getattr(model, "itm_head", None)
         if self.itm_head is None:
             self.default_target = "similarity"
-        self.image_blocks = hf.blocks(self.flava.image_model, "image")
-        self.mm_blocks = hf.blocks(self.flava.multimodal_model, "multimodal")
+            self.default_methods = {"similarity": "gradcam"}
+            self.missing_targets = {
+                "itm": f"{type(model).__name__} has no ITM head: target 'itm' needs "
+                "FlavaForPreTraining (e.g. facebook/flava-full); this model explains "
+                "target 'similarity'"
+            }
+        self.image_blocks = hf.layer_stack(self.flava.image_model, "image")
+        self.mm_blocks = hf.layer_stack(self.flava.multimodal_model, "multimodal")
         self.image_probs = [hf.attention_probs(b) for b in self.image_blocks]
         self.mm_probs = [hf.attention_probs(b) for b in self.mm_blocks]
         self.mm_cls = int(getattr(self.flava.multimodal_model, "cls_token", None) is not None)
@@ -110,28 +120,35 @@ class FlavaAdapter(Adapter):
         ph, pw = hf.patch_size(self.flava.image_model.config)
         return Geometry(pixel_values.shape[-2] // ph, pixel_values.shape[-1] // pw, prefix=1)
 
-    def layers(self, source: str) -> list[int]:
-        image, mm = self._depths
-        if source == CROSS_ATTENTION:
-            return list(range(mm))
-        if source == TOKENS:  # image blocks, then (with an ITM head) the multimodal blocks
-            return list(range(image + (mm if self.itm_head is not None else 0)))
-        if source == SELF_ATTENTION:
-            return list(range(image))
-        return []
-
-    def default_layer(self, source: str, target: str) -> int:
+    def table(self) -> tuple[Source, ...]:
         """Never a stack's last block where only a CLS is read after it: the ITM head pools the
         mm-CLS (the last multimodal block's text rows and image outputs get no gradient), the
         contrastive head the image CLS. Itm Grad-CAM reads the multimodal stream's image tokens
         at the input of its last block (the last image block when there is one multimodal
-        block); raw image attention reads the last image block."""
+        block); raw image attention reads the last image block. Grad-CAM layers are the image
+        blocks, then (with an ITM head) the multimodal blocks."""
         image, mm = self._depths
-        if source == CROSS_ATTENTION:
-            return max(mm - 2, 0)
-        if source == TOKENS:
-            return image + mm - 2 if target == "itm" else max(image - 2, 0)
-        return image - 1
+        tokens = tuple(range(image + (mm if self.itm_head is not None else 0)))
+        return (
+            Source(
+                TEXT_TO_IMAGE,
+                self._cross_spec,
+                tuple(range(mm)),
+                max(mm - 2, 0),
+                targets=("itm",),
+                unreachable="FLAVA's similarity (contrastive) target never passes through the "
+                "multimodal encoder: use target 'itm', or a vision method (gradcam, rollout, "
+                "relevance)",
+            ),
+            Source(VISION_ATTENTION, self._image_attention_spec, tuple(range(image)), image - 1),
+            Source(
+                VISION_TOKENS,
+                self._tokens_spec,
+                tokens,
+                {"itm": image + mm - 2, "similarity": max(image - 2, 0)},
+            ),
+            Source(ATTENTION_GRAPH, lambda layer, target: self._graph_spec(target)),
+        )
 
     def methods_note(self) -> str:
         image, _ = self._depths
@@ -141,37 +158,25 @@ class FlavaAdapter(Adapter):
             "propagates over the multimodal blocks"
         )
 
-    def check(self, source: str, target: str) -> None:
-        if target == "itm" and self.itm_head is None:
-            raise ValueError(
-                f"{type(self.model).__name__} has no ITM head: target 'itm' needs "
-                "FlavaForPreTraining (e.g. facebook/flava-full); this model explains "
-                "target 'similarity'"
-            )
-        if target == "similarity" and source == CROSS_ATTENTION:
-            raise ValueError(
-                "FLAVA's similarity (contrastive) target never passes through the multimodal "
-                "encoder: use target 'itm', or a vision method (gradcam, rollout, relevance)"
-            )
+    def _cross_spec(self, layer: int, target: str) -> RecordSpec:
+        point = HookPoint(f"multimodal.{layer}.text_to_image", self._cross[layer])
+        return RecordSpec([point], layer)
 
-    def record_spec(self, source: str, layer: int | None, target: str = "") -> RecordSpec:
+    def _tokens_spec(self, layer: int, target: str) -> RecordSpec:
         image, _ = self._depths
-        if source == ATTENTION_GRAPH:
-            return self._graph_spec(target)
-        if source == CROSS_ATTENTION:
-            point = HookPoint(f"multimodal.{layer}.text_to_image", self._cross[layer])
+        if layer < image:
+            point = HookPoint(f"image.{layer}", self.image_blocks[layer], 0, per_image=True)
             return RecordSpec([point], layer)
-        if source == TOKENS:
-            if layer < image:
-                point = HookPoint(f"image.{layer}", self.image_blocks[layer], 0, per_image=True)
-                return RecordSpec([point], layer)
-            if target != "itm":
-                raise ValueError(
-                    f"layer {layer} is a multimodal block, which target {target!r} never "
-                    f"passes through: use an image layer 0-{image - 1}"
-                )
-            point = HookPoint(f"multimodal.{layer - image}.tokens", self._mm_tokens[layer - image])
-            return RecordSpec([point], layer)
+        if target != "itm":
+            raise ValueError(
+                f"layer {layer} is a multimodal block, which target {target!r} never "
+                f"passes through: use an image layer 0-{image - 1}"
+            )
+        point = HookPoint(f"multimodal.{layer - image}.tokens", self._mm_tokens[layer - image])
+        return RecordSpec([point], layer)
+
+    def _image_attention_spec(self, layer: int | None, target: str) -> RecordSpec:
+        image, _ = self._depths
         layers = range(image) if layer is None else [layer]
         points = [HookPoint(f"image.{i}.attn", self.image_probs[i], per_image=True) for i in layers]
         return RecordSpec(points, layer)
@@ -239,7 +244,7 @@ class FlavaAdapter(Adapter):
             cosine = (img.index_select(0, image_index) * txt).sum(-1)
             return Scores(cosine * f.logit_scale.exp(), cosine.detach())
         if self.itm_head is None:
-            self.check(TOKENS, target)  # raises: no ITM head
+            raise ValueError(self.missing_targets["itm"])
         # The multimodal encoder reads the last blocks' outputs before their final LayerNorm.
         img_mm = f.image_to_mm_projection(image.hidden_states[-1]).index_select(0, image_index)
         txt_mm = f.text_to_mm_projection(text.hidden_states[-1])

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import nn
 
 from groundcam.adapters.base import ensure_eager
+from groundcam.errors import GroundcamWarning, InputError
 from groundcam.io import to_rgb
 
 
@@ -37,17 +39,22 @@ def text_inputs(
     max_length: int,
     device: torch.device,
     padding: str | bool = "longest",
+    shown: list[str] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask; a phrase longer than the text encoder's `max_length` is
-    truncated with a warning (it is explained as truncated, never an index error)."""
+    """Token ids and attention mask, each phrase checked as the model will read it (`shown`: the
+    phrases as the user wrote them, when `phrases` were cleaned first): nothing but special tokens
+    is refused; mostly unknown tokens, or more than the text encoder's `max_length` tokens
+    (explained as truncated), is a warning naming the phrase."""
     if tokenizer is None:
         raise ValueError("this model has no tokenizer: pass tokenizer= (or processor=) to gc.load")
     full = tokenizer(phrases, padding=False, truncation=False, **kwargs)["input_ids"]
-    for phrase, ids in zip(phrases, full, strict=True):
+    for phrase, ids in zip(shown or phrases, full, strict=True):
+        check_readable(tokenizer, phrase, ids)
         if len(ids) > max_length:
             warnings.warn(
                 f"phrase truncated to the text encoder's {max_length} tokens: {phrase[:60]!r}",
+                GroundcamWarning,
                 stacklevel=3,
             )
     enc = tokenizer(
@@ -59,6 +66,28 @@ def text_inputs(
         **kwargs,
     )
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def check_readable(tokenizer, phrase: str, ids: list[int]) -> None:
+    """Refuse a phrase the tokenizer turns into special tokens alone (an empty text after
+    cleaning, "[SEP]"); warn when most of its tokens are unknown to the vocabulary, since the
+    model then explains `[UNK]`s, not the words."""
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    unk = getattr(tokenizer, "unk_token_id", None)
+    words = [i for i in ids if i not in special or i == unk]
+    if not words:
+        raise InputError(
+            f"phrase {phrase[:60]!r} has no text the model can read: it tokenises to special "
+            "tokens only"
+        )
+    unknown = sum(i == unk for i in words) if unk is not None else 0
+    if unknown * 2 > len(words):
+        warnings.warn(
+            f"phrase {phrase[:60]!r}: {unknown} of its {len(words)} tokens are unknown to the "
+            "model's tokenizer; the map explains [UNK] tokens, not these words",
+            GroundcamWarning,
+            stacklevel=4,
+        )
 
 
 def token_strings(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -105,12 +134,36 @@ def prepare_instance(model: nn.Module) -> nn.Module:
 
 
 # --------------------------------------------------------------- layers, found by structure
-def layer_list(module: nn.Module) -> nn.ModuleList:
-    """The longest ModuleList under `module`: its transformer blocks."""
-    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m)]
-    if not lists:
-        raise ValueError(f"{type(module).__name__}: no layer stack found")
-    return max(lists, key=len)
+QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("qkv",))
+
+
+def _holds_attention(block: nn.Module) -> bool:
+    """Whether `block` computes attention: a module of an attention class, or one owning
+    query/key/value projections."""
+    for module in block.modules():
+        if "Attention" in type(module).__name__:
+            return True
+        children = dict(module.named_children())
+        if any(all(isinstance(children.get(n), nn.Linear) for n in names) for names in QKV_NAMES):
+            return True
+    return False
+
+
+def layer_stack(root: nn.Module, what: str = "transformer", depth: int | None = None):
+    """The transformer blocks under `root`, found by structure (module paths move between
+    transformers releases): the longest `nn.ModuleList` whose every item computes attention, or
+    the one of length `depth` when the config tells it."""
+    stacks = [
+        m
+        for m in root.modules()
+        if isinstance(m, nn.ModuleList) and len(m) and all(_holds_attention(b) for b in m)
+    ]
+    if depth is not None:
+        stacks = [m for m in stacks if len(m) == depth]
+    if not stacks:
+        size = f"{depth} " if depth is not None else ""
+        raise ValueError(f"could not find the {size}{what} layers of {type(root).__name__}")
+    return max(stacks, key=len)
 
 
 CROSS_NAMES = ("encoder_attn", "crossattention", "cross_attn", "cross_attention")
@@ -132,19 +185,6 @@ def attention_modules(layer: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     if not own:
         raise ValueError(f"{type(layer).__name__}: no attention module found")
     return own[0], (cross[0] if cross else None)
-
-
-def blocks(encoder: nn.Module, what: str) -> nn.ModuleList:
-    """The transformer blocks under `encoder`, found by structure (paths move between releases):
-    the module list whose items hold a self-attention."""
-    for module in encoder.modules():
-        if (
-            isinstance(module, nn.ModuleList)
-            and len(module)
-            and all(_attention(b, strict=False) is not None for b in module)
-        ):
-            return module
-    raise ValueError(f"could not find the {what} blocks of {type(encoder).__name__}")
 
 
 def _attention(block: nn.Module, strict: bool = True) -> nn.Module | None:
@@ -172,6 +212,20 @@ def attention_probs(block: nn.Module) -> nn.Module:
 def patch_size(config) -> tuple[int, int]:
     p = config.patch_size
     return (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
+
+
+def tokenizer_from_directory(directory: Path):
+    """The tokenizer saved beside a model: `tokenizer.json`, or a BERT `vocab.txt`."""
+    if (directory / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(directory))
+    if (directory / "vocab.txt").is_file():
+        from transformers import BertTokenizer
+
+        # transformers 5 ignores `vocab_file=`; `vocab=` is the argument that reads the file
+        return BertTokenizer(vocab=str(directory / "vocab.txt"))
+    return None
 
 
 def load_tokenizer(source: str, processor, tokenizer):

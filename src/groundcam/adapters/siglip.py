@@ -16,10 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from groundcam.adapters.base import RecordSpec
 from groundcam.adapters.clip import ClipAdapter, first_norm
-from groundcam.capture import HookPoint
-from groundcam.methods.base import ATTENTION_GRAPH, TOKENS, AttentionGraph, AttentionStep
+from groundcam.contract import (
+    ATTENTION_GRAPH,
+    VISION_TOKENS,
+    AttentionGraph,
+    AttentionStep,
+    HookPoint,
+    RecordSpec,
+)
 
 
 def pooling_head(vision: nn.Module) -> tuple[nn.Module, nn.MultiheadAttention]:
@@ -62,7 +67,7 @@ def probe_attention(module: nn.MultiheadAttention, query, key, value):
 class SiglipAdapter(ClipAdapter):
     family = "siglip"
     architectures = ("SiglipModel",)
-    SOURCES = (TOKENS, ATTENTION_GRAPH)
+    SOURCES = (VISION_TOKENS, ATTENTION_GRAPH)
     prefix = 0  # no CLS: the patch tokens are the whole sequence
     padding = "max_length"  # the text tower pools the last position: SigLIP was trained padded
 

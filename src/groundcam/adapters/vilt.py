@@ -6,9 +6,9 @@ retrieval head was fine-tuned to rank candidates (a softmax over one positive an
 so the sigmoid orders pairs like the logit but is not a calibrated match probability.
 
 Sources (layers are 0-based joint blocks):
-- `CROSS_ATTENTION`: a block's self-attention, text rows over the image columns (the rows are
+- `TEXT_TO_IMAGE`: a block's self-attention, text rows over the image columns (the rows are
   recorded through a tap whose output the model computes on, so gradients to them are exact).
-- `TOKENS`: a block's output; Grad-CAM reads its image tokens.
+- `VISION_TOKENS`: a block's output; Grad-CAM reads its image tokens.
 - `ATTENTION_GRAPH`: every block's self-attention on the joint stream (Chefer et al.'s
   self-attention rule), read at row 0, the text CLS that the pooler reads.
 
@@ -29,18 +29,21 @@ from PIL import Image
 from torch import nn
 
 from groundcam.adapters import hf
-from groundcam.adapters.base import Adapter, RecordSpec, Scores
+from groundcam.adapters.base import Adapter
 from groundcam.adapters.taps import Tap, route
-from groundcam.capture import HookPoint
-from groundcam.geometry import Geometry
-from groundcam.io import to_rgb
-from groundcam.methods.base import (
+from groundcam.contract import (
     ATTENTION_GRAPH,
-    CROSS_ATTENTION,
-    TOKENS,
+    TEXT_TO_IMAGE,
+    VISION_TOKENS,
     AttentionGraph,
     AttentionStep,
+    HookPoint,
+    RecordSpec,
+    Scores,
+    Source,
 )
+from groundcam.geometry import Geometry
+from groundcam.io import to_rgb
 
 
 class ViltAdapter(Adapter):
@@ -48,7 +51,8 @@ class ViltAdapter(Adapter):
     targets = ("itm",)
     default_target = "itm"
     architectures = ("ViltForImageAndTextRetrieval",)
-    SOURCES = (CROSS_ATTENTION, TOKENS, ATTENTION_GRAPH)
+    SOURCES = (TEXT_TO_IMAGE, VISION_TOKENS, ATTENTION_GRAPH)
+    batch_images = 1  # its processor pads images of a batch to a common size
 
     def __init__(self, model: nn.Module, tokenizer=None, name: str = "", processor=None):
         hf.prepare_instance(model)
@@ -59,7 +63,7 @@ class ViltAdapter(Adapter):
         )
         if self.vilt is None:
             raise ValueError(f"{type(model).__name__}: no ViLT embeddings with visual_embed")
-        self.blocks = hf.blocks(self.vilt.encoder, "joint")
+        self.blocks = hf.layer_stack(self.vilt.encoder, "joint")
         self.probs = [hf.attention_probs(b) for b in self.blocks]
         self._rows = [Tap() for _ in self.blocks]
 
@@ -99,19 +103,24 @@ class ViltAdapter(Adapter):
         ph, pw = hf.patch_size(self.model.config)
         return Geometry(pixel_values.shape[-2] // ph, pixel_values.shape[-1] // pw, prefix=1)
 
-    def layers(self, source: str) -> list[int]:
-        return [] if source == ATTENTION_GRAPH else list(range(len(self.blocks)))
+    def table(self) -> tuple[Source, ...]:
+        """Defaults: the input of the last block. After it only the text CLS is read, so the
+        last block's image outputs and its non-CLS attention rows get no gradient."""
+        joint = tuple(range(len(self.blocks)))
+        default = max(len(self.blocks) - 2, 0)
+        return (
+            Source(TEXT_TO_IMAGE, self._rows_spec, joint, default),
+            Source(VISION_TOKENS, self._tokens_spec, joint, default),
+            Source(ATTENTION_GRAPH, self._graph_spec),
+        )
 
-    def default_layer(self, source: str, target: str) -> int:
-        """The input of the last block: after it only the text CLS is read, so the last block's
-        image outputs and its non-CLS attention rows get no gradient."""
-        return max(len(self.blocks) - 2, 0)
+    def _rows_spec(self, layer: int, target: str) -> RecordSpec:
+        return RecordSpec([HookPoint(f"joint.{layer}.text_rows", self._rows[layer])], layer)
 
-    def record_spec(self, source: str, layer: int | None, target: str = "") -> RecordSpec:
-        if source == CROSS_ATTENTION:
-            return RecordSpec([HookPoint(f"joint.{layer}.text_rows", self._rows[layer])], layer)
-        if source == TOKENS:
-            return RecordSpec([HookPoint(f"joint.{layer}", self.blocks[layer], 0)], layer)
+    def _tokens_spec(self, layer: int, target: str) -> RecordSpec:
+        return RecordSpec([HookPoint(f"joint.{layer}", self.blocks[layer], 0)], layer)
+
+    def _graph_spec(self, layer: None, target: str) -> RecordSpec:
         points = [HookPoint(f"joint.{i}.attn", probs) for i, probs in enumerate(self.probs)]
         steps = (AttentionStep("joint", "joint"),) * len(points)
         return RecordSpec(points, None, graph=AttentionGraph(steps, "joint", "joint"))

@@ -15,17 +15,19 @@ from PIL import Image
 from torch import nn
 
 from groundcam.adapters import hf
-from groundcam.adapters.base import Adapter, RecordSpec
-from groundcam.capture import HookPoint
-from groundcam.geometry import Geometry
-from groundcam.methods.base import (
+from groundcam.adapters.base import Adapter
+from groundcam.contract import (
     ATTENTION_GRAPH,
-    CROSS_ATTENTION,
-    SELF_ATTENTION,
-    TOKENS,
+    TEXT_TO_IMAGE,
+    VISION_ATTENTION,
+    VISION_TOKENS,
     AttentionGraph,
     AttentionStep,
+    HookPoint,
+    RecordSpec,
+    Source,
 )
+from groundcam.geometry import Geometry
 
 
 class VisionEncoderDecoderAdapter(Adapter):
@@ -33,13 +35,15 @@ class VisionEncoderDecoderAdapter(Adapter):
     targets = ("token",)
     default_target = "token"
     architectures = ("VisionEncoderDecoderModel",)
-    SOURCES = (CROSS_ATTENTION, TOKENS, SELF_ATTENTION, ATTENTION_GRAPH)
+    SOURCES = (TEXT_TO_IMAGE, VISION_TOKENS, VISION_ATTENTION, ATTENTION_GRAPH)
+    # trocr-tiny-glyphs' card: token pointing 90.4% with `attention`, 7.1% with `gradcam`
+    default_methods = {"token": "attention"}
 
     def __init__(self, model: nn.Module, tokenizer=None, name: str = "", processor=None):
         super().__init__(hf.prepare_instance(model), hf.tokenizer_of(processor, tokenizer), name)
         self.processor = processor
-        self.encoder_layers = hf.layer_list(model.encoder)
-        self.decoder_layers = hf.layer_list(model.decoder)
+        self.encoder_layers = hf.layer_stack(model.encoder, "encoder")
+        self.decoder_layers = hf.layer_stack(model.decoder, "decoder")
         self.decoder_attn = [hf.attention_modules(layer) for layer in self.decoder_layers]
         if any(cross is None for _, cross in self.decoder_attn):
             raise ValueError(
@@ -79,30 +83,31 @@ class VisionEncoderDecoderAdapter(Adapter):
         return Geometry(pixel_values.shape[-2] // p_h, pixel_values.shape[-1] // p_w, prefix)
 
     # ------------------------------------------------------------------ layers
-    def layers(self, source: str) -> list[int]:
-        if source == CROSS_ATTENTION:
-            return list(range(len(self.decoder_layers)))
-        if source == ATTENTION_GRAPH:
-            return []
-        return list(range(len(self.encoder_layers)))
-
-    def default_layer(self, source: str, target: str) -> int:
+    def table(self) -> tuple[Source, ...]:
         """The last decoder layer's cross-attention (row k-1 feeds token k's logit directly);
         the last encoder layer (the decoder reads every encoder token)."""
-        if source == CROSS_ATTENTION:
-            return len(self.decoder_layers) - 1
-        return len(self.encoder_layers) - 1
+        decoder = tuple(range(len(self.decoder_layers)))
+        encoder = tuple(range(len(self.encoder_layers)))
+        return (
+            Source(TEXT_TO_IMAGE, self._cross_spec, decoder, decoder[-1]),
+            Source(VISION_TOKENS, self._tokens_spec, encoder, encoder[-1]),
+            Source(VISION_ATTENTION, self._vision_attention_spec, encoder, encoder[-1]),
+            Source(ATTENTION_GRAPH, self._graph_spec),
+        )
 
-    def record_spec(self, source: str, layer: int | None, target: str = "") -> RecordSpec:
-        if source == CROSS_ATTENTION:
-            _, cross = self.decoder_attn[layer]
-            return RecordSpec([HookPoint(f"decoder.{layer}.cross", cross, index=1)], layer)
-        if source == TOKENS:
-            return RecordSpec([HookPoint(f"encoder.{layer}", self.encoder_layers[layer])], layer)
-        if source == SELF_ATTENTION:
-            layers = self.layers(source) if layer is None else [layer]
-            points = [self._encoder_attention(i) for i in layers]
-            return RecordSpec(points, layer)
+    def _cross_spec(self, layer: int, target: str) -> RecordSpec:
+        _, cross = self.decoder_attn[layer]
+        return RecordSpec([HookPoint(f"decoder.{layer}.cross", cross, index=1)], layer)
+
+    def _tokens_spec(self, layer: int, target: str) -> RecordSpec:
+        return RecordSpec([HookPoint(f"encoder.{layer}", self.encoder_layers[layer])], layer)
+
+    def _vision_attention_spec(self, layer: int | None, target: str) -> RecordSpec:
+        layers = range(len(self.encoder_layers)) if layer is None else [layer]
+        return RecordSpec([self._encoder_attention(i) for i in layers], layer)
+
+    def _graph_spec(self, layer: None, target: str) -> RecordSpec:
+        """Encoder self-attention, then per decoder layer its self- and cross-attention."""
         points = [self._encoder_attention(i) for i in range(len(self.encoder_layers))]
         steps = [AttentionStep("image", "image")] * len(points)
         for i, (own, cross) in enumerate(self.decoder_attn):
@@ -130,9 +135,11 @@ class VisionEncoderDecoderAdapter(Adapter):
             raise ValueError("the model's config sets no decoder_start_token_id")
         return int(start)
 
-    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int):
+    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int | None):
+        """Greedy text; its length is the model's generation_config's unless `max_new_tokens`."""
         config = copy.deepcopy(self.model.generation_config)
-        config.max_length, config.max_new_tokens = None, max_new_tokens
+        if max_new_tokens is not None:
+            config.max_length, config.max_new_tokens = None, max_new_tokens
         config.do_sample, config.num_beams = False, 1
         ids = self.model.generate(pixel_values=pixel_values, generation_config=config)
         return ids[:1], 1
