@@ -5,15 +5,36 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 from PIL import Image
 
-from groundcam.adapters.base import Adapter, Scores
+from groundcam.adapters.base import Adapter
 from groundcam.capture import Recorder, trainable
+from groundcam.contract import Scores, source_label
+from groundcam.errors import InputError
 from groundcam.explanation import Explanation, GenerationExplanation, normalize_maps
-from groundcam.methods import METHODS, get_method
+from groundcam.methods import METHODS, Method, get_method
 from groundcam.targets import check_target
+
+
+class Resolved(NamedTuple):
+    """What an explanation will run: the method, the source it reads on this model, the target
+    and the layer (None: every layer at once)."""
+
+    method: Method
+    source: str
+    target: str
+    layer: int | None
+
+
+class Batch(NamedTuple):
+    """Model inputs: pixel values per image, token ids and attention mask per phrase."""
+
+    pixel_values: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
 
 
 class Explainer:
@@ -31,6 +52,46 @@ class Explainer:
     def name(self) -> str:
         return self.adapter.name
 
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.device
+
+    @property
+    def default_target(self) -> str:
+        return self.adapter.default_target
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The targets this model can explain."""
+        return tuple(t for t in self.adapter.targets if t not in self.adapter.missing_targets)
+
+    def grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        """The patch grid (h, w) the maps of these prepared images are on."""
+        g = self.adapter.geometry(pixel_values)
+        return g.grid_h, g.grid_w
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of generated token ids, as the model's tokenizer writes it."""
+        return self.adapter.decode(list(token_ids))
+
+    @property
+    def batch_images(self) -> int:
+        """Images per forward the family supports in an evaluation (ViLT pads: 1)."""
+        return self.adapter.batch_images
+
+    def default_method(self, target: str | None = None) -> str:
+        """The method the evidence supports on this family for `target` (default: the family's)."""
+        return self.adapter.default_method(target or self.adapter.default_target)
+
+    def layers(self, method: str | None = None, target: str | None = None) -> list[int]:
+        """The layers `method` can read on this model (empty: it reads every layer at once)."""
+        r = self.resolve(method, None, target)
+        return [] if r.method.all_layers else self.adapter.layers(r.source)
+
     def __repr__(self) -> str:
         return f"Explainer(model={self.name!r}, family={self.adapter.family!r})"
 
@@ -38,11 +99,12 @@ class Explainer:
         self,
         image: Image.Image,
         phrases: str | Sequence[str],
-        method: str = "attn-gradcam",
+        method: str | None = None,
         layer: int | None = None,
         target: str | None = None,
     ) -> Explanation:
-        """Maps for every phrase over one image; the image is encoded once for all phrases."""
+        """Maps for every phrase over one image; the image is encoded once for all phrases.
+        `method`, `layer` and `target` default to the family's (`default_method()`)."""
         phrases = [phrases] if isinstance(phrases, str) else list(phrases)
         return self.explain_many([image], [phrases], method=method, layer=layer, target=target)
 
@@ -50,19 +112,26 @@ class Explainer:
         self,
         images: Sequence[Image.Image],
         phrases: Sequence[Sequence[str]],
-        method: str = "attn-gradcam",
+        method: str | None = None,
         layer: int | None = None,
         target: str | None = None,
     ) -> Explanation:
         """Maps for many images with their own phrases in one batch (`phrases[i]` belong to
         `images[i]`); each image is encoded once. Rows follow the phrases in order."""
+        if isinstance(images, Image.Image) or isinstance(phrases, str):
+            raise InputError(
+                "explain_many takes a list of images and one list of phrases per image "
+                "(use explain for one image)"
+            )
         if len(images) != len(phrases):
-            raise ValueError(f"{len(images)} images but {len(phrases)} phrase lists")
-        flat = [p for group in phrases for p in ([group] if isinstance(group, str) else group)]
-        pixel_values, input_ids, mask = self._prepare(list(images), flat)
+            raise InputError(f"{len(images)} images but {len(phrases)} phrase lists")
         counts = [1 if isinstance(g, str) else len(g) for g in phrases]
+        flat = [p for group in phrases for p in ([group] if isinstance(group, str) else group)]
+        if not flat:
+            raise InputError("no phrases given: pass at least one phrase to explain")
         if 0 in counts:
-            raise ValueError(f"image {counts.index(0)} has no phrases")
+            raise InputError(f"image {counts.index(0)} has no phrases")
+        pixel_values, input_ids, mask = self.prepare(list(images), flat)
         index = torch.repeat_interleave(torch.arange(len(images)), torch.tensor(counts))
         index = index.to(input_ids.device)
         ex = self._run(pixel_values, input_ids, mask, index, method, layer, target)
@@ -74,70 +143,100 @@ class Explainer:
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        method: str = "attn-gradcam",
+        method: str | None = None,
         layer: int | None = None,
         target: str | None = None,
         image_index: torch.Tensor | None = None,
     ) -> Explanation:
         """Maps from prepared tensors: row b pairs text b with image b (or `image_index[b]`)."""
-        if image_index is None:
-            if pixel_values.shape[0] != input_ids.shape[0]:
-                raise ValueError(
-                    f"{pixel_values.shape[0]} images and {input_ids.shape[0]} texts: "
-                    "pass image_index to pair them"
-                )
-            image_index = torch.arange(input_ids.shape[0], device=input_ids.device)
+        image_index = check_tensors(pixel_values, input_ids, attention_mask, image_index)
         return self._run(
             pixel_values, input_ids, attention_mask, image_index, method, layer, target
         )
 
     def scores(self, image: Image.Image, phrases: Sequence[str], target: str | None = None):
         """The target score per phrase without any explanation (forward only)."""
-        a = self.adapter
         phrases = [phrases] if isinstance(phrases, str) else list(phrases)
-        pixel_values, input_ids, mask = self._prepare([image], phrases)
-        index = torch.zeros(len(phrases), dtype=torch.long, device=input_ids.device)
-        with torch.no_grad():
-            return a.forward(
-                pixel_values, input_ids, mask, index, target or a.default_target
-            ).reported
+        batch = self.prepare([image], phrases)
+        index = torch.zeros(len(phrases), dtype=torch.long, device=batch.input_ids.device)
+        return self.score_tensors(*batch, image_index=index, target=target).reported
 
-    def _prepare(self, images: list[Image.Image], phrases: list[str]):
+    def score_tensors(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+        target: str | None = None,
+    ) -> Scores:
+        """Forward-only scores of prepared pairs (`explained`: what a method would explain;
+        `reported`: what a person reads), no graph kept."""
+        image_index = check_tensors(pixel_values, input_ids, attention_mask, image_index)
+        a = self.adapter
+        target = check_target(target or a.default_target, list(a.targets))
+        if target in a.missing_targets:
+            raise InputError(a.missing_targets[target])
+        with torch.no_grad():
+            return a.forward(pixel_values, input_ids, attention_mask, image_index, target)
+
+    def prepare(self, images: Sequence[Image.Image], phrases: Sequence[str]) -> Batch:
         """Checked model inputs: pixel values per image, token ids and mask per phrase."""
+        phrases = list(phrases)
         if not phrases:
-            raise ValueError("no phrases given: pass at least one phrase to explain")
-        if any(not isinstance(p, str) or not p.strip() for p in phrases):
-            raise ValueError("empty phrase: every phrase needs some text")
-        for image in images:
+            raise InputError("no phrases given: pass at least one phrase to explain")
+        return Batch(self.prepare_images(images), *self.prepare_texts(phrases))
+
+    def prepare_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The model's preprocessing of `images` ([N, C, H, W] on the model's device)."""
+        from groundcam.io import check_image
+
+        if isinstance(images, Image.Image):
+            images = [images]
+        for i, image in enumerate(images):
             if not isinstance(image, Image.Image):
                 raise TypeError(f"image must be a PIL.Image, got {type(image).__name__}")
-        pixel_values = self.adapter.prepare_images(images)
-        input_ids, mask = self.adapter.prepare_texts(phrases)
-        return pixel_values, input_ids, mask
+            check_image(image, f"image {i}")
+        return self.adapter.prepare_images(list(images))
 
-    def _resolve(self, method_name: str, layer: int | None, target: str | None):
-        """The method, its source on this family, the checked target and layer."""
+    def prepare_texts(self, phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask per phrase, as the model reads them (a phrase of special
+        tokens only is refused; an unreadable or truncated one warns)."""
+        for p in phrases:
+            if not isinstance(p, str):
+                raise InputError(f"phrases must be strings, got {type(p).__name__}: {p!r}")
+            if not p.strip():
+                raise InputError("empty phrase: every phrase needs some text")
+        return self.adapter.prepare_texts(list(phrases))
+
+    def resolve(
+        self, method: str | None = None, layer: int | str | None = None, target: str | None = None
+    ) -> Resolved:
+        """The method (None: the family's default for the target), its source on this family,
+        the checked target and layer (None: the family's default)."""
         a = self.adapter
-        method = get_method(method_name)
-        source = next((s for s in method.sources if s in a.sources()), None)
+        target = check_target(target or a.default_target, list(a.targets))
+        method_obj = get_method(method or a.default_method(target))
+        source = next((s for s in method_obj.sources if s in a.sources()), None)
         if source is None:
-            raise ValueError(
-                f"method {method_name!r} is not defined for the {a.family} family; "
+            raise InputError(
+                f"method {method_obj.name!r} is not defined for the {a.family} family; "
                 f"its methods are {supported_methods(a)}"
             )
-        target = check_target(target or a.default_target, list(a.targets))
         a.check(source, target)
-        if method.all_layers:
+        layer = parse_layer(layer)
+        if method_obj.all_layers:
             if layer is not None:
-                raise ValueError(f"method {method_name!r} uses every layer; do not pass a layer")
+                raise InputError(
+                    f"method {method_obj.name!r} uses every layer; do not pass a layer"
+                )
         else:
             layer = a.default_layer(source, target) if layer is None else layer
             if layer not in a.layers(source):
-                raise ValueError(
-                    f"layer {layer} is not a {source.replace('_', '-')} layer of this model; "
+                raise InputError(
+                    f"layer {layer} is not a {source_label(source)} layer of this model; "
                     f"valid layers are {a.layers(source)}"
                 )
-        return method, source, target, layer
+        return Resolved(method_obj, source, target, layer)
 
     def _record(self, method, spec, run, pairs: int, image_index: torch.Tensor):
         """Run `run()` (a forward returning Scores) under the recorder; per explained score, the
@@ -161,7 +260,7 @@ class Explainer:
 
     def _run(self, pixel_values, input_ids, mask, image_index, method_name, layer, target):
         a = self.adapter
-        method, source, target, layer = self._resolve(method_name, layer, target)
+        method, source, target, layer = self.resolve(method_name, layer, target)
         spec = a.record_spec(source, layer, target)
         scores, recorded, grads = self._record(
             method,
@@ -183,7 +282,7 @@ class Explainer:
             scores=scores.reported.detach().float().cpu(),
             phrases=[],
             tokens=a.token_strings(input_ids, mask),
-            method=method_name,
+            method=method.name,
             layer=layer,
             target=target,
             model=self.name,
@@ -193,23 +292,32 @@ class Explainer:
     def explain_generation(
         self,
         image: Image.Image,
-        method: str = "gradcam",
+        method: str | None = None,
         layer: int | None = None,
-        max_new_tokens: int = 30,
+        max_new_tokens: int | None = None,
         text: str | None = None,
     ) -> GenerationExplanation:
         """Generate text for `image` (or take `text` as if generated), then one map per generated
-        token, from one teacher-forced forward and a batched backward."""
+        token, from one teacher-forced forward and a batched backward. `method` defaults to the
+        family's (`attention` for OCR models); `max_new_tokens=None` lets the model's own
+        `generation_config` decide the length."""
         a = self.adapter
         if "token" not in a.targets:
-            raise ValueError(
+            raise InputError(
                 f"the {a.family} family does not generate text; explain_generation needs a "
                 "captioning or OCR model"
             )
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"image must be a PIL.Image, got {type(image).__name__}")
-        method_obj, source, target, layer = self._resolve(method, layer, "token")
-        pixel_values = a.prepare_images([image])
+        if max_new_tokens is not None and (
+            isinstance(max_new_tokens, bool)
+            or not isinstance(max_new_tokens, int)
+            or max_new_tokens < 1
+        ):
+            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if text is not None and (not isinstance(text, str) or not text.strip()):
+            raise InputError(f"text= must be a non-empty string to explain, got {text!r}")
+        method_obj, source, target, layer = self.resolve(method, layer, "token")
+        method = method_obj.name
+        pixel_values = self.prepare_images([image])
         if text is None:
             with torch.no_grad():
                 ids, first = a.generate(pixel_values, max_new_tokens)
@@ -270,6 +378,74 @@ class Explainer:
             image=image,
             text_conditioned=out.text_conditioned,
         )
+
+
+def parse_layer(layer) -> int | None:
+    """A layer number as given: an int, or a string of digits ("2", from a config file); None
+    means the default. Anything else (True, 2.5, "last") is refused rather than misread."""
+    if layer is None:
+        return None
+    if isinstance(layer, bool) or not isinstance(layer, int | str):
+        raise InputError(f"layer must be an integer, got {layer!r}")
+    if isinstance(layer, str):
+        text = layer.strip()
+        if not text.lstrip("-").isdigit():
+            raise InputError(f"layer must be an integer, got {layer!r}")
+        return int(text)
+    return int(layer)
+
+
+def check_tensors(
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_index: torch.Tensor | None,
+) -> torch.Tensor:
+    """Refuse prepared inputs the model would misread (wrong types, shapes or dtypes, NaN or
+    infinite pixels, an image index out of range) in one line; the image index, defaulting to
+    row b = image b."""
+    for name, t in (
+        ("pixel_values", pixel_values),
+        ("input_ids", input_ids),
+        ("attention_mask", attention_mask),
+    ):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if pixel_values.dim() != 4 or not pixel_values.is_floating_point():
+        raise InputError(
+            f"pixel_values must be a float tensor [images, channels, height, width], got "
+            f"{pixel_values.dtype} of shape {tuple(pixel_values.shape)}"
+        )
+    if not bool(torch.isfinite(pixel_values).all()):
+        raise InputError("pixel_values hold NaN or infinite values")
+    if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.is_complex():
+        raise InputError(
+            f"input_ids must be an integer tensor [texts, tokens], got {input_ids.dtype} of "
+            f"shape {tuple(input_ids.shape)}"
+        )
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise InputError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
+            f"{tuple(input_ids.shape)}: they must match"
+        )
+    if image_index is None:
+        if pixel_values.shape[0] != input_ids.shape[0]:
+            raise InputError(
+                f"{pixel_values.shape[0]} images and {input_ids.shape[0]} texts: "
+                "pass image_index to pair them"
+            )
+        return torch.arange(input_ids.shape[0], device=input_ids.device)
+    image_index = torch.as_tensor(image_index, device=input_ids.device)
+    if image_index.shape != (input_ids.shape[0],) or image_index.is_floating_point():
+        raise InputError(
+            f"image_index must be {input_ids.shape[0]} integers (one image per text), got "
+            f"shape {tuple(image_index.shape)}"
+        )
+    if len(image_index) and not (
+        0 <= int(image_index.min()) <= int(image_index.max()) < len(pixel_values)
+    ):
+        raise InputError(f"image_index values must lie in 0..{pixel_values.shape[0] - 1}")
+    return image_index.long()
 
 
 def take_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -171,11 +171,9 @@ def faithfulness(
     if maps.shape[0] != len(phrases):
         raise ValueError(f"{maps.shape[0]} maps but {len(phrases)} phrases: give one map each")
 
-    a = explainer.adapter
-    target = check_target(target or a.default_target, list(a.targets))
-    pixel_values, input_ids, mask = explainer._prepare([image], phrases)
-    geometry = a.geometry(pixel_values)
-    gh, gw = geometry.grid_h, geometry.grid_w
+    target = check_target(target or explainer.default_target, list(explainer.targets))
+    pixel_values, input_ids, mask = explainer.prepare([image], phrases)
+    gh, gw = explainer.grid(pixel_values)
     if tuple(maps.shape[1:]) != (gh, gw):
         raise ValueError(
             f"maps are on a {maps.shape[1]}x{maps.shape[2]} grid but the model's patch grid "
@@ -204,7 +202,7 @@ def faithfulness(
             batch = torch.cat(images)
             who = torch.tensor([p for p, _, _ in chunk], device=input_ids.device)
             n = batch.shape[0]
-            scores = a.forward(
+            scores = explainer.score_tensors(
                 batch,
                 input_ids.index_select(0, who),
                 mask.index_select(0, who),

@@ -43,7 +43,7 @@ def glyph_records(
         size = (sample.image.height, sample.image.width)
         maps = gen.resize(size)
         for k, token_id in enumerate(gen.token_ids):
-            char = explainer.adapter.decode([token_id])
+            char = explainer.decode([token_id])
             boxes = [b for c, b in zip(sample.text, sample.char_boxes, strict=True) if c == char]
             hit, point = False, None
             if boxes:

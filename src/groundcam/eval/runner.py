@@ -40,7 +40,7 @@ class EvalConfig:
     dataset: str
     splits: tuple[str, ...]
     model: str
-    method: str = "attn-gradcam"
+    method: str | None = None  # None: the family's default method
     layer: int | None = None
     target: str | None = None
     protocol: str = "amc"
@@ -259,12 +259,12 @@ class UnitScorer:
     def _explain(self, ready: list[_Ready]):
         """One explanation for the batch; each image was prepared on its own (possibly in a
         loader thread), which gives the same input as preparing them together."""
-        a = self.explainer.adapter
+        explainer = self.explainer
         texts = [t for r in ready for t in r.texts]
-        input_ids, mask = a.prepare_texts(texts)
+        input_ids, mask = explainer.prepare_texts(texts)
         counts = torch.tensor([len(r.texts) for r in ready])
         index = torch.repeat_interleave(torch.arange(len(ready)), counts).to(input_ids.device)
-        pixels = torch.cat([r.pixels for r in ready]).to(a.device)
+        pixels = torch.cat([r.pixels for r in ready]).to(explainer.device)
         with self.autocast:
             return self.explainer.explain_tensors(
                 pixels, input_ids, mask, self.cfg.method, self.cfg.layer, self.cfg.target, index
@@ -279,7 +279,7 @@ class UnitScorer:
             image = unit.sample.load_image()
         except (FileNotFoundError, OSError) as e:
             return e
-        return image, self.explainer.adapter.prepare_images([image])
+        return image, self.explainer.prepare_images([image])
 
     def explain(self, unit: Unit) -> tuple[Image.Image, dict[int, torch.Tensor]]:
         """The unit's image and its phrases' maps by phrase index, the unit explained alone
@@ -346,7 +346,7 @@ class UnitScorer:
                 )
         size = (r.image.height, r.image.width)
         # at image size on the model's device: on a GPU this is most of the work saved
-        grid = maps.to(self.explainer.adapter.device)
+        grid = maps.to(self.explainer.device)
         heatmaps = upsample_many(grid, size, mode=self.protocol.resize_mode)
         boxes = [r.bases[k]["boxes"] for k in r.keep]
         results = pointing_games(heatmaps, boxes, cfg.protocol, proposals=r.proposals)
@@ -393,16 +393,16 @@ class RunResult:
     resumed: int  # phrases found done before this run started
 
 
-DEFAULT_BATCH_IMAGES = 8
 PREFETCH = 2  # batches of images decoded ahead of the model
 
 
 def fingerprint(cfg: EvalConfig, explainer) -> dict:
     """The configuration a resumed run must share, with the layer and target resolved."""
-    _, _, target, layer = explainer._resolve(cfg.method, cfg.layer, cfg.target)
+    method, _, target, layer = explainer.resolve(cfg.method, cfg.layer, cfg.target)
     lists = {"splits": list(cfg.splits), "metrics": list(cfg.metrics)}
-    batch = cfg.batch_images or (1 if explainer.adapter.family == "vilt" else DEFAULT_BATCH_IMAGES)
-    return asdict(cfg) | lists | {"layer": layer, "target": target, "batch_images": batch}
+    batch = cfg.batch_images or explainer.batch_images
+    resolved = {"method": method.name, "layer": layer, "target": target, "batch_images": batch}
+    return asdict(cfg) | lists | resolved
 
 
 def run_eval(

@@ -13,10 +13,10 @@ from groundcam.eval.runner import EvalConfig, Processes, run_eval
 
 def sweep_layers_of(explainer, cfg: EvalConfig) -> list[int]:
     """Every layer of the source `cfg.method` reads on this model."""
-    method, source, _, _ = explainer._resolve(cfg.method, None, cfg.target)
+    method = explainer.resolve(cfg.method, None, cfg.target).method
     if method.all_layers:
-        raise ValueError(f"method {cfg.method!r} uses every layer at once; nothing to sweep")
-    return list(explainer.adapter.layers(source))
+        raise ValueError(f"method {method.name!r} uses every layer at once; nothing to sweep")
+    return explainer.layers(method.name, cfg.target)
 
 
 def sweep(
