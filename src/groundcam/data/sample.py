@@ -56,13 +56,16 @@ class GroundingSample:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def load_image(self) -> Image.Image:
-        """The image as RGB; raises FileNotFoundError naming the path when it is missing."""
+        """The image as RGB (16-bit and float images scaled to 8 bits, as `groundcam.io.to_rgb`).
+
+        Raises FileNotFoundError naming the path when it is missing, and `ImageError` (one line
+        naming the file, or the sample for an image held in memory) for an image that is empty,
+        corrupt, truncated, a directory, or larger than `groundcam.io.MAX_PIXELS` (checked on the
+        header, before decoding)."""
+        from groundcam.io import check_image, read_image, to_rgb
+
         if self.image is not None:
-            return self.image.convert("RGB")
+            return to_rgb(check_image(self.image, f"sample {self.image_id}: image"))
         if self.image_path is None:
             raise FileNotFoundError(f"sample {self.image_id}: no image and no image path")
-        path = Path(self.image_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"image not found: {path}")
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        return read_image(self.image_path)
