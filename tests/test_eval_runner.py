@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -342,19 +341,45 @@ def _env():
     return os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
+# The real CLI in a process that SIGKILLs itself at the start of its Nth batch: a kill at a known
+# point (N - 1 batches written and flushed), with no hook in the production code.
+KILLED_AT_BATCH = """
+import os, signal, sys
+
+import groundcam.cli
+from groundcam.eval.runner import UnitScorer
+
+kill_at, scored, original = int(sys.argv[1]), 0, UnitScorer.__call__
+
+
+def kill_at_batch(self, batch, images=None):
+    global scored
+    scored += 1
+    if scored == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, batch, images)
+
+
+UnitScorer.__call__ = kill_at_batch
+groundcam.cli.main(sys.argv[2:], prog_name="groundcam")
+"""
+
+
 def test_killed_process_resumes_to_identical_results(flickr_like, tiny_model_dir, tmp_path):
     args = ["eval", "flickr30k-entities", "--root", flickr_like, "--model", tiny_model_dir]
     args += ["--threads", "1", "--batch-images", "1"]
     full = _cli(*args, "--out", tmp_path / "full", env=_env())
-    victim = _cli(*args, "--out", tmp_path / "cut", env=_env())
+    victim = subprocess.Popen(
+        [sys.executable, "-c", KILLED_AT_BATCH, "3", *map(str, args), "--out", tmp_path / "cut"],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _, err = victim.communicate(timeout=120)
+    assert victim.returncode == -signal.SIGKILL, err
     part = tmp_path / "cut" / "parts" / "rank0.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if part.exists() and len(part.read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
     assert full.wait(timeout=120) == 0
     total = len((tmp_path / "full" / "results.jsonl").read_text().splitlines())
     done = len(part.read_text().splitlines())
