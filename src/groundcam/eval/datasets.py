@@ -12,8 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from groundcam.data.flickr30k_entities import ReadReport
-from groundcam.data.sample import GroundingSample
+from groundcam.data.sample import GroundingSample, ReadReport
 
 
 @dataclass(frozen=True)
@@ -28,7 +27,17 @@ class DatasetSpec:
     # (`mg`): Flickr30k Entities' reference parser subtracts 1, COCO boxes are already 0-based.
     raw_box_shift: float = 0.0
     root_help: str = ""
+    images_help: str = ""
+    title: str = ""
+    about: str = ""  # what one sample is and where it comes from (the command's help)
 
+
+_REFCOCO_ABOUT = (
+    "Every sentence of every ref of the split is one phrase, its box the ref's annotation box "
+    "(COCO xywh, 0-based). The refs pickle is read through an unpickler that refuses anything "
+    "but plain builtins; refs whose annotation or image is missing from instances.json are "
+    "skipped and counted."
+)
 
 DATASETS: dict[str, DatasetSpec] = {
     "flickr30k-entities": DatasetSpec(
@@ -38,6 +47,16 @@ DATASETS: dict[str, DatasetSpec] = {
         True,
         raw_box_shift=1.0,
         root_help="the Flickr30k Entities directory (Annotations/, Sentences/, test.txt)",
+        images_help="the Flickr30k images, <id>.jpg (default: ROOT/flickr30k_images)",
+        title="Flickr30k Entities (Plummer et al.)",
+        about=(
+            "Read from the raw release: ROOT/<split>.txt lists the image ids, "
+            "ROOT/Annotations/<id>.xml holds the boxes and ROOT/Sentences/<id>.txt the five "
+            "annotated captions. Every phrase mention of every caption whose chain has boxes "
+            "is one phrase (boxes as the reference parser gives them: 1-based minus 1; --protocol "
+            "mg scores the raw 1-based boxes). A malformed XML or sentence line is reported with "
+            "file and line, skipped and counted."
+        ),
     ),
     **{
         name: DatasetSpec(
@@ -46,8 +65,11 @@ DATASETS: dict[str, DatasetSpec] = {
             "testA,testB",
             True,
             root_help="the directory holding refs(unc).p and instances.json",
+            images_help="the COCO train2014 images (required)",
+            title=f"{title} (UNC splits)",
+            about=_REFCOCO_ABOUT,
         )
-        for name in ("refcoco", "refcoco+")
+        for name, title in (("refcoco", "RefCOCO"), ("refcoco+", "RefCOCO+"))
     },
     "refcocog": DatasetSpec(
         "refcocog",
@@ -55,8 +77,24 @@ DATASETS: dict[str, DatasetSpec] = {
         "test",
         True,
         root_help="the directory holding refs(umd).p (or refs(google).p) and instances.json",
+        images_help="the COCO train2014 images (required)",
+        title="RefCOCOg (UMD splits)",
+        about=_REFCOCO_ABOUT,
     ),
-    "shapes": DatasetSpec("shapes", ("train", "val", "test", "compositional"), "test", False),
+    "shapes": DatasetSpec(
+        "shapes",
+        ("train", "val", "test", "compositional"),
+        "test",
+        False,
+        title="synthetic shapes scenes (no files needed)",
+        about=(
+            "Scenes of 2-5 coloured shapes, generated on the fly from (--seed, split, index): "
+            'the same scenes on every machine. Each referring phrase ("the red circle", '
+            '"the star left of the green square") is one phrase with its object\'s box. The '
+            "built-in albef-tiny-shapes was trained on the train split; compositional asks only "
+            "about colour-shape pairs held out of training."
+        ),
+    ),
 }
 
 
@@ -147,9 +185,14 @@ def open_units(
         raise FileNotFoundError(f"--root {root}: not a directory ({spec.root_help})")
     samples: list[GroundingSample] = []
     reports: dict[str, ReadReport] = {}
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+    if scenes < 1:
+        raise ValueError(f"--scenes must be at least 1, got {scenes}")
     for split in splits:
         split_samples, report = _read_split(spec, split, root, images, scenes, seed)
         merged = merge_by_image(split_samples)
+        _check_not_empty(spec, split, merged, report)
         samples.extend(merged[:limit] if limit is not None else merged)
         if report is not None:
             reports[split] = report
@@ -167,6 +210,11 @@ def _read_split(spec, split, root, images, scenes, seed):
         from groundcam.data.flickr30k_entities import Flickr30kEntities
 
         data = Flickr30kEntities(root, split, images)
+        if not data.ids:
+            raise ValueError(
+                f"{spec.name} split {split!r} is empty: {Path(root) / f'{split}.txt'} lists no "
+                "image ids"
+            )
         return list(data), data.report
     from groundcam.data.refcoco import RefCOCO
 
@@ -174,6 +222,17 @@ def _read_split(spec, split, root, images, scenes, seed):
         raise ValueError(f"--images is required for {spec.name}: the COCO train2014 directory")
     data = RefCOCO(root, images, split, refs=_refs_file(spec.name, Path(root)))
     return list(data), data.report
+
+
+def _check_not_empty(spec, split, samples, report) -> None:
+    """A split that yields no phrase at all is an error, not an evaluation of nothing."""
+    if any(sample.phrases for sample in samples):
+        return
+    what = f"{len(samples)} image(s) but no phrase" if samples else "no image"
+    why = ""
+    if report is not None and report.errors:
+        why = f"; {len(report.errors)} reader problem(s), e.g. {report.errors[0]}"
+    raise ValueError(f"{spec.name} split {split!r} is empty: {what} to score{why}")
 
 
 def _check_unique(units: list[Unit]) -> None:
