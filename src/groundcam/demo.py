@@ -12,7 +12,8 @@ from groundcam.data.shapes import generate_scene
 from groundcam.eval.pointing import pointing_game
 from groundcam.viz.html import write_report
 
-DEMO_METHODS = ("attn-gradcam", "gradcam", "attention", "rollout")
+# Every method of groundcam.methods.METHODS (a test keeps them equal); the first is the badge.
+DEMO_METHODS = ("attn-gradcam", "gradcam", "attention", "rollout", "relevance")
 
 
 @dataclass
@@ -28,12 +29,16 @@ def run_demo(
     scenes: int = 4,
     split: str = "test",
     seed: int = 0,
+    device: str | None = None,
 ) -> DemoResult:
-    """Explain every phrase of `scenes` shapes scenes with every method; write PNGs + index.html."""
+    """Explain every phrase of `scenes` shapes scenes with every method; write PNGs + index.html.
+    `device` (e.g. "cuda") is where the model runs (default: cpu)."""
     t0 = time.time()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    explainer = load(model)
+    explainer = load(model, device=device)
     hits = {m: [0, 0] for m in DEMO_METHODS}
     sections = []
     for index in range(scenes):
