@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,12 @@ from groundcam.contract import (
     Source,
 )
 from groundcam.data.text import pre_caption
+from groundcam.errors import GroundcamWarning
 from groundcam.geometry import Geometry
 from groundcam.io import to_rgb
 from groundcam.models.albef import AlbefModel
 
+MAX_WORDS = 30  # pre_caption's cut in ALBEF's grounding code
 # The normalisation ALBEF's grounding transform uses (CLIP's statistics).
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -82,7 +85,16 @@ class AlbefAdapter(Adapter):
         if self.tokenizer is None:
             raise ValueError("this ALBEF model has no tokenizer: pass tokenizer= to gc.load")
         limit = self.model.config.max_position_embeddings
-        texts = [pre_caption(p) for p in phrases]
+        texts = []
+        for phrase in phrases:
+            words = pre_caption(phrase, max_words=len(phrase) + 1).split()
+            if len(words) > MAX_WORDS:
+                warnings.warn(
+                    f"phrase truncated to ALBEF's {MAX_WORDS} words (pre_caption): {phrase[:60]!r}",
+                    GroundcamWarning,
+                    stacklevel=3,
+                )
+            texts.append(pre_caption(phrase, MAX_WORDS))
         return hf.text_inputs(self.tokenizer, texts, limit, self.device, shown=phrases)
 
     def token_strings(self, input_ids, attention_mask):

@@ -92,6 +92,12 @@ class _BlipBase(Adapter):
         tokenizer = hf.load_tokenizer(source, processor, tokenizer)
         return cls(model, tokenizer=tokenizer, processor=processor, name=name or source)
 
+    @classmethod
+    def default_image_processor(cls, model: nn.Module):
+        """BLIP's preprocessing: a resize to the model's size, CLIP's mean and std."""
+        size = hf.square(model.config.vision_config.image_size)
+        return hf.build_image_processor("BlipImageProcessor", size=size)
+
     @property
     def _vcfg(self):
         return self.model.config.vision_config

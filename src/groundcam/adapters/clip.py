@@ -76,6 +76,15 @@ class ClipAdapter(Adapter):
         tokenizer = hf.load_tokenizer(source, processor, tokenizer)
         return cls(model, tokenizer=tokenizer, name=name or source, processor=processor)
 
+    @classmethod
+    def default_image_processor(cls, model: nn.Module):
+        """CLIP's preprocessing at the model's image size: resize the short side, centre crop,
+        CLIP's mean and std (the processor's defaults)."""
+        size = hf.square(model.config.vision_config.image_size)
+        return hf.build_image_processor(
+            "CLIPImageProcessor", size={"shortest_edge": size["height"]}, crop_size=size
+        )
+
     def _token_readers(self) -> list[nn.Module]:
         """Per Grad-CAM layer i, the module whose output is block i's tokens as they are read."""
         return [first_norm(b) for b in self.blocks[1:]]

@@ -102,6 +102,12 @@ class FlavaAdapter(Adapter):
         tokenizer = hf.load_tokenizer(source, processor, tokenizer)
         return cls(model, tokenizer=tokenizer, processor=processor, name=name or source)
 
+    @classmethod
+    def default_image_processor(cls, model: nn.Module):
+        """FLAVA's preprocessing at the model's image size, its own mean and std."""
+        size = hf.square(model.config.image_config.image_size)
+        return hf.build_image_processor("FlavaImageProcessor", size=size, crop_size=size)
+
     @property
     def _depths(self) -> tuple[int, int]:
         return len(self.image_blocks), len(self.mm_blocks)

@@ -127,6 +127,26 @@ def auto_processor(source: str):
         return proc
 
 
+def build_image_processor(class_name: str, **kwargs):
+    """transformers' image processor `class_name` built from arguments (no files): its PIL
+    implementation where torchvision is missing, as transformers would fall back to anyway."""
+    import importlib.util
+
+    import transformers
+
+    if importlib.util.find_spec("torchvision") is None and hasattr(
+        transformers, class_name + "Pil"
+    ):
+        class_name += "Pil"
+    return getattr(transformers, class_name)(**kwargs)
+
+
+def square(size) -> dict[str, int]:
+    """A config's image size (an int or a pair) as a processor's {"height", "width"}."""
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return {"height": h, "width": w}
+
+
 def prepare_instance(model: nn.Module) -> nn.Module:
     """A caller's model: eager attention (or a clear error), eval mode."""
     ensure_eager(model)

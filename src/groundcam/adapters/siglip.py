@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from groundcam.adapters import hf
 from groundcam.adapters.clip import ClipAdapter, first_norm
 from groundcam.contract import (
     ATTENTION_GRAPH,
@@ -74,6 +75,12 @@ class SiglipAdapter(ClipAdapter):
     def __init__(self, model: nn.Module, tokenizer=None, name: str = "", processor=None):
         super().__init__(model, tokenizer=tokenizer, name=name, processor=processor)
         self.head, self.head_attention = pooling_head(self.vision)
+
+    @classmethod
+    def default_image_processor(cls, model: nn.Module):
+        """SigLIP's preprocessing: a plain resize to the model's size, mean and std 0.5."""
+        size = hf.square(model.config.vision_config.image_size)
+        return hf.build_image_processor("SiglipImageProcessor", size=size)
 
     def _token_readers(self) -> list[nn.Module]:
         """Block i < last: the next block's first LayerNorm; the last block: `post_layernorm`,

@@ -75,6 +75,14 @@ class ViltAdapter(Adapter):
         tokenizer = hf.load_tokenizer(source, processor, tokenizer)
         return cls(model, tokenizer=tokenizer, processor=processor, name=name or source)
 
+    @classmethod
+    def default_image_processor(cls, model: nn.Module):
+        """ViLT's preprocessing: the short side resized to the model's image size (the long
+        side bounded, both multiples of 32), mean and std 0.5."""
+        size = model.config.image_size
+        size = size if isinstance(size, int) else int(min(size))
+        return hf.build_image_processor("ViltImageProcessor", size={"shortest_edge": size})
+
     def prepare_images(self, images: list[Image.Image]) -> torch.Tensor:
         """The model's preprocessing; images that it would pad to a common size are refused (the
         forward treats every pixel as valid)."""

@@ -61,6 +61,15 @@ class VisionEncoderDecoderAdapter(Adapter):
             raise ValueError(f"{source}: no tokenizer saved beside the model; pass tokenizer=")
         return cls(model, tokenizer=tokenizer, name=name or source, processor=processor)
 
+    @classmethod
+    def default_image_processor(cls, model: nn.Module):
+        """For a ViT-style encoder: a resize to the encoder's image size, mean and std 0.5 (ViT's
+        and TrOCR's preprocessing)."""
+        size = getattr(model.config.encoder, "image_size", None)
+        if size is None:
+            return None
+        return hf.build_image_processor("ViTImageProcessor", size=hf.square(size))
+
     # ------------------------------------------------------------------ inputs and geometry
     def prepare_images(self, images: list[Image.Image]) -> torch.Tensor:
         return hf.pixel_values(self.processor, images, self.device)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ import torch
 from PIL import Image
 
 from groundcam.data.text import pre_caption
+from groundcam.errors import GroundcamWarning
 from groundcam.eval.datasets import Unit, Units
 from groundcam.eval.pointing import PROTOCOLS, pointing_games, read_dets, upsample_many
 from groundcam.eval.summary import summarize
@@ -247,6 +249,7 @@ class UnitScorer:
         self.explainer = explainer
         self.cfg = cfg
         self.protocol = PROTOCOLS[cfg.protocol]
+        self.text_warnings: list[str] = []  # this run's warnings about phrases, in order
         # `mg` scores the raw 1-based annotation boxes; the others the parser's boxes.
         self.shift = raw_box_shift if cfg.protocol == "mg" else 0.0
         self.dets = read_dets(cfg.dets) if cfg.dets else None
@@ -261,7 +264,15 @@ class UnitScorer:
         loader thread), which gives the same input as preparing them together."""
         explainer = self.explainer
         texts = [t for r in ready for t in r.texts]
-        input_ids, mask = explainer.prepare_texts(texts)
+        with warnings.catch_warnings(record=True) as caught:
+            # one warning per unreadable phrase would flood a dataset run: they are counted
+            warnings.simplefilter("always", GroundcamWarning)
+            input_ids, mask = explainer.prepare_texts(texts)
+        for w in caught:
+            if issubclass(w.category, GroundcamWarning):
+                self.text_warnings.append(str(w.message))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         counts = torch.tensor([len(r.texts) for r in ready])
         index = torch.repeat_interleave(torch.arange(len(ready)), counts).to(input_ids.device)
         pixels = torch.cat([r.pixels for r in ready]).to(explainer.device)
@@ -391,6 +402,7 @@ class RunResult:
     out: Path
     computed: int  # phrases this process computed in this run
     resumed: int  # phrases found done before this run started
+    text_warnings: list[str] = field(default_factory=list)  # this run's phrase warnings
 
 
 PREFETCH = 2  # batches of images decoded ahead of the model
@@ -468,7 +480,7 @@ def run_eval(
         len(u.sample.phrases) for b in pending for u in b
     )
     if not procs.is_main:
-        return RunResult(None, out, computed, resumed)
+        return RunResult(None, out, computed, resumed, scorer.text_warnings)
 
     records = merge_records(out, units)
     summary = summarize(records)
@@ -487,7 +499,7 @@ def run_eval(
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     if report:
         write_report(out, summary, records, units, scorer, report_examples)
-    return RunResult(summary, out, computed, resumed)
+    return RunResult(summary, out, computed, resumed, scorer.text_warnings)
 
 
 def merge_records(out: Path, units: Units) -> list[dict]:
