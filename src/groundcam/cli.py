@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import glob
+import json
 import pickle
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import click
+
+from groundcam.errors import GroundcamWarning
+from groundcam.eval.datasets import DATASETS, DatasetSpec
+from groundcam.eval.pointing import PROTOCOLS
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
 
 class UserError(click.ClickException):
@@ -22,17 +32,145 @@ def _guard(fn):
     """Turn the library's bad-input errors into one clear line instead of a traceback."""
     import functools
 
+    from PIL import Image
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, OSError, pickle.UnpicklingError) as e:  # bad input; bugs keep
-            raise UserError(str(e)) from None  # their traceback
+        except (
+            ValueError,
+            OSError,
+            pickle.UnpicklingError,
+            Image.DecompressionBombError,
+        ) as e:  # bad input; bugs keep their traceback
+            raise UserError(_one_line_text(str(e))) from None
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _one_line_text(text: str) -> str:
+    return " ".join(text.split()) or "(no message)"
+
+
+def _usage_line(e: click.UsageError) -> UserError:
+    """Click's usage errors (a value out of range, a missing option, an unknown command) as the
+    same one line as every other bad input, naming the command's --help."""
+    where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+    return UserError(_one_line_text(e.format_message()) + where)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr: `groundcam: warning: <message>`."""
+    text = _one_line_text(str(message))
+    if not issubclass(category, GroundcamWarning):
+        text = f"{category.__name__}: {text}"
+    click.echo(f"groundcam: warning: {text}", err=True)
+
+
+class _Main(click.Group):
+    """The root group: every usage error is one line (exit 2) and every warning one line, for
+    the command line only (the library's warnings stay ordinary warnings elsewhere)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise _usage_line(e) from None
+
+    def invoke(self, ctx):
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            try:
+                return super().invoke(ctx)
+            except click.exceptions.NoArgsIsHelpError:
+                raise
+            except click.UsageError as e:
+                raise _usage_line(e) from None
+
+
+class OutDir(click.ParamType):
+    """An output directory: it may not exist yet, but it may not be a file."""
+
+    name = "DIR"
+
+    def convert(self, value, param, ctx):
+        path = Path(value)
+        if path.exists() and not path.is_dir():
+            option = param.opts[0] if param is not None and param.opts else "--out"
+            raise UserError(f"{option} {value} exists and is not a directory")
+        return path
+
+
+class Device(click.ParamType):
+    """A torch device that exists on this machine: cpu, cuda, cuda:N, mps (checked here, so a
+    missing GPU is one line before any model is loaded)."""
+
+    name = "DEVICE"
+
+    def convert(self, value, param, ctx):
+        import torch
+
+        text = str(value).strip()
+        try:
+            device = torch.device(text)
+        except (RuntimeError, ValueError):
+            raise UserError(
+                f"--device {text}: not a device; use cpu, cuda, cuda:N or mps"
+            ) from None
+        problem = _device_problem(device)
+        if problem:
+            raise UserError(f"--device {text}: {problem}")
+        return text
+
+
+def _device_problem(device) -> str | None:
+    import torch
+
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "no CUDA GPU visible"
+            return f"CUDA is not available on this machine (torch {torch.__version__}: {build})"
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            return f"there are {count} CUDA device(s) here (cuda:0 to cuda:{count - 1})"
+        return None
+    if device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            return "MPS (Apple GPU) is not available on this machine"
+        return None
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available"):
+        return "unsupported device type; use cpu, cuda, cuda:N or mps"
+    if not backend.is_available():
+        return f"{device.type} is not available on this machine"
+    return None
+
+
+def _device_option(help_extra: str = ""):
+    return click.option(
+        "--device",
+        default=None,
+        type=Device(),
+        help="cpu, cuda, cuda:N or mps; a device this machine does not have is refused "
+        f"(default: {help_extra or 'cpu'}).",
+    )
+
+
+_MODEL_HELP = "A built-in name (groundcam models), a hub id, a saved directory or an ALBEF .pth."
+
+_METHOD_HELP = (
+    "attention, rollout, gradcam, attn-gradcam or relevance (default: the family's: "
+    "attn-gradcam for ALBEF/BLIP ITM, gradcam for CLIP, attention for OCR models)."
+)
+
+
+@click.group(cls=_Main, name="groundcam", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="groundcam")
 def main() -> None:
     """Where does a vision-language model find this text? Heatmaps, pointing game, training."""
@@ -44,14 +182,22 @@ def train() -> None:
 
 
 @train.command("albef")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--steps", default=3000, show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--lr", default=5e-4, show_default=True)
+@click.option("--out", required=True, type=OutDir(), help="Run directory.")
+@click.option("--steps", default=3000, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=5e-4, show_default=True, type=click.FloatRange(0, min_open=True))
 @click.option("--seed", default=0, show_default=True)
-@click.option("--pool", default=20000, show_default=True, help="Training scenes rendered.")
-@click.option("--eval-every", default=500, show_default=True)
-@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+@click.option(
+    "--pool",
+    default=20000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Training scenes rendered.",
+)
+@click.option("--eval-every", default=500, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores)."
+)
 @_guard
 def train_albef(out, steps, batch_size, lr, seed, pool, eval_every, threads) -> None:
     """ALBEF from scratch on the shapes train split, ITC + ITM (no boxes). Resumes from --out."""
@@ -72,10 +218,10 @@ def train_albef(out, steps, batch_size, lr, seed, pool, eval_every, threads) -> 
 
 
 @train.command("trocr")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--steps", default=16000, show_default=True)
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--out", required=True, type=OutDir(), help="Run directory.")
+@click.option("--steps", default=16000, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True))
 @click.option(
     "--aux-weight",
     default=1.0,
@@ -84,9 +230,17 @@ def train_albef(out, steps, batch_size, lr, seed, pool, eval_every, threads) -> 
     help="Start weight of the per-column encoder loss (decays to 0 by mid-training; 0 = off).",
 )
 @click.option("--seed", default=0, show_default=True)
-@click.option("--pool", default=50000, show_default=True, help="Training lines rendered.")
-@click.option("--eval-every", default=500, show_default=True)
-@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+@click.option(
+    "--pool",
+    default=50000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Training lines rendered.",
+)
+@click.option("--eval-every", default=500, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores)."
+)
 @_guard
 def train_trocr(out, steps, batch_size, lr, aux_weight, seed, pool, eval_every, threads) -> None:
     """trocr-tiny-glyphs (ViT + TrOCR decoder) on synthetic text lines. Resumes from --out."""
@@ -108,80 +262,275 @@ def train_trocr(out, steps, batch_size, lr, aux_weight, seed, pool, eval_every, 
 
 
 @main.command()
-@click.option("--out", default="groundcam-demo", show_default=True, type=click.Path())
+@click.option("--out", default="groundcam-demo", show_default=True, type=OutDir())
 @click.option("--model", default="albef-tiny-shapes", show_default=True)
 @click.option("--scenes", default=4, show_default=True, type=click.IntRange(1, 100))
+@_device_option()
 @_guard
-def demo(out, model, scenes) -> None:
+def demo(out, model, scenes, device) -> None:
     """Explain a few synthetic scenes with every method on a built-in model (offline)."""
     from groundcam.demo import run_demo
 
-    result = run_demo(out, model=model, scenes=scenes)
+    result = run_demo(out, model=model, scenes=scenes, device=device)
     for method, (hits, n) in result.accuracy.items():
         click.echo(f"pointing accuracy {method:>12}: {hits / n:6.1%} ({hits}/{n} phrases)")
     click.echo(f"wrote {result.html} ({result.seconds:.1f} s)")
 
 
+def _image_paths(spec: str) -> tuple[list[Path], bool]:
+    """The images IMAGE names and whether it named several: a file (as given; reading it gives
+    the clear error), a folder (its image files, sorted), or a glob pattern ("shots/*.jpg")."""
+    path = Path(spec)
+    if path.is_dir():
+        paths = sorted(
+            f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not paths:
+            raise UserError(f"IMAGE folder {spec} holds no images ({' '.join(IMAGE_SUFFIXES)})")
+    elif path.exists() or not any(c in spec for c in "*?["):
+        return [path], False
+    else:
+        matches = sorted(Path(f) for f in glob.glob(spec, recursive=True))
+        paths = [f for f in matches if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+        if not paths:
+            raise UserError(f"IMAGE {spec!r}: no image file matches the pattern")
+    by_stem: dict[str, Path] = {}
+    for f in paths:
+        if f.stem in by_stem:
+            raise UserError(
+                f"images {by_stem[f.stem]} and {f} share the name {f.stem!r}: each image is "
+                "written to --out/<name>; rename one or give them separately"
+            )
+        by_stem[f.stem] = f
+    return paths, True
+
+
+def _read(path: Path):
+    """`groundcam.io.read_image`, with any refusal of the image as one line naming it."""
+    from PIL import Image
+
+    from groundcam.io import read_image
+
+    try:
+        return read_image(path)
+    except Image.DecompressionBombError as e:
+        raise UserError(f"cannot read image {path}: {_one_line_text(str(e))}") from None
+
+
+def _images(paths: list[Path], failed: list[dict]):
+    """(path, image) for each readable image of several; an unreadable one is recorded in
+    `failed` (and reported at the end) while the others go on."""
+    for path in paths:
+        try:
+            picture = _read(path)
+        except UserError as e:
+            failed.append({"image": str(path), "error": e.message})
+        except (ValueError, OSError) as e:
+            failed.append({"image": str(path), "error": _one_line_text(str(e))})
+        else:
+            yield path, picture
+
+
+def _finish(model, out, results: list[dict], failed: list[dict], n: int, as_json: bool):
+    """--json's document (results, and the images that could not be read); then, if some
+    could not be read, the one error line (exit 2) saying so."""
+    if as_json:
+        doc = {"model": str(model), "out": str(out), "results": results, "errors": failed}
+        click.echo(json.dumps(doc))
+    if failed:
+        done = f"; the other {n - len(failed)} are in {out}" if n > len(failed) else ""
+        raise UserError(
+            f"{len(failed)} of {n} images could not be read, e.g. {failed[0]['error']}{done}"
+        )
+
+
+def _written(directory: Path, count: int, grid: bool = False) -> list[str]:
+    """The files an explanation's save wrote to `directory` (for --json)."""
+    names = {"maps.npz", "meta.json"} | ({"tokens.png"} if grid else set())
+    files = []
+    for f in sorted(directory.iterdir()):
+        m = re.match(r"(\d{3})_.*\.png$", f.name)
+        if f.name in names or (m and int(m.group(1)) < count):
+            files.append(str(f))
+    return files
+
+
+def _output_options(fn):
+    options = [
+        click.option(
+            "--cmap",
+            default=None,
+            callback=_check_cmap,
+            help="Matplotlib colour map of the overlays, e.g. inferno, viridis, jet, turbo "
+            "(default: the overlay's own).",
+        ),
+        click.option(
+            "--alpha",
+            default=None,
+            type=click.FloatRange(0, 1),
+            help="Opacity of the heatmap over the image, 0 to 1 (default: the overlay's own).",
+        ),
+        _device_option(),
+        click.option(
+            "--json",
+            "as_json",
+            is_flag=True,
+            help="Print the results as JSON on stdout (scores, phrases or tokens, the files "
+            "written; the same fields as meta.json) and nothing else.",
+        ),
+    ]
+    return _apply(fn, options)
+
+
+def _apply(fn, options):
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _check_cmap(ctx, param, value):
+    if value is None:
+        return None
+    import matplotlib
+
+    if value not in matplotlib.colormaps:
+        raise UserError(
+            f"--cmap {value!r}: not a matplotlib colour map; e.g. inferno, viridis, jet, turbo"
+        )
+    return value
+
+
+def _save_kwargs(cmap, alpha) -> dict:
+    return {k: v for k, v in (("cmap", cmap), ("alpha", alpha)) if v is not None}
+
+
 @main.command()
-@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("image")
 @click.argument("phrases", nargs=-1)
-@click.option("--model", default="albef-tiny-shapes", show_default=True)
-@click.option("--method", default="attn-gradcam", show_default=True)
+@click.option("--model", default="albef-tiny-shapes", show_default=True, help=_MODEL_HELP)
+@click.option("--method", default=None, help=_METHOD_HELP)
 @click.option("--layer", default=None, type=int, help="Layer (default: the family's).")
 @click.option("--target", default=None, help="itm or similarity (default: the family's).")
-@click.option("--out", default="groundcam-out", show_default=True, type=click.Path())
+@click.option(
+    "--out",
+    default="groundcam-out",
+    show_default=True,
+    type=OutDir(),
+    help="Output directory; with several images, one subfolder per image (its file name).",
+)
+@_output_options
 @_guard
-def explain(image, phrases, model, method, layer, target, out) -> None:
-    """Write overlays, maps.npz and meta.json for PHRASES over IMAGE."""
+def explain(image, phrases, model, method, layer, target, out, cmap, alpha, device, as_json):
+    """Write overlays, maps.npz and meta.json for PHRASES over IMAGE.
+
+    IMAGE is a file, a folder of images or a quoted glob ('shots/*.jpg'); with several images
+    every phrase is explained on each, the model is loaded once and each image's files go to
+    OUT/<image name without extension>/.
+    """
     from groundcam.api import load
-    from groundcam.io import read_image
 
     if not phrases:
         raise UserError('no phrases given: groundcam explain IMAGE "a phrase" [...]')
-    picture = read_image(image)
-    ex = load(model).explain(picture, list(phrases), method=method, layer=layer, target=target)
-    path = ex.save(out)
-    for phrase, score in zip(ex.phrases, ex.scores.tolist(), strict=True):
-        click.echo(f"{score:.3f}  {phrase}")
-    click.echo(f"wrote {len(ex)} overlays, maps.npz and meta.json to {path}")
+    for phrase in phrases:
+        if Path(phrase).suffix.lower() in IMAGE_SUFFIXES and Path(phrase).is_file():
+            raise UserError(
+                f"phrase {phrase!r} is an image file: quote a glob ('shots/*.jpg') so the "
+                "shell does not expand it, or give the folder"
+            )
+    paths, many = _image_paths(image)
+    # one image is read (or refused) before the model loads; several are read one by one
+    failed: list[dict] = []
+    pictures = _images(paths, failed) if many else [(paths[0], _read(paths[0]))]
+    explainer = load(model, device=device)
+    kwargs = {"layer": layer, "target": target} | ({"method": method} if method else {})
+    results = []
+    for path, picture in pictures:
+        ex = explainer.explain(picture, list(phrases), **kwargs)
+        written = ex.save(out / path.stem if many else out, **_save_kwargs(cmap, alpha))
+        meta = json.loads((Path(written) / "meta.json").read_text())
+        files = _written(Path(written), len(ex))
+        results.append({"image": str(path), "out": str(written), "files": files} | meta)
+        if as_json:
+            continue
+        if many:
+            click.echo(f"{path}:")
+        for phrase, score in zip(ex.phrases, ex.scores.tolist(), strict=True):
+            click.echo(f"{score:.3f}  {phrase}")
+        click.echo(f"wrote {len(ex)} overlays, maps.npz and meta.json to {written}")
+    _finish(model, out, results, failed, len(paths), as_json)
 
 
 @main.command()
-@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("image")
 @click.option(
     "--model", required=True, help="A captioning/OCR model: built-in name, hub id or dir."
 )
-@click.option("--method", default="gradcam", show_default=True)
+@click.option("--method", default=None, help=_METHOD_HELP)
 @click.option("--layer", default=None, type=int, help="Layer (default: the family's).")
-@click.option("--max-new-tokens", default=30, show_default=True, type=click.IntRange(1, 512))
-@click.option("--text", default=None, help="Explain this text instead of generating.")
-@click.option("--out", default="groundcam-caption", show_default=True, type=click.Path())
+@click.option(
+    "--max-new-tokens",
+    default=None,
+    type=click.IntRange(1, 512),
+    help="Most tokens to generate (default: the model's own generation config decides).",
+)
+@click.option(
+    "--text",
+    default=None,
+    help="Explain this text (as if generated) instead of generating; not empty.",
+)
+@click.option(
+    "--out",
+    default="groundcam-caption",
+    show_default=True,
+    type=OutDir(),
+    help="Output directory; with several images, one subfolder per image (its file name).",
+)
+@_output_options
 @_guard
-def caption(image, model, method, layer, max_new_tokens, text, out) -> None:
-    """Generate text for IMAGE and write one map per generated token (tokens.png + overlays)."""
+def caption(image, model, method, layer, max_new_tokens, text, out, cmap, alpha, device, as_json):
+    """Generate text for IMAGE and write one map per generated token (tokens.png + overlays).
+
+    IMAGE is a file, a folder of images or a quoted glob ('lines/*.png'); with several images
+    the model is loaded once and each image's files go to OUT/<image name without extension>/.
+    """
     from groundcam.api import load
-    from groundcam.io import read_image
 
-    gen = load(model).explain_generation(
-        read_image(image), method=method, layer=layer, max_new_tokens=max_new_tokens, text=text
-    )
-    path = gen.save(out)
-    click.echo(gen.text)
-    click.echo(
-        "  ".join(f"{t}:{p:.2f}" for t, p in zip(gen.tokens, gen.scores.tolist(), strict=True))
-    )
-    click.echo(f"wrote tokens.png, {len(gen)} overlays, maps.npz and meta.json to {path}")
+    if text is not None and not text.strip():
+        raise UserError("--text is empty: give the text to explain, or leave --text out")
+    paths, many = _image_paths(image)
+    failed: list[dict] = []
+    pictures = _images(paths, failed) if many else [(paths[0], _read(paths[0]))]
+    explainer = load(model, device=device)
+    kwargs = {"layer": layer, "text": text}
+    kwargs |= {"method": method} if method else {}
+    kwargs |= {"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}
+    results = []
+    for path, picture in pictures:
+        gen = explainer.explain_generation(picture, **kwargs)
+        written = gen.save(out / path.stem if many else out, **_save_kwargs(cmap, alpha))
+        meta = json.loads((Path(written) / "meta.json").read_text())
+        files = _written(Path(written), len(gen), grid=True)
+        results.append({"image": str(path), "out": str(written), "files": files} | meta)
+        if as_json:
+            continue
+        if many:
+            click.echo(f"{path}:")
+        click.echo(gen.text)
+        click.echo(
+            "  ".join(f"{t}:{p:.2f}" for t, p in zip(gen.tokens, gen.scores.tolist(), strict=True))
+        )
+        click.echo(f"wrote tokens.png, {len(gen)} overlays, maps.npz and meta.json to {written}")
+    _finish(model, out, results, failed, len(paths), as_json)
 
 
-@main.group("eval")
+@main.group("eval", short_help="Pointing accuracy on a dataset; glyphs for OCR models.")
 def eval_() -> None:
-    """Pointing-game evaluation on a dataset."""
+    """Pointing-game evaluation on a dataset: `groundcam eval DATASET --help` says what each
+    dataset reads, its splits and its options."""
 
 
 def _write_records(stream, out: Path, desc: str, unit: str) -> list[dict]:
     """Write each record to `out/results.jsonl` as it comes (with a progress bar); return them."""
-    import json
-
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -194,46 +543,102 @@ def _write_records(stream, out: Path, desc: str, unit: str) -> list[dict]:
 
 
 def _write_summary(out: Path, summary: dict) -> None:
-    import json
-
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
-_EVAL_DATASETS = ("flickr30k-entities", "refcoco", "refcoco+", "refcocog", "shapes")
+_EVAL_DATASETS = tuple(DATASETS)
+
+_PROTOCOL_HELP = (
+    "amc: bicubic to image size, first maximum, strict inside test; "
+    "mg: bilinear, inclusive, raw 1-based boxes, phrases under 5% of the image skipped; "
+    "torchray: a ground-truth pixel within 15 px; "
+    "albef-boxes: ranks the --dets proposals by sum / sqrt(area), IoU >= 0.5."
+)
 
 
-def _eval_options(fn):
-    """Options every dataset evaluation shares (see `groundcam eval DATASET --help`)."""
+def _dataset_options(spec: DatasetSpec):
+    """The options that read dataset `spec`: only those that apply to it."""
+    splits = ", ".join(spec.splits)
+    options = []
+    if spec.needs_root:
+        options.append(
+            click.option("--root", type=click.Path(), help=f"Required: {spec.root_help}.")
+        )
+        options.append(
+            click.option(
+                "--images", type=click.Path(), help=f"Image directory: {spec.images_help}."
+            )
+        )
+    options.append(
+        click.option("--split", default=None, help=f"Split(s), comma-separated, of {splits}.")
+    )
+    if spec.needs_root:
+        options.append(
+            click.option("--limit", type=click.IntRange(1), help="First N images of each split.")
+        )
+    else:
+        options.append(
+            click.option(
+                "--scenes",
+                default=500,
+                show_default=True,
+                type=click.IntRange(1),
+                help="Scenes per split.",
+            )
+        )
+        options.append(
+            click.option(
+                "--seed", default=0, show_default=True, help="Scene seed (same seed, same scenes)."
+            )
+        )
+    return options
+
+
+def _model_options(single_layer: bool):
+    """The options of the model, method and scoring every dataset evaluation shares."""
     options = [
-        click.option("--root", type=click.Path(), help="Dataset annotation directory."),
-        click.option("--images", type=click.Path(), help="Image directory (default per dataset)."),
-        click.option("--split", default=None, help="Split(s), comma-separated."),
-        click.option("--model", default="albef-tiny-shapes", show_default=True),
-        click.option("--method", default="attn-gradcam", show_default=True),
-        click.option("--layer", default=None, type=int, help="Layer (default: the family's)."),
+        click.option("--model", default="albef-tiny-shapes", show_default=True, help=_MODEL_HELP),
+        click.option("--method", default=None, help=_METHOD_HELP),
+    ]
+    if single_layer:
+        options.append(
+            click.option("--layer", default=None, type=int, help="Layer (default: the family's).")
+        )
+    options += [
         click.option("--target", default=None, help="itm or similarity (default: the family's)."),
         click.option(
-            "--protocol", default="amc", show_default=True, help="amc, mg, torchray, albef-boxes."
+            "--protocol",
+            default="amc",
+            show_default=True,
+            type=click.Choice(list(PROTOCOLS)),
+            help=_PROTOCOL_HELP,
         ),
         click.option(
             "--metrics",
             default="pointing",
             show_default=True,
-            help="pointing[,deletion][,insertion]",
+            help="pointing[,deletion][,insertion]: deletion/insertion remove/add patches in the "
+            "map's order and re-score the pair.",
         ),
-        click.option("--steps", default=16, show_default=True, help="Deletion/insertion steps."),
-        click.option("--dets", type=click.Path(), help="dets.json proposals (albef-boxes)."),
-        click.option("--limit", type=click.IntRange(1), help="First N images of each split."),
         click.option(
-            "--scenes",
-            default=500,
+            "--steps",
+            default=16,
             show_default=True,
             type=click.IntRange(1),
-            help="shapes: scenes per split.",
+            help="Deletion/insertion curve steps (only used with those --metrics).",
         ),
-        click.option("--seed", default=0, show_default=True, help="shapes: scene seed."),
         click.option(
-            "--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"])
+            "--dets",
+            type=click.Path(),
+            help="dets.json detector proposals; only used by (and required for) "
+            "--protocol albef-boxes.",
+        ),
+        click.option(
+            "--precision",
+            default="fp32",
+            show_default=True,
+            type=click.Choice(["fp32", "bf16"]),
+            help="bf16 autocasts on GPUs.",
         ),
         click.option(
             "--threads", default=None, type=click.IntRange(1), help="CPU threads per process."
@@ -244,37 +649,71 @@ def _eval_options(fn):
             type=click.IntRange(1),
             help="Images per forward, all their phrases together (default 8; ViLT 1).",
         ),
+        _device_option("cuda when there is one, else cpu; under accelerate, its own"),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return options
+
+
+def _eval_help(spec: DatasetSpec, what: str, default_split: str) -> str:
+    """A dataset command's help: what it computes, what the dataset is, what --root holds."""
+    paragraphs = [f"{what} on {spec.title}.", spec.about]
+    if spec.needs_root:
+        paragraphs.append(f"--root is {spec.root_help}; --images is {spec.images_help}.")
+    paragraphs.append(f"Splits: {', '.join(spec.splits)} (default {default_split}).")
+    return "\n\n".join(paragraphs) + "\n\n"
+
+
+def _method_for(explainer, method: str | None, target: str | None, generation: bool = False):
+    """The method name a run records: as given, else the family's default as the library
+    resolves it (so `summary.json` and the resume check name a real method)."""
+    if method is not None:
+        return method
+    import inspect
+
+    try:
+        return explainer._resolve(None, None, target)[0].name
+    except (ValueError, TypeError, KeyError, AttributeError):
+        pass
+    fn = explainer.explain_generation if generation else explainer.explain
+    default = inspect.signature(fn).parameters["method"].default
+    return default if isinstance(default, str) else None
 
 
 def _eval_run_setup(dataset: str, opts: dict, default_split: str | None = None):
     """Processes, work units, the loaded model and the EvalConfig of an evaluation (reader
     problems summed up in one line rather than one warning each)."""
-    import warnings
-
     import torch
 
     from groundcam.api import load
     from groundcam.eval.datasets import dataset_spec, open_units, parse_splits
     from groundcam.eval.runner import EvalConfig, Processes
 
+    if opts.get("dets") and opts["protocol"] != "albef-boxes":
+        raise UserError(
+            f"--dets is only used by --protocol albef-boxes (this run: --protocol "
+            f"{opts['protocol']})"
+        )
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
     procs = Processes.from_environment()
+    if opts.get("device"):
+        if procs.world > 1:
+            raise UserError(
+                "--device: under accelerate launch each process uses the device accelerate "
+                "gives it; leave --device out"
+            )
+        procs.device = torch.device(opts["device"])
     splits = parse_splits(dataset_spec(dataset), opts["split"] or default_split)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         units = open_units(
             dataset,
             splits,
-            opts["root"],
-            opts["images"],
-            opts["scenes"],
-            opts["seed"],
-            opts["limit"],
+            opts.get("root"),
+            opts.get("images"),
+            opts.get("scenes", 500),
+            opts.get("seed", 0),
+            opts.get("limit"),
         )
     if procs.is_main:
         for name, report in units.reports.items():
@@ -284,22 +723,23 @@ def _eval_run_setup(dataset: str, opts: dict, default_split: str | None = None):
                     f"{report.errors[0]} (all in summary.json 'reader')",
                     err=True,
                 )
+    explainer = load(opts["model"], device=procs.device)
     cfg = EvalConfig(
         dataset=dataset,
         splits=tuple(splits),
         model=str(opts["model"]),
-        method=opts["method"],
+        method=_method_for(explainer, opts["method"], opts["target"]),
         layer=opts.get("layer"),
         target=opts["target"],
         protocol=opts["protocol"],
         metrics=tuple(m.strip() for m in opts["metrics"].split(",") if m.strip()),
         steps=opts["steps"],
         precision=opts["precision"],
-        seed=opts["seed"] if dataset == "shapes" else 0,
-        dets=str(opts["dets"]) if opts["dets"] else None,
+        seed=opts.get("seed", 0),
+        dets=str(opts["dets"]) if opts.get("dets") else None,
         batch_images=opts["batch_images"],
     )
-    return procs, units, load(opts["model"], device=procs.device), cfg
+    return procs, units, explainer, cfg
 
 
 def _percent(block: dict) -> str:
@@ -309,20 +749,9 @@ def _percent(block: dict) -> str:
     return f"{block['accuracy']:.2%} [{lo:.1%}-{hi:.1%}]"
 
 
-def _make_eval_command(dataset: str):
-    @eval_.command(dataset)
-    @_eval_options
-    @click.option(
-        "--out",
-        required=True,
-        type=click.Path(file_okay=False),
-        help="Results directory (resumes).",
-    )
-    @click.option("--report", is_flag=True, help="Also write report.html.")
-    @click.option(
-        "--examples", default=8, show_default=True, help="Best/worst examples in the report."
-    )
-    @_guard
+def _make_eval_command(spec: DatasetSpec):
+    dataset = spec.name
+
     def command(out, report, examples, **opts):
         from groundcam.eval.runner import run_eval
 
@@ -359,15 +788,31 @@ def _make_eval_command(dataset: str):
         if report:
             click.echo(f"wrote {Path(out) / 'report.html'}")
 
-    command.__doc__ = (
-        f"Pointing accuracy on {dataset}: results.jsonl, summary.json; resumes from --out. "
-        "Runs sharded under `accelerate launch -m groundcam eval ...`."
+    command.__doc__ = _eval_help(spec, "Pointing accuracy", spec.default_split) + (
+        "Writes results.jsonl (one line per phrase) and summary.json (accuracy with a Wilson "
+        "95% interval, per split and phrase type) to --out, and resumes from it. Runs sharded "
+        "under `accelerate launch -m groundcam eval ...`."
     )
-    return command
+    options = _dataset_options(spec) + _model_options(single_layer=True)
+    options += [
+        click.option("--out", required=True, type=OutDir(), help="Results directory (resumes)."),
+        click.option("--report", is_flag=True, help="Also write report.html."),
+        click.option(
+            "--examples",
+            default=8,
+            show_default=True,
+            type=click.IntRange(0),
+            help="Best/worst examples in the report.",
+        ),
+    ]
+    command = _guard(command)
+    return eval_.command(dataset, short_help=f"Pointing accuracy on {spec.title}.")(
+        _apply(command, options)
+    )
 
 
-for _name in _EVAL_DATASETS:
-    _make_eval_command(_name)
+for _spec in DATASETS.values():
+    _make_eval_command(_spec)
 
 
 def _layer_list(value: str | None) -> list[int] | None:
@@ -379,52 +824,80 @@ def _layer_list(value: str | None) -> list[int] | None:
         raise UserError(f"--layers {value!r}: expected comma-separated layer numbers") from None
 
 
-@main.command("sweep-layers")
-@click.argument("dataset", type=click.Choice(_EVAL_DATASETS))
-@_eval_options
-@click.option(
-    "--layers", default=None, help="Comma-separated layers (default: all of the method's source)."
-)
-@click.option(
-    "--out", required=True, type=click.Path(file_okay=False), help="Sweep directory (resumes)."
-)
-@_guard
-def sweep_layers(dataset, layers, out, **opts):
+@main.group("sweep-layers", short_help="Pointing accuracy at every layer, to choose one.")
+def sweep_layers_() -> None:
     """Pointing accuracy per layer on a validation split (default val): a table (sweep.json,
-    sweep.tsv) to choose a layer from evidence."""
-    from groundcam.eval.sweep import sweep
-
-    if opts.pop("layer") is not None:
-        raise UserError("sweep-layers tries every layer: use --layers, not --layer")
-    wanted = _layer_list(layers)
-    procs, units, explainer, cfg = _eval_run_setup(dataset, opts, default_split="val")
-    table = sweep(cfg, units, explainer, out, wanted, procs, progress=procs.is_main)
-    if table is None:
-        return
-    click.echo(f"{'layer':>5}  {'accuracy':>24}  {'n':>6}")
-    for row in table["layers"]:
-        mark = "  <- best" if row["layer"] == table["best_layer"] else ""
-        click.echo(f"{row['layer']:>5}  {_percent(row):>24}  {row['n']:>6}{mark}")
-    click.echo(f"wrote {Path(out) / 'sweep.json'} and sweep.tsv")
+    sweep.tsv) to choose a layer from evidence. `groundcam sweep-layers DATASET --help` for a
+    dataset's options."""
 
 
-@eval_.command("glyphs")
+def _make_sweep_command(spec: DatasetSpec):
+    dataset = spec.name
+
+    def command(layers, out, **opts):
+        from groundcam.eval.sweep import sweep
+
+        wanted = _layer_list(layers)
+        procs, units, explainer, cfg = _eval_run_setup(dataset, opts, default_split="val")
+        table = sweep(cfg, units, explainer, out, wanted, procs, progress=procs.is_main)
+        if table is None:
+            return
+        click.echo(f"{'layer':>5}  {'accuracy':>24}  {'n':>6}")
+        for row in table["layers"]:
+            mark = "  <- best" if row["layer"] == table["best_layer"] else ""
+            click.echo(f"{row['layer']:>5}  {_percent(row):>24}  {row['n']:>6}{mark}")
+        click.echo(f"wrote {Path(out) / 'sweep.json'} and sweep.tsv")
+
+    command.__doc__ = _eval_help(spec, "Pointing accuracy at every layer", "val") + (
+        "One resumable evaluation per layer in --out/layer-<k>/, then sweep.json and sweep.tsv "
+        "(the best layer is the most accurate, the lower one on a tie). Methods that read "
+        "every layer at once (rollout, relevance) have nothing to sweep."
+    )
+    options = _dataset_options(spec) + _model_options(single_layer=False)
+    options += [
+        click.option(
+            "--layers",
+            default=None,
+            help="Comma-separated layers (default: every layer of the method's source).",
+        ),
+        click.option("--out", required=True, type=OutDir(), help="Sweep directory (resumes)."),
+    ]
+    command = _guard(command)
+    return sweep_layers_.command(dataset, short_help=f"Layer sweep on {spec.title}.")(
+        _apply(command, options)
+    )
+
+
+for _spec in DATASETS.values():
+    _make_sweep_command(_spec)
+
+
+@eval_.command("glyphs", short_help="Character accuracy and token pointing on text lines.")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["val", "test"]))
 @click.option("--lines", default=300, show_default=True, type=click.IntRange(1))
 @click.option("--model", default="trocr-tiny-glyphs", show_default=True)
-@click.option("--method", default="gradcam", show_default=True)
-@click.option("--layer", default=None, type=int)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--method", default=None, help=_METHOD_HELP)
+@click.option("--layer", default=None, type=int, help="Layer (default: the family's).")
+@click.option("--seed", default=0, show_default=True, help="Line seed (same seed, same lines).")
+@_device_option()
+@click.option("--out", required=True, type=OutDir(), help="Results directory.")
 @_guard
-def eval_glyphs(split, lines, model, method, layer, seed, out) -> None:
+def eval_glyphs(split, lines, model, method, layer, seed, device, out) -> None:
     """Character accuracy and token pointing (does each generated character's map peak on its
-    glyph?) on rendered text lines."""
+    glyph?) on rendered text lines.
+
+    The lines are rendered on the fly from (--seed, split, index) with the box of every glyph:
+    no files needed. For an OCR model (VisionEncoderDecoder, e.g. trocr-tiny-glyphs): each
+    line is read by the model, and each generated character's map is scored (protocol amc)
+    against the boxes of that character in the true text. Writes results.jsonl (one line per
+    generated token) and summary.json.
+    """
     from groundcam.api import load
     from groundcam.eval.glyphs import glyph_records, summarize_glyphs
 
-    out = Path(out)
-    stream = glyph_records(load(model), split, lines, method, layer, seed)
+    explainer = load(model, device=device)
+    method = _method_for(explainer, method, "token", generation=True)
+    stream = glyph_records(explainer, split, lines, method, layer, seed)
     records = _write_records(stream, out, f"glyphs/{split}", "token")
     summary = summarize_glyphs(records)
     summary |= {"method": method, "layer": records[0]["layer"] if records else layer}
