@@ -543,3 +543,38 @@ def test_demo_runs_every_method_on_the_builtin_model(tmp_path):
     n = summary["relevance"]["n"]
     assert len(list((out / "overlays").glob("*_relevance.png"))) == n > 0
     assert "pointing accuracy    relevance" in r.stdout
+
+
+# ----------------------------------------------------------------------------- family defaults
+
+
+def test_caption_leaves_method_and_length_to_the_library(tmp_path, monkeypatch):
+    from groundcam.explainer import Explainer
+
+    calls = []
+    real = Explainer.explain_generation
+
+    def explain_generation(self, image, **kwargs):
+        calls.append(kwargs)
+        return real(self, image, **kwargs)
+
+    monkeypatch.setattr(Explainer, "explain_generation", explain_generation)
+    image = glyph_image(tmp_path / "line.png")
+    base = ["caption", image, "--model", "trocr-tiny-glyphs", "--out", tmp_path / "o"]
+    assert run(*base).exit_code == 0
+    r = run(*base, "--method", "gradcam", "--max-new-tokens", "3")
+    assert r.exit_code == 0, r.output
+    assert calls == [
+        {"layer": None, "text": None},
+        {"layer": None, "text": None, "method": "gradcam", "max_new_tokens": 3},
+    ]
+
+
+def test_eval_glyphs_records_the_family_default_method(tmp_path):
+    from groundcam.api import load
+
+    out = tmp_path / "o"
+    r = run("eval", "glyphs", "--lines", "1", "--out", out)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == load("trocr-tiny-glyphs").default_method("token") == "attention"

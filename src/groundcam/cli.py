@@ -663,22 +663,6 @@ def _eval_help(spec: DatasetSpec, what: str, default_split: str) -> str:
     return "\n\n".join(paragraphs) + "\n\n"
 
 
-def _method_for(explainer, method: str | None, target: str | None, generation: bool = False):
-    """The method name a run records: as given, else the family's default as the library
-    resolves it (so `summary.json` and the resume check name a real method)."""
-    if method is not None:
-        return method
-    import inspect
-
-    try:
-        return explainer._resolve(None, None, target)[0].name
-    except (ValueError, TypeError, KeyError, AttributeError):
-        pass
-    fn = explainer.explain_generation if generation else explainer.explain
-    default = inspect.signature(fn).parameters["method"].default
-    return default if isinstance(default, str) else None
-
-
 def _eval_run_setup(dataset: str, opts: dict, default_split: str | None = None):
     """Processes, work units, the loaded model and the EvalConfig of an evaluation (reader
     problems summed up in one line rather than one warning each)."""
@@ -728,7 +712,7 @@ def _eval_run_setup(dataset: str, opts: dict, default_split: str | None = None):
         dataset=dataset,
         splits=tuple(splits),
         model=str(opts["model"]),
-        method=_method_for(explainer, opts["method"], opts["target"]),
+        method=opts["method"],  # None: the family's (the runner records the resolved name)
         layer=opts.get("layer"),
         target=opts["target"],
         protocol=opts["protocol"],
@@ -896,7 +880,7 @@ def eval_glyphs(split, lines, model, method, layer, seed, device, out) -> None:
     from groundcam.eval.glyphs import glyph_records, summarize_glyphs
 
     explainer = load(model, device=device)
-    method = _method_for(explainer, method, "token", generation=True)
+    method = method or explainer.default_method("token")
     stream = glyph_records(explainer, split, lines, method, layer, seed)
     records = _write_records(stream, out, f"glyphs/{split}", "token")
     summary = summarize_glyphs(records)
