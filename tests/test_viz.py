@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from groundcam.viz.html import image_data_uri, render_report, write_report
-from groundcam.viz.overlay import colorize, overlay
+from groundcam.viz.overlay import DEFAULT_CMAP, colorize, overlay
 
 
 def gradient_image(width: int = 40, height: int = 30) -> Image.Image:
@@ -23,8 +23,16 @@ def gradient_image(width: int = 40, height: int = 30) -> Image.Image:
 
 
 def jet_bytes(value: float) -> tuple[int, int, int]:
-    """The expected RGB of the jet colormap at one value."""
-    return tuple(int(c) for c in matplotlib.colormaps["jet"](value, bytes=True)[:3])
+    """The expected RGB of the default colormap at one value."""
+    return tuple(int(c) for c in matplotlib.colormaps[DEFAULT_CMAP](value, bytes=True)[:3])
+
+
+def blended(pixel, value: float, alpha: float = 1.0) -> tuple[int, int, int]:
+    """The overlay's pixel: the colormap at opacity alpha * value over the image's pixel."""
+    colour = np.array(jet_bytes(value), dtype=np.float32)
+    pixel = np.array(pixel, dtype=np.float32)
+    out = pixel + np.float32(alpha * value) * (colour - pixel)
+    return tuple(int(c) for c in np.clip(np.rint(out), 0, 255))
 
 
 def test_colorize_size_mode_and_values():
@@ -58,28 +66,29 @@ def test_overlay_alpha_zero_returns_original_pixels():
     assert np.array_equal(np.asarray(result), np.asarray(image))
 
 
-def test_overlay_alpha_one_is_the_colormap():
+def test_overlay_alpha_one_is_the_colormap_at_opacity_value():
     image = gradient_image(width=8, height=6)
     heatmap = torch.zeros(6, 8)
     heatmap[2, 5] = 0.3
     heatmap[4, 1] = 0.85
+    heatmap[1, 7] = 1.0
     result = overlay(image, heatmap, alpha=1.0)
-    assert result.getpixel((5, 2)) == jet_bytes(0.3)
-    assert result.getpixel((1, 4)) == jet_bytes(0.85)
-    assert result.getpixel((0, 0)) == jet_bytes(0.0)
+    assert result.getpixel((5, 2)) == blended(image.getpixel((5, 2)), 0.3)
+    assert result.getpixel((1, 4)) == blended(image.getpixel((1, 4)), 0.85)
+    assert result.getpixel((7, 1)) == jet_bytes(1.0)  # full opacity at the maximum
+    assert result.getpixel((0, 0)) == image.getpixel((0, 0))  # value 0: the image untouched
 
 
 def test_overlay_resizes_bicubically_and_clamps():
     image = gradient_image(width=32, height=32)
     grid = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(4, 1)  # bicubic overshoots this step
     result = np.asarray(overlay(image, grid, alpha=1.0))
-    expected = np.asarray(
-        colorize(
-            torch.nn.functional.interpolate(
-                grid[None, None], size=(32, 32), mode="bicubic", align_corners=False
-            )[0, 0].clamp(0, 1)
-        )
-    )
+    values = torch.nn.functional.interpolate(
+        grid[None, None], size=(32, 32), mode="bicubic", align_corners=False
+    )[0, 0].clamp(0, 1)
+    colours = np.asarray(colorize(values), dtype=np.float32)
+    pixels = np.asarray(image, dtype=np.float32)
+    expected = np.rint(pixels + values.numpy()[..., None] * (colours - pixels)).astype(np.uint8)
     assert np.array_equal(result, expected)
 
 

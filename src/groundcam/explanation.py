@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from groundcam.errors import InputError
 from groundcam.maps import normalize_maps
 
 __all__ = ["Explanation", "GenerationExplanation", "normalize_maps", "versions"]
@@ -56,11 +57,16 @@ class Explanation:
             raise ValueError("this explanation was made from tensors and holds no image")
         return self.images[self.image_index[i] if self.image_index else 0]
 
-    def overlay(self, i: int, alpha: float = 0.5, **kwargs: Any) -> Image.Image:
-        """Phrase i's map over its image (boxes, point and hit may be passed to draw them)."""
+    def overlay(
+        self, i: int, alpha: float | None = None, cmap: str | None = None, **kwargs: Any
+    ) -> Image.Image:
+        """Phrase i's map over its image (`groundcam.viz.overlay.overlay`: opacity ``alpha *
+        value`` in colour map `cmap`, None for the defaults 0.5 and 'inferno'); boxes, point and
+        hit may be passed to draw them, ``colorbar=True`` adds a colour bar, ``max_side`` bounds
+        the drawn size."""
         from groundcam.viz.overlay import overlay
 
-        return overlay(self.image(i), self.maps[i], alpha=alpha, **kwargs)
+        return overlay(self.image(i), self.maps[i], **_style(cmap, alpha), **kwargs)
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -76,10 +82,22 @@ class Explanation:
             "versions": versions(),
         }
 
-    def save(self, directory: str | Path) -> Path:
-        """Overlay PNGs (when images are held), `maps.npz` and `meta.json` under `directory`."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
+    def save(
+        self,
+        directory: str | Path,
+        *,
+        cmap: str | None = None,
+        alpha: float | None = None,
+        colorbar: bool = True,
+    ) -> Path:
+        """Overlay PNGs ``NNN_<phrase>.png`` (when images are held; with a colour bar unless
+        ``colorbar=False``, in `cmap` at `alpha` as `overlay`), `maps.npz` and `meta.json`
+        under `directory` (created). Overlay PNGs an earlier save left there (``NNN_slug.png``
+        and ``tokens.png``, nothing else) are removed first, so the folder holds this result
+        only. A `directory` that is an existing file is an `InputError`."""
+        style = _style(cmap, alpha)
+        out = _output_directory(directory)
+        _remove_old_overlays(out)
         arrays = {"maps": self.maps.numpy(), "raw_maps": self.raw_maps.numpy()}
         if self.raw_token_maps is not None:
             arrays["raw_token_maps"] = self.raw_token_maps.numpy()
@@ -87,7 +105,8 @@ class Explanation:
         (out / "meta.json").write_text(json.dumps(self.meta(), indent=1))
         if self.images:
             for i, phrase in enumerate(self.phrases):
-                self.overlay(i).save(out / f"{i:03d}_{_slug(phrase)}.png")
+                picture = self.overlay(i, colorbar=colorbar, **style)
+                picture.save(out / f"{i:03d}_{_slug(phrase)}.png")
         return out
 
 
@@ -119,21 +138,39 @@ class GenerationExplanation:
     def resize(self, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
         return F.interpolate(self.maps[:, None], size=size, mode=mode, align_corners=False)[:, 0]
 
-    def overlay(self, k: int, alpha: float = 0.5, **kwargs: Any) -> Image.Image:
-        """Token k's map over the image."""
+    def overlay(
+        self, k: int, alpha: float | None = None, cmap: str | None = None, **kwargs: Any
+    ) -> Image.Image:
+        """Token k's map over the image (as `Explanation.overlay`)."""
         from groundcam.viz.overlay import overlay
 
         if self.image is None:
             raise ValueError("this explanation holds no image")
-        return overlay(self.image, self.maps[k], alpha=alpha, **kwargs)
+        return overlay(self.image, self.maps[k], **_style(cmap, alpha), **kwargs)
 
-    def grid(self, columns: int = 6) -> Image.Image:
-        """The per-token figure: each token above its overlay."""
+    def grid(
+        self,
+        columns: int = 6,
+        *,
+        cmap: str | None = None,
+        alpha: float | None = None,
+        colorbar: bool = False,
+    ) -> Image.Image:
+        """The per-token figure: each token above its overlay (`cmap`, `alpha` as `overlay`;
+        ``colorbar=True`` adds one colour bar at the right)."""
         from groundcam.viz.token_grid import token_grid
 
         if self.image is None:
             raise ValueError("this explanation holds no image")
-        return token_grid(self.image, self.maps, self.tokens, self.scores.tolist(), columns)
+        return token_grid(
+            self.image,
+            self.maps,
+            self.tokens,
+            self.scores.tolist(),
+            columns,
+            colorbar=colorbar,
+            **_style(cmap, alpha),
+        )
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -151,23 +188,70 @@ class GenerationExplanation:
             "versions": versions(),
         }
 
-    def save(self, directory: str | Path) -> Path:
-        """`tokens.png` (the grid), one overlay PNG per token, `maps.npz` and `meta.json`."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
+    def save(
+        self,
+        directory: str | Path,
+        *,
+        cmap: str | None = None,
+        alpha: float | None = None,
+        colorbar: bool = True,
+    ) -> Path:
+        """`tokens.png` (the grid), one overlay PNG ``NNN_<token>.png`` per token (both with a
+        colour bar unless ``colorbar=False``), `maps.npz` and `meta.json`; overlay PNGs an
+        earlier save left in `directory` are removed first (as `Explanation.save`)."""
+        style = _style(cmap, alpha)
+        out = _output_directory(directory)
+        _remove_old_overlays(out)
         np.savez_compressed(
             out / "maps.npz", maps=self.maps.numpy(), raw_maps=self.raw_maps.numpy()
         )
         (out / "meta.json").write_text(json.dumps(self.meta(), indent=1))
         if self.image is not None:
-            self.grid().save(out / "tokens.png")
+            self.grid(colorbar=colorbar, **style).save(out / "tokens.png")
             for k, token in enumerate(self.tokens):
-                self.overlay(k).save(out / f"{k:03d}_{_slug(token)}.png")
+                picture = self.overlay(k, colorbar=colorbar, **style)
+                picture.save(out / f"{k:03d}_{_slug(token)}.png")
         return out
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "phrase"
+
+
+# The names `save` gives overlay PNGs: f"{index:03d}_{_slug(text)}.png" and the token grid.
+_OVERLAY_NAME = re.compile(r"\d{3,}_[a-z0-9-]{1,40}\.png|tokens\.png")
+
+
+def _style(cmap: str | None, alpha: float | None) -> dict[str, Any]:
+    """`overlay`'s cmap and alpha, checked now (before anything is written); None: default."""
+    from groundcam.viz.overlay import DEFAULT_ALPHA, DEFAULT_CMAP, check_alpha, colormap
+
+    cmap = DEFAULT_CMAP if cmap is None else cmap
+    colormap(cmap)
+    return {"cmap": cmap, "alpha": check_alpha(DEFAULT_ALPHA if alpha is None else alpha)}
+
+
+def _output_directory(directory: str | Path) -> Path:
+    """`directory`, created with its parents; an InputError when it or a parent is a file."""
+    out = Path(directory)
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise InputError(f"{path} exists and is not a directory")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create directory {out}: {e.strerror or e}") from None
+    return out
+
+
+def _remove_old_overlays(out: Path) -> None:
+    """Delete the overlay PNGs an earlier `save` wrote into `out` (names matching
+    `_OVERLAY_NAME` only; folders and every other file are left alone)."""
+    for entry in out.iterdir():
+        if _OVERLAY_NAME.fullmatch(entry.name) and (entry.is_file() or entry.is_symlink()):
+            entry.unlink()
 
 
 def versions() -> dict[str, str]:
