@@ -338,7 +338,7 @@ def _finish(model, out, results: list[dict], failed: list[dict], n: int, as_json
         doc = {"model": str(model), "out": str(out), "results": results, "errors": failed}
         click.echo(json.dumps(doc))
     if failed:
-        done = f"; the other {n - len(failed)} are in {out}" if n > len(failed) else ""
+        done = f"; {n - len(failed)} written to {out}" if n > len(failed) else ""
         raise UserError(
             f"{len(failed)} of {n} images could not be read, e.g. {failed[0]['error']}{done}"
         )
