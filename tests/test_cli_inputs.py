@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import pickle
@@ -269,13 +268,6 @@ def test_unknown_device_is_one_line(device, message, image_file, tmp_path):
 # ----------------------------------------------------------------------------- --cmap / --alpha
 
 
-save_takes_style = pytest.mark.skipif(
-    "cmap" not in inspect.signature(Explanation.save).parameters
-    or "cmap" not in inspect.signature(GenerationExplanation.save).parameters,
-    reason="Explanation.save(..., cmap, alpha) has not landed yet",
-)
-
-
 def spy_on_save(monkeypatch, cls):
     calls = []
     real = cls.save
@@ -288,7 +280,6 @@ def spy_on_save(monkeypatch, cls):
     return calls
 
 
-@save_takes_style
 def test_cmap_and_alpha_reach_the_overlays(tiny_model_dir, image_file, tmp_path, monkeypatch):
     calls = spy_on_save(monkeypatch, Explanation)
     plain, styled = tmp_path / "plain", tmp_path / "styled"
@@ -300,7 +291,6 @@ def test_cmap_and_alpha_reach_the_overlays(tiny_model_dir, image_file, tmp_path,
     assert not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
 
 
-@save_takes_style
 def test_caption_takes_cmap_and_alpha(tmp_path, monkeypatch):
     calls = spy_on_save(monkeypatch, GenerationExplanation)
     image = glyph_image(tmp_path / "line.png")
