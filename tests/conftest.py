@@ -12,7 +12,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest
 import torch
-from tiny import tiny_albef
+from tiny import saved, tiny_albef
 
 from groundcam.data.shapes import vocabulary
 from groundcam.train.tokenizer import word_tokenizer
@@ -59,6 +59,16 @@ def fixtures() -> Path:
     return require_fixtures(fixtures_path())
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests, whatever ran before (the CLI's `--threads`, a
+    trainer): tiny matrices run ~10x faster than on several threads fighting over shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return word_tokenizer(vocabulary())
@@ -68,6 +78,4 @@ def tokenizer():
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny ALBEF saved the way the zoo stores models (config, safetensors, tokenizer)."""
     path = tmp_path_factory.mktemp("tiny-albef")
-    tiny_albef(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return saved(path, tiny_albef(len(tokenizer)), tokenizer)

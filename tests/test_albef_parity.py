@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny import assert_close
 
 import groundcam as gc
 from groundcam.capture import HookPoint, Recorder
@@ -20,13 +21,7 @@ CHECKPOINTS = [
 ]
 
 
-def close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
-    """Equal to within `rel` times the reference tensor's largest magnitude."""
-    assert actual.shape == expected.shape
-    scale = expected.abs().max().item()
-    assert scale > 0
-    err = (actual - expected).abs().max().item()
-    assert err <= rel * scale, f"max error {err:.3g} vs scale {scale:.3g}"
+REL = 1e-5  # of the official tensor's largest magnitude (`assert_close`)
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +38,21 @@ def test_forward_outputs_match_official(fixtures, ref, name):
     with torch.no_grad():
         image = m.encode_image(pv)
         text = m.text_encoder.encode_text(ids, mask)
-        close(image, exp["image_embeds"])
-        close(text, exp["text_embeds"])
+        assert_close(image, exp["image_embeds"], REL)
+        assert_close(text, exp["text_embeds"], REL)
         img, txt = m.itc_features(pv, ids, mask)
-        close(img, exp["itc_image_feat"])
-        close(txt, exp["itc_text_feat"])
-        close(img @ txt.T, exp["itc_sim"])
-        close(img @ txt.T / m.temp, exp["itc_logits"])
-        close(m.text_encoder.fuse(text, mask, image), exp["multimodal_last_hidden_state"])
-        close(m.itm_logits(pv, ids, mask), exp["itm_logits"])
+        assert_close(img, exp["itc_image_feat"], REL)
+        assert_close(txt, exp["itc_text_feat"], REL)
+        assert_close(img @ txt.T, exp["itc_sim"], REL)
+        assert_close(img @ txt.T / m.temp, exp["itc_logits"], REL)
+        assert_close(
+            m.text_encoder.fuse(text, mask, image), exp["multimodal_last_hidden_state"], REL
+        )
+        assert_close(m.itm_logits(pv, ids, mask), exp["itm_logits"], REL)
         # every image with every text, image tokens shared through the index
         ii, tt = torch.meshgrid(torch.arange(3), torch.arange(3), indexing="ij")
         all_pairs = m.itm_from(image, text[tt.flatten()], mask[tt.flatten()], ii.flatten())
-        close(all_pairs.reshape(3, 3, 2), exp["itm_logits_all_pairs"])
+        assert_close(all_pairs.reshape(3, 3, 2), exp["itm_logits_all_pairs"], REL)
 
 
 def test_load_report_accounts_for_every_key(fixtures):
@@ -93,8 +90,8 @@ def test_cross_attention_and_gradients_match_official(fixtures, ref, block):
         logits = m.itm_logits(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
         (probs,) = rec.tensors()
         (grad,) = torch.autograd.grad(logits[:, 1].sum(), [probs])
-    close(probs.detach(), exp[f"cross_attn_probs_block{block}"])
-    close(grad, exp[f"cross_attn_grad_block{block}"])
+    assert_close(probs.detach(), exp[f"cross_attn_probs_block{block}"], REL)
+    assert_close(grad, exp[f"cross_attn_grad_block{block}"], REL)
     assert not point.module._forward_hooks
 
 
@@ -109,12 +106,12 @@ def test_gradcam_maps_match_official(fixtures, ref, block):
         method="attn-gradcam",
         layer=block,
     )
-    close(ex.raw_maps, exp[f"gradcam_block{block}"])
-    close(ex.raw_token_maps, exp[f"gradcam_per_token_block{block}"])
+    assert_close(ex.raw_maps, exp[f"gradcam_block{block}"], REL)
+    assert_close(ex.raw_token_maps, exp[f"gradcam_per_token_block{block}"], REL)
     ref_maps = exp[f"gradcam_block{block}"]
     lo = ref_maps.flatten(1).min(1).values[:, None, None]
     hi = ref_maps.flatten(1).max(1).values[:, None, None]
-    close(ex.maps, (ref_maps - lo) / (hi - lo))
+    assert_close(ex.maps, (ref_maps - lo) / (hi - lo), REL)
     if block == 3:  # last layer: only the text CLS row reaches the ITM head
         assert ex.raw_token_maps[:, 1:].abs().max() == 0
         assert ex.token_maps[0][1:].abs().max() == 0  # all-zero maps stay zero, never NaN
@@ -130,7 +127,11 @@ def test_upsampled_maps_match_official_grounding(fixtures, ref):
     ex.maps = ex.raw_maps  # the official code upsamples the raw map
     for case in cases:
         size = (case["image_height"], case["image_width"])
-        close(ex.resize(size)[case["sample_index"]], exp[f"grounding_upsampled_case{case['case']}"])
+        assert_close(
+            ex.resize(size)[case["sample_index"]],
+            exp[f"grounding_upsampled_case{case['case']}"],
+            REL,
+        )
 
 
 def test_pre_caption_matches_official(fixtures):

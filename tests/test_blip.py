@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import SMALL, VISION, assert_close, cannot_switch_to_eager, noise_images, saved
 from transformers import (
     BlipConfig,
     BlipForConditionalGeneration,
@@ -39,11 +40,8 @@ def blip_config(tokenizer) -> BlipConfig:
     init = {"initializer_range": 0.2}  # BLIP's vision default (1e-10) makes every map ~1e-10
     sep = tokenizer.sep_token_id
     text = dict(
+        SMALL,
         vocab_size=len(tokenizer) + 1,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
         max_position_embeddings=16,
         bos_token_id=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
@@ -51,15 +49,7 @@ def blip_config(tokenizer) -> BlipConfig:
         eos_token_id=sep,
         **init,
     )
-    vision = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=64,
-        patch_size=16,
-        **init,
-    )
+    vision = dict(VISION, **init)
     return BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=16, **init)
 
 
@@ -92,8 +82,7 @@ def caption(tokenizer, processor):
 
 @pytest.fixture(scope="module")
 def images():
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)) for _ in range(2)]
+    return noise_images(2, 80, 96)
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +93,6 @@ def batch(itm, images):
     ids, mask = a.prepare_texts(PHRASES * 2)
     index = torch.tensor([0, 0, 0, 1, 1, 1])
     return pv, ids, mask, index
-
-
-def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4) -> None:
-    """Equal up to `rtol` of the expected tensor's scale (raw maps of tiny models are small)."""
-    scale = expected.abs().max().item()
-    assert scale > 0, "the reference is all zeros: nothing is compared"
-    assert (actual - expected).abs().max().item() <= rtol * scale
 
 
 # -- independent reference recipes: plain torch on the model's own forward ------------------------
@@ -199,10 +181,9 @@ def ref_relevance(vision, text=()):
     return r_ii, r_ti
 
 
-def itm_points(model, what: str, layer: int = 0):
-    """The hook points of the reference recipes, by transformers' own module paths."""
-    vision = model.vision_model.encoder.layers
-    text = model.text_encoder.encoder.layer
+def hook_points(vision, text, what: str, layer: int):
+    """`cross`: one text layer's cross-attention; `tokens`: one vision block's output; else every
+    vision self-attention and every text self- and cross-attention (the relevance graph)."""
     if what == "cross":
         return {"cross": (text[layer].crossattention.self, 1)}
     if what == "tokens":
@@ -212,6 +193,12 @@ def itm_points(model, what: str, layer: int = 0):
         points[f"t{i}.self"] = (t.attention.self, 1)
         points[f"t{i}.cross"] = (t.crossattention.self, 1)
     return points
+
+
+def itm_points(model, what: str, layer: int = 0):
+    """The hook points of the reference recipes, by transformers' own module paths."""
+    text = model.text_encoder.encoder.layer
+    return hook_points(model.vision_model.encoder.layers, text, what, layer)
 
 
 def graph_inputs(kept, n_vision, n_text):
@@ -322,8 +309,8 @@ def test_attn_gradcam_equals_the_lavis_recipe_one_pair_at_a_time(itm, batch, lay
         kept = grab(itm_points(m, "cross", layer), lambda one=one: itm_score(m, *one, "itm"))
         probs, grad = kept["cross"]
         mean, per_token = ref_attn_gradcam(probs, grad, mask[b].float())
-        close(ex.raw_maps[b], mean)
-        close(ex.raw_token_maps[b], per_token)
+        assert_close(ex.raw_maps[b], mean)
+        assert_close(ex.raw_token_maps[b], per_token)
 
 
 @pytest.mark.parametrize("target", ["itm", "similarity"])
@@ -334,7 +321,7 @@ def test_gradcam_equals_a_full_backward_per_pair(itm, batch, target):
     for b in range(len(ids)):
         one = (pv[index[b]][None], ids[b : b + 1], mask[b : b + 1])
         kept = grab(itm_points(m, "tokens", layer), lambda one=one: itm_score(m, *one, target))
-        close(ex.raw_maps[b], ref_gradcam(*kept["tokens"]))
+        assert_close(ex.raw_maps[b], ref_gradcam(*kept["tokens"]))
 
 
 def test_attention_and_rollout_equal_the_models_output_attentions(itm, batch):
@@ -352,8 +339,8 @@ def test_attention_and_rollout_equal_the_models_output_attentions(itm, batch):
                 output_attentions=True,
             )
             cross = text.cross_attentions[0][0, :, :, 1:].mean(0) * mask[b, :, None]
-            close(attention.raw_maps[b], cross.mean(0).reshape(4, 4))
-            close(rollout.raw_maps[b], ref_rollout([a[0] for a in vision.attentions]))
+            assert_close(attention.raw_maps[b], cross.mean(0).reshape(4, 4))
+            assert_close(rollout.raw_maps[b], ref_rollout([a[0] for a in vision.attentions]))
 
 
 @pytest.mark.parametrize("target", ["itm", "similarity"])
@@ -373,7 +360,7 @@ def test_relevance_equals_an_independent_chefer_per_pair(itm, batch, target):
         else:
             _, r_ti = ref_relevance(*graph_inputs(kept, 2, 2))
             expected = r_ti[0, 1:]
-        close(ex.raw_maps[b], expected.reshape(4, 4))
+        assert_close(ex.raw_maps[b], expected.reshape(4, 4))
 
 
 # -- batching ---------------------------------------------------------------------------------------
@@ -388,8 +375,8 @@ def test_many_images_with_many_phrases_equal_one_pair_at_a_time(itm, batch, meth
         one = itm.explain_tensors(
             pv[i : i + 1], ids[b : b + 1], mask[b : b + 1], method, target=target
         )
-        close(ex.raw_maps[b], one.raw_maps[0], 1e-5)
-        close(ex.scores[b : b + 1], one.scores, 1e-5)
+        assert_close(ex.raw_maps[b], one.raw_maps[0], 1e-5)
+        assert_close(ex.scores[b : b + 1], one.scores, 1e-5)
 
 
 def test_one_image_with_several_phrases_equals_each_phrase_alone(itm, images):
@@ -573,17 +560,8 @@ def test_caption_prompt_and_given_text(caption, images, tokenizer):
 
 
 def caption_points(model, what: str, layer: int = 0):
-    vision = model.vision_model.encoder.layers
     text = model.text_decoder.bert.encoder.layer
-    if what == "cross":
-        return {"cross": (text[layer].crossattention.self, 1)}
-    if what == "tokens":
-        return {"tokens": (vision[layer], None)}
-    points = {f"v{i}": (b.self_attn, 1) for i, b in enumerate(vision)}
-    for i, t in enumerate(text):
-        points[f"t{i}.self"] = (t.attention.self, 1)
-        points[f"t{i}.cross"] = (t.crossattention.self, 1)
-    return points
+    return hook_points(model.vision_model.encoder.layers, text, what, layer)
 
 
 @pytest.mark.parametrize("method", CAPTION_METHODS)
@@ -614,7 +592,7 @@ def test_token_maps_equal_one_forward_and_backward_per_token(caption, images, me
         else:
             _, r_ti = ref_relevance(*graph_inputs(kept, 2, 2))
             expected = r_ti[k - 1, 1:].reshape(4, 4)
-        close(gen.raw_maps[j], expected, 1e-5)
+        assert_close(gen.raw_maps[j], expected, 1e-5)
 
 
 def test_caption_defaults_and_methods(caption, images):
@@ -634,11 +612,7 @@ def test_caption_defaults_and_methods(caption, images):
 def test_a_model_that_cannot_switch_to_eager_is_refused(tokenizer, monkeypatch):
     model = tiny(BlipForImageTextRetrieval, tokenizer)
     model.config._attn_implementation = "sdpa"
-
-    def refuse(*args, **kwargs):
-        raise RuntimeError("this model only runs sdpa")
-
-    monkeypatch.setattr(model, "set_attn_implementation", refuse)
+    cannot_switch_to_eager(monkeypatch, model)
     with pytest.raises(ValueError, match="eager"):
         gc.load(model, tokenizer=tokenizer)
 
@@ -681,9 +655,7 @@ def test_a_saved_directory_loads_back_with_its_processor(
     tokenizer, processor, images, tmp_path, cls
 ):
     model = tiny(cls, tokenizer)
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
-    loaded = gc.load(str(tmp_path))
+    loaded = gc.load(str(saved(tmp_path, model, processor)))
     direct = gc.load(model, processor=processor, tokenizer=tokenizer)
     assert type(loaded.adapter) is type(direct.adapter)
     if cls is BlipForImageTextRetrieval:

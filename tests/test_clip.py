@@ -4,10 +4,9 @@ independent re-implementation (pytorch-grad-cam's recipe, Chefer's relevance and
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from tiny import VISION, WORD_TEXT, assert_close, cannot_switch_to_eager, noise_images, saved
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 import groundcam as gc
@@ -15,31 +14,15 @@ from groundcam.adapters.clip import ClipAdapter
 from groundcam.explainer import Explainer
 
 METHODS = ["gradcam", "attention", "rollout", "relevance"]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PHRASES = ["the red circle", "a small blue square", "green", "the star left of the red circle"]
-VISION = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    image_size=64,
-    patch_size=16,
-)
-TEXT = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=16,
-    bos_token_id=2,  # the word tokenizer's [CLS] / [SEP] / [PAD]
-    eos_token_id=3,
-    pad_token_id=0,
-)
 
 
 def tiny_clip(vocab_size: int, seed: int = 0, attn: str = "eager") -> CLIPModel:
     torch.manual_seed(seed)
     cfg = CLIPConfig(
-        text_config=dict(TEXT, vocab_size=vocab_size),
+        text_config=dict(WORD_TEXT, vocab_size=vocab_size),
         vision_config=dict(VISION),
         projection_dim=32,
     )
@@ -49,15 +32,6 @@ def tiny_clip(vocab_size: int, seed: int = 0, attn: str = "eager") -> CLIPModel:
 def processor_for(tokenizer) -> CLIPProcessor:
     ip = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
     return CLIPProcessor(image_processor=ip, tokenizer=tokenizer)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is ~10x faster than several fighting over shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +46,7 @@ def explainer(model, tokenizer):
 
 @pytest.fixture(scope="module")
 def images():
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)) for _ in range(2)]
+    return noise_images(2, 80, 96)
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +61,6 @@ def one_pair(explainer, pixel_values, b):
     """Pair b alone: its image's pixels, its unpadded text."""
     ids, mask = explainer.adapter.prepare_texts([PHRASES[b]])
     return pixel_values[None], ids, mask
-
-
-def close(got: torch.Tensor, want: torch.Tensor) -> bool:
-    return torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item() + 1e-12)
 
 
 # ---------------------------------------------------------------------- scores and maps
@@ -165,7 +134,7 @@ def test_gradcam_equals_pytorch_grad_cam_on_the_last_blocks_layer_norm1(explaine
             model, target, *one_pair(explainer, pixel_values[index[b]], b)
         )
         assert want.abs().max() > 0
-        assert close(ex.raw_maps[b], want)
+        assert_close(ex.raw_maps[b], want)
 
 
 def attentions_and_grads(model, pixel_values, ids, mask, grad: bool):
@@ -195,7 +164,7 @@ def test_relevance_equals_chefer_from_output_attentions(explainer, model, batch)
             r = r + (a.grad * a).clamp(min=0).mean(1)[0] @ r
         want = r[0, 1:].reshape(4, 4)
         assert want.max() > 0
-        assert close(ex.raw_maps[b], want)
+        assert_close(ex.raw_maps[b], want)
 
 
 def test_rollout_and_attention_equal_output_attentions(explainer, model, batch):
@@ -209,12 +178,12 @@ def test_rollout_and_attention_equal_output_attentions(explainer, model, batch):
         for a in probs:  # Abnar & Zuidema: 0.5 A + 0.5 I, rows renormalised, first layer first
             a = 0.5 * a.mean(1)[0] + 0.5 * torch.eye(17)
             r = (a / a.sum(-1, keepdim=True)) @ r
-        assert close(roll.raw_maps[b], r[0, 1:].reshape(4, 4))
+        assert_close(roll.raw_maps[b], r[0, 1:].reshape(4, 4))
         for layer, a in enumerate(probs):
             att = explainer.explain_tensors(
                 pixel_values, ids, mask, method="attention", layer=layer, image_index=index
             )
-            assert close(att.raw_maps[b], a[0, :, 0, 1:].mean(0).reshape(4, 4))
+            assert_close(att.raw_maps[b], a[0, :, 0, 1:].mean(0).reshape(4, 4))
 
 
 def test_the_last_blocks_patch_outputs_get_no_gradient(model, batch):
@@ -240,11 +209,11 @@ def test_batches_equal_one_pair_at_a_time(explainer, images, method):
     one_image = explainer.explain(images[1], PHRASES, method=method)
     for row, (i, p) in enumerate([(0, 0), (0, 3), (1, 1), (1, 2)]):
         alone = explainer.explain(images[i], [PHRASES[p]], method=method)
-        assert close(many.raw_maps[row], alone.raw_maps[0])
+        assert_close(many.raw_maps[row], alone.raw_maps[0])
         assert torch.allclose(many.scores[row], alone.scores[0], atol=1e-6)
     for p, phrase in enumerate(PHRASES):
         alone = explainer.explain(images[1], [phrase], method=method)
-        assert close(one_image.raw_maps[p], alone.raw_maps[0])
+        assert_close(one_image.raw_maps[p], alone.raw_maps[0])
 
 
 def test_a_frozen_model_gives_the_same_maps(tokenizer, images):
@@ -253,7 +222,7 @@ def test_a_frozen_model_gives_the_same_maps(tokenizer, images):
     want = {m: ex.explain(images[0], PHRASES[:2], method=m).raw_maps for m in METHODS}
     model.requires_grad_(False)
     for m in METHODS:
-        assert close(ex.explain(images[0], PHRASES[:2], method=m).raw_maps, want[m])
+        assert_close(ex.explain(images[0], PHRASES[:2], method=m).raw_maps, want[m])
     assert not any(p.requires_grad for p in model.parameters())
 
 
@@ -318,11 +287,7 @@ def test_maps_peak_at_the_planted_patch(tokenizer, method):
 
 def test_sdpa_model_that_cannot_switch_is_a_clear_error(tokenizer, monkeypatch):
     model = tiny_clip(len(tokenizer), attn="sdpa")
-
-    def refuse(*args, **kwargs):
-        raise RuntimeError("no eager kernels here")
-
-    monkeypatch.setattr(model, "set_attn_implementation", refuse)
+    cannot_switch_to_eager(monkeypatch, model)
     with pytest.raises(ValueError, match="eager"):
         gc.load(model, tokenizer=tokenizer)
 
@@ -346,19 +311,17 @@ def test_a_long_phrase_is_truncated_with_a_warning(explainer, images):
     long = " ".join(["red circle"] * 20)
     with pytest.warns(UserWarning, match="truncated"):
         ex = explainer.explain(images[0], [long, "red"], method="gradcam")
-    assert len(ex.tokens[0]) == TEXT["max_position_embeddings"]
+    assert len(ex.tokens[0]) == WORD_TEXT["max_position_embeddings"]
     assert not ex.maps.isnan().any()
 
 
 def test_load_from_a_saved_directory(tmp_path, model, tokenizer, explainer, images):
-    model.save_pretrained(tmp_path)
-    processor_for(tokenizer).save_pretrained(tmp_path)
-    loaded = gc.load(tmp_path)
+    loaded = gc.load(saved(tmp_path, model, processor_for(tokenizer)))
     assert isinstance(loaded.adapter, ClipAdapter)
     assert loaded.model.config.vision_config._attn_implementation == "eager"
     for method in METHODS:
         want = explainer.explain(images[0], PHRASES, method=method)
         got = loaded.explain(images[0], PHRASES, method=method)
-        assert close(got.raw_maps, want.raw_maps)
+        assert_close(got.raw_maps, want.raw_maps)
         assert torch.allclose(got.scores, want.scores, atol=1e-6)
     assert gc.families()["clip"] == ["attention", "gradcam", "relevance", "rollout"]

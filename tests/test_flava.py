@@ -4,10 +4,9 @@ whose scores read one planted patch; a bare FlavaModel explains similarity only.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from tiny import SMALL, VISION, assert_close, cannot_switch_to_eager, noise_images, saved
 from transformers import FlavaConfig, FlavaForPreTraining, FlavaModel, FlavaProcessor
 from transformers.models.flava.image_processing_pil_flava import FlavaImageProcessorPil
 
@@ -33,11 +32,10 @@ DEFAULTS = sorted({(m, t) for m, t, _ in CASES})
 
 
 def config(vocab: int) -> FlavaConfig:
-    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     return FlavaConfig(
-        image_config=dict(small, image_size=64, patch_size=16),
-        text_config=dict(small, vocab_size=vocab, max_position_embeddings=16),
-        multimodal_config=dict(small),
+        image_config=dict(VISION),
+        text_config=dict(SMALL, vocab_size=vocab, max_position_embeddings=16),
+        multimodal_config=dict(SMALL),
         hidden_size=32,
         projection_dim=16,
         init_codebook=False,
@@ -68,16 +66,11 @@ def explainer(tokenizer):
 
 @pytest.fixture(scope="module")
 def image():
-    rng = np.random.default_rng(0)
-    return Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8))
+    return noise_images(1, 80, 100)[0]
 
 
 def pixels(n: int, width: int = 64, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, 64, width, generator=torch.Generator().manual_seed(seed))
-
-
-def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> bool:
-    return bool((a - b).abs().max() <= rtol * max(a.abs().max(), b.abs().max(), 1e-30))
 
 
 def naive(model, pv, ids, method, target, layer):
@@ -174,9 +167,9 @@ def test_equal_to_an_independent_per_pair_recipe(explainer, method, target, laye
         one, _ = a.prepare_texts([phrase])
         raw, per_token = naive(model, pv[index[p] : index[p] + 1], one, method, target, layer)
         if per_token is not None:  # our text mean runs over the padded length
-            assert close(ex.raw_token_maps[p, : one.shape[1]], per_token)
+            assert_close(ex.raw_token_maps[p, : one.shape[1]], per_token)
             raw = raw * one.shape[1] / ids.shape[1]
-        assert close(ex.raw_maps[p], raw)
+        assert_close(ex.raw_maps[p], raw)
 
 
 def test_scores_are_the_models_own(explainer):
@@ -212,13 +205,13 @@ def test_a_batch_equals_one_pair_at_a_time(explainer, method, target, layer):
         one_ids, one_mask = a.prepare_texts([phrase])
         i = index[p]
         one = explainer.explain_tensors(pv[i : i + 1], one_ids, one_mask, method, layer, target)
-        assert close(batch.maps[p], one.maps[0])
+        assert_close(batch.maps[p], one.maps[0])
         assert torch.allclose(batch.scores[p], one.scores[0], atol=1e-6)
         if batch.raw_token_maps is None:
-            assert close(batch.raw_maps[p], one.raw_maps[0])
+            assert_close(batch.raw_maps[p], one.raw_maps[0])
         else:
             t = one_ids.shape[1]
-            assert close(batch.raw_token_maps[p, :t], one.raw_token_maps[0])
+            assert_close(batch.raw_token_maps[p, :t], one.raw_token_maps[0])
             assert (batch.raw_token_maps[p, t:] == 0).all()
 
 
@@ -347,24 +340,19 @@ def test_bad_input(explainer, image, tokenizer, monkeypatch):
     assert len(ex.tokens[0]) == 16
     model = tiny_flava(len(tokenizer))
     model.config._attn_implementation = "sdpa"
-
-    def refuse(*a, **k):
-        raise ValueError("not supported")
-
-    monkeypatch.setattr(model, "set_attn_implementation", refuse)
+    cannot_switch_to_eager(monkeypatch, model)
     with pytest.raises(ValueError, match="could not be switched to eager"):
         gc.load(model, processor=processor(tokenizer))
 
 
 def test_load_from_saved_directory(explainer, image, tokenizer, tmp_path):
-    explainer.model.save_pretrained(tmp_path)
-    processor(tokenizer).save_pretrained(tmp_path)
-    loaded = gc.load(tmp_path)
+    loaded = gc.load(saved(tmp_path, explainer.model, processor(tokenizer)))
     assert loaded.adapter.family == "flava" and type(loaded.model).__name__ == "FlavaForPreTraining"
     for method, target in [("attn-gradcam", "itm"), ("relevance", "similarity")]:
         a = loaded.explain(image, PHRASES, method=method, target=target)
         b = explainer.explain(image, PHRASES, method=method, target=target)
-        assert close(a.raw_maps, b.raw_maps, 1e-5) and a.tokens == b.tokens
+        assert_close(a.raw_maps, b.raw_maps, 1e-5)
+        assert a.tokens == b.tokens
     assert gc.families()["flava"] == [
         "attention",
         "attn-gradcam",

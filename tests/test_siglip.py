@@ -4,10 +4,9 @@ re-implementations, one pair at a time with a full backward; a planted patch is 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from tiny import VISION, WORD_TEXT, assert_close, cannot_switch_to_eager, noise_images, saved
 from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
 
 import groundcam as gc
@@ -15,45 +14,22 @@ from groundcam.adapters.siglip import SiglipAdapter
 from groundcam.explainer import Explainer
 
 METHODS = ["gradcam", "relevance"]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PHRASES = ["the red circle", "a small blue square", "green", "the star left of the red circle"]
-VISION = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    image_size=64,
-    patch_size=16,
-)
-TEXT = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=16,
-    bos_token_id=2,
-    eos_token_id=3,
-    pad_token_id=0,
-)
 
 
 def tiny_siglip(vocab_size: int, seed: int = 0, attn: str = "eager") -> SiglipModel:
     torch.manual_seed(seed)
-    cfg = SiglipConfig(text_config=dict(TEXT, vocab_size=vocab_size), vision_config=dict(VISION))
+    cfg = SiglipConfig(
+        text_config=dict(WORD_TEXT, vocab_size=vocab_size), vision_config=dict(VISION)
+    )
     return SiglipModel._from_config(cfg, attn_implementation=attn).eval()
 
 
 def processor_for(tokenizer) -> SiglipProcessor:
     ip = SiglipImageProcessor(size={"height": 64, "width": 64})
     return SiglipProcessor(image_processor=ip, tokenizer=tokenizer)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is ~10x faster than several fighting over shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +44,7 @@ def explainer(model, tokenizer):
 
 @pytest.fixture(scope="module")
 def images():
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)) for _ in range(2)]
+    return noise_images(2, 80, 96)
 
 
 @pytest.fixture(scope="module")
@@ -86,16 +61,12 @@ def one_pair(explainer, pixel_values, b):
     return pixel_values[None], ids, mask
 
 
-def close(got: torch.Tensor, want: torch.Tensor) -> bool:
-    return torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item() + 1e-12)
-
-
 # ---------------------------------------------------------------------- scores and maps
 
 
 def test_scores_are_the_models_logits_and_probabilities(explainer, model, batch):
     pixel_values, ids, mask, index = batch
-    assert ids.shape[1] == TEXT["max_position_embeddings"]  # padded as SigLIP was trained
+    assert ids.shape[1] == WORD_TEXT["max_position_embeddings"]  # padded as SigLIP was trained
     scores = explainer.adapter.forward(pixel_values, ids, mask, index, "similarity")
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values)
@@ -178,7 +149,7 @@ def test_gradcam_equals_pytorch_grad_cam(explainer, model, batch, layer):
             model, target, *one_pair(explainer, pixel_values[index[b]], b)
         )
         assert want.abs().max() > 0
-        assert close(ex.raw_maps[b], want)
+        assert_close(ex.raw_maps[b], want)
 
 
 def chefer_with_probe(model, pixel_values, ids, mask) -> torch.Tensor:
@@ -232,7 +203,7 @@ def test_relevance_equals_chefer_with_the_pooling_probe(explainer, model, batch)
     for b in range(4):
         want = chefer_with_probe(model, *one_pair(explainer, pixel_values[index[b]], b))
         assert want.max() > 0
-        assert close(ex.raw_maps[b], want)
+        assert_close(ex.raw_maps[b], want)
 
 
 # ---------------------------------------------------------------------- batching
@@ -244,11 +215,11 @@ def test_batches_equal_one_pair_at_a_time(explainer, images, method):
     one_image = explainer.explain(images[1], PHRASES, method=method)
     for row, (i, p) in enumerate([(0, 0), (0, 3), (1, 1), (1, 2)]):
         alone = explainer.explain(images[i], [PHRASES[p]], method=method)
-        assert close(many.raw_maps[row], alone.raw_maps[0])
+        assert_close(many.raw_maps[row], alone.raw_maps[0])
         assert torch.allclose(many.scores[row], alone.scores[0], atol=1e-6)
     for p, phrase in enumerate(PHRASES):
         alone = explainer.explain(images[1], [phrase], method=method)
-        assert close(one_image.raw_maps[p], alone.raw_maps[0])
+        assert_close(one_image.raw_maps[p], alone.raw_maps[0])
 
 
 def test_a_frozen_model_gives_the_same_maps(tokenizer, images):
@@ -257,7 +228,7 @@ def test_a_frozen_model_gives_the_same_maps(tokenizer, images):
     want = {m: ex.explain(images[0], PHRASES[:2], method=m).raw_maps for m in METHODS}
     model.requires_grad_(False)
     for m in METHODS:
-        assert close(ex.explain(images[0], PHRASES[:2], method=m).raw_maps, want[m])
+        assert_close(ex.explain(images[0], PHRASES[:2], method=m).raw_maps, want[m])
     assert not any(p.requires_grad for p in model.parameters())
 
 
@@ -322,11 +293,7 @@ def test_maps_peak_at_the_planted_patch(tokenizer, method):
 
 def test_sdpa_model_that_cannot_switch_is_a_clear_error(tokenizer, monkeypatch):
     model = tiny_siglip(len(tokenizer), attn="sdpa")
-
-    def refuse(*args, **kwargs):
-        raise RuntimeError("no eager kernels here")
-
-    monkeypatch.setattr(model, "set_attn_implementation", refuse)
+    cannot_switch_to_eager(monkeypatch, model)
     with pytest.raises(ValueError, match="eager"):
         gc.load(model, tokenizer=tokenizer)
 
@@ -346,7 +313,7 @@ def test_unsupported_methods_and_targets_are_clear_errors(explainer, images):
 def test_a_model_without_a_pooling_head_is_a_clear_error(tokenizer):
     torch.manual_seed(0)
     cfg = SiglipConfig(
-        text_config=dict(TEXT, vocab_size=len(tokenizer)),
+        text_config=dict(WORD_TEXT, vocab_size=len(tokenizer)),
         vision_config=dict(VISION, vision_use_head=False),
     )
     model = SiglipModel._from_config(cfg, attn_implementation="eager").eval()
@@ -358,19 +325,17 @@ def test_a_long_phrase_is_truncated_with_a_warning(explainer, images):
     long = " ".join(["red circle"] * 20)
     with pytest.warns(UserWarning, match="truncated"):
         ex = explainer.explain(images[0], [long, "red"], method="gradcam")
-    assert len(ex.tokens[0]) == TEXT["max_position_embeddings"]
+    assert len(ex.tokens[0]) == WORD_TEXT["max_position_embeddings"]
     assert not ex.maps.isnan().any()
 
 
 def test_load_from_a_saved_directory(tmp_path, model, tokenizer, explainer, images):
-    model.save_pretrained(tmp_path)
-    processor_for(tokenizer).save_pretrained(tmp_path)
-    loaded = gc.load(tmp_path)
+    loaded = gc.load(saved(tmp_path, model, processor_for(tokenizer)))
     assert isinstance(loaded.adapter, SiglipAdapter)
     assert loaded.model.config.vision_config._attn_implementation == "eager"
     for method in METHODS:
         want = explainer.explain(images[0], PHRASES, method=method)
         got = loaded.explain(images[0], PHRASES, method=method)
-        assert close(got.raw_maps, want.raw_maps)
+        assert_close(got.raw_maps, want.raw_maps)
         assert torch.allclose(got.scores, want.scores, atol=1e-6)
     assert gc.families()["siglip"] == ["gradcam", "relevance"]

@@ -4,10 +4,9 @@ and right on a hand-built model whose score reads one planted patch."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from tiny import VISION, assert_close, cannot_switch_to_eager, noise_images, saved
 from transformers import ViltConfig, ViltForImageAndTextRetrieval, ViltProcessor
 from transformers.models.vilt.image_processing_pil_vilt import ViltImageProcessorPil
 
@@ -24,12 +23,7 @@ def tiny_vilt(vocab: int, seed: int = 0, **overrides) -> ViltForImageAndTextRetr
     torch.manual_seed(seed)
     cfg = ViltConfig(
         vocab_size=vocab,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=64,
-        patch_size=16,
+        **VISION,
         max_position_embeddings=16,
         initializer_range=0.2,
         **overrides,
@@ -50,16 +44,11 @@ def explainer(tokenizer):
 
 @pytest.fixture(scope="module")
 def image():
-    rng = np.random.default_rng(0)
-    return Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8))  # -> 64 x 80
+    return noise_images(1, 80, 100)[0]  # -> 64 x 80
 
 
 def pixels(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, 64, 80, generator=torch.Generator().manual_seed(seed))
-
-
-def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> bool:
-    return bool((a - b).abs().max() <= rtol * max(a.abs().max(), b.abs().max(), 1e-30))
 
 
 def naive(model, pv, ids, method: str, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -117,9 +106,9 @@ def test_equal_to_an_independent_per_pair_recipe(explainer, tokenizer, method, l
         raw, per_token = naive(model, pv[index[p] : index[p] + 1], one_ids, method, layer)
         t = one_ids.shape[1]
         if per_token is not None:  # our text mean runs over the padded length
-            assert close(ex.raw_token_maps[p, :t], per_token)
+            assert_close(ex.raw_token_maps[p, :t], per_token)
             raw = raw * t / ids.shape[1]
-        assert close(ex.raw_maps[p], raw)
+        assert_close(ex.raw_maps[p], raw)
         with torch.no_grad():
             logit = model(input_ids=one_ids, pixel_values=pv[index[p] : index[p] + 1]).logits
         assert torch.allclose(ex.scores[p], logit[0, 0].sigmoid(), atol=1e-6)
@@ -135,13 +124,13 @@ def test_a_batch_equals_one_pair_at_a_time(explainer, method):
     for p, phrase in enumerate(phrases):
         one_ids, one_mask = a.prepare_texts([phrase])
         one = explainer.explain_tensors(pv[index[p] : index[p] + 1], one_ids, one_mask, method)
-        assert close(batch.maps[p], one.maps[0], 1e-4)
+        assert_close(batch.maps[p], one.maps[0], 1e-4)
         assert torch.allclose(batch.scores[p], one.scores[0], atol=1e-6)
         if batch.raw_token_maps is None:
-            assert close(batch.raw_maps[p], one.raw_maps[0])
+            assert_close(batch.raw_maps[p], one.raw_maps[0])
         else:
             t = one_ids.shape[1]
-            assert close(batch.raw_token_maps[p, :t], one.raw_token_maps[0])
+            assert_close(batch.raw_token_maps[p, :t], one.raw_token_maps[0])
             assert (batch.raw_token_maps[p, t:] == 0).all()
 
 
@@ -162,7 +151,7 @@ def test_the_patch_order_vilt_draws_does_not_change_a_map(explainer, method, mon
         torch.manual_seed(seed)
         maps.append(explainer.explain_tensors(pv, ids, mask, method).raw_maps)
     assert not torch.equal(cells[0], cells[1])  # two different orders ...
-    assert close(maps[0], maps[1])  # ... the same maps
+    assert_close(maps[0], maps[1])  # ... the same maps
     every_cell = torch.arange(GRID[0] * GRID[1]).expand(3, -1)
     assert all(torch.equal(c.sort(-1).values, every_cell) for c in cells)
 
@@ -262,22 +251,17 @@ def test_bad_input(explainer, image, tokenizer, monkeypatch):
         explainer.adapter.prepare_images([image, small])
     model = tiny_vilt(len(tokenizer))
     model.config._attn_implementation = "sdpa"
-
-    def refuse(*a, **k):
-        raise ValueError("not supported")
-
-    monkeypatch.setattr(model, "set_attn_implementation", refuse)
+    cannot_switch_to_eager(monkeypatch, model)
     with pytest.raises(ValueError, match="could not be switched to eager"):
         gc.load(model, processor=processor(tokenizer))
 
 
 def test_load_from_saved_directory(explainer, image, tokenizer, tmp_path):
-    explainer.model.save_pretrained(tmp_path)
-    processor(tokenizer).save_pretrained(tmp_path)
-    loaded = gc.load(tmp_path)
+    loaded = gc.load(saved(tmp_path, explainer.model, processor(tokenizer)))
     assert loaded.adapter.family == "vilt"
     torch.manual_seed(0)
     a = loaded.explain(image, PHRASES, method="attn-gradcam")
     b = explainer.explain(image, PHRASES, method="attn-gradcam")
-    assert close(a.raw_maps, b.raw_maps, 1e-5) and a.tokens == b.tokens
+    assert_close(a.raw_maps, b.raw_maps, 1e-5)
+    assert a.tokens == b.tokens
     assert gc.families()["vilt"] == ["attention", "attn-gradcam", "gradcam", "relevance"]
