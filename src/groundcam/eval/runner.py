@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from groundcam.data.text import pre_caption
-from groundcam.errors import GroundcamWarning
+from groundcam.errors import GroundcamWarning, ImageError
 from groundcam.eval.datasets import Unit, Units
 from groundcam.eval.pointing import PROTOCOLS, pointing_games, read_dets, upsample_many
 from groundcam.eval.summary import summarize
@@ -286,11 +286,11 @@ class UnitScorer:
         reader already knows the image is missing)."""
         if unit.sample.meta.get("error"):
             return None
-        try:
+        try:  # a missing, broken or oversized image is that unit's error, not the run's
             image = unit.sample.load_image()
-        except (FileNotFoundError, OSError) as e:
+            return image, self.explainer.prepare_images([image])
+        except (OSError, ImageError) as e:
             return e
-        return image, self.explainer.prepare_images([image])
 
     def explain(self, unit: Unit) -> tuple[Image.Image, dict[int, torch.Tensor]]:
         """The unit's image and its phrases' maps by phrase index, the unit explained alone
@@ -370,6 +370,7 @@ class UnitScorer:
                 "point": list(result.point),
                 "hit": result.hit,
                 "skipped": result.skipped,
+                "flat": result.flat,
                 "score": float(scores[row]),
                 "in_box": in_box[row],
             }

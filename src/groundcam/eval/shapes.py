@@ -30,6 +30,7 @@ def shapes_records(
                 "phrase": phrase.text,
                 "kind": phrase.kind,
                 "hit": result.hit,
+                "flat": result.flat,
                 "point": list(result.point),
                 "score": float(ex.scores[k]),
                 "colour_shared": phrase.meta["colour_shared"],

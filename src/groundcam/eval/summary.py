@@ -58,6 +58,7 @@ def summarize(records: list[dict]) -> dict:
     hits = sum(bool(r["hit"]) for r in scored)
     out = accuracy_block(hits, len(scored))
     out["skipped"] = sum(bool(r["skipped"]) for r in ok)
+    out["flat"] = sum(bool(r.get("flat")) for r in scored)  # maps with no point: misses
     out["errors"] = len(errors)
     by_kind = _grouped(scored, lambda r: [r["kind"]])
     accs = [b["accuracy"] for b in by_kind.values()]
