@@ -766,6 +766,16 @@ def _make_eval_command(spec: DatasetSpec):
             click.echo(
                 f"{s['errors']} phrase(s) not scored, e.g. {s['error_examples'][0]}", err=True
             )
+        if s.get("flat"):
+            click.echo(f"{s['flat']} map(s) were flat (no point): counted as misses")
+        if result.text_warnings:
+            _show_warning(
+                f"{len(result.text_warnings)} phrase(s) warned while tokenising, e.g. "
+                f"{result.text_warnings[0]}",
+                GroundcamWarning,
+                "",
+                0,
+            )
         if result.resumed:
             click.echo(f"resumed: {result.resumed} phrase(s) were already done in {out}")
         click.echo(f"wrote {Path(out) / 'summary.json'} and results.jsonl")
