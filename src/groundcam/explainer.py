@@ -147,11 +147,22 @@ class Explainer:
         layer: int | None = None,
         target: str | None = None,
         image_index: torch.Tensor | None = None,
+        differentiable: bool = False,
     ) -> Explanation:
-        """Maps from prepared tensors: row b pairs text b with image b (or `image_index[b]`)."""
+        """Maps from prepared tensors: row b pairs text b with image b (or `image_index[b]`).
+        With `differentiable=True` (gradient methods), `raw_maps` and `raw_token_maps` keep a
+        graph back to the model's parameters (the same recorder and method code, gradients
+        taken with `create_graph`), for losses on maps; without it no graph is kept."""
         image_index = check_tensors(pixel_values, input_ids, attention_mask, image_index)
         return self._run(
-            pixel_values, input_ids, attention_mask, image_index, method, layer, target
+            pixel_values,
+            input_ids,
+            attention_mask,
+            image_index,
+            method,
+            layer,
+            target,
+            differentiable,
         )
 
     def scores(self, image: Image.Image, phrases: Sequence[str], target: str | None = None):
@@ -238,12 +249,17 @@ class Explainer:
                 )
         return Resolved(method_obj, source, target, layer)
 
-    def _record(self, method, spec, run, pairs: int, image_index: torch.Tensor):
+    def _record(
+        self, method, spec, run, pairs: int, image_index: torch.Tensor, differentiable=False
+    ):
         """Run `run()` (a forward returning Scores) under the recorder; per explained score, the
-        recorded tensors' rows and their gradients."""
+        recorded tensors' rows and their gradients. `differentiable`: nothing is cut or detached,
+        and the gradients are taken with `create_graph`, so maps made of them reach the
+        parameters (the AMC loss trains through them)."""
         grad_mode = torch.enable_grad() if method.needs_grad else torch.no_grad()
-        params = trainable(self.model) if method.needs_grad else contextlib.nullcontext()
-        with grad_mode, params, Recorder(spec.points, leaf=method.needs_grad) as rec:
+        frozen = method.needs_grad and not differentiable
+        params = trainable(self.model) if frozen else contextlib.nullcontext()
+        with grad_mode, params, Recorder(spec.points, leaf=frozen) as rec:
             scores = run()
             recorded = rec.tensors()
             rows = [
@@ -254,13 +270,29 @@ class Explainer:
             ]
             grads = None
             if method.needs_grad:
-                grads = per_target_grads(scores.explained, recorded, rows, self.grad_chunk)
-        recorded = [take_rows(t.detach(), r) for t, r in zip(recorded, rows, strict=True)]
+                grads = per_target_grads(
+                    scores.explained, recorded, rows, self.grad_chunk, differentiable
+                )
+        if not differentiable:
+            recorded = [t.detach() for t in recorded]
+        recorded = [take_rows(t, r) for t, r in zip(recorded, rows, strict=True)]
         return scores, recorded, grads
 
-    def _run(self, pixel_values, input_ids, mask, image_index, method_name, layer, target):
+    def _run(
+        self,
+        pixel_values,
+        input_ids,
+        mask,
+        image_index,
+        method_name,
+        layer,
+        target,
+        differentiable=False,
+    ):
         a = self.adapter
         method, source, target, layer = self.resolve(method_name, layer, target)
+        if differentiable:
+            check_differentiable(method, self.model)
         spec = a.record_spec(source, layer, target)
         scores, recorded, grads = self._record(
             method,
@@ -270,15 +302,22 @@ class Explainer:
             ),
             input_ids.shape[0],
             image_index,
+            differentiable,
         )
         geometry = scores.geometry or a.geometry(pixel_values)
         out = method.compute(source, recorded, grads, geometry, mask, spec.graph)
-        raw = out.raw_maps.detach().float()
-        raw_tokens = None if out.raw_token_maps is None else out.raw_token_maps.detach().float()
+        raw, raw_tokens = out.raw_maps, out.raw_token_maps
+        if differentiable:  # on the device, at least float32 (float64 stays float64)
+            wide = torch.promote_types(raw.dtype, torch.float32)
+            raw = raw.to(wide)
+            raw_tokens = None if raw_tokens is None else raw_tokens.to(wide)
+        else:
+            raw = raw.detach().float().cpu()
+            raw_tokens = None if raw_tokens is None else raw_tokens.detach().float().cpu()
         return Explanation(
-            maps=normalize_maps(raw).cpu(),
-            raw_maps=raw.cpu(),
-            raw_token_maps=None if raw_tokens is None else raw_tokens.cpu(),
+            maps=normalize_maps(raw.detach()).cpu(),
+            raw_maps=raw,
+            raw_token_maps=raw_tokens,
             scores=scores.reported.detach().float().cpu(),
             phrases=[],
             tokens=a.token_strings(input_ids, mask),
@@ -380,6 +419,20 @@ class Explainer:
         )
 
 
+def check_differentiable(method: Method, model: torch.nn.Module) -> None:
+    """Differentiable maps need a gradient method and parameters that require grad."""
+    if not method.needs_grad:
+        raise InputError(
+            f"method {method.name!r} has no gradient to differentiate: differentiable maps "
+            "need attn-gradcam, gradcam or relevance"
+        )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise InputError(
+            "differentiable=True: no parameter of the model requires grad, so the maps have "
+            "nothing to train"
+        )
+
+
 def parse_layer(layer) -> int | None:
     """A layer number as given: an int, or a string of digits ("2", from a config file); None
     means the default. Anything else (True, 2.5, "last") is refused rather than misread."""
@@ -466,12 +519,17 @@ def supported_methods(adapter: Adapter | type[Adapter]) -> list[str]:
 
 
 def per_target_grads(
-    explained: torch.Tensor, recorded: list[torch.Tensor], rows: list[torch.Tensor], chunk: int
+    explained: torch.Tensor,
+    recorded: list[torch.Tensor],
+    rows: list[torch.Tensor],
+    chunk: int,
+    create_graph: bool = False,
 ) -> list[torch.Tensor]:
     """For each explained score b, the gradient of that score alone w.r.t. row `rows[i][b]` of
     each recorded tensor i. When every score owns its own rows, one backward of the sum gives all
     of them; shared rows (an image encoded once for many phrases, one decoder pass for many
-    tokens) take a batched backward (`is_grads_batched`), `chunk` scores at a time."""
+    tokens) take a batched backward (`is_grads_batched`), `chunk` scores at a time, or with
+    `create_graph` one backward per score (vmap has no double backward for every op)."""
     n = explained.shape[0]
     own = all(
         t.shape[0] == n and torch.equal(r.cpu(), torch.arange(n))
@@ -479,10 +537,27 @@ def per_target_grads(
     )
     if own:
         grads = torch.autograd.grad(
-            explained.sum(), recorded, allow_unused=True, materialize_grads=True
+            explained.sum(),
+            recorded,
+            allow_unused=True,
+            materialize_grads=True,
+            create_graph=create_graph,
         )
         return list(grads)
     out: list[list[torch.Tensor]] = [[] for _ in recorded]
+    if create_graph:
+        for b in range(n):
+            grads = torch.autograd.grad(
+                explained[b],
+                recorded,
+                retain_graph=True,
+                create_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            for i, (g, r) in enumerate(zip(grads, rows, strict=True)):
+                out[i].append(g[r[b]][None])
+        return [torch.cat(parts) for parts in out]
     for start in range(0, n, chunk):
         idx = torch.arange(start, min(start + chunk, n), device=explained.device)
         seeds = torch.zeros(len(idx), n, dtype=explained.dtype, device=explained.device)
