@@ -82,10 +82,11 @@ def test_a_crashed_run_resumes_to_identical_weights(tmp_path, monkeypatch):
     b = load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [
-        json.loads(ln)["step"] for ln in (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+        json.loads(ln)["step"]
+        for ln in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()
     ]
     assert steps == [1, 2, 3, 4]
-    final = json.loads((tmp_path / "b" / "log.jsonl").read_text().splitlines()[-1])
+    final = json.loads((tmp_path / "b" / "train_log.jsonl").read_text().splitlines()[-1])
     assert set(final["val"]) == {"layer1"}
 
 

@@ -3,16 +3,18 @@
 Every phrase of every scene in the batch is an ITM positive (the image is encoded once), paired
 with a negative made by swapping one attribute to an object the scene lacks; per scene, one
 phrase is its ITC text, and an in-batch hard-negative text and image are sampled by ITC similarity
-among the certainly-false ones (ALBEF's hard negatives, without false negatives). The run is deterministic given the seed and resumes from its last
-checkpoint: every step's data and negatives are drawn from a generator seeded by (seed, step).
+among the certainly-false ones (ALBEF's hard negatives, without false negatives).
+
+Training runs on the shared loop (`groundcam.train.loop.fit`: AdamW, warmup + cosine, Accelerate,
+checkpoints). The run is deterministic given the seed and resumes from its last checkpoint: each
+step's global batch and negatives are drawn from a generator seeded by (seed, step); a
+micro-batch (`grad_accum`) or a process (`accelerate launch`) takes its share of the scenes.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import functools
 import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from groundcam.data.shapes import generate_scene, vocabulary
 from groundcam.eval.shapes import shapes_records, summarize
 from groundcam.explainer import Explainer
 from groundcam.models.albef import AlbefConfig, AlbefModel
+from groundcam.train.loop import LoopConfig, fit, shard
 from groundcam.train.shapes_negatives import certainly_false, certainly_true, swap_negative
 from groundcam.train.tokenizer import word_tokenizer
 
@@ -52,6 +55,8 @@ class TrainConfig:
     save_every: int = 200
     eval_every: int = 500
     eval_scenes: int = 100
+    grad_accum: int = 1  # micro-batches a step (the same global batch of `batch_size` scenes)
+    precision: str = "fp32"  # fp32, bf16, fp16 (CUDA) or auto
 
     def model_config(self, vocab_size: int) -> AlbefConfig:
         return AlbefConfig(
@@ -115,11 +120,11 @@ def _sample_negatives(weights: torch.Tensor, allowed: torch.Tensor, gen: torch.G
 
 def train_step(model: AlbefModel, adapter: AlbefAdapter, batch, gen: torch.Generator):
     pixels, phrases, owner, first, objects, swaps = batch
-    b, n = pixels.shape[0], len(phrases)
+    b, n, device = pixels.shape[0], len(phrases), pixels.device
     ids, mask = adapter.prepare_texts([p.text for p in phrases] + swaps)
     image = model.encode_image(pixels)
     text = model.text_encoder.encode_text(ids, mask)
-    itc = torch.from_numpy(first)  # row of each scene's ITC phrase among the n phrases
+    itc = torch.from_numpy(first).to(device)  # row of each scene's ITC phrase among the n phrases
     itc_phrases = [phrases[i] for i in first]
     img_feat, txt_feat = model.itc_from(image, text[itc])
     sim_i2t = img_feat @ txt_feat.T / model.temp
@@ -127,30 +132,25 @@ def train_step(model: AlbefModel, adapter: AlbefAdapter, batch, gen: torch.Gener
     false = torch.tensor([[certainly_false(p, o) for p in itc_phrases] for o in objects])
     true = torch.tensor([[certainly_true(p, o) for p in itc_phrases] for o in objects])
     true |= torch.eye(b, dtype=torch.bool)
+    false, true = false.to(device), true.to(device)
     target = true.float() / true.float().sum(1, keepdim=True)
     target_t = true.T.float() / true.T.float().sum(1, keepdim=True)
     loss_itc = 0.5 * (
         -(F.log_softmax(sim_i2t, 1) * target).sum(1).mean()
         - (F.log_softmax(sim_i2t.T, 1) * target_t).sum(1).mean()
     )
-    with torch.no_grad():
-        neg_text = _sample_negatives(sim_i2t.softmax(1), false.float(), gen)
-        neg_image = _sample_negatives(sim_i2t.T.softmax(1), false.T.float(), gen)
-    rows, own = torch.arange(b), torch.tensor(owner)
-    phrase_rows = torch.arange(n)
+    with torch.no_grad():  # sampled on the CPU, where `gen` lives
+        sim = sim_i2t.float().cpu()
+        neg_text = _sample_negatives(sim.softmax(1), false.cpu().float(), gen).to(device)
+        neg_image = _sample_negatives(sim.T.softmax(1), false.T.cpu().float(), gen).to(device)
+    rows, own = torch.arange(b, device=device), torch.tensor(owner, device=device)
+    phrase_rows = torch.arange(n, device=device)
     image_index = torch.cat([own, own, rows, neg_image])
     text_index = torch.cat([phrase_rows, phrase_rows + n, itc[neg_text], itc])
     logits = model.itm_from(image, text[text_index], mask[text_index], image_index)
-    labels = torch.cat([torch.ones(n), torch.zeros(n + 2 * b)]).long()
+    labels = torch.cat([torch.ones(n), torch.zeros(n + 2 * b)]).long().to(device)
     loss_itm = F.cross_entropy(logits, labels)
     return loss_itc, loss_itm
-
-
-def _lr(cfg: TrainConfig, step: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def evaluate(model: AlbefModel, adapter: AlbefAdapter, cfg: TrainConfig, split="val") -> dict:
@@ -170,88 +170,87 @@ def evaluate(model: AlbefModel, adapter: AlbefAdapter, cfg: TrainConfig, split="
     return out
 
 
-def _trim_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint being resumed (they will be redone)."""
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+def _take(batch, rows: range):
+    """Scenes `rows` of a batch with their phrases (owners and ITC rows renumbered)."""
+    pixels, phrases, owner, _, objects, swaps = batch
+    keep = [k for k, o in enumerate(owner) if o in rows]
+    own = [owner[k] - rows.start for k in keep]
+    first = np.unique(own, return_index=True)[1]
+    picked = slice(rows.start, rows.stop)
+    return (
+        pixels[picked],
+        [phrases[k] for k in keep],
+        own,
+        first,
+        objects[picked],
+        [swaps[k] for k in keep],
+    )
+
+
+def loop_config(cfg: TrainConfig, threads: int | None = None) -> LoopConfig:
+    """The shared loop's settings for this run (no clipping: the recipe never clipped)."""
+    return LoopConfig(
+        out=cfg.out,
+        steps=cfg.steps,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup=cfg.warmup,
+        grad_clip=None,
+        grad_accum=cfg.grad_accum,
+        precision=cfg.precision,
+        seed=cfg.seed,
+        save_every=cfg.save_every,
+        log_every=1,
+        eval_every=cfg.eval_every,
+        threads=threads or os.cpu_count() or 1,
+    )
 
 
 def train(cfg: TrainConfig, threads: int | None = None) -> Path:
-    """Run (or resume) training; writes `checkpoint.pt`, `log.jsonl` and finally `model/`."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    """Run (or resume) training in `cfg.out` (the shared loop's files); returns `model/`."""
+    loop = loop_config(cfg, threads)
     tokenizer = word_tokenizer(vocabulary())
     torch.manual_seed(cfg.seed)
     model = AlbefModel(cfg.model_config(len(tokenizer)))
     adapter = AlbefAdapter(model, tokenizer, name="albef-tiny-shapes")
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optim = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0},
-        ],
-        lr=cfg.lr,
-    )
-    step = 0
-    ckpt = out / "checkpoint.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if state["config"] != asdict(cfg):
-            raise ValueError(f"{ckpt} was written with another configuration; use a new --out")
-        model.load_state_dict(state["model"])
-        optim.load_state_dict(state["optim"])
-        step = state["step"]
-        _trim_log(out / "log.jsonl", step)
-        print(f"resuming from step {step}")
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    pool = Pool(adapter, cfg)
-    model.train()
-    log = (out / "log.jsonl").open("a")
-    t0, bar = time.time(), tqdm(total=cfg.steps, initial=step, desc="train", unit="step")
-    while step < cfg.steps:
+    pool = functools.cache(lambda: Pool(adapter, cfg))  # rendered once, on first use
+    scenes = cfg.batch_size // cfg.grad_accum
+    if scenes * cfg.grad_accum != cfg.batch_size:
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} is not a multiple of --grad-accum {cfg.grad_accum}"
+        )
+
+    @functools.lru_cache(maxsize=1)
+    def step_batch(step: int):
+        """The step's global batch (the same draw as ever) and its negatives' seed."""
         rng = np.random.default_rng([cfg.seed, step])
-        gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-        for g in optim.param_groups:
-            g["lr"] = _lr(cfg, step)
-        loss_itc, loss_itm = train_step(model, adapter, _batch(pool, rng, cfg.batch_size), gen)
-        optim.zero_grad(set_to_none=True)
-        (loss_itc + loss_itm).backward()
-        optim.step()
-        with torch.no_grad():
-            model.temp.clamp_(0.001, 0.5)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(itc=f"{loss_itc.item():.3f}", itm=f"{loss_itm.item():.3f}")
-        record = {
-            "step": step,
-            "itc": loss_itc.item(),
-            "itm": loss_itm.item(),
-            "lr": _lr(cfg, step - 1),
-            "elapsed_s": round(time.time() - t0, 1),
-        }
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            record["val"] = evaluate(model, adapter, cfg)
-            tqdm.write(json.dumps(record))
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            tmp = out / "checkpoint.pt.tmp"
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optim": optim.state_dict(),
-                    "step": step,
-                    "config": asdict(cfg),
-                },
-                tmp,
-            )
-            tmp.replace(ckpt)
-    bar.close()
-    model.eval()
-    final = out / "model"
-    model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
-    return final
+        seed = int(rng.integers(2**31))
+        return _batch(pool(), rng, cfg.batch_size), seed
+
+    def batch_fn(step: int, micro: int, rank: int, world: int):
+        batch, seed = step_batch(step)
+        rows = shard(shard(range(cfg.batch_size), micro, cfg.grad_accum), rank, world)
+        gen = torch.Generator().manual_seed(seed + micro * world + rank)
+        return _take(batch, rows), gen
+
+    def loss_fn(model: AlbefModel, batch, step: int) -> dict[str, torch.Tensor]:
+        loss_itc, loss_itm = train_step(model, adapter, *batch)
+        return {"loss": loss_itc + loss_itm, "itc": loss_itc, "itm": loss_itm}
+
+    def clamp_temp(model: AlbefModel, step: int) -> None:
+        model.temp.clamp_(0.001, 0.5)
+
+    def save_model(model: AlbefModel, path: Path) -> None:
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+
+    return fit(
+        model,
+        loop,
+        batch_fn,
+        loss_fn,
+        fingerprint=asdict(cfg),
+        save_model=save_model,
+        evaluate=lambda model, step: evaluate(model, adapter, cfg),
+        after_step=clamp_temp,
+    )
