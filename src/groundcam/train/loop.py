@@ -137,6 +137,13 @@ def shard(items, rank: int, world: int):
     return items[rank * k : (rank + 1) * k]
 
 
+def main_process() -> bool:
+    """Whether this is the main process (Accelerate's state, initialised as `fit` does)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
+
+
 def resolve_precision(precision: Precision) -> str:
     """Accelerate's `mixed_precision` for `precision` on this machine."""
     cuda = torch.cuda.is_available()

@@ -7,10 +7,12 @@ line image with 8 x 8 patches, so a 4 x 16 patch grid after one CLS token, and a
 so that encoder attentions and the decoder's cross-attentions come back from
 `output_attentions=True`. Text is tokenised one token per character.
 
-Training is teacher-forced cross-entropy with AdamW, linear warmup then cosine decay, on a pool
-of training lines rendered once and kept as uint8 tensors (optionally with a small random shift
-and pixel noise). Every step's batch and augmentation come from generators seeded by
-(seed, step), so a run is deterministic given its seed and resumes exactly from its checkpoint.
+Training is teacher-forced cross-entropy on the shared loop (`groundcam.train.loop.fit`: AdamW,
+linear warmup then cosine decay, clipping, Accelerate), on a pool of training lines rendered once
+and kept as uint8 tensors (optionally with a small random shift and pixel noise). Every step's
+global batch and augmentation come from generators seeded by (seed, step), so a run is
+deterministic given its seed and resumes exactly from its checkpoint; micro-batches
+(`grad_accum`) and processes (`accelerate launch`) take their shares of that batch.
 
 A ViT and an attention decoder trained from scratch sit for thousands of steps on a plateau where
 the decoder is only a language model: its cross-attention is uniform over the 65 image tokens and
@@ -26,10 +28,9 @@ supervised: where it looks is learned from the text alone.
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ from transformers import (
 
 from groundcam.data.glyphs import IMAGE_SIZE, MAX_CHARS, alphabet, render_line
 from groundcam.eval.glyphs import char_accuracy, edit_distance  # noqa: F401 (re-exported)
+from groundcam.train.loop import LoopConfig, fit, main_process, shard
 
 # Token ids follow TrOCR/RoBERTa: <s> = 0 (also the decoder start), <pad> = 1, </s> = 2.
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
@@ -190,6 +192,7 @@ def pixel_values(images, image_size: tuple[int, int] = IMAGE_SIZE) -> torch.Tens
 def read_text(model: VisionEncoderDecoderModel, tokenizer, images, batch_size: int = 256) -> list:
     """Greedy transcriptions of PIL images (or an already normalised pixel tensor)."""
     pixels = images if isinstance(images, torch.Tensor) else pixel_values(images)
+    pixels = pixels.to(model.device)
     was_training = model.training
     model.eval()
     texts = []
@@ -239,6 +242,8 @@ class TrainConfig:
     eval_lines: int = 500
     log_every: int = 10
     clip_grad: float = 1.0
+    grad_accum: int = 1  # micro-batches a step (the same global batch of `batch_size` lines)
+    precision: str = "fp32"  # fp32, bf16, fp16 (CUDA) or auto
 
 
 def model_from_config(cfg: TrainConfig, vocab_size: int) -> VisionEncoderDecoderModel:
@@ -338,21 +343,33 @@ def _aux_weight(cfg: TrainConfig, step: int) -> float:
     return cfg.aux_weight * max(0.0, 1.0 - step / end) if end > 0 else 0.0
 
 
-def _lr_factor(cfg: TrainConfig):
-    def factor(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+class WithAux(torch.nn.Module):
+    """The reader with its auxiliary per-column head: what the loop trains (the head is a
+    training aid, never saved)."""
 
-    return factor
+    def __init__(self, model: VisionEncoderDecoderModel, aux_head: torch.nn.Module):
+        super().__init__()
+        self.model, self.aux_head = model, aux_head
 
 
-def _trim_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint being resumed (they will be redone)."""
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+def loop_config(cfg: TrainConfig, threads: int | None = None) -> LoopConfig:
+    """The shared loop's settings for this run (a checkpoint at every evaluation)."""
+    return LoopConfig(
+        out=cfg.out,
+        steps=cfg.steps,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup=cfg.warmup,
+        grad_clip=cfg.clip_grad or None,
+        grad_accum=cfg.grad_accum,
+        precision=cfg.precision,
+        seed=cfg.seed,
+        save_every=cfg.eval_every,
+        log_every=cfg.log_every,
+        eval_every=cfg.eval_every,
+        threads=threads or os.cpu_count() or 1,
+        find_unused=True,  # the auxiliary head gets no gradient once its weight reaches 0
+    )
 
 
 def save_model(model, tokenizer, out: Path) -> Path:
@@ -368,121 +385,71 @@ def save_model(model, tokenizer, out: Path) -> Path:
 
 
 def train(cfg: TrainConfig, threads: int | None = None, stop_at: int | None = None) -> Path:
-    """Run (or resume) training in `cfg.out`; writes `train_log.jsonl`, `checkpoint.pt` (at every
-    evaluation) and finally `model/` and `final_eval.json`. `stop_at` ends the run early after
-    that step, with a checkpoint (as a crash after a checkpoint would); the final model is then
-    not written, and running again with the same configuration resumes."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    """Run (or resume) training in `cfg.out` (the shared loop's files: `train_log.jsonl`,
+    `checkpoint/` at every evaluation) and finally write `model/` and `final_eval.json`.
+    `stop_at` ends the run early after that step, with a checkpoint (as a crash after a
+    checkpoint would); the final model is then not written, and running again with the same
+    configuration resumes."""
+    loop = loop_config(cfg, threads)
+    if cfg.batch_size % cfg.grad_accum:
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} is not a multiple of --grad-accum {cfg.grad_accum}"
+        )
     tokenizer = char_tokenizer()
     torch.manual_seed(cfg.seed)
     model = model_from_config(cfg, len(tokenizer))
     aux_head = torch.nn.Linear(cfg.hidden, len(tokenizer))  # training aid only, never saved
-    params = list(model.parameters()) + list(aux_head.parameters())
-    optim = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_factor(cfg))
-    step, elapsed0, window = 0, 0.0, []
-    ckpt, log_path = out / "checkpoint.pt", out / "train_log.jsonl"
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if state["config"] != asdict(cfg):
-            raise ValueError(f"{ckpt} was written with another configuration; use a new --out")
-        model.load_state_dict(state["model"])
-        aux_head.load_state_dict(state["aux_head"])
-        optim.load_state_dict(state["optim"])
-        sched.load_state_dict(state["sched"])
-        torch.set_rng_state(state["rng"]["torch"])
-        step, elapsed0 = state["step"], state["elapsed_s"]
-        window = [list(w) for w in state["window"]]
-        _trim_log(log_path, step)
-        print(f"resuming from step {step}", flush=True)
-    elif log_path.exists():
-        log_path.unlink()  # a log without a checkpoint belongs to a run that never saved
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params:,} parameters; rendering {cfg.pool} training lines", flush=True)
+    main = main_process()
+    if main:
+        print(f"model: {n_params:,} parameters", flush=True)
     grid_w = IMAGE_SIZE[1] // cfg.patch_size
-    pool = Pool(tokenizer, cfg.pool, cfg.seed, columns=grid_w)
-    model.train()
-    t0 = time.time()
+    pool = functools.cache(lambda: Pool(tokenizer, cfg.pool, cfg.seed, columns=grid_w))
+    step_batch = functools.lru_cache(maxsize=1)(lambda step: _batch(pool(), cfg, step))
 
-    def save_checkpoint() -> None:
-        tmp = out / "checkpoint.pt.tmp"
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "aux_head": aux_head.state_dict(),
-                "optim": optim.state_dict(),
-                "sched": sched.state_dict(),
-                "step": step,
-                "elapsed_s": elapsed0 + time.time() - t0,
-                "window": window,
-                "rng": {"torch": torch.get_rng_state()},
-                "config": asdict(cfg),
-            },
-            tmp,
-        )
-        tmp.replace(ckpt)
+    def batch_fn(step: int, micro: int, rank: int, world: int):
+        part = (shard(t, micro, cfg.grad_accum) for t in step_batch(step))
+        return tuple(shard(t, rank, world) for t in part)
 
-    last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    val = None
-    with log_path.open("a") as log:
-        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", mininterval=30)
-        while step < last:
-            lr = optim.param_groups[0]["lr"]
-            aux_w = _aux_weight(cfg, step)
-            pixels, decoder_in, labels, columns = _batch(pool, cfg, step)
-            head = aux_head if aux_w > 0 else None
-            loss, aux = losses(model, pixels, decoder_in, labels, columns, head)
-            total = loss if aux is None else loss + aux_w * aux
-            optim.zero_grad(set_to_none=True)
-            total.backward()
-            if cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-            optim.step()
-            sched.step()
-            step += 1
-            window.append([loss.item(), 0.0 if aux is None else aux.item()])
-            bar.update(1)
-            evaluate_now = step % cfg.eval_every == 0 or step == cfg.steps
-            if step % cfg.log_every == 0 or evaluate_now or step == last:
-                mean = np.mean(window, axis=0)
-                record = {
-                    "step": step,
-                    "loss": round(float(mean[0]), 5),
-                    "lr": lr,
-                    "elapsed_s": round(elapsed0 + time.time() - t0, 1),
-                }
-                if aux_w > 0:
-                    record |= {"aux_loss": round(float(mean[1]), 5), "aux_weight": aux_w}
-                window = []
-                if evaluate_now:
-                    val = evaluate_text(model, tokenizer, "val", cfg.eval_lines, cfg.seed)
-                    record["val"] = val
-                    model.train()
-                    tqdm.write(json.dumps(record))
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            if evaluate_now or step == last:
-                save_checkpoint()
-        bar.close()
+    def loss_fn(reader: WithAux, batch, step: int) -> dict[str, torch.Tensor]:
+        aux_w = _aux_weight(cfg, step)
+        head = reader.aux_head if aux_w > 0 else None
+        loss, aux = losses(reader.model, *batch, head)
+        if aux is None:
+            return {"loss": loss, "caption_loss": loss}
+        return {
+            "loss": loss + aux_w * aux,
+            "caption_loss": loss,
+            "aux_loss": aux,
+            "aux_weight": torch.tensor(aux_w, dtype=torch.float64, device=loss.device),
+        }
+
+    last_val = {}
+
+    def evaluate(reader: WithAux, step: int) -> dict:
+        last_val["val"] = evaluate_text(reader.model, tokenizer, "val", cfg.eval_lines, cfg.seed)
+        return last_val["val"]
+
+    final = fit(
+        WithAux(model, aux_head),
+        loop,
+        batch_fn,
+        loss_fn,
+        fingerprint=asdict(cfg),
+        save_model=lambda reader, path: save_model(reader.model, tokenizer, path),
+        evaluate=evaluate,
+        stop_at=stop_at,
+    )
     model.eval()
-    if step < cfg.steps:
-        return out
-    final = save_model(model, tokenizer, out / "model")
+    if final == Path(cfg.out) or not main:
+        return final
+    val = last_val.get("val") or evaluate_text(model, tokenizer, "val", cfg.eval_lines, cfg.seed)
     result = {
-        "steps": step,
+        "steps": cfg.steps,
         "parameters": n_params,
-        "val": val or evaluate_text(model, tokenizer, "val", cfg.eval_lines, cfg.seed),
+        "val": val,
         "test": evaluate_text(model, tokenizer, "test", cfg.eval_lines, cfg.seed),
     }
-    (out / "final_eval.json").write_text(json.dumps(result, indent=1))
+    (Path(cfg.out) / "final_eval.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result), flush=True)
     return final
