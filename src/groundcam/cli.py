@@ -217,6 +217,87 @@ def train_albef(out, steps, batch_size, lr, seed, pool, eval_every, threads) -> 
     click.echo(f"model written to {final}")
 
 
+@train.command("amc")
+@click.option("--out", required=True, type=OutDir(), help="Run directory (resumes).")
+@click.option(
+    "--model",
+    default="albef-tiny-shapes",
+    show_default=True,
+    help="Start model: built-in, saved directory or official ALBEF .pth (e.g. ALBEF_4M.pth).",
+)
+@click.option(
+    "--data",
+    default="shapes",
+    show_default=True,
+    type=click.Choice(["shapes", "vg", "flickr30k-entities", "refcoco+"]),
+    help="Box data: shapes (built in), Visual Genome regions, Flickr30k Entities, RefCOCO+.",
+)
+@click.option("--root", type=click.Path(), help="Annotation files of --data (not for shapes).")
+@click.option("--images", type=click.Path(), help="Image directory of --data.")
+@click.option("--split", default="train", show_default=True, help="Split to train on.")
+@click.option("--tokenizer", default=None, help="Tokenizer for an official .pth (dir or hub id).")
+@click.option("--steps", default=1000, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--batch-size",
+    default=32,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Per step: scenes (shapes, all their phrases) or (image, phrase) pairs.",
+)
+@click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=1e-4, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--final-lr", default=1e-5, show_default=True, type=click.FloatRange(0))
+@click.option("--warmup", default=50, show_default=True, type=click.IntRange(0))
+@click.option("--weight-decay", default=0.02, show_default=True, type=click.FloatRange(0))
+@click.option(
+    "--map-method",
+    default="attn-gradcam",
+    show_default=True,
+    type=click.Choice(["attn-gradcam", "gradcam"]),
+    help="The map the AMC term trains.",
+)
+@click.option("--layer", default=None, type=int, help="Layer of the map (default: the family's).")
+@click.option("--no-amc", is_flag=True, help="The control: the same run without the AMC term.")
+@click.option("--mean-weight", default=0.2, show_default=True, type=click.FloatRange(0))
+@click.option("--max-weight", default=0.8, show_default=True, type=click.FloatRange(0))
+@click.option(
+    "--precision",
+    default="fp32",
+    show_default=True,
+    type=click.Choice(["fp32", "bf16", "fp16", "auto"]),
+)
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--pool",
+    default=20000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="shapes: training scenes rendered.",
+)
+@click.option(
+    "--eval-every",
+    default=250,
+    show_default=True,
+    type=click.IntRange(0),
+    help="shapes: val pointing accuracy every N steps.",
+)
+@click.option("--save-every", default=200, show_default=True, type=click.IntRange(0))
+@click.option(
+    "--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores)."
+)
+@_guard
+def train_amc(out, no_amc, threads, **opts) -> None:
+    """Attention Map Consistency fine-tuning (Yang et al. 2023): ITC + ITM with hard negatives,
+    plus the AMC loss that pushes each positive phrase's map inside its boxes. Runs under
+    `accelerate launch -m groundcam train amc ...` on many GPUs; resumes from --out."""
+    from groundcam.train.amc import AMCConfig
+    from groundcam.train.amc import train as run
+
+    cfg = AMCConfig(out=str(out), amc=not no_amc, **opts)
+    final = run(cfg, threads=threads)
+    click.echo(f"model written to {final}")
+
+
 @train.command("trocr")
 @click.option("--out", required=True, type=OutDir(), help="Run directory.")
 @click.option("--steps", default=16000, show_default=True, type=click.IntRange(1))

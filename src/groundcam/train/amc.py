@@ -1,0 +1,405 @@
+"""`groundcam train amc`: Attention Map Consistency fine-tuning (Yang et al., CVPR 2023).
+
+The model keeps its own losses, ITC + ITM with similarity-sampled hard negatives (as ALBEF), and
+for every positive pair that has a box the attn-gradcam map of one fusion layer (the explainer's
+own maps, `differentiable=True`) is pushed inside the box by `AMCLoss` (DESIGN.md §8). `--no-amc`
+runs the same steps, data, seed and schedule without the AMC term: the control.
+
+Data: `shapes` (built in: each step, `batch_size` training scenes with every phrase a positive,
+attribute-swapped ITM negatives as `train albef` makes them), or box data read by groundcam's
+readers, one (image, phrase, boxes) pair per row: Visual Genome `region_descriptions.json`,
+Flickr30k Entities, RefCOCO+. Every step's data is a pure function of (seed, step), so a resumed
+or multi-process run sees the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from groundcam.data.sample import GroundingSample
+from groundcam.errors import InputError
+from groundcam.train.amc_loss import AMCLoss, box_masks
+
+DATA = ("shapes", "vg", "flickr30k-entities", "refcoco+")
+
+
+@dataclass
+class AMCConfig:
+    """Everything that decides the numbers of an AMC run (its fingerprint)."""
+
+    out: str
+    model: str = "albef-tiny-shapes"
+    data: str = "shapes"
+    root: str | None = None
+    images: str | None = None
+    split: str = "train"
+    tokenizer: str | None = None  # for an official ALBEF .pth: a BERT tokenizer dir or hub id
+    steps: int = 1000
+    batch_size: int = 32  # shapes: scenes per step (all their phrases); others: pairs per step
+    grad_accum: int = 1
+    lr: float = 1e-4
+    final_lr: float = 1e-5
+    weight_decay: float = 0.02
+    warmup: int = 50
+    grad_clip: float | None = 5.0
+    map_method: str = "attn-gradcam"
+    layer: int | None = None  # None: the family's default fusion layer (ALBEF block 8)
+    amc: bool = True  # False: the control run, the same steps without the AMC term
+    mean_weight: float = 0.2
+    max_weight: float = 0.8
+    mean_margin: float = 0.1
+    max_margin: float = 0.5
+    seed: int = 0
+    precision: str = "fp32"
+    pool: int = 20000  # shapes: training scenes rendered once
+    scene_size: int = 128
+    save_every: int = 200
+    eval_every: int = 250
+    eval_scenes: int = 200
+    num_heads: int = 12  # official ALBEF checkpoints: head counts the tensors do not tell
+    text_num_heads: int = 12
+
+    def fingerprint(self) -> dict:
+        """What a resumed run must share (where it writes and how often it saves do not)."""
+        skip = {"out", "save_every"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+    def check(self) -> None:
+        if self.data not in DATA:
+            raise InputError(f"--data {self.data!r}: choose one of {', '.join(DATA)}")
+        if self.data != "shapes" and not self.root:
+            raise InputError(f"--data {self.data} needs --root (the dataset's annotation files)")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.lr <= 0:
+            raise InputError(f"--lr must be positive, got {self.lr}")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class BoxPairs:
+    """(image, phrase, boxes) rows of a box dataset, with images read and prepared on demand."""
+
+    def __init__(self, samples: list[GroundingSample], prepare: Callable):
+        self.rows = [(s, k) for s in samples for k, p in enumerate(s.phrases) if p.boxes]
+        if not self.rows:
+            raise InputError("the training data holds no phrase with a box")
+        self.prepare = prepare
+
+    def batch(self, rng: np.random.Generator, size: int) -> dict:
+        picked = rng.choice(len(self.rows), size=min(size, len(self.rows)), replace=False)
+        samples = [self.rows[i][0] for i in picked]
+        phrases = [s.phrases[k] for s, k in (self.rows[i] for i in picked)]
+        pixels = torch.cat([self.prepare([s.load_image()]) for s in samples])
+        return {
+            "pixels": pixels,
+            "texts": [p.text for p in phrases],
+            "boxes": [list(p.boxes) for p in phrases],
+            "sizes": [(s.image_size[1], s.image_size[0]) for s in samples],
+            "image_ids": [s.image_id for s in samples],
+            "owner": torch.arange(len(samples)),
+        }
+
+
+def read_box_data(cfg: AMCConfig) -> list[GroundingSample]:
+    """The samples of `cfg.data` (a missing file is named in the error)."""
+    root = Path(cfg.root)
+    if cfg.data == "vg":
+        from groundcam.data.visual_genome import VisualGenomeRegions
+
+        data = VisualGenomeRegions(root, cfg.images or root / "VG_100K")
+        samples = list(data)
+    elif cfg.data == "flickr30k-entities":
+        from groundcam.data.flickr30k_entities import Flickr30kEntities
+
+        samples = list(Flickr30kEntities(root, cfg.split, cfg.images))
+    else:
+        from groundcam.data.refcoco import RefCOCO
+
+        if not cfg.images:
+            raise InputError("--data refcoco+ needs --images (the COCO train2014 directory)")
+        samples = list(RefCOCO(root, cfg.images, cfg.split))
+    return [s for s in samples if not s.meta.get("error")]
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def itc_itm(model, pixels, ids, mask, texts: list[str], gen: torch.Generator):
+    """ALBEF's ITC (in-batch, identical texts count as positives) and ITM on the positives plus
+    one hard negative text per image and one hard negative image per text, drawn by ITC
+    similarity (a text or image equal to the positive's is never drawn)."""
+    image = model.encode_image(pixels)
+    text = model.text_encoder.encode_text(ids, mask)
+    img_feat, txt_feat = model.itc_from(image, text)
+    sim = img_feat @ txt_feat.T / model.temp
+    same = torch.tensor([[a == b for b in texts] for a in texts], device=sim.device)
+    target = same.float() / same.float().sum(1, keepdim=True)
+    loss_itc = 0.5 * (
+        -(F.log_softmax(sim, 1) * target).sum(1).mean()
+        - (F.log_softmax(sim.T, 1) * target).sum(1).mean()
+    )
+    b = len(texts)
+    with torch.no_grad():
+        allowed = (~same).float()
+        neg_text = _draw(sim.softmax(1), allowed, gen)
+        neg_image = _draw(sim.T.softmax(1), allowed, gen)
+    rows = torch.arange(b, device=sim.device)
+    image_index = torch.cat([rows, rows, neg_image])
+    text_index = torch.cat([rows, neg_text, rows])
+    logits = model.itm_from(image, text[text_index], mask[text_index], image_index)
+    labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+    return loss_itc, F.cross_entropy(logits, labels)
+
+
+def _draw(weights: torch.Tensor, allowed: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One index per row from `weights` restricted to `allowed` (uniform where none is)."""
+    w = (weights * allowed).cpu()
+    w[w.sum(1) <= 0] = 1.0
+    return torch.multinomial(w, 1, generator=gen)[:, 0].to(weights.device)
+
+
+@dataclass
+class AMCTrainer:
+    """The pieces of one run: the explainer over the model being trained, the data, the loss."""
+
+    cfg: AMCConfig
+    explainer: object
+    layer: int
+    amc_loss: AMCLoss
+    pool: object = None
+    pairs: BoxPairs | None = None
+    mask_size: tuple[int, int] = (0, 0)
+    history: list = field(default_factory=list)
+
+    @property
+    def model(self):
+        return self.explainer.model
+
+    def batch(self, step: int, micro: int, rank: int, world: int) -> dict:
+        """This process's share of micro-batch `micro` of step `step` (a pure function of the
+        seed, the step and the micro-batch: resumed and sharded runs see the same data)."""
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, step, micro])
+        gen_seed = int(rng.integers(2**31))
+        if self.pool is not None:
+            from groundcam.train.albef_shapes import _batch
+
+            pixels, phrases, owner, first, objects, swaps = _batch(self.pool, rng, cfg.batch_size)
+            scenes = list(range(rank, pixels.shape[0], world))
+            keep = [i for i, o in enumerate(owner) if o in set(scenes)]
+            remap = {s: j for j, s in enumerate(scenes)}
+            phrases = [phrases[i] for i in keep]
+            owner = [remap[owner[i]] for i in keep]
+            first = np.unique(owner, return_index=True)[1]
+            batch = (
+                pixels[scenes],
+                phrases,
+                owner,
+                first,
+                [objects[s] for s in scenes],
+                [swaps[i] for i in keep],
+            )
+            size = (cfg.scene_size, cfg.scene_size)
+            return {
+                "shapes": batch,
+                "texts": [p.text for p in phrases],
+                "boxes": [list(p.boxes) for p in phrases],
+                "sizes": [size] * len(phrases),
+                "owner": torch.tensor(owner),
+                "pixels": pixels[scenes],
+                "gen_seed": gen_seed,
+            }
+        full = self.pairs.batch(rng, cfg.batch_size)
+        mine = list(range(rank, len(full["texts"]), world))
+        out = {k: [v[i] for i in mine] for k, v in full.items() if isinstance(v, list)}
+        out["pixels"] = full["pixels"][mine]
+        out["owner"] = torch.arange(len(mine))
+        out["gen_seed"] = gen_seed
+        return out
+
+    def losses(self, model, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        """ITC + ITM (+ the AMC term on the positives' maps unless this is the control)."""
+        a = self.explainer.adapter
+        device = self.explainer.device
+        gen = torch.Generator().manual_seed(batch["gen_seed"])
+        pixels = batch["pixels"].to(device).float()
+        if "shapes" in batch:
+            from groundcam.train.albef_shapes import train_step
+
+            shapes = (pixels, *batch["shapes"][1:])
+            loss_itc, loss_itm = train_step(self.model, a, shapes, gen)
+        else:
+            ids, mask = self.explainer.prepare_texts(batch["texts"])
+            loss_itc, loss_itm = itc_itm(self.model, pixels, ids, mask, batch["texts"], gen)
+        terms = {"itc": loss_itc, "itm": loss_itm}
+        loss = loss_itc + loss_itm
+        amc = self.amc_terms(pixels, batch)
+        terms |= {"amc": amc.loss, "amc_mean": amc.mean, "amc_max": amc.max}
+        if self.cfg.amc:
+            loss = loss + amc.loss
+        return terms | {"loss": loss}
+
+    def amc_terms(self, pixels: torch.Tensor, batch: dict):
+        """The AMC loss of every positive pair's map at the chosen layer against its boxes
+        (computed in the control run too, detached, so both runs log the same quantity)."""
+        ids, mask = self.explainer.prepare_texts(batch["texts"])
+        owner = batch["owner"].to(pixels.device)
+        ex = self.explainer.explain_tensors(
+            pixels,
+            ids,
+            mask,
+            method=self.cfg.map_method,
+            layer=self.layer,
+            target="itm",
+            image_index=owner,
+            differentiable=self.cfg.amc,
+        )
+        masks, report = box_masks(batch["boxes"], batch["sizes"], self.mask_size, self.mask_size)
+        raw = ex.raw_maps.to(pixels.device)
+        return self.amc_loss(raw, masks.to(pixels.device), report.has_box.to(pixels.device))
+
+
+def build(cfg: AMCConfig, device: torch.device | None = None) -> AMCTrainer:
+    """Load the start model and the data; check that the map method reaches the layer."""
+    import groundcam as gc
+
+    cfg.check()
+    tokenizer = None
+    if cfg.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    explainer = gc.load(
+        cfg.model,
+        tokenizer=tokenizer,
+        num_heads=cfg.num_heads,
+        text_num_heads=cfg.text_num_heads,
+        device=device,
+    )
+    if explainer.family not in ("albef",):
+        raise InputError(
+            f"train amc: the {explainer.family} family is not trainable here yet (native ALBEF "
+            "models: built-in, saved directories, official .pth releases)"
+        )
+    try:
+        resolved = explainer.resolve(cfg.map_method, cfg.layer, "itm")
+    except ValueError as e:
+        hint = " (a model without cross-attention: try --map-method gradcam)"
+        raise InputError(f"{e}{hint if cfg.map_method == 'attn-gradcam' else ''}") from None
+    if not resolved.method.needs_grad:
+        raise InputError(f"--map-method {cfg.map_method}: AMC needs gradcam or attn-gradcam")
+    size = explainer.model.config.image_size
+    trainer = AMCTrainer(
+        cfg,
+        explainer,
+        resolved.layer,
+        AMCLoss(cfg.mean_margin, cfg.max_margin, cfg.mean_weight, cfg.max_weight),
+        mask_size=(size, size),
+    )
+    if cfg.data == "shapes":
+        from groundcam.train.albef_shapes import Pool
+
+        trainer.pool = Pool(explainer.adapter, cfg)
+    else:
+        trainer.pairs = BoxPairs(read_box_data(cfg), explainer.prepare_images)
+    return trainer
+
+
+def evaluate_shapes(explainer, method: str, layer: int, split: str, scenes: int, seed=0) -> dict:
+    """Pointing accuracy on `scenes` shapes scenes of `split`, overall and by phrase kind."""
+    from groundcam.eval.shapes import shapes_records, summarize
+
+    model = explainer.model
+    was_training = model.training
+    model.eval()
+    try:
+        records = list(shapes_records(explainer, split, scenes, method, layer, seed))
+    finally:
+        model.train(was_training)
+    s = summarize(records)
+    return {
+        "accuracy": s["accuracy"],
+        "n": s["n"],
+        "hits": sum(r["hit"] for r in records),
+        "by_kind": s["by_kind"],
+        "colour_shared": s["colour_shared"],
+    }
+
+
+def save_model(trainer: AMCTrainer, model, directory: Path, extra: dict | None = None) -> None:
+    """The trained model as `gc.load` reads it: config, safetensors, tokenizer, a card."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    trainer.explainer.adapter.tokenizer.save_pretrained(directory)
+    cfg = trainer.cfg
+    card = {
+        "trained_by": "groundcam train amc",
+        "command": " ".join(["groundcam", *sys.argv[1:]]) if sys.argv else "",
+        "config": cfg.fingerprint(),
+        "layer": trainer.layer,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    } | (extra or {})
+    (directory / "train_card.json").write_text(json.dumps(card, indent=1) + "\n")
+
+
+def train(cfg: AMCConfig, threads: int | None = None, stop_at: int | None = None) -> Path:
+    """Run (or resume) AMC fine-tuning in `cfg.out` on the shared loop; the model (with its
+    card) goes to `out/model`. `stop_at`: end after that step with a checkpoint (for tests)."""
+    from groundcam.train.loop import LoopConfig, fit
+
+    if threads:
+        torch.set_num_threads(threads)
+    trainer = build(cfg)
+    model = trainer.model
+    model.train()
+    loop = LoopConfig(
+        out=cfg.out,
+        steps=cfg.steps,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup=cfg.warmup,
+        final_lr=cfg.final_lr,
+        grad_clip=cfg.grad_clip,
+        grad_accum=cfg.grad_accum,
+        precision=cfg.precision,
+        seed=cfg.seed,
+        save_every=cfg.save_every,
+        eval_every=cfg.eval_every if cfg.data == "shapes" else 0,
+        threads=threads,
+    )
+
+    def evaluate(model, step: int) -> dict:
+        if cfg.data != "shapes":
+            return {}
+        r = evaluate_shapes(
+            trainer.explainer, cfg.map_method, trainer.layer, "val", cfg.eval_scenes, cfg.seed
+        )
+        return {"accuracy": round(r["accuracy"], 4), "n": r["n"]}
+
+    def clamp_temperature(model, step: int) -> None:
+        model.temp.clamp_(0.001, 0.5)
+
+    return fit(
+        model,
+        loop,
+        trainer.batch,
+        trainer.losses,
+        fingerprint=cfg.fingerprint(),
+        save_model=lambda m, path: save_model(trainer, m, path),
+        evaluate=evaluate if cfg.data == "shapes" else None,
+        after_step=clamp_temperature,
+        stop_at=stop_at,
+    )
