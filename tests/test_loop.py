@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from groundcam.train.loop import LoopConfig, lr_at, param_groups, shard
+from groundcam.train.loop import LoopConfig, fit, lr_at, param_groups, shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,12 +69,12 @@ def save(model, path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
 
 
-def run(out, steps=8, grad_accum=1, kill_at=None, **kw):
+def run(out, steps=8, grad_accum=1, kill_at=None, stop_at=None, **kw):
     cfg = LoopConfig(out=out, steps=steps, lr=3e-2, warmup=2, grad_accum=grad_accum,
                      save_every=3, log_every=1, threads=1, **kw)
     fingerprint = {"steps": steps, "lr": cfg.lr, "grad_accum": grad_accum}
     return fit(make_model(), cfg, make_batch_fn(cfg, kill_at), loss_fn,
-               fingerprint=fingerprint, save_model=save, progress=False)
+               fingerprint=fingerprint, save_model=save, stop_at=stop_at, progress=False)
 
 
 if __name__ == "__main__":
@@ -213,10 +213,8 @@ def test_stop_at_ends_with_a_checkpoint_and_an_evaluation_lands_in_the_log(toy, 
         seen.append((step, model.training))
         return {"n": step}
 
-    def fit(stop_at=None):
-        from groundcam.train.loop import fit as fit_
-
-        return fit_(
+    def run(stop_at=None):
+        return fit(
             toy["make_model"](),
             cfg,
             toy["make_batch_fn"](cfg),
@@ -228,13 +226,13 @@ def test_stop_at_ends_with_a_checkpoint_and_an_evaluation_lands_in_the_log(toy, 
             progress=False,
         )
 
-    assert fit(stop_at=1) == tmp_path
+    assert run(stop_at=1) == tmp_path
     assert json.loads((tmp_path / "state.json").read_text())["step"] == 1
-    assert fit() == tmp_path / "model"
+    assert run() == tmp_path / "model"
     log = _log(tmp_path)
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert [r.get("val") for r in log] == [None, {"n": 2}, None, {"n": 4}]
-    assert seen == [(2, True), (4, True)]  # the model as it trains; fit restores train mode
+    assert seen == [(2, True), (4, True)]  # called with the model in training mode
 
 
 def test_another_configuration_is_refused_and_nothing_is_touched(toy, tmp_path):
@@ -282,3 +280,30 @@ def test_two_accelerate_processes_follow_the_single_process_loss_curve(job, toy,
     a, b = _weights(one), _weights(tmp_path / "two" / "model")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_out_of_memory_is_one_line_naming_the_remedies(toy, tmp_path):
+    def oom(model, batch, step):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\n...")
+
+    cfg = LoopConfig(out=tmp_path, steps=2, lr=1e-2, threads=1)
+    batch_fn = toy["make_batch_fn"](cfg)
+    with pytest.raises(ValueError) as info:
+        fit(toy["make_model"](), cfg, batch_fn, oom, fingerprint={}, save_model=toy["save"])
+    message = str(info.value)
+    assert "\n" not in message and "out of GPU memory at step 1" in message
+    assert "--batch-size" in message and "--grad-accum" in message
+
+
+def test_a_kill_between_the_checkpoint_swaps_resumes_from_the_previous_one(toy, tmp_path):
+    straight = toy["run"](tmp_path / "straight")
+    out = tmp_path / "run"
+    assert toy["run"](out, stop_at=3) == out
+    # As a kill right after `checkpoint -> checkpoint.old` leaves it, with a torn checkpoint.tmp.
+    (out / "checkpoint").rename(out / "checkpoint.old")
+    (out / "checkpoint.tmp").mkdir()
+    resumed = toy["run"](out)
+    assert not (out / "checkpoint.old").exists() and not (out / "checkpoint.tmp").exists()
+    a, b = _weights(straight), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _without_time(_log(out)) == _without_time(_log(tmp_path / "straight"))
