@@ -136,3 +136,31 @@ def test_bad_input_is_one_line(tmp_path):
         + ["--root", tmp_path, "--images", tmp_path],
     )
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "refs(unc).p" in r.output
+
+
+def test_blip_itm_trains_with_amc_and_saves_a_loadable_directory(tmp_path, tokenizer):
+    from test_blip import make_processor
+    from test_blip import tiny as tiny_blip
+    from tiny import saved
+    from transformers import BlipForImageTextRetrieval
+
+    start = saved(
+        tmp_path / "blip",
+        tiny_blip(BlipForImageTextRetrieval, tokenizer),
+        make_processor(tokenizer),
+    )
+    final = train(tiny_run(tmp_path, model=str(start), batch_size=4), threads=1)
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["amc"] > 0 and r["loss"] > r["itc"] + r["itm"] for r in log)
+    trained = gc.load(final)
+    assert trained.family == "blip-itm"
+    ex = trained.explain(noise_images(1, 64, 64)[0], ["a red circle"])
+    assert ex.maps.shape == (1, 4, 4)
+
+
+def test_box_counts_clip_and_skip():
+    from groundcam.train.amc import box_counts
+
+    rows = [([[0, 0, 5, 5], [-3, 2, 8, 9], [5, 5, 5, 9]], (10, 10)), ([[4, 4, 2, 8]], (10, 10))]
+    assert box_counts(rows) == {"boxes": 4, "clipped": 1, "skipped": 2}
+    assert box_counts([([[12, 0, 20, 5]], (10, 10))])["skipped"] == 1  # wholly outside

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from groundcam.data.sample import GroundingSample
 from groundcam.errors import InputError
@@ -96,6 +97,10 @@ class BoxPairs:
         if not self.rows:
             raise InputError("the training data holds no phrase with a box")
         self.prepare = prepare
+        self.boxes = box_counts((s.phrases[k].boxes, s.image_size) for s, k in self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
     def batch(self, rng: np.random.Generator, size: int) -> dict:
         picked = rng.choice(len(self.rows), size=min(size, len(self.rows)), replace=False)
@@ -110,6 +115,21 @@ class BoxPairs:
             "image_ids": [s.image_id for s in samples],
             "owner": torch.arange(len(samples)),
         }
+
+
+def box_counts(rows) -> dict[str, int]:
+    """Over (boxes, (width, height)) rows: how many boxes there are, how many the masks clip
+    (partly outside the image) and skip (zero-area, inverted, non-finite, wholly outside)."""
+    counts = {"boxes": 0, "clipped": 0, "skipped": 0}
+    for boxes, (width, height) in rows:
+        for x1, y1, x2, y2 in boxes:
+            counts["boxes"] += 1
+            inside = min(x2, width) > max(x1, 0) and min(y2, height) > max(y1, 0)
+            if not np.isfinite([x1, y1, x2, y2]).all() or not inside:
+                counts["skipped"] += 1
+            elif x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+                counts["clipped"] += 1
+    return counts
 
 
 def read_box_data(cfg: AMCConfig) -> list[GroundingSample]:
@@ -136,14 +156,69 @@ def read_box_data(cfg: AMCConfig) -> list[GroundingSample]:
 # ----------------------------------------------------------------------------- losses
 
 
-def itc_itm(model, pixels, ids, mask, texts: list[str], gen: torch.Generator):
+class AlbefTrainee:
+    """Native ALBEF's training forward: image tokens, text-only hidden states, ITC features,
+    the fusion's ITM logits, its learned temperature."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @property
+    def temp(self) -> torch.Tensor:
+        return self.model.temp
+
+    def encode(self, pixels, ids, mask):
+        m = self.model
+        image, text = m.encode_image(pixels), m.text_encoder.encode_text(ids, mask)
+        return image, text, *m.itc_from(image, text)
+
+    def itm(self, image, text, ids, mask, rows, image_index):
+        return self.model.itm_from(image, text[rows], mask[rows], image_index)
+
+    def clamp(self) -> None:
+        self.model.temp.clamp_(0.001, 0.5)
+
+
+class BlipTrainee:
+    """🤗 `BlipForImageTextRetrieval`'s training forward, through its own submodules: ITC on
+    `vision_proj`/`text_proj` of the CLS tokens (at BLIP's temperature 0.07: the transformers
+    model holds none), ITM on `itm_head` over the text encoder reading the image tokens."""
+
+    TEMP = 0.07
+
+    def __init__(self, model):
+        self.model = model
+        self.temp = torch.tensor(self.TEMP)
+
+    def encode(self, pixels, ids, mask):
+        m = self.model
+        image = m.vision_model(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state
+        text = m.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        img_feat = F.normalize(m.vision_proj(image[:, 0]), dim=-1)
+        txt_feat = F.normalize(m.text_proj(text[:, 0]), dim=-1)
+        return image, text, img_feat, txt_feat
+
+    def itm(self, image, text, ids, mask, rows, image_index):
+        out = self.model.text_encoder(
+            input_ids=ids[rows],
+            attention_mask=mask[rows],
+            encoder_hidden_states=image.index_select(0, image_index),
+        )
+        return self.model.itm_head(out.last_hidden_state[:, 0])
+
+    def clamp(self) -> None:
+        pass
+
+
+TRAINEES = {"albef": AlbefTrainee, "blip-itm": BlipTrainee}
+
+
+def itc_itm(trainee, pixels, ids, mask, texts: list[str], gen: torch.Generator):
     """ALBEF's ITC (in-batch, identical texts count as positives) and ITM on the positives plus
     one hard negative text per image and one hard negative image per text, drawn by ITC
     similarity (a text or image equal to the positive's is never drawn)."""
-    image = model.encode_image(pixels)
-    text = model.text_encoder.encode_text(ids, mask)
-    img_feat, txt_feat = model.itc_from(image, text)
-    sim = img_feat @ txt_feat.T / model.temp
+    image, text, img_feat, txt_feat = trainee.encode(pixels, ids, mask)
+    sim = img_feat @ txt_feat.T / trainee.temp
     same = torch.tensor([[a == b for b in texts] for a in texts], device=sim.device)
     target = same.float() / same.float().sum(1, keepdim=True)
     loss_itc = 0.5 * (
@@ -158,7 +233,7 @@ def itc_itm(model, pixels, ids, mask, texts: list[str], gen: torch.Generator):
     rows = torch.arange(b, device=sim.device)
     image_index = torch.cat([rows, rows, neg_image])
     text_index = torch.cat([rows, neg_text, rows])
-    logits = model.itm_from(image, text[text_index], mask[text_index], image_index)
+    logits = trainee.itm(image, text, ids, mask, text_index, image_index)
     labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
     return loss_itc, F.cross_entropy(logits, labels)
 
@@ -178,6 +253,7 @@ class AMCTrainer:
     explainer: object
     layer: int
     amc_loss: AMCLoss
+    trainee: object = None
     pool: object = None
     pairs: BoxPairs | None = None
     mask_size: tuple[int, int] = (0, 0)
@@ -242,7 +318,7 @@ class AMCTrainer:
             loss_itc, loss_itm = train_step(self.model, a, shapes, gen)
         else:
             ids, mask = self.explainer.prepare_texts(batch["texts"])
-            loss_itc, loss_itm = itc_itm(self.model, pixels, ids, mask, batch["texts"], gen)
+            loss_itc, loss_itm = itc_itm(self.trainee, pixels, ids, mask, batch["texts"], gen)
         terms = {"itc": loss_itc, "itm": loss_itm}
         loss = loss_itc + loss_itm
         amc = self.amc_terms(pixels, batch)
@@ -288,10 +364,11 @@ def build(cfg: AMCConfig, device: torch.device | None = None) -> AMCTrainer:
         text_num_heads=cfg.text_num_heads,
         device=device,
     )
-    if explainer.family not in ("albef",):
+    if explainer.family not in TRAINEES:
         raise InputError(
-            f"train amc: the {explainer.family} family is not trainable here yet (native ALBEF "
-            "models: built-in, saved directories, official .pth releases)"
+            f"train amc: the {explainer.family} family is not trainable here; trainable are "
+            "native ALBEF (built-in, saved directories, official .pth releases) and "
+            "BlipForImageTextRetrieval"
         )
     try:
         resolved = explainer.resolve(cfg.map_method, cfg.layer, "itm")
@@ -300,18 +377,24 @@ def build(cfg: AMCConfig, device: torch.device | None = None) -> AMCTrainer:
         raise InputError(f"{e}{hint if cfg.map_method == 'attn-gradcam' else ''}") from None
     if not resolved.method.needs_grad:
         raise InputError(f"--map-method {cfg.map_method}: AMC needs gradcam or attn-gradcam")
-    size = explainer.model.config.image_size
+    probe = explainer.prepare_images([Image.new("RGB", (cfg.scene_size, cfg.scene_size))])
     trainer = AMCTrainer(
         cfg,
         explainer,
         resolved.layer,
         AMCLoss(cfg.mean_margin, cfg.max_margin, cfg.mean_weight, cfg.max_weight),
-        mask_size=(size, size),
+        TRAINEES[explainer.family](explainer.model),
+        mask_size=tuple(probe.shape[-2:]),
     )
-    if cfg.data == "shapes":
+    if cfg.data == "shapes" and explainer.family == "albef":
         from groundcam.train.albef_shapes import Pool
 
         trainer.pool = Pool(explainer.adapter, cfg)
+    elif cfg.data == "shapes":  # other families: (scene, phrase) pairs of the same scenes
+        from groundcam.data.shapes import generate_scene
+
+        scenes = [generate_scene("train", i, cfg.seed, cfg.scene_size) for i in range(cfg.pool)]
+        trainer.pairs = BoxPairs(scenes, explainer.prepare_images)
     else:
         trainer.pairs = BoxPairs(read_box_data(cfg), explainer.prepare_images)
     return trainer
@@ -342,13 +425,18 @@ def save_model(trainer: AMCTrainer, model, directory: Path, extra: dict | None =
     """The trained model as `gc.load` reads it: config, safetensors, tokenizer, a card."""
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
-    trainer.explainer.adapter.tokenizer.save_pretrained(directory)
+    adapter = trainer.explainer.adapter
+    if adapter.processor is not None:  # transformers families: the processor as loaded
+        adapter.processor.save_pretrained(directory)
+    if adapter.tokenizer is not None:
+        adapter.tokenizer.save_pretrained(directory)
     cfg = trainer.cfg
     card = {
         "trained_by": "groundcam train amc",
         "command": " ".join(["groundcam", *sys.argv[1:]]) if sys.argv else "",
         "config": cfg.fingerprint(),
         "layer": trainer.layer,
+        "boxes": trainer.pairs.boxes if trainer.pairs is not None else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
     } | (extra or {})
@@ -363,6 +451,13 @@ def train(cfg: AMCConfig, threads: int | None = None, stop_at: int | None = None
     if threads:
         torch.set_num_threads(threads)
     trainer = build(cfg)
+    if trainer.pairs is not None:
+        b = trainer.pairs.boxes
+        print(
+            f"{len(trainer.pairs)} (image, phrase) pairs with boxes; of {b['boxes']} boxes "
+            f"{b['clipped']} clipped to the image, {b['skipped']} skipped (empty or inverted)",
+            flush=True,
+        )
     model = trainer.model
     model.train()
     loop = LoopConfig(
@@ -390,7 +485,7 @@ def train(cfg: AMCConfig, threads: int | None = None, stop_at: int | None = None
         return {"accuracy": round(r["accuracy"], 4), "n": r["n"]}
 
     def clamp_temperature(model, step: int) -> None:
-        model.temp.clamp_(0.001, 0.5)
+        trainer.trainee.clamp()
 
     return fit(
         model,
