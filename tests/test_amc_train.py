@@ -164,3 +164,43 @@ def test_box_counts_clip_and_skip():
     rows = [([[0, 0, 5, 5], [-3, 2, 8, 9], [5, 5, 5, 9]], (10, 10)), ([[4, 4, 2, 8]], (10, 10))]
     assert box_counts(rows) == {"boxes": 4, "clipped": 1, "skipped": 2}
     assert box_counts([([[12, 0, 20, 5]], (10, 10))])["skipped"] == 1  # wholly outside
+
+
+def test_two_accelerate_processes_equal_one_process_with_two_micro_batches(tmp_path):
+    """Each process takes half of every step's scenes as each micro-batch takes half: the same
+    parts, the same negatives, the same averaged gradient, hence the same log and weights."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--steps", "2", "--batch-size", "4", "--pool", "12", "--eval-every", "0"]
+    args += ["--save-every", "1", "--warmup", "1", "--threads", "1"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    launch += ["--dynamo_backend", "no", "--main_process_port", str(port)]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    two = subprocess.run(
+        [*launch, "-m", "groundcam", "train", "amc", "--out", str(tmp_path / "two"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("model written to") == 1
+    one = train(tiny_run(tmp_path, "one", steps=2, batch_size=4, grad_accum=2), threads=1)
+    logs = [
+        [json.loads(x) for x in (tmp_path / n / "train_log.jsonl").read_text().splitlines()]
+        for n in ("one", "two")
+    ]
+    for r1, r2 in zip(*logs, strict=True):
+        for key in ("loss", "itc", "itm", "amc"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), key
+    a = load_file(str(one / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)

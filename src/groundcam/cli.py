@@ -181,6 +181,38 @@ def train() -> None:
     """Train models with groundcam's own recipes."""
 
 
+_TRAIN_LOOP_OPTIONS = [
+    click.option(
+        "--grad-accum",
+        default=1,
+        show_default=True,
+        type=click.IntRange(1),
+        help="Micro-batches per optimizer step (the same numbers with less memory).",
+    ),
+    click.option(
+        "--precision",
+        default="fp32",
+        show_default=True,
+        type=click.Choice(["fp32", "bf16", "fp16", "auto"]),
+        help="Mixed precision on GPUs (auto: bf16 where the GPU has it).",
+    ),
+]
+
+
+def _loop_options(fn):
+    for option in reversed(_TRAIN_LOOP_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def _model_written(final) -> None:
+    """Print where the model went, once (every process under `accelerate launch` returns)."""
+    from groundcam.train.loop import main_process
+
+    if main_process():
+        click.echo(f"model written to {final}")
+
+
 @train.command("albef")
 @click.option("--out", required=True, type=OutDir(), help="Run directory.")
 @click.option("--steps", default=3000, show_default=True, type=click.IntRange(1))
@@ -198,8 +230,11 @@ def train() -> None:
 @click.option(
     "--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores)."
 )
+@_loop_options
 @_guard
-def train_albef(out, steps, batch_size, lr, seed, pool, eval_every, threads) -> None:
+def train_albef(
+    out, steps, batch_size, lr, seed, pool, eval_every, threads, grad_accum, precision
+) -> None:
     """ALBEF from scratch on the shapes train split, ITC + ITM (no boxes). Resumes from --out."""
     from groundcam.train.albef_shapes import TrainConfig
     from groundcam.train.albef_shapes import train as run
@@ -212,9 +247,10 @@ def train_albef(out, steps, batch_size, lr, seed, pool, eval_every, threads) -> 
         seed=seed,
         pool=pool,
         eval_every=eval_every,
+        grad_accum=grad_accum,
+        precision=precision,
     )
-    final = run(cfg, threads=threads)
-    click.echo(f"model written to {final}")
+    _model_written(run(cfg, threads=threads))
 
 
 @train.command("amc")
@@ -294,8 +330,7 @@ def train_amc(out, no_amc, threads, **opts) -> None:
     from groundcam.train.amc import train as run
 
     cfg = AMCConfig(out=str(out), amc=not no_amc, **opts)
-    final = run(cfg, threads=threads)
-    click.echo(f"model written to {final}")
+    _model_written(run(cfg, threads=threads))
 
 
 @train.command("trocr")
@@ -322,8 +357,11 @@ def train_amc(out, no_amc, threads, **opts) -> None:
 @click.option(
     "--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores)."
 )
+@_loop_options
 @_guard
-def train_trocr(out, steps, batch_size, lr, aux_weight, seed, pool, eval_every, threads) -> None:
+def train_trocr(
+    out, steps, batch_size, lr, aux_weight, seed, pool, eval_every, threads, grad_accum, precision
+) -> None:
     """trocr-tiny-glyphs (ViT + TrOCR decoder) on synthetic text lines. Resumes from --out."""
     from groundcam.train.trocr_glyphs import TrainConfig
     from groundcam.train.trocr_glyphs import train as run
@@ -337,9 +375,10 @@ def train_trocr(out, steps, batch_size, lr, aux_weight, seed, pool, eval_every, 
         seed=seed,
         pool=pool,
         eval_every=eval_every,
+        grad_accum=grad_accum,
+        precision=precision,
     )
-    final = run(cfg, threads=threads)
-    click.echo(f"model written to {final}")
+    _model_written(run(cfg, threads=threads))
 
 
 @main.command()

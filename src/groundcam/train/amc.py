@@ -45,7 +45,8 @@ class AMCConfig:
     split: str = "train"
     tokenizer: str | None = None  # for an official ALBEF .pth: a BERT tokenizer dir or hub id
     steps: int = 1000
-    batch_size: int = 32  # shapes: scenes per step (all their phrases); others: pairs per step
+    batch_size: int = 32  # per step (split over grad_accum and processes): shapes scenes (all
+    # their phrases) or (image, phrase) pairs
     grad_accum: int = 1
     lr: float = 1e-4
     final_lr: float = 1e-5
@@ -102,17 +103,19 @@ class BoxPairs:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def batch(self, rng: np.random.Generator, size: int) -> dict:
-        picked = rng.choice(len(self.rows), size=min(size, len(self.rows)), replace=False)
+    def pick(self, rng: np.random.Generator, size: int) -> list[int]:
+        """`size` distinct rows (all of them when there are fewer)."""
+        return rng.choice(len(self.rows), size=min(size, len(self.rows)), replace=False).tolist()
+
+    def load(self, picked: list[int]) -> dict:
+        """Rows `picked`: their images prepared for the model, texts, boxes and sizes."""
         samples = [self.rows[i][0] for i in picked]
         phrases = [s.phrases[k] for s, k in (self.rows[i] for i in picked)]
-        pixels = torch.cat([self.prepare([s.load_image()]) for s in samples])
         return {
-            "pixels": pixels,
+            "pixels": torch.cat([self.prepare([s.load_image()]) for s in samples]),
             "texts": [p.text for p in phrases],
             "boxes": [list(p.boxes) for p in phrases],
             "sizes": [(s.image_size[1], s.image_size[0]) for s in samples],
-            "image_ids": [s.image_id for s in samples],
             "owner": torch.arange(len(samples)),
         }
 
@@ -264,29 +267,27 @@ class AMCTrainer:
         return self.explainer.model
 
     def batch(self, step: int, micro: int, rank: int, world: int) -> dict:
-        """This process's share of micro-batch `micro` of step `step` (a pure function of the
-        seed, the step and the micro-batch: resumed and sharded runs see the same data)."""
+        """This process's share of micro-batch `micro` of step `step`: the step's global batch of
+        `batch_size` scenes (or pairs) is drawn from (seed, step) alone, then split into
+        `grad_accum` micro-batches and each into `world` equal parts, so resumed runs and any
+        number of processes see the same data. (ITC's in-batch negatives are the part's.)"""
+        from groundcam.train.loop import shard
+
         cfg = self.cfg
-        rng = np.random.default_rng([cfg.seed, step, micro])
-        gen_seed = int(rng.integers(2**31))
+        rng = np.random.default_rng([cfg.seed, step, 0])
+        gen_seed = int(rng.integers(2**31)) + 7919 * (micro * world + rank)
         if self.pool is not None:
             from groundcam.train.albef_shapes import _batch
 
             pixels, phrases, owner, first, objects, swaps = _batch(self.pool, rng, cfg.batch_size)
-            scenes = list(range(rank, pixels.shape[0], world))
+            scenes = list(shard(shard(range(len(pixels)), micro, cfg.grad_accum), rank, world))
             keep = [i for i, o in enumerate(owner) if o in set(scenes)]
             remap = {s: j for j, s in enumerate(scenes)}
             phrases = [phrases[i] for i in keep]
             owner = [remap[owner[i]] for i in keep]
             first = np.unique(owner, return_index=True)[1]
-            batch = (
-                pixels[scenes],
-                phrases,
-                owner,
-                first,
-                [objects[s] for s in scenes],
-                [swaps[i] for i in keep],
-            )
+            objects = [objects[s] for s in scenes]
+            batch = (pixels[scenes], phrases, owner, first, objects, [swaps[i] for i in keep])
             size = (cfg.scene_size, cfg.scene_size)
             return {
                 "shapes": batch,
@@ -297,13 +298,9 @@ class AMCTrainer:
                 "pixels": pixels[scenes],
                 "gen_seed": gen_seed,
             }
-        full = self.pairs.batch(rng, cfg.batch_size)
-        mine = list(range(rank, len(full["texts"]), world))
-        out = {k: [v[i] for i in mine] for k, v in full.items() if isinstance(v, list)}
-        out["pixels"] = full["pixels"][mine]
-        out["owner"] = torch.arange(len(mine))
-        out["gen_seed"] = gen_seed
-        return out
+        picked = self.pairs.pick(rng, cfg.batch_size)
+        mine = shard(shard(picked, micro, cfg.grad_accum), rank, world)
+        return self.pairs.load(mine) | {"gen_seed": gen_seed}
 
     def losses(self, model, batch: dict, step: int) -> dict[str, torch.Tensor]:
         """ITC + ITM (+ the AMC term on the positives' maps unless this is the control)."""
