@@ -204,3 +204,27 @@ def test_two_accelerate_processes_equal_one_process_with_two_micro_batches(tmp_p
     b = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_an_official_albef_release_trains_with_a_given_tokenizer(fixtures, tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    ckpt = fixtures / "albef" / "official_tiny_pretrain_format_checkpoint.pth"
+    cfg = tiny_run(tmp_path, model=str(ckpt), tokenizer=str(tmp_path / "tok"), num_heads=4)
+    cfg.text_num_heads, cfg.steps = 4, 2
+    final = train(cfg, threads=1)
+    trained = gc.load(final)  # a directory now: config, safetensors, tokenizer
+    assert trained.family == "albef" and trained.model.config.fusion_layer == 2
+    assert json.loads((final / "train_card.json").read_text())["layer"] == 2
+
+
+def test_a_model_without_cross_attention_is_told_to_use_gradcam(tmp_path, tokenizer):
+    from test_clip import processor_for, tiny_clip
+    from tiny import saved
+
+    clip = saved(tmp_path / "clip", tiny_clip(len(tokenizer)), processor_for(tokenizer))
+    with pytest.raises(
+        InputError, match="has no text-to-image cross-attention.*try --map-method gradcam"
+    ):
+        build(AMCConfig(out=str(tmp_path / "x"), model=str(clip), pool=4))
+    with pytest.raises(InputError, match="clip family is not trainable"):
+        build(AMCConfig(out=str(tmp_path / "x"), model=str(clip), map_method="gradcam", pool=4))

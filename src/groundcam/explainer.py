@@ -69,6 +69,10 @@ class Explainer:
         """The targets this model can explain."""
         return tuple(t for t in self.adapter.targets if t not in self.adapter.missing_targets)
 
+    def has_source(self, kind: str) -> bool:
+        """Whether this model offers recorded tensors of `kind` (contract's source kinds)."""
+        return kind in self.adapter.sources()
+
     def grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
         """The patch grid (h, w) the maps of these prepared images are on."""
         g = self.adapter.geometry(pixel_values)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from groundcam.contract import TEXT_TO_IMAGE
 from groundcam.data.sample import GroundingSample
 from groundcam.errors import InputError
 from groundcam.train.amc_loss import AMCLoss, box_masks
@@ -361,17 +362,18 @@ def build(cfg: AMCConfig, device: torch.device | None = None) -> AMCTrainer:
         text_num_heads=cfg.text_num_heads,
         device=device,
     )
+    if cfg.map_method == "attn-gradcam" and not explainer.has_source(TEXT_TO_IMAGE):
+        raise InputError(
+            f"--map-method attn-gradcam: {cfg.model} ({explainer.family}) has no text-to-image "
+            "cross-attention to read it from; try --map-method gradcam"
+        )
     if explainer.family not in TRAINEES:
         raise InputError(
             f"train amc: the {explainer.family} family is not trainable here; trainable are "
             "native ALBEF (built-in, saved directories, official .pth releases) and "
             "BlipForImageTextRetrieval"
         )
-    try:
-        resolved = explainer.resolve(cfg.map_method, cfg.layer, "itm")
-    except ValueError as e:
-        hint = " (a model without cross-attention: try --map-method gradcam)"
-        raise InputError(f"{e}{hint if cfg.map_method == 'attn-gradcam' else ''}") from None
+    resolved = explainer.resolve(cfg.map_method, cfg.layer, "itm")
     if not resolved.method.needs_grad:
         raise InputError(f"--map-method {cfg.map_method}: AMC needs gradcam or attn-gradcam")
     probe = explainer.prepare_images([Image.new("RGB", (cfg.scene_size, cfg.scene_size))])
