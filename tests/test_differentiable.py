@@ -10,6 +10,10 @@ from test_blip import make_processor as blip_processor
 from test_blip import tiny as tiny_blip
 from test_clip import processor_for as clip_processor
 from test_clip import tiny_clip
+from test_flava import processor as flava_processor
+from test_flava import tiny_flava
+from test_siglip import processor_for as siglip_processor
+from test_siglip import tiny_siglip
 from test_vilt import processor as vilt_processor
 from test_vilt import tiny_vilt
 from tiny import assert_close, noise_images, tiny_albef
@@ -32,29 +36,27 @@ def inputs(explainer, n=3, dtype=torch.float32):
     return pv.to(dtype), ids, mask
 
 
-def families(tokenizer):
-    return {
-        "albef": (albef(tokenizer), ("attn-gradcam", "gradcam")),
-        "blip-itm": (
-            gc.load(
-                tiny_blip(BlipForImageTextRetrieval, tokenizer), processor=blip_processor(tokenizer)
-            ),
-            ("attn-gradcam", "gradcam"),
-        ),
-        "vilt": (
-            gc.load(tiny_vilt(len(tokenizer)), processor=vilt_processor(tokenizer)),
-            ("attn-gradcam", "gradcam"),
-        ),
-        "clip": (
-            gc.load(tiny_clip(len(tokenizer)), processor=clip_processor(tokenizer)),
-            ("gradcam",),
-        ),
-    }
+BOTH = ("attn-gradcam", "gradcam")
+FAMILIES = {  # family -> (build(tokenizer) -> explainer, the gradient methods it has)
+    "albef": (albef, BOTH),
+    "blip-itm": (
+        lambda t: gc.load(tiny_blip(BlipForImageTextRetrieval, t), processor=blip_processor(t)),
+        BOTH,
+    ),
+    "vilt": (lambda t: gc.load(tiny_vilt(len(t)), processor=vilt_processor(t)), BOTH),
+    "clip": (lambda t: gc.load(tiny_clip(len(t)), processor=clip_processor(t)), ("gradcam",)),
+    "siglip": (
+        lambda t: gc.load(tiny_siglip(len(t)), processor=siglip_processor(t)),
+        ("gradcam",),
+    ),
+    "flava": (lambda t: gc.load(tiny_flava(len(t)), processor=flava_processor(t)), BOTH),
+}
 
 
-@pytest.mark.parametrize("family", ["albef", "blip-itm", "vilt", "clip"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_differentiable_maps_equal_the_usual_ones(tokenizer, family):
-    explainer, methods = families(tokenizer)[family]
+    build, methods = FAMILIES[family]
+    explainer = build(tokenizer)
     torch.manual_seed(0)  # ViLT draws its patch order: the same draw for both runs
     pv, ids, mask = inputs(explainer)
     for method in methods:
