@@ -11,6 +11,10 @@ BUILTIN: dict[str, dict[str, str]] = {
         "family": "albef",
         "description": "1.1M-parameter ALBEF trained from scratch on shapes scenes (ITC + ITM)",
     },
+    "albef-tiny-shapes-amc": {
+        "family": "albef",
+        "description": "albef-tiny-shapes after AMC fine-tuning on the shapes boxes (groundcam train amc)",
+    },
     "trocr-tiny-glyphs": {
         "family": "vision-encoder-decoder",
         "description": "674k-parameter ViT + TrOCR decoder that reads rendered 3-6 character lines",
