@@ -63,19 +63,39 @@ def _device(device: str | torch.device) -> torch.device:
     """A device that exists on this machine, or a one-line error."""
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError):
+    except (RuntimeError, TypeError, ValueError):
         raise InputError(
             f"device {device!r}: not a torch device (cpu, cuda, cuda:1, mps)"
         ) from None
-    available = {
-        "cpu": True,
-        "cuda": torch.cuda.is_available()
-        and (dev.index is None or dev.index < torch.cuda.device_count()),
-        "mps": torch.backends.mps.is_available(),
-    }.get(dev.type, False)
-    if not available:
-        raise InputError(f"device {device!r} is not available on this machine")
+    problem = device_problem(dev)
+    if problem:
+        raise InputError(f"device {device!r} is not available on this machine: {problem}")
     return dev
+
+
+def device_problem(device: torch.device) -> str | None:
+    """Why `device` cannot be used on this machine, or None when it can."""
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "no CUDA GPU visible"
+            return f"CUDA is not available on this machine (torch {torch.__version__}: {build})"
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            return f"there are {count} CUDA device(s) here (cuda:0 to cuda:{count - 1})"
+        return None
+    if device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            return "MPS (Apple GPU) is not available on this machine"
+        return None
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available"):
+        return "unsupported device type; use cpu, cuda, cuda:N or mps"
+    if not backend.is_available():
+        return f"{device.type} is not available on this machine"
+    return None
 
 
 def _from_name(name: str, processor, tokenizer, num_heads: int, text_num_heads: int) -> Adapter:

@@ -120,36 +120,12 @@ class Device(click.ParamType):
             raise UserError(
                 f"--device {text}: not a device; use cpu, cuda, cuda:N or mps"
             ) from None
-        problem = _device_problem(device)
+        from groundcam.api import device_problem
+
+        problem = device_problem(device)
         if problem:
             raise UserError(f"--device {text}: {problem}")
         return text
-
-
-def _device_problem(device) -> str | None:
-    import torch
-
-    if device.type == "cpu":
-        return None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            build = "a CPU-only build" if torch.version.cuda is None else "no CUDA GPU visible"
-            return f"CUDA is not available on this machine (torch {torch.__version__}: {build})"
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            return f"there are {count} CUDA device(s) here (cuda:0 to cuda:{count - 1})"
-        return None
-    if device.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            return "MPS (Apple GPU) is not available on this machine"
-        return None
-    backend = getattr(torch, device.type, None)
-    if backend is None or not hasattr(backend, "is_available"):
-        return "unsupported device type; use cpu, cuda, cuda:N or mps"
-    if not backend.is_available():
-        return f"{device.type} is not available on this machine"
-    return None
 
 
 def _device_option(help_extra: str = ""):
