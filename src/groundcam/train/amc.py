@@ -18,7 +18,7 @@ import json
 import platform
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -261,7 +261,6 @@ class AMCTrainer:
     pool: object = None
     pairs: BoxPairs | None = None
     mask_size: tuple[int, int] = (0, 0)
-    history: list = field(default_factory=list)
 
     @property
     def model(self):
@@ -309,26 +308,25 @@ class AMCTrainer:
         device = self.explainer.device
         gen = torch.Generator().manual_seed(batch["gen_seed"])
         pixels = batch["pixels"].to(device).float()
+        ids, mask = self.explainer.prepare_texts(batch["texts"])  # the positives, once
         if "shapes" in batch:
             from groundcam.train.albef_shapes import train_step
 
             shapes = (pixels, *batch["shapes"][1:])
             loss_itc, loss_itm = train_step(self.model, a, shapes, gen)
         else:
-            ids, mask = self.explainer.prepare_texts(batch["texts"])
             loss_itc, loss_itm = itc_itm(self.trainee, pixels, ids, mask, batch["texts"], gen)
         terms = {"itc": loss_itc, "itm": loss_itm}
         loss = loss_itc + loss_itm
-        amc = self.amc_terms(pixels, batch)
+        amc = self.amc_terms(pixels, ids, mask, batch)
         terms |= {"amc": amc.loss, "amc_mean": amc.mean, "amc_max": amc.max}
         if self.cfg.amc:
             loss = loss + amc.loss
         return terms | {"loss": loss}
 
-    def amc_terms(self, pixels: torch.Tensor, batch: dict):
+    def amc_terms(self, pixels: torch.Tensor, ids, mask, batch: dict):
         """The AMC loss of every positive pair's map at the chosen layer against its boxes
         (computed in the control run too, detached, so both runs log the same quantity)."""
-        ids, mask = self.explainer.prepare_texts(batch["texts"])
         owner = batch["owner"].to(pixels.device)
         ex = self.explainer.explain_tensors(
             pixels,
