@@ -237,7 +237,7 @@ class Explainer:
                 f"method {method_obj.name!r} is not defined for the {a.family} family; "
                 f"its methods are {supported_methods(a)}"
             )
-        a.check(source, target)
+        a.check(source, target, method_obj.needs_grad)
         layer = parse_layer(layer)
         if method_obj.all_layers:
             if layer is not None:
@@ -401,8 +401,8 @@ class Explainer:
         geometry = a.geometry(pixel_values).select(zeros)
         mask = torch.ones(k, ids.shape[1], dtype=torch.long, device=ids.device)
         out = method_obj.compute(source, recorded, grads, geometry, mask, spec.graph)
-        if out.raw_token_maps is not None:  # the decoder row that predicted token k is k-1
-            raw = out.raw_token_maps[torch.arange(k), pos - 1]
+        if out.raw_token_maps is not None:  # the decoder row that predicted token k
+            raw = out.raw_token_maps[torch.arange(k), pos - a.token_rows_shift]
         else:
             raw = out.raw_maps
         raw = raw.detach().float().cpu()

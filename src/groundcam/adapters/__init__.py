@@ -53,6 +53,12 @@ FAMILIES: dict[str, Family] = {
         ("VisionEncoderDecoderModel",),
         ("vision-encoder-decoder",),
     ),
+    "captioner": Family(
+        "groundcam.adapters.captioner",
+        "CaptionerAdapter",
+        ("ShowAttendTell",),
+        ("groundcam-captioner",),
+    ),
 }
 
 

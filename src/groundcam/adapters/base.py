@@ -25,6 +25,7 @@ class Adapter:
     default_methods: Mapping[str, str] = {"itm": "attn-gradcam"}  # target -> default method
     batch_images: int = 8  # images per forward in an evaluation (all their phrases together)
     missing_targets: Mapping[str, str] = {}  # target -> why this model cannot explain it
+    token_rows_shift: int = 1  # generation: the decoder row that predicted token k is k - shift
 
     def __init__(self, model: nn.Module, tokenizer=None, name: str = "", processor=None):
         self.model = model
@@ -108,13 +109,15 @@ class Adapter:
         """What to record for `source` at `layer` (every layer when None) for `target`."""
         return self.source(source).record(layer, target or self.default_target)
 
-    def check(self, source: str, target: str) -> None:
+    def check(self, source: str, target: str, needs_grad: bool = False) -> None:
         """Raise ValueError when this model cannot explain `target`, or when the target's score
         never reaches this source (e.g. a dual-encoder score never passes through a fusion
         layer)."""
         if target in self.missing_targets:
             raise ValueError(self.missing_targets[target])
         row = self.source(source)
+        if row.no_gradients and needs_grad:
+            raise ValueError(row.no_gradients)
         if row.targets is not None and target not in row.targets:
             raise ValueError(
                 row.unreachable
