@@ -1106,6 +1106,143 @@ def eval_glyphs(split, lines, model, method, layer, seed, device, out) -> None:
     click.echo(f"wrote {out / 'summary.json'}")
 
 
+@eval_.command("captions", short_help="BLEU/CIDEr-D and word pointing of a captioning model.")
+@click.option("--model", required=True, help="A captioning or OCR model (name, dir, hub id).")
+@click.option(
+    "--dataset",
+    default="shapes",
+    show_default=True,
+    type=click.Choice(["shapes", "file"]),
+    help="shapes: scenes generated from --seed; file: --captions and --images.",
+)
+@click.option("--split", default="test", show_default=True, help="Split (shapes or Karpathy).")
+@click.option("--scenes", default=500, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, help="Scene seed (shapes).")
+@click.option("--image-size", default=128, show_default=True, type=click.IntRange(48))
+@click.option("--captions", type=click.Path(exists=True), help="Captions file (--dataset file).")
+@click.option("--images", type=click.Path(exists=True), help="Image folder (--dataset file).")
+@click.option("--method", default=None, help=_METHOD_HELP)
+@click.option("--layer", default=None, type=int, help="Layer (default: the family's).")
+@click.option("--beam", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--max-new-tokens", default=None, type=click.IntRange(1))
+@_device_option()
+@click.option("--out", required=True, type=OutDir(), help="Results directory (resumes).")
+@_guard
+def eval_captions(
+    model,
+    dataset,
+    split,
+    scenes,
+    seed,
+    image_size,
+    captions,
+    images,
+    method,
+    layer,
+    beam,
+    max_new_tokens,
+    device,
+    out,
+) -> None:
+    """Caption metrics (BLEU-1..4, CIDEr-D, as the COCO caption evaluation) and word pointing
+    (protocol amc) of a captioning model: the grounded words of the reference captions,
+    teacher-forced, and, where the dataset grounds them (shapes), the object words of the
+    model's own captions. Writes results.jsonl (one line per image, as it goes; a rerun resumes)
+    and summary.json, with the chance and image-centre baselines."""
+    from groundcam.api import load
+    from groundcam.eval.caption_pointing import (
+        caption_records,
+        file_samples,
+        shapes_samples,
+        summarize_captions,
+    )
+
+    if dataset == "file":
+        if not captions or not images:
+            raise UserError("--dataset file needs --captions FILE and --images DIR")
+        samples = file_samples(captions, images, split=split)
+        n = len(samples)
+        if not n:
+            raise UserError(f"--captions {captions}: no {split} images found under {images}")
+    else:
+        samples, n = shapes_samples(split, scenes, seed, image_size), scenes
+    explainer = load(model, device=device)
+    if "token" not in explainer.targets:
+        raise UserError(f"--model {model}: a {explainer.family} model does not write captions")
+    method = method or explainer.default_method("token")
+    run = {
+        "model": model,
+        "dataset": dataset,
+        "split": split,
+        "scenes": scenes,
+        "seed": seed,
+        "image_size": image_size,
+        "captions": captions,
+        "method": method,
+        "layer": layer,
+        "beam": beam,
+        "max_new_tokens": max_new_tokens,
+    }
+    done = _resume(out, run)
+    todo = (s for s in samples if s.image_id not in done)
+    stream = caption_records(explainer, todo, method, layer, beam, max_new_tokens)
+    records = list(done.values()) + _append_records(stream, out, f"captions/{split}", n - len(done))
+    summary = summarize_captions(records) | {"protocol": "amc", **run}
+    _write_summary(out, summary)
+    for key in ("reference", "generated"):
+        block = summary.get(f"{key}_word_pointing")
+        if block and block["n"]:
+            click.echo(
+                f"{key} word pointing {_percent(block)} (n={block['n']}; chance "
+                f"{block['chance']:.1%}, centre {block['centre']:.1%}), {method}"
+            )
+    c = summary.get("captions")
+    if c:
+        cider = "n/a" if c["cider_d"] is None else f"{c['cider_d']:.3f}"
+        click.echo(f"BLEU-4 {c['bleu4']:.3f}, CIDEr-D {cider} on {summary['images']} images")
+    if summary["errors"]:
+        click.echo(f"{summary['errors']} images could not be read (see results.jsonl)")
+    click.echo(f"wrote {out / 'summary.json'}")
+
+
+def _resume(out: Path, run: dict) -> dict[str, dict]:
+    """Records of an earlier run of the same evaluation in `out` (by image id); another
+    evaluation's directory is refused."""
+    saved = out / "run.json"
+    if saved.exists():
+        try:
+            before = json.loads(saved.read_text())
+        except ValueError:
+            before = None
+        if before != json.loads(json.dumps(run)):
+            raise UserError(f"--out {out} holds another evaluation; use a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(run, indent=1))
+    done: dict[str, dict] = {}
+    path = out / "results.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                done[rec["image_id"]] = rec
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line from a kill
+        path.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+    return done
+
+
+def _append_records(stream, out: Path, desc: str, total: int) -> list[dict]:
+    from tqdm import tqdm
+
+    records = []
+    with (out / "results.jsonl").open("a") as f:
+        for rec in tqdm(stream, desc=desc, unit="image", total=total):
+            records.append(rec)
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+    return records
+
+
 @main.command()
 def models() -> None:
     """List built-in models and supported families with their methods."""

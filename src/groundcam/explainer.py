@@ -339,11 +339,12 @@ class Explainer:
         layer: int | None = None,
         max_new_tokens: int | None = None,
         text: str | None = None,
+        beam: int = 1,
     ) -> GenerationExplanation:
         """Generate text for `image` (or take `text` as if generated), then one map per generated
         token, from one teacher-forced forward and a batched backward. `method` defaults to the
         family's (`attention` for OCR models); `max_new_tokens=None` lets the model's own
-        `generation_config` decide the length."""
+        `generation_config` decide the length; `beam` > 1 decodes with beam search."""
         a = self.adapter
         if "token" not in a.targets:
             raise InputError(
@@ -356,6 +357,8 @@ class Explainer:
             or max_new_tokens < 1
         ):
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
+            raise InputError(f"beam must be a positive integer, got {beam!r}")
         if text is not None and (not isinstance(text, str) or not text.strip()):
             raise InputError(f"text= must be a non-empty string to explain, got {text!r}")
         method_obj, source, target, layer = self.resolve(method, layer, "token")
@@ -363,7 +366,7 @@ class Explainer:
         pixel_values = self.prepare_images([image])
         if text is None:
             with torch.no_grad():
-                ids, first = a.generate(pixel_values, max_new_tokens)
+                ids, first = a.generate(pixel_values, max_new_tokens, beam)
         else:
             ids, first = a.teacher_ids(text)
         skip = a.special_ids()
@@ -519,7 +522,12 @@ def take_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def supported_methods(adapter: Adapter | type[Adapter]) -> list[str]:
     """Methods with a source this adapter's family has (`sources` must not need an instance)."""
     have = adapter.SOURCES if isinstance(adapter, type) else adapter.sources()
-    return sorted(n for n, m in METHODS.items() if any(s in have for s in m.sources))
+    blind = adapter.NO_GRADIENT_SOURCES
+    return sorted(
+        n
+        for n, m in METHODS.items()
+        if any(s in have and not (m.needs_grad and s in blind) for s in m.sources)
+    )
 
 
 def per_target_grads(

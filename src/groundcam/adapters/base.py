@@ -25,6 +25,7 @@ class Adapter:
     default_methods: Mapping[str, str] = {"itm": "attn-gradcam"}  # target -> default method
     batch_images: int = 8  # images per forward in an evaluation (all their phrases together)
     missing_targets: Mapping[str, str] = {}  # target -> why this model cannot explain it
+    NO_GRADIENT_SOURCES: tuple[str, ...] = ()  # sources whose tensors no score's gradient reaches
     token_rows_shift: int = 1  # generation: the decoder row that predicted token k is k - shift
 
     def __init__(self, model: nn.Module, tokenizer=None, name: str = "", processor=None):
@@ -145,9 +146,9 @@ class Adapter:
 
     # Generation families (target "token") also implement these two.
     def generate(
-        self, pixel_values: torch.Tensor, max_new_tokens: int | None
+        self, pixel_values: torch.Tensor, max_new_tokens: int | None, beam: int = 1
     ) -> tuple[torch.Tensor, int]:
-        """Greedy text for one image: ids [1, T] including any start token or prompt, and the
+        """Greedy (`beam` 1) or beam-search text for one image: ids [1, T] including any start token or prompt, and the
         position of the first generated token (None: the model's generation_config's length)."""
         raise NotImplementedError
 

@@ -290,9 +290,9 @@ class BlipCaptionAdapter(_BlipBase):
         return ids
 
     def generate(
-        self, pixel_values: torch.Tensor, max_new_tokens: int | None
+        self, pixel_values: torch.Tensor, max_new_tokens: int | None, beam: int = 1
     ) -> tuple[torch.Tensor, int]:
-        """Greedy caption: ids [1, T] = [bos] + prompt + generated (ending at [SEP] if reached);
+        """Greedy (or `beam`-search) caption: ids [1, T] = [bos] + prompt + generated (ending at [SEP] if reached);
         its length is the model's generation_config's unless `max_new_tokens` is given."""
         prompt = self._prompt_ids()  # model.generate drops the trailing [SEP] itself
         length = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
@@ -301,7 +301,7 @@ class BlipCaptionAdapter(_BlipBase):
             input_ids=prompt.clone(),
             attention_mask=torch.ones_like(prompt),
             do_sample=False,
-            num_beams=1,
+            num_beams=beam,
             interpolate_pos_encoding=True,
             **length,
         )

@@ -35,12 +35,12 @@ class CaptionerAdapter(Adapter):
     default_target = "token"
     architectures = ("ShowAttendTell",)
     SOURCES = (TEXT_TO_IMAGE, VISION_TOKENS)
+    NO_GRADIENT_SOURCES = (TEXT_TO_IMAGE,)
     default_methods = {"token": "attention"}
     token_rows_shift = 0  # row t of the recorded weights wrote token t
 
     def __init__(self, model: nn.Module, tokenizer=None, name: str = "", processor=None):
         super().__init__(model, model.vocab, name or "captioner")
-        self.beam = 1
 
     @classmethod
     def from_pretrained(cls, source, processor=None, tokenizer=None, name=""):
@@ -119,8 +119,8 @@ class CaptionerAdapter(Adapter):
         return Scores(total, (total.detach() / keep.sum(1).clamp(min=1)).exp())
 
     # ------------------------------------------------------------------ generation
-    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int | None):
-        ids = self.model.generate(pixel_values, beam=self.beam, max_length=max_new_tokens)
+    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int | None, beam: int = 1):
+        ids = self.model.generate(pixel_values, beam=beam, max_length=max_new_tokens)
         return torch.tensor(ids[:1], device=pixel_values.device), 1
 
     def teacher_ids(self, text: str):

@@ -144,12 +144,12 @@ class VisionEncoderDecoderAdapter(Adapter):
             raise ValueError("the model's config sets no decoder_start_token_id")
         return int(start)
 
-    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int | None):
-        """Greedy text; its length is the model's generation_config's unless `max_new_tokens`."""
+    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int | None, beam: int = 1):
+        """Greedy (or `beam`-search) text; its length is the model's generation_config's unless `max_new_tokens`."""
         config = copy.deepcopy(self.model.generation_config)
         if max_new_tokens is not None:
             config.max_length, config.max_new_tokens = None, max_new_tokens
-        config.do_sample, config.num_beams = False, 1
+        config.do_sample, config.num_beams = False, beam
         ids = self.model.generate(pixel_values=pixel_values, generation_config=config)
         return ids[:1], 1
 

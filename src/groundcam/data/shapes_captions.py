@@ -47,8 +47,9 @@ def left_to_right(sample: GroundingSample) -> GroundedCaption:
 def ground_generated(sample: GroundingSample, words: list[str]) -> list[list[Box] | None]:
     """For the words of a generated caption, the boxes of the objects they name: a colour or
     shape word inside an "a [size] colour shape" chunk names the one object with those
-    attributes; a chunk that fits no object, or several, grounds nothing (a hallucination)."""
-    out: list[list[Box] | None] = [None] * len(words)
+    attributes. Such a word whose chunk fits no object, or several, gets `[]` (it names nothing
+    in the image); words that are not colours or shapes get None."""
+    out: list[list[Box] | None] = [[] if w in (*COLOURS, *SHAPES) else None for w in words]
     objects = sample.meta["objects"]
     k = 0
     while k < len(words):
