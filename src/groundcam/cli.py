@@ -1177,7 +1177,7 @@ def eval_captions(
         "scenes": scenes,
         "seed": seed,
         "image_size": image_size,
-        "captions": captions,
+        "captions_file": captions,
         "method": method,
         "layer": layer,
         "beam": beam,

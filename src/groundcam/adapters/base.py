@@ -165,6 +165,10 @@ class Adapter:
         """`text` as the ids the model would have generated: [1, T] and the first text position."""
         raise NotImplementedError
 
+    def max_positions(self) -> int | None:
+        """How many text positions the decoder reads at most (None: no limit)."""
+        return None
+
     def decode(self, input_ids: list[int]) -> str:
         return self.tokenizer.decode(input_ids, skip_special_tokens=True)
 

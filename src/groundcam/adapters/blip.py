@@ -310,6 +310,9 @@ class BlipCaptionAdapter(_BlipBase):
     def teacher_ids(self, text: str) -> tuple[torch.Tensor, int]:
         return self._prompt_ids(text), self._prompt_ids().shape[1] - 1
 
+    def max_positions(self) -> int | None:
+        return getattr(self.model.config.text_config, "max_position_embeddings", None)
+
     def decoder_logits(self, pixel_values, input_ids, expand_vision_at=None) -> torch.Tensor:
         """Teacher-forced logits [1, T, V]: the image encoded once, the decoder reading it."""
         image = self._encode_image(pixel_values)

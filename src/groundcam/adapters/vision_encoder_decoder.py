@@ -161,6 +161,10 @@ class VisionEncoderDecoderAdapter(Adapter):
         ids = [self._start_id(), *body] + ([int(eos)] if eos is not None else [])
         return torch.tensor([ids], device=self.device), 1
 
+    def max_positions(self) -> int | None:
+        cfg = self.model.config.decoder
+        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
     def decoder_logits(self, pixel_values, input_ids, expand_vision_at=None):
         # TrOCR's attention modules return their weights only when asked for them
         out = self.model(

@@ -25,6 +25,7 @@ from PIL import Image
 
 from groundcam.data.caption_text import tokenize
 from groundcam.data.sample import Box
+from groundcam.errors import InputError
 from groundcam.eval.pointing import pointing_game
 from groundcam.eval.summary import accuracy_block
 
@@ -142,9 +143,13 @@ def caption_records(
             record["generated"] = list(_score(gen, size, words, boxes, rows))
         record["reference"] = []
         for tokens, boxes in s.grounded:
-            ref = explainer.explain_generation(
-                image, method=method, layer=layer, text=" ".join(tokens)
-            )
+            try:
+                ref = explainer.explain_generation(
+                    image, method=method, layer=layer, text=" ".join(tokens)
+                )
+            except InputError as e:  # e.g. longer than the model's positions: noted, not fatal
+                record.setdefault("skipped_references", []).append(str(e))
+                continue
             ref_words, ref_rows = word_maps(ref, explainer)
             if ref_words != tokens:  # the model's tokenizer reads the caption differently
                 ref_rows = _align(tokens, ref_words, ref_rows)
