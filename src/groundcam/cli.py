@@ -476,6 +476,9 @@ def demo(out, model, scenes, device) -> None:
     result = run_demo(out, model=model, scenes=scenes, device=device)
     for method, (hits, n) in result.accuracy.items():
         click.echo(f"pointing accuracy {method:>12}: {hits / n:6.1%} ({hits}/{n} phrases)")
+    for method, (hits, n) in (result.word_accuracy or {}).items():
+        if n:
+            click.echo(f"captioner word pointing {method:>9}: {hits / n:6.1%} ({hits}/{n} words)")
     click.echo(f"wrote {result.html} ({result.seconds:.1f} s)")
 
 
@@ -681,6 +684,13 @@ def explain(image, phrases, model, method, layer, target, out, cmap, alpha, devi
     help="Explain this text (as if generated) instead of generating; not empty.",
 )
 @click.option(
+    "--beam",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Beam width (1: greedy).",
+)
+@click.option(
     "--out",
     default="groundcam-caption",
     show_default=True,
@@ -689,7 +699,9 @@ def explain(image, phrases, model, method, layer, target, out, cmap, alpha, devi
 )
 @_output_options
 @_guard
-def caption(image, model, method, layer, max_new_tokens, text, out, cmap, alpha, device, as_json):
+def caption(
+    image, model, method, layer, max_new_tokens, text, beam, out, cmap, alpha, device, as_json
+):
     """Generate text for IMAGE and write one map per generated token (tokens.png + overlays).
 
     IMAGE is a file, a folder of images or a quoted glob ('lines/*.png'); with several images
@@ -703,7 +715,7 @@ def caption(image, model, method, layer, max_new_tokens, text, out, cmap, alpha,
     failed: list[dict] = []
     pictures = _images(paths, failed) if many else [(paths[0], _read(paths[0]))]
     explainer = load(model, device=device)
-    kwargs = {"layer": layer, "text": text}
+    kwargs = {"layer": layer, "text": text, "beam": beam}
     kwargs |= {"method": method} if method else {}
     kwargs |= {"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}
     results = []

@@ -11,9 +11,12 @@ from groundcam.api import load
 from groundcam.data.shapes import generate_scene
 from groundcam.eval.pointing import pointing_game
 from groundcam.viz.html import write_report
+from groundcam.zoo import BUILTIN, ZOO
 
 # Every method of groundcam.methods.METHODS (a test keeps them equal); the first is the badge.
 DEMO_METHODS = ("attn-gradcam", "gradcam", "attention", "rollout", "relevance")
+CAPTIONER = "captioner-tiny-shapes"
+CAPTIONER_METHODS = ("attention", "gradcam")  # the first is the badge
 
 
 @dataclass
@@ -21,6 +24,7 @@ class DemoResult:
     html: Path
     accuracy: dict[str, tuple[int, int]]  # method -> (hits, phrases)
     seconds: float
+    word_accuracy: dict[str, tuple[int, int]] | None = None  # captioner: method -> (hits, words)
 
 
 def run_demo(
@@ -71,8 +75,58 @@ def run_demo(
         f"pointing accuracy, {m}": f"{h / n:.1%} ({h}/{n})" for m, (h, n) in accuracy.items()
     }
     summary["score"] = "ITM match probability; badge = attn-gradcam hit (green box = ground truth)"
+    words = None
+    if CAPTIONER in BUILTIN and (ZOO / CAPTIONER / "model.safetensors").is_file():
+        words = _captioner_sections(out, sections, scenes, split, seed, device)
+        summary |= {
+            f"word pointing, {CAPTIONER}, {m}": f"{h / n:.1%} ({h}/{n} words)" if n else "n/a"
+            for m, (h, n) in words.items()
+        }
     html = write_report(out / "index.html", "groundcam demo", summary, sections)
     (out / "summary.json").write_text(
         json.dumps({m: {"accuracy": h / n, "n": n} for m, (h, n) in accuracy.items()}, indent=1)
     )
-    return DemoResult(html, accuracy, time.time() - t0)
+    return DemoResult(html, accuracy, time.time() - t0, words)
+
+
+def _captioner_sections(out: Path, sections: list, scenes: int, split: str, seed: int, device):
+    """Each scene captioned by the built-in attention captioner: the per-word figure, then per
+    object word its `attention` and `gradcam` maps scored against the object it names."""
+    from groundcam.data.caption_text import tokenize
+    from groundcam.data.shapes_captions import ground_generated
+    from groundcam.eval.caption_pointing import word_maps
+
+    explainer = load(CAPTIONER, device=device)
+    hits = {m: [0, 0] for m in CAPTIONER_METHODS}
+    for index in range(scenes):
+        sample = generate_scene(split, index, seed)
+        image = sample.image
+        gens = {m: explainer.explain_generation(image, method=m) for m in CAPTIONER_METHODS}
+        first = gens[CAPTIONER_METHODS[0]]
+        figure = first.grid()
+        figure.save(out / "overlays" / f"scene{index}_captioner_words.png")
+        rows = [{"phrase": "every word", "score": None, "hit": None,
+                 "cells": [{"label": "attention per word", "image": figure}]}]  # fmt: skip
+        words, row_of = word_maps(first, explainer)
+        for i, boxes in enumerate(ground_generated(sample, tokenize(first.text))):
+            if not boxes or i not in row_of:
+                continue
+            k, cells, badge = row_of[i], [], None
+            for m, gen in gens.items():
+                r = pointing_game(gen.maps[k], boxes, image_size=image.size[::-1])
+                hits[m][0] += r.hit
+                hits[m][1] += 1
+                badge = r.hit if badge is None else badge
+                picture = gen.overlay(k, boxes=boxes, point=r.point, hit=r.hit)
+                picture.save(out / "overlays" / f"scene{index}_word{i}_{m}.png")
+                cells.append({"label": f"{m}: {'hit' if r.hit else 'miss'}", "image": picture})
+            rows.append({"phrase": words[i], "score": float(first.scores[k]), "hit": badge,
+                         "cells": cells})  # fmt: skip
+        sections.append(
+            {
+                "title": f'{CAPTIONER} on {sample.image_id}: "{first.text}"',
+                "image": image,
+                "rows": rows,
+            }  # fmt: skip
+        )
+    return {m: (h, n) for m, (h, n) in hits.items()}
