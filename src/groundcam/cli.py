@@ -715,7 +715,8 @@ def caption(
     failed: list[dict] = []
     pictures = _images(paths, failed) if many else [(paths[0], _read(paths[0]))]
     explainer = load(model, device=device)
-    kwargs = {"layer": layer, "text": text, "beam": beam}
+    kwargs = {"layer": layer, "text": text}
+    kwargs |= {"beam": beam} if beam > 1 else {}
     kwargs |= {"method": method} if method else {}
     kwargs |= {"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}
     results = []
