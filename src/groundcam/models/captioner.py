@@ -8,7 +8,7 @@ Encoder: a transformers `ResNetModel` without its pooling and classifier, built 
     alpha = softmax(w . tanh(W_f f_i + W_h h))            additive attention over regions
     z     = sigmoid(W_b h) * sum_i alpha_i f_i            the gating scalar scales the context
     h, c  = LSTM([embed(y), z], (h, c))
-    logits = W_o dropout(h)
+    logits = L_o dropout(embed(y) + L_h h + L_z z)        the paper's deep output layer
 
 with (h, c) initialised from linear maps of the mean feature, and the doubly-stochastic
 regulariser `lambda * sum_i (1 - sum_t alpha_ti)^2`. A model is a directory: `config.json`,
@@ -158,7 +158,11 @@ class AttentionDecoder(nn.Module):
         self.gate = nn.Linear(cfg.decoder_dim, feature_dim)
         self.lstm = nn.LSTMCell(cfg.embed_dim + feature_dim, cfg.decoder_dim)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.out = nn.Linear(cfg.decoder_dim, cfg.vocab_size)
+        # deep output (Xu et al. eq. 7): the word is read from the previous word, the new state
+        # and the attended context together, so the context reaches the word directly
+        self.out_state = nn.Linear(cfg.decoder_dim, cfg.embed_dim)
+        self.out_context = nn.Linear(feature_dim, cfg.embed_dim)
+        self.out = nn.Linear(cfg.embed_dim, cfg.vocab_size)
         # Every step's weights as [B, 1 head, T, R] with row t = where the decoder looked to write
         # input token t (row 0, the <SOS>, is zero): what groundcam's `attention` records.
         self.attention_maps = nn.Identity()
@@ -171,8 +175,10 @@ class AttentionDecoder(nn.Module):
         """One word: (logits [B, V], alpha [B, R], h, c)."""
         alpha = self.attention(projected, h)
         context = torch.sigmoid(self.gate(h)) * (alpha[..., None] * features).sum(1)
-        h, c = self.lstm(torch.cat([self.embed(word), context], -1), (h, c))
-        return self.out(self.dropout(h)), alpha, h, c
+        embedded = self.embed(word)
+        h, c = self.lstm(torch.cat([embedded, context], -1), (h, c))
+        deep = embedded + self.out_state(h) + self.out_context(context)
+        return self.out(self.dropout(deep)), alpha, h, c
 
     def forward(self, features: torch.Tensor, input_ids: torch.Tensor):
         """Teacher forcing: row t of the logits and of the weights predicts token t+1."""
