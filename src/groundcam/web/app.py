@@ -168,6 +168,9 @@ def build_app(
     examples = h.make_examples(workspace.root / "examples")
     by_label = {e.label: e for e in examples}
     first = cache.names[0]
+    targets0, target0 = h.target_choices(cache, first)
+    methods0, method0 = h.method_choices(cache, first, target0)
+    layers0, layer0 = h.layer_choices(cache, first, method0, target0)
 
     with gr.Blocks(title="groundcam", analytics_enabled=False, delete_cache=(3600, 7200)) as app:
         result = gr.State(None)
@@ -219,9 +222,29 @@ def build_app(
                         elem_id="gc-max-new",
                     )
                 with gr.Row():
-                    method = gr.Dropdown(label="Method", elem_id="gc-method")
-                    layer = gr.Dropdown(label="Layer", elem_id="gc-layer")
-                    target = gr.Dropdown(label="Target", elem_id="gc-target")
+                    # custom values allowed: the handlers check them against the chosen model
+                    # (the choices change per model and per session)
+                    method = gr.Dropdown(
+                        choices=methods0,
+                        value=method0,
+                        label="Method",
+                        elem_id="gc-method",
+                        allow_custom_value=True,
+                    )
+                    layer = gr.Dropdown(
+                        choices=layers0,
+                        value=layer0,
+                        label="Layer",
+                        elem_id="gc-layer",
+                        allow_custom_value=True,
+                    )
+                    target = gr.Dropdown(
+                        choices=targets0,
+                        value=target0,
+                        label="Target",
+                        elem_id="gc-target",
+                        allow_custom_value=True,
+                    )
                 explain = gr.Button("Explain", variant="primary", elem_id="gc-explain")
                 generate = gr.Button(
                     "Generate and explain", variant="primary", visible=False, elem_id="gc-generate"
@@ -250,7 +273,9 @@ def build_app(
                         elem_id="gc-overlays",
                     )
                     with gr.Accordion("Per-token maps", open=True):
-                        token_phrase = gr.Dropdown(label="Phrase", elem_id="gc-token-phrase")
+                        token_phrase = gr.Dropdown(
+                            label="Phrase", elem_id="gc-token-phrase", allow_custom_value=True
+                        )
                         tokens = gr.Gallery(
                             label="One map per token",
                             columns=6,
@@ -261,7 +286,9 @@ def build_app(
                         )
                     with gr.Accordion("Pointing game: a box drawn on the image", open=True):
                         with gr.Row():
-                            point_phrase = gr.Dropdown(label="Phrase", elem_id="gc-point-phrase")
+                            point_phrase = gr.Dropdown(
+                                label="Phrase", elem_id="gc-point-phrase", allow_custom_value=True
+                            )
                             protocol = gr.Dropdown(
                                 choices=list(h.PROTOCOLS),
                                 value="amc",
