@@ -76,10 +76,11 @@ def artifacts(tmp_path_factory, request) -> Path:
     path = Path(named) if named else tmp_path_factory.mktemp("web-artifacts")
     path.mkdir(parents=True, exist_ok=True)
     yield path
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     shots = sorted(p.name for p in path.glob("*.png"))
-    if reporter is not None and shots:
-        reporter.write_line(f"web test screenshots ({len(shots)}): {path}")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    if capture is not None and shots:
+        with capture.global_and_fixture_disabled():
+            print(f"\nweb test screenshots ({len(shots)}): {path}")
 
 
 @pytest.fixture(scope="module")

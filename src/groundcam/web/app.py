@@ -279,7 +279,7 @@ def build_app(
                         tokens = gr.Gallery(
                             label="One map per token",
                             columns=6,
-                            height="auto",
+                            height=220,
                             format="png",
                             object_fit="contain",
                             elem_id="gc-tokens",
