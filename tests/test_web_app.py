@@ -9,6 +9,7 @@ import time
 
 import pytest
 from click.testing import CliRunner
+from web_corpus import CORPUS, write_corpus
 
 pytest.importorskip("gradio", reason="the web extra is not installed: pip install 'groundcam[web]'")
 
@@ -18,6 +19,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 import groundcam.web as web  # noqa: E402
 from groundcam.cli import main  # noqa: E402
 from groundcam.data.shapes import generate_scene  # noqa: E402
+from groundcam.io import read_image  # noqa: E402
 from groundcam.web import handlers as h  # noqa: E402
 from groundcam.web.limits import Limits  # noqa: E402
 
@@ -97,6 +99,20 @@ def test_bad_input_through_the_server_is_one_line_not_a_traceback(served, tmp_pa
     args[0] = "/etc/passwd"  # a model name the page does not offer is refused before the handler
     with pytest.raises(Exception, match="not in the list of choices"):
         client.predict(*args, api_name="/on_explain")
+
+
+def test_the_bad_image_corpus_through_the_served_page(served, tmp_path):
+    """Each corpus file uploaded to the page: refused in one line iff read_image refuses it."""
+    _, _, client = served
+    files = write_corpus(tmp_path / "corpus")
+    for name, refused in CORPUS.items():
+        *_, message = client.predict(handle_file(str(files[name])), api_name="/on_upload")
+        assert "\n" not in message and "Traceback" not in message, (name, message)
+        if refused:
+            assert message.startswith("error: ") and name in message, (name, message)
+        else:
+            w, h_ = read_image(files[name]).size
+            assert message == f"image: {w}x{h_} pixels", (name, message)
 
 
 def test_serve_binds_loopback_by_default_with_the_upload_limit(monkeypatch):

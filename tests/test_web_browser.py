@@ -89,6 +89,7 @@ def server(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    env["PYTHONUNBUFFERED"] = "1"
     command = [sys.executable, "-m", "groundcam", "serve", "--port", str(port)]
     command += ["--max-upload-mb", str(UPLOAD_MB)]
     with log.open("w") as out:
@@ -96,19 +97,13 @@ def server(tmp_path_factory):
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 180
-        while True:
+        while not _answers(url) or url not in log.read_text():  # the URL it says it serves
             if proc.poll() is not None:
                 pytest.fail(f"groundcam serve exited ({proc.returncode}): {log.read_text()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
             if time.monotonic() > deadline:
                 pytest.fail(f"groundcam serve did not answer in 180 s: {log.read_text()}")
             time.sleep(0.5)
-        assert f"http://127.0.0.1:{port}/" in log.read_text()  # bound to loopback by default
+        assert f"groundcam serve: {url} (Ctrl+C to stop)" in log.read_text()  # loopback
         yield url
     finally:
         proc.terminate()
@@ -116,6 +111,14 @@ def server(tmp_path_factory):
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import shutil
+import signal
 import socket
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from groundcam.errors import InputError
@@ -71,7 +74,7 @@ def serve(
     port: int = 7860,
     limits: Limits | None = None,
     device: str | None = None,
-    echo=print,
+    echo: Callable[..., None] = print,
 ) -> None:
     """Start the page on http://host:port and serve until interrupted (127.0.0.1 unless asked)."""
     limits = limits or Limits()
@@ -84,8 +87,6 @@ def serve(
             "no login, so anyone who can reach this address can use it",
             file=sys.stderr,
         )
-    echo(f"groundcam serve: models {', '.join(cache.names)}")
-    echo(f"groundcam serve: http://{host}:{port}/ (Ctrl+C to stop)")
     app.launch(
         server_name=host,
         server_port=port,
@@ -97,7 +98,24 @@ def serve(
         show_error=False,
         prevent_thread_lock=True,
     )
+    echo(f"groundcam serve: models {', '.join(cache.names)}")
+    echo(f"groundcam serve: http://{host}:{port}/ (Ctrl+C to stop)")
+    previous = _stop_on_sigterm()
     try:
-        app.block_thread()
+        app.block_thread()  # until Ctrl+C (or SIGTERM)
     finally:
         app.close()
+        shutil.rmtree(workspace.root, ignore_errors=True)  # this run's results and uploads
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm():
+    """SIGTERM stops the server as Ctrl+C does (so its files are removed); the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, stop)
