@@ -1257,6 +1257,60 @@ def _append_records(stream, out: Path, desc: str, total: int) -> list[dict]:
 
 
 @main.command()
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    help="A model to offer besides the built-ins (repeatable): built-in name, hub id, saved "
+    "directory or ALBEF .pth; loaded at start-up. The page never loads a path typed into it.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=7860, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--max-upload-mb", default=20.0, show_default=True, type=click.FloatRange(0, min_open=True)
+)
+@click.option("--max-phrases", default=16, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--max-tokens",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Text tokens per request.",
+)
+@click.option(
+    "--max-new-tokens",
+    default=40,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Generated tokens per request.",
+)
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Model requests run at once.",
+)
+@_device_option()
+@_guard
+def serve(
+    models, host, port, max_upload_mb, max_phrases, max_tokens, max_new_tokens, workers, device
+) -> None:
+    """A local web page: upload an image, type phrases, see where each lands (needs groundcam[web])."""
+    from groundcam.web import Limits
+    from groundcam.web import serve as run
+
+    limits = Limits(
+        max_upload_mb=max_upload_mb,
+        max_phrases=max_phrases,
+        max_tokens=max_tokens,
+        max_new_tokens=max_new_tokens,
+        workers=workers,
+    )
+    run(models, host=host, port=port, limits=limits, device=device, echo=click.echo)
+
+
+@main.command()
 def models() -> None:
     """List built-in models and supported families with their methods."""
     from groundcam.api import builtin_models, families
