@@ -19,6 +19,19 @@ import groundcam as gc
 from groundcam.eval.caption_pointing import caption_records, shapes_samples, summarize_captions
 
 
+def by_kind(per_word: dict) -> dict:
+    """Colour words and shape words apart (from the per-word blocks)."""
+    from groundcam.data.shapes import COLOURS, SHAPES
+    from groundcam.eval.summary import accuracy_block
+
+    out = {}
+    for kind, words in (("colour", COLOURS), ("shape", SHAPES)):
+        hits = sum(per_word[w]["hits"] for w in words if w in per_word)
+        n = sum(per_word[w]["n"] for w in words if w in per_word)
+        out[kind] = accuracy_block(hits, n)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="captioner-tiny-shapes")
@@ -41,6 +54,7 @@ def main() -> None:
             table[f"{split}/{method}"] = s
             for key in ("reference_word_pointing", "generated_word_pointing"):
                 b = s[key]
+                b["by_kind"] = by_kind(b["per_word"])
                 lo, hi = b["ci95"]
                 print(
                     f"{split:>13} {method:>9} {key.split('_')[0]:>9}: {b['accuracy']:.1%} "
@@ -48,6 +62,8 @@ def main() -> None:
                     f"{b['centre']:.1%})",
                     flush=True,
                 )
+                for kind, k in b["by_kind"].items():
+                    print(f"{'':>34}{kind}: {k['accuracy']:.1%} n={k['n']}", flush=True)
         c = table[f"{split}/attention"]["captions"]
         print(f"{split:>13} BLEU-4 {c['bleu4']:.3f} CIDEr-D {c['cider_d']:.3f}", flush=True)
     if args.out:

@@ -62,3 +62,24 @@ def test_amc_model_is_small_documented_and_points_better_than_its_start():
     assert after["accuracy"] >= before["accuracy"] + 0.08
     relation = after["by_kind"]["relation"]["accuracy"]
     assert relation >= before["by_kind"]["relation"]["accuracy"] + 0.15
+
+
+def test_captioner_is_small_documented_and_its_colour_words_point():
+    """Recomputed on 30 fresh val scenes (the card's figures are on 500 test scenes): captions
+    close to the references, and the attention of colour words on their object far above the
+    chance of the same boxes."""
+    from groundcam.data.shapes import COLOURS
+    from groundcam.eval.caption_pointing import caption_records, shapes_samples, summarize_captions
+
+    folder = ZOO / "captioner-tiny-shapes"
+    assert (folder / "model.safetensors").stat().st_size < 10 * 2**20
+    card = (folder / "README.md").read_text()
+    assert "groundcam train captioner --captions data/shapes-captions/dataset_shapes.json" in card
+    model = gc.load("captioner-tiny-shapes")
+    records = list(caption_records(model, shapes_samples("val", 30, seed=5), method="attention"))
+    s = summarize_captions(records)
+    assert s["captions"]["bleu4"] > 0.5
+    words = [h for r in records for h in r["reference"] if h["word"] in COLOURS]
+    rate = sum(h["hit"] for h in words) / len(words)
+    chance = sum(h["chance"] for h in words) / len(words)
+    assert len(words) > 60 and rate > 0.5 and chance < 0.1

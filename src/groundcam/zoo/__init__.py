@@ -15,6 +15,10 @@ BUILTIN: dict[str, dict[str, str]] = {
         "family": "albef",
         "description": "albef-tiny-shapes after AMC fine-tuning on the shapes boxes (groundcam train amc)",
     },
+    "captioner-tiny-shapes": {
+        "family": "captioner",
+        "description": "show-attend-tell captioner (resnet-tiny + LSTM with soft attention) on shapes captions",
+    },
     "trocr-tiny-glyphs": {
         "family": "vision-encoder-decoder",
         "description": "674k-parameter ViT + TrOCR decoder that reads rendered 3-6 character lines",
