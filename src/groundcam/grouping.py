@@ -45,7 +45,8 @@ class ImageGroups:
     def of(cls, image_index: torch.Tensor, n_images: int) -> ImageGroups | None:
         """The grouping of `image_index` over `n_images` images; None when no image has two
         rows (grouping would save nothing)."""
-        index = image_index.long()
+        device = image_index.device
+        index = image_index.detach().long().cpu()  # one transfer; the bookkeeping is tiny
         rows = index.shape[0]
         if rows == 0 or n_images == 0:
             return None
@@ -56,15 +57,13 @@ class ImageGroups:
         order = torch.argsort(index, stable=True)
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.empty_like(index)
-        slot[order] = torch.arange(rows, device=index.device) - starts[index[order]]
+        slot[order] = torch.arange(rows) - starts[index[order]]
         place = index * size + slot
         first = torch.where(counts > 0, order[starts.clamp(max=rows - 1)], order[0])
         take = first.repeat_interleave(size)  # padding: the image's first row
-        take[place] = torch.arange(rows, device=index.device)
-        regular = rows == n_images * size and bool(
-            torch.equal(place, torch.arange(rows, device=index.device))
-        )
-        return cls(n_images, size, take, place, regular)
+        take[place] = torch.arange(rows)
+        regular = rows == n_images * size and bool(torch.equal(place, torch.arange(rows)))
+        return cls(n_images, size, take.to(device), place.to(device), regular)
 
     @property
     def rows(self) -> int:
