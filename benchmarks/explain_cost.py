@@ -1,0 +1,210 @@
+"""What an explanation costs next to scoring, on BLIP-ITM, in one run: for each image size and
+number of phrases per image,
+
+1. explain: groundcam's `explain_tensors` (attn-gradcam on text layer 8: each image encoded once,
+   its phrases attending as one query block, no graph below the recorded layer);
+2. forward only: groundcam's `score_tensors` of the same pairs;
+3. plain transformers: no-grad ITM scoring written with the model's own modules, the vision
+   tower once per image and the text encoder over the batch (`encoder_hidden_states` indexed per
+   pair), the way one would score many phrases without groundcam;
+4. per pair: one (image, phrase) per forward and a full `backward()` (ALBEF's Grounding.py and
+   LAVIS's `compute_gradcam` recipe), timed on `--per-pair` pairs and given per pair (its cost
+   is linear in the pairs); its maps are compared with the explanation's.
+
+Peak memory is read from the process while each recipe runs (the CPU's resident set, or the CUDA
+allocator's peak), and the bytes autograd saves during an explanation are counted.
+
+    python benchmarks/explain_cost.py --threads 2 --repeats 1 --out benchmarks/results/explain_cost_cpu.json
+    python benchmarks/explain_cost.py --device cuda --dtype bf16 --images 8 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import BlipConfig, BlipForImageTextRetrieval
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from batching import inputs, per_pair_recipe  # noqa: E402
+from common import SavedTensors, autocast, environment, measure, measure_rounds  # noqa: E402
+
+import groundcam as gc  # noqa: E402
+
+warnings.filterwarnings("ignore", message="no processor given")
+
+BASE = dict(text=dict(num_attention_heads=12), vision=dict(patch_size=16))  # BERT-/ViT-B/16
+
+
+def build(image_size: int, device: torch.device, tiny: bool = False) -> BlipForImageTextRetrieval:
+    """BLIP-ITM base-shaped (or tiny), random weights, eager attention, eval mode."""
+    text, vision = dict(BASE["text"]), dict(BASE["vision"], image_size=image_size)
+    if tiny:
+        small = dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+        )
+        text, vision = dict(small), dict(small, image_size=image_size, patch_size=16)
+    vision["initializer_range"] = 0.02  # BLIP's 1e-10 default gives ~0 maps
+    cfg = BlipConfig(text_config=text, vision_config=vision)
+    model = BlipForImageTextRetrieval._from_config(cfg, attn_implementation="eager")
+    return model.to(device).eval()
+
+
+def plain_scores(model, pv, ids, mask, index):
+    """No-grad ITM match probabilities with transformers' modules: vision once per image, text
+    encoder over all pairs with per-pair image states."""
+    with torch.no_grad():
+        image = model.vision_model(pixel_values=pv).last_hidden_state
+        text = model.text_encoder(
+            input_ids=ids,
+            attention_mask=mask,
+            encoder_hidden_states=image.index_select(0, index),
+        ).last_hidden_state
+        return model.itm_head(text[:, 0]).softmax(-1)[:, 1]
+
+
+def run_case(model, explainer, args, device, size: int, phrases: int) -> dict:
+    """All recipes at one image size and phrases-per-image count."""
+    pv, ids, mask = inputs(model, args.images, phrases, device, args.seed)
+    all_ids, all_mask = ids.repeat(args.images, 1), mask.repeat(args.images, 1)
+    index = torch.arange(args.images, device=device).repeat_interleave(phrases)
+    layer = args.layer
+
+    def explain():
+        with autocast(device, args.dtype):
+            ex = explainer.explain_tensors(
+                pv, all_ids, all_mask, "attn-gradcam", layer=layer, image_index=index
+            )
+        return ex.raw_maps.flatten(1)
+
+    def forward_only():
+        with autocast(device, args.dtype):
+            return explainer.score_tensors(pv, all_ids, all_mask, index, "itm").reported
+
+    def plain():
+        with autocast(device, args.dtype):
+            return plain_scores(model, pv, all_ids, all_mask, index)
+
+    fns = {"explain": explain, "forward_only": forward_only, "plain": plain}
+    rows = measure_rounds(fns, device, args.repeats, warmup=1)
+    with SavedTensors(exclude=model.parameters()) as saved:
+        explain()
+    rows["explain"]["saved_bytes"] = saved.bytes
+    pairs = args.images * phrases
+    out = {"pairs": pairs, "text_tokens": ids.shape[1]}
+    maps = rows["explain"].pop("out")
+    scores_ours = rows["forward_only"].pop("out").float().cpu()
+    scores_plain = rows["plain"].pop("out").float().cpu()
+    out["max_score_diff_forward_only_vs_plain"] = (scores_ours - scores_plain).abs().max().item()
+    for name, r in rows.items():
+        r["pairs_per_s"] = pairs / r["best_seconds"]
+        out[name] = r
+    n = min(args.per_pair, phrases)
+    if n > 0:
+        # the first n phrases of image 0, one forward and one full backward each
+        one = (pv[:1], ids[:n], mask[:n])
+        per = measure(
+            lambda: per_pair_recipe(model, *one, layer, device, args.dtype), device, 1, warmup=0
+        )
+        ref = per.pop("out")
+        per["pairs_timed"] = n
+        per["seconds_per_pair"] = per["best_seconds"] / n
+        per["pairs_per_s"] = n / per["best_seconds"]
+        out["per_pair"] = per
+        ours = maps[:n]
+        scale = ref.abs().max().item()
+        out["max_rel_map_diff_explain_vs_per_pair"] = (ours - ref).abs().max().item() / scale
+    e, f, p = (out[k]["best_seconds"] for k in ("explain", "forward_only", "plain"))
+    out["explain_over_forward_only"] = e / f
+    out["explain_over_plain"] = e / p
+    if "per_pair" in out:
+        out["explain_speedup_over_per_pair"] = (
+            out["explain"]["pairs_per_s"] / (out["per_pair"]["pairs_per_s"])
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--sizes", default="224,384", help="image sizes (px)")
+    ap.add_argument("--phrases", default="1,4,16,64", help="phrases per image")
+    ap.add_argument("--images", type=int, default=1, help="images per batch")
+    ap.add_argument("--per-pair", type=int, default=2, help="pairs the per-pair recipe times")
+    ap.add_argument("--layer", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--tiny", action="store_true", help="a tiny model, for a smoke run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.tiny:
+        args.layer = min(args.layer, 1)
+    device = torch.device(args.device)
+    report = {
+        "config": {**vars(args), "out": str(args.out), **environment(device)},
+        "cases": [],
+    }
+    head = (
+        f"{'px':>4} {'phr/img':>7} {'pairs':>5} {'explain s':>10} {'fwd-only s':>10} "
+        f"{'plain s':>9} {'per-pair s/pair':>15} {'expl/fwd':>8} {'expl/plain':>10} "
+        f"{'x per-pair':>10} {'expl peak MB':>12} {'saved MB':>8}"
+    )
+    print(
+        f"BLIP-ITM {'tiny' if args.tiny else 'base'}-shaped (random weights), attn-gradcam on text "
+        f"layer {args.layer}, {args.images} image(s) per batch, {args.dtype}, "
+        f"{report['config']['device_name']}, {torch.get_num_threads()} threads"
+    )
+    print(head)
+    for size in (int(s) for s in args.sizes.split(",")):
+        torch.manual_seed(args.seed)
+        model = build(size, device, args.tiny)
+        explainer = gc.load(model)
+        for phrases in (int(p) for p in args.phrases.split(",")):
+            case = run_case(model, explainer, args, device, size, phrases)
+            case.update(image_size=size, phrases_per_image=phrases)
+            report["cases"].append(case)
+            per = case.get("per_pair", {}).get("seconds_per_pair", float("nan"))
+            print(
+                f"{size:>4} {phrases:>7} {case['pairs']:>5} "
+                f"{case['explain']['best_seconds']:>10.3f} "
+                f"{case['forward_only']['best_seconds']:>10.3f} "
+                f"{case['plain']['best_seconds']:>9.3f} {per:>15.3f} "
+                f"{case['explain_over_forward_only']:>8.2f} {case['explain_over_plain']:>10.2f} "
+                f"{case.get('explain_speedup_over_per_pair', float('nan')):>10.1f} "
+                f"{case['explain']['peak_bytes'] / 2**20:>12.0f} "
+                f"{case['explain']['saved_bytes'] / 2**20:>8.0f}",
+                flush=True,
+            )
+        del model, explainer
+    cases = report["cases"]
+    goals = {
+        "explain_le_1.2x_forward_only_everywhere": all(
+            c["explain_over_forward_only"] <= 1.2 for c in cases
+        ),
+    }
+    big = [c for c in cases if c["image_size"] == 384 and c["phrases_per_image"] == 64]
+    if big:
+        goals["explain_le_0.5x_plain_at_384px_64_phrases"] = big[0]["explain_over_plain"] <= 0.5
+    report["goals"] = goals
+    for name, ok in goals.items():
+        print(f"goal {name}: {'met' if ok else 'NOT met'}")
+    diffs = [c["max_rel_map_diff_explain_vs_per_pair"] for c in cases if "per_pair" in c]
+    if diffs:
+        print(f"largest map difference explain vs per-pair recipe: {max(diffs):.2e} of its max")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
