@@ -160,3 +160,26 @@ def test_generation_runs_the_lm_head_once_on_the_chosen_rows(method):
     k = len(gen.positions)
     assert k == 4 and seen == [(1, k, len(tok))]
     assert grads == [(1, k, len(tok))]
+
+
+def test_a_failing_generation_leaves_no_hook_and_restores_grad_mode():
+    tok = char_tokenizer()
+    model = tiny_ved(len(tok), "trocr")
+    explainer = gc.load(model, processor=image_processor(SIZE), tokenizer=tok)
+    explainer.explain_generation(picture(), method="gradcam", text="ab")  # transformers' own hooks
+    before = [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()]
+    layer = explainer.adapter.decoder_layers[1]
+
+    def fail(module, args):
+        raise RuntimeError("decoder broke")
+
+    handle = layer.register_forward_pre_hook(fail)
+    try:
+        for method in ("gradcam", "attn-gradcam", "attention"):
+            with pytest.raises(RuntimeError, match="decoder broke"):
+                explainer.explain_generation(picture(), method=method, text="ab")
+            assert torch.is_grad_enabled()
+    finally:
+        handle.remove()
+    after = [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()]
+    assert after == before
