@@ -126,17 +126,9 @@ def timed(fn, device: torch.device, repeats: int, warmup: int = 1):
 
 
 def measure(fn, device: torch.device, repeats: int, warmup: int = 1) -> dict:
-    """Best and all times of `fn`, then one more run for its peak memory and page faults."""
-    _, times = timed(fn, device, repeats, warmup)
-    with PeakMemory(device) as mem:
-        out = fn()
-    return {
-        "best_seconds": min(times),
-        "seconds": times,
-        "peak_bytes": mem.peak_bytes,
-        "page_faults": mem.page_faults,
-        "out": out,
-    }
+    """Best and all times of `fn` (wall and process CPU), then one more run for its peak
+    memory and page faults."""
+    return measure_rounds({"fn": fn}, device, repeats, warmup)["fn"]
 
 
 def measure_rounds(fns: dict, device: torch.device, rounds: int, warmup: int = 1) -> dict:
@@ -146,13 +138,15 @@ def measure_rounds(fns: dict, device: torch.device, rounds: int, warmup: int = 1
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             sync(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             sync(device)
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     out = {}
     for name, fn in fns.items():
         with PeakMemory(device) as mem:
@@ -160,11 +154,19 @@ def measure_rounds(fns: dict, device: torch.device, rounds: int, warmup: int = 1
         out[name] = {
             "best_seconds": min(times[name]),
             "seconds": times[name],
+            "best_cpu_seconds": min(cpu[name]),
+            "cpu_seconds": cpu[name],
             "peak_bytes": mem.peak_bytes,
             "page_faults": mem.page_faults,
             "out": result,
         }
     return out
+
+
+def cost(row: dict, clock: str) -> float:
+    """A recipe's best time on `clock`: "cpu" (process CPU seconds: on a CPU shared with other
+    work, what the recipe itself computed) or "wall"."""
+    return row["best_cpu_seconds"] if clock == "cpu" else row["best_seconds"]
 
 
 def environment(device: torch.device) -> dict:
