@@ -27,7 +27,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import autocast, environment, measure_rounds  # noqa: E402
+from common import autocast, cost, environment, measure_rounds  # noqa: E402
 
 import groundcam as gc  # noqa: E402
 
@@ -170,10 +170,10 @@ def run_case(model, explainer, reader, layer, args, device, images, phrases, rep
         else:  # pytorch-grad-cam min-max normalises and resizes its maps: shapes only
             row["grad_cam_map_shape"] = list(theirs.shape)
     for tool in fns:
-        row[tool]["ms_per_pair"] = 1000 * row[tool]["best_seconds"] / pairs
+        row[tool]["ms_per_pair"] = 1000 * cost(row[tool], args.clock) / pairs
     if "captum" in row:
-        row["captum_over_groundcam"] = (
-            row["captum"]["best_seconds"] / row["groundcam"]["best_seconds"]
+        row["captum_over_groundcam"] = cost(row["captum"], args.clock) / cost(
+            row["groundcam"], args.clock
         )
     return row
 
@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--clock", choices=["cpu", "wall"], default=None, help="cpu on a CPU, else wall"
+    )
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
@@ -194,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    args.clock = args.clock or ("cpu" if device.type == "cpu" else "wall")
     torch.manual_seed(args.seed)
     model = build(device, args.tiny)
     explainer = gc.load(model)
@@ -220,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(
         f"CLIP {'tiny' if args.tiny else 'ViT-B/16'} (random weights), gradcam at layer {layer}, "
-        f"{args.dtype}, {report['config']['device_name']}, {torch.get_num_threads()} threads"
+        f"{args.dtype}, {report['config']['device_name']}, {torch.get_num_threads()} threads, "
+        f"best {args.clock} seconds of {args.repeats} interleaved rounds"
     )
     for name, why in report["skipped"].items():
         if why:
