@@ -15,6 +15,12 @@ the context goes back to per-pair rows for the model to go on with. The probabil
 are in the grouped layout `[G, H, P*T, N]` when a Recorder watches the module: the Recorder keeps
 that tensor (the one the context was computed from, so gradients with respect to it are exact)
 with `groups.probs_to_rows` to present it, and its gradients, per pair.
+
+Where it applies: ALBEF (inside its own attention), BLIP ITM and captioning, and the decoders of
+VisionEncoderDecoder models (TrOCR, GPT-2, BERT). Single-stream models (FLAVA's multimodal
+encoder, ViLT) have no such keys and values: their image tokens attend to the phrase from the
+first fused layer on, so no image state after it is shared by an image's phrases, and what is
+per image before it (FLAVA's image-to-multimodal projection) already runs once per image.
 """
 
 from __future__ import annotations
