@@ -9,7 +9,7 @@ import torch
 from test_blip import make_processor
 from test_blip import tiny as tiny_blip
 from test_vision_encoder_decoder import SIZE, picture, tiny_ved
-from tiny import noise_images, tiny_albef
+from tiny import assert_close, noise_images, tiny_albef
 from transformers import BlipForImageTextRetrieval
 
 import groundcam as gc
@@ -183,3 +183,32 @@ def test_a_failing_generation_leaves_no_hook_and_restores_grad_mode():
         handle.remove()
     after = [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()]
     assert after == before
+
+
+def test_shared_image_rows_take_one_seed_per_phrase_slot(tokenizer, monkeypatch):
+    """Per-image records (CLIP's vision tokens): the batched backward is seeded with the k-th
+    phrase of every image at once, so it runs max-phrases-per-image times, not once per pair;
+    the maps equal one pair at a time."""
+    from test_clip import processor_for, tiny_clip
+
+    explainer = gc.load(tiny_clip(len(tokenizer), seed=2), processor=processor_for(tokenizer))
+    images = noise_images(3, 64, 64, seed=9)
+    phrases = [PHRASES, PHRASES[:1], PHRASES[1:]]
+    seeds = []
+    real = torch.autograd.grad
+
+    def spy(outputs, inputs, grad_outputs=None, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            seeds.append(grad_outputs.shape[0])
+        return real(outputs, inputs, grad_outputs=grad_outputs, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    ex = explainer.explain_many(images, phrases, method="gradcam")
+    monkeypatch.undo()
+    assert sum(seeds) == 3  # slots, not the 6 pairs
+    row = 0
+    for image, group in zip(images, phrases, strict=True):
+        for phrase in group:
+            alone = explainer.explain(image, [phrase], method="gradcam")
+            assert_close(ex.raw_maps[row], alone.raw_maps[0])
+            row += 1

@@ -623,8 +623,9 @@ def per_target_grads(
     """For each explained score b, the gradient of that score alone w.r.t. row `rows[i][b]` of
     each recorded tensor i. When every score owns its own rows, one backward of the sum gives all
     of them; shared rows (an image encoded once for many phrases, one decoder pass for many
-    tokens) take a batched backward (`is_grads_batched`), `chunk` scores at a time, or with
-    `create_graph` one backward per score (vmap has no double backward for every op). A recorded
+    tokens) take a batched backward (`is_grads_batched`) seeded with the k-th score of every
+    image at once (scores of different images never share rows), `chunk` seeds at a time, or
+    with `create_graph` one backward per score (vmap has no double backward for every op). A recorded
     tensor with an unfold (grouped cross-attention: the query rows of each pair in its image's
     block) is differentiated as the model computed it, and its gradients unfolded to pair rows,
     which each score owns."""
@@ -634,11 +635,11 @@ def per_target_grads(
     def unfold(i: int, g: torch.Tensor) -> torch.Tensor:
         return unfolds[i](g) if unfolds[i] is not None else g
 
-    own = all(
+    owned = [
         u is not None or (t.shape[0] == n and torch.equal(r.cpu(), torch.arange(n)))
         for t, r, u in zip(recorded, rows, unfolds, strict=True)
-    )
-    if own:
+    ]
+    if all(owned):
         grads = torch.autograd.grad(
             explained.sum(),
             recorded,
@@ -661,10 +662,22 @@ def per_target_grads(
             for i, (g, r) in enumerate(zip(grads, rows, strict=True)):
                 out[i].append(unfold(i, g)[r[b]][None])
         return [torch.cat(parts) for parts in out]
-    for start in range(0, n, chunk):
-        idx = torch.arange(start, min(start + chunk, n), device=explained.device)
-        seeds = torch.zeros(len(idx), n, dtype=explained.dtype, device=explained.device)
-        seeds[torch.arange(len(idx)), idx] = 1
+    # One seed per slot: the k-th score of every image at once (scores of different images
+    # read disjoint rows of every recorded tensor, as independent samples of a batch do), so
+    # the batched backward runs as many times as the most scores any image has.
+    shared = [r.cpu() for r, mine in zip(rows, owned, strict=True) if not mine]
+    same = all(torch.equal(r, shared[0]) for r in shared)
+    slot = slots(shared[0]) if same else torch.arange(n)
+    size = int(slot.max()) + 1
+    order = []
+    for start in range(0, size, chunk):
+        members = torch.nonzero((slot >= start) & (slot < start + chunk))[:, 0]
+        seed_of = (slot[members] - start).to(explained.device)
+        members = members.to(explained.device)
+        seeds = torch.zeros(
+            min(chunk, size - start), n, dtype=explained.dtype, device=explained.device
+        )
+        seeds[seed_of, members] = 1
         grads = torch.autograd.grad(
             explained,
             recorded,
@@ -676,5 +689,18 @@ def per_target_grads(
         )
         for i, (g, r) in enumerate(zip(grads, rows, strict=True)):
             g = unfold(i, g)
-            out[i].append(g[torch.arange(len(idx)), r[idx].to(g.device)])
-    return [torch.cat(parts) for parts in out]
+            out[i].append(g[seed_of.to(g.device), r.to(g.device)[members.to(g.device)]])
+        order.append(members)
+    back = torch.argsort(torch.cat(order))  # rows back in score order
+    return [torch.cat(parts)[back.to(parts[0].device)] for parts in out]
+
+
+def slots(image_index: torch.Tensor) -> torch.Tensor:
+    """Per score, its rank among the scores of the same image (CPU)."""
+    index = image_index.detach().long().cpu()
+    order = torch.argsort(index, stable=True)
+    counts = torch.bincount(index)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(index)
+    slot[order] = torch.arange(len(index)) - starts[index[order]]
+    return slot
