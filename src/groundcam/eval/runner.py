@@ -211,24 +211,15 @@ def in_box_fractions(heatmaps: torch.Tensor, boxes: list[list[list[float]]]) -> 
     """Per map [P, H, W], the share of its (non-negative) mass on pixels inside any of its boxes,
     edges included; None for a map with no mass or no box."""
     mass = heatmaps.clamp(min=0)
-    n, h, w = mass.shape
-    owner, edges = [], []  # per box: its map, and its pixel columns and rows (inclusive)
+    _, h, w = mass.shape
+    inside = torch.zeros_like(mass, dtype=torch.bool)
     for p, phrase_boxes in enumerate(boxes):
         for x1, y1, x2, y2 in phrase_boxes:  # pixels x with x1 <= x <= x2, likewise y
-            owner.append(p)
-            edges.append([math.ceil(x1), math.floor(x2), math.ceil(y1), math.floor(y2)])
-    device = mass.device
-    inside = torch.zeros(n, h, w, device=device)
-    if owner:  # every box's pixels at once, on the maps' device
-        e = torch.tensor(edges, device=device)
-        xs, ys = torch.arange(w, device=device), torch.arange(h, device=device)
-        cols = (xs >= e[:, :1]) & (xs <= e[:, 1:2])  # [K, W]
-        rows = (ys >= e[:, 2:3]) & (ys <= e[:, 3:4])  # [K, H]
-        boxes_px = (rows[:, :, None] & cols[:, None, :]).float()
-        inside.index_add_(0, torch.tensor(owner, device=device), boxes_px)
-    totals, within = torch.stack(
-        [mass.sum(dim=(1, 2)), (mass * (inside > 0)).sum(dim=(1, 2))]
-    ).tolist()
+            left, top = max(math.ceil(x1), 0), max(math.ceil(y1), 0)
+            right, bottom = min(math.floor(x2), w - 1), min(math.floor(y2), h - 1)
+            inside[p, top : bottom + 1, left : right + 1] = True
+    # both sums in one transfer from the maps' device
+    totals, within = torch.stack([mass.sum(dim=(1, 2)), (mass * inside).sum(dim=(1, 2))]).tolist()
     return [
         float(a / t) if t > 0 and phrase_boxes else None
         for a, t, phrase_boxes in zip(within, totals, boxes, strict=True)
