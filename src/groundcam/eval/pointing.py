@@ -280,17 +280,12 @@ def _argmax_and_flat(heatmaps: torch.Tensor) -> tuple[list[int], list[bool]]:
         maps = maps.float()
     # torch.argmax returns the first maximal index (first in row-major order) on every device.
     packed = torch.stack(
-        [
-            maps.argmax(1).double(),
-            maps.amin(1).double(),
-            maps.amax(1).double(),
-            torch.isfinite(maps).all(1).double(),
-        ],
-        1,
+        [maps.argmax(1).double(), maps.amin(1).double(), maps.amax(1).double()], 1
     ).cpu()
-    if not bool(packed[:, 3].all()):
-        check_finite(heatmaps)
     lo, hi = packed[:, 1], packed[:, 2]
+    # min and max are finite exactly when every value is (NaN propagates through both)
+    if not bool((torch.isfinite(lo) & torch.isfinite(hi)).all()):
+        check_finite(heatmaps)
     flat = (hi - lo) <= FLAT_RTOL * torch.maximum(lo.abs(), hi.abs())
     return packed[:, 0].long().tolist(), flat.tolist()
 
