@@ -200,3 +200,34 @@ def test_upsample_matches_official_albef_grounding(fixtures, case, size):
     assert pointing_game(expected["gradcam_block3"][case], [], image_size=size).point == (
         official_point
     )
+
+
+def test_in_box_fractions_equal_a_pixel_by_pixel_count():
+    """Shares of each map's mass inside the union of its boxes (edges included), boxes that
+    overlap, reach outside the image or have fractional edges; None without mass or boxes."""
+    from groundcam.eval.runner import in_box_fractions
+
+    torch.manual_seed(0)
+    maps = torch.randn(4, 9, 11)
+    maps[3] = -1.0  # no positive mass
+    boxes = [
+        [[1.5, 2.0, 4.0, 6.2], [3.0, 1.0, 7.9, 3.0]],  # overlapping
+        [[-3.0, -2.0, 2.0, 20.0]],  # outside the image
+        [],
+        [[0.0, 0.0, 5.0, 5.0]],
+    ]
+    expected = []
+    for m, phrase_boxes in zip(maps.clamp(min=0), boxes, strict=True):
+        inside = sum(
+            float(m[y, x])
+            for y in range(9)
+            for x in range(11)
+            if any(x1 <= x <= x2 and y1 <= y <= y2 for x1, y1, x2, y2 in phrase_boxes)
+        )
+        total = float(m.sum())
+        expected.append(inside / total if total > 0 and phrase_boxes else None)
+    got = in_box_fractions(maps, boxes)
+    assert got[2] is None and got[3] is None and expected[2] is None and expected[3] is None
+    assert got[0] == pytest.approx(expected[0], rel=1e-6)
+    assert got[1] == pytest.approx(expected[1], rel=1e-6)
+    assert 0 < got[0] < 1 and 0 < got[1] < 1

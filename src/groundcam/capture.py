@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+from groundcam import grouping
 from groundcam.contract import HookPoint
 
 __all__ = ["HookPoint", "Recorder", "trainable"]
+
+Unfold = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Recorder:
@@ -19,14 +24,46 @@ class Recorder:
     recorded tensor that does not require grad (nothing before it does) becomes a leaf too; one
     that does keeps its graph, so gradients through later layers' attention stay exact. Side
     outputs (the attention weights a transformers module returns beside its output) are recorded
-    as they are: they carry gradient when the model's graph does (see `trainable`).
+    as they are: they carry gradient when the model's graph does.
+
+    With `cut=True` as well, the forward keeps no graph below the recorded layers: it runs
+    without gradients until the first hook point's module is called, which switches them on; a
+    hook point that records a side output gets its module's input (`hidden_states`) as a leaf when
+    that input has no graph yet, so its attention weights carry gradient without any parameter
+    requiring grad. Nothing upstream of a recorded tensor can change its gradient, so the
+    gradients are those of the full graph.
+
+    A module running grouped cross-attention (`groundcam.grouping`) returns its probabilities per
+    image block; they are recorded in that layout (the tensor the model computed with), and
+    `unfolds()` gives, per hook point, the function that presents such a tensor (or its
+    gradients, with leading axes) per pair.
     """
 
-    def __init__(self, points: list[HookPoint], leaf: bool = False):
+    def __init__(self, points: list[HookPoint], leaf: bool = False, cut: bool = False):
         self.points = points
         self.leaf = leaf
+        self.cut = cut and leaf
         self.records: dict[str, torch.Tensor] = {}
+        self._unfold: dict[str, Unfold] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._grad_before: bool | None = None
+
+    def _enter_hook(self, point: HookPoint):
+        def enter(module, args, kwargs):
+            torch.set_grad_enabled(True)
+            if point.index in (None, 0):
+                return None  # the output itself becomes the leaf (see `record`)
+            if args and isinstance(args[0], torch.Tensor):
+                x = args[0]
+                if x.is_floating_point() and not x.requires_grad:
+                    return (x.detach().requires_grad_(True), *args[1:]), kwargs
+                return None
+            x = kwargs.get("hidden_states")
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
+                return args, {**kwargs, "hidden_states": x.detach().requires_grad_(True)}
+            return None
+
+        return enter
 
     def _hook(self, point: HookPoint):
         def record(module, inputs, output):
@@ -36,6 +73,10 @@ class Recorder:
                     f"{point.name}: the module returned no tensor to record "
                     "(attention weights need the eager attention implementation)"
                 )
+            grouped = grouping.layout(module)
+            if grouped is not None and point.index not in (None, 0):
+                groups, tokens = grouped
+                self._unfold[point.name] = lambda x: groups.probs_to_rows(x, tokens)
             replaced = None
             first = not self.records
             # Only a module's main output (item 0) feeds the rest of the model; replacing a side
@@ -55,10 +96,16 @@ class Recorder:
     def __enter__(self) -> Recorder:
         try:
             for p in self.points:
+                if self.cut:
+                    hook = self._enter_hook(p)
+                    self._handles.append(p.module.register_forward_pre_hook(hook, with_kwargs=True))
                 self._handles.append(p.module.register_forward_hook(self._hook(p)))
         except Exception:
             self.remove()
             raise
+        if self.cut:
+            self._grad_before = torch.is_grad_enabled()
+            torch.set_grad_enabled(False)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -68,6 +115,9 @@ class Recorder:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._grad_before is not None:
+            torch.set_grad_enabled(self._grad_before)
+            self._grad_before = None
 
     def tensors(self) -> list[torch.Tensor]:
         """Recorded tensors in the order of the hook points; an error names any that never fired."""
@@ -75,6 +125,10 @@ class Recorder:
         if missing:
             raise RuntimeError(f"hook points never ran during the forward pass: {missing}")
         return [self.records[p.name] for p in self.points]
+
+    def unfolds(self) -> list[Unfold | None]:
+        """Per hook point: None, or the function presenting its grouped record per pair."""
+        return [self._unfold.get(p.name) for p in self.points]
 
 
 class trainable:

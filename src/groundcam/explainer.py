@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import NamedTuple
@@ -11,7 +10,7 @@ import torch
 from PIL import Image
 
 from groundcam.adapters.base import Adapter
-from groundcam.capture import Recorder, trainable
+from groundcam.capture import Recorder, Unfold
 from groundcam.contract import Scores, source_label
 from groundcam.errors import InputError
 from groundcam.explanation import Explanation, GenerationExplanation, normalize_maps
@@ -254,31 +253,46 @@ class Explainer:
         return Resolved(method_obj, source, target, layer)
 
     def _record(
-        self, method, spec, run, pairs: int, image_index: torch.Tensor, differentiable=False
+        self,
+        method,
+        spec,
+        run,
+        pairs: int,
+        image_index: torch.Tensor,
+        differentiable=False,
+        root: HeadRows | None = None,
     ):
         """Run `run()` (a forward returning Scores) under the recorder; per explained score, the
-        recorded tensors' rows and their gradients. `differentiable`: nothing is cut or detached,
-        and the gradients are taken with `create_graph`, so maps made of them reach the
-        parameters (the AMC loss trains through them)."""
+        recorded tensors' rows and their gradients. For gradient methods the forward keeps no
+        graph below the recorded layers and no parameter is made to require grad (the recorder
+        cuts there, see `Recorder`). `differentiable`: nothing is cut or detached, and the
+        gradients are taken with `create_graph`, so maps made of them reach the parameters (the
+        AMC loss trains through them). `root`: score b reads the model only through row
+        `root.rows[b]` of the tensor `root.x` (an LM head's input), where the batched backward
+        starts (`rooted_grads`)."""
         grad_mode = torch.enable_grad() if method.needs_grad else torch.no_grad()
         frozen = method.needs_grad and not differentiable
-        params = trainable(self.model) if frozen else contextlib.nullcontext()
-        with grad_mode, params, Recorder(spec.points, leaf=frozen) as rec:
+        with grad_mode, Recorder(spec.points, leaf=frozen, cut=frozen) as rec:
             scores = run()
-            recorded = rec.tensors()
+            recorded, unfolds = rec.tensors(), rec.unfolds()
             rows = [
                 image_index
-                if (p.per_image or spec.per_image)
+                if (p.per_image or spec.per_image) and unfold is None
                 else torch.arange(pairs, device=image_index.device)
-                for p in spec.points
+                for p, unfold in zip(spec.points, unfolds, strict=True)
             ]
             grads = None
-            if method.needs_grad:
+            if method.needs_grad and root is not None and root.ready:
+                grads = rooted_grads(
+                    scores.explained, root, recorded, rows, self.grad_chunk, unfolds
+                )
+            elif method.needs_grad:
                 grads = per_target_grads(
-                    scores.explained, recorded, rows, self.grad_chunk, differentiable
+                    scores.explained, recorded, rows, self.grad_chunk, differentiable, unfolds
                 )
         if not differentiable:
             recorded = [t.detach() for t in recorded]
+        recorded = [u(t) if u else t for t, u in zip(recorded, unfolds, strict=True)]
         recorded = [take_rows(t, r) for t, r in zip(recorded, rows, strict=True)]
         return scores, recorded, grads
 
@@ -396,16 +410,23 @@ class Explainer:
         pos = torch.tensor(positions, device=ids.device)
         spec = a.record_spec(source, layer, "token")
 
+        head = a.output_head()
+        picked = None if head is None else HeadRows(head, pos - 1)
+
         def run():
-            logits = a.decoder_logits(pixel_values, ids, spec.expand_vision_at)
-            logp = logits[0, pos - 1].float().log_softmax(-1)
+            if picked is None:
+                logits = a.decoder_logits(pixel_values, ids, spec.expand_vision_at)[0, pos - 1]
+            else:  # the LM head computes the rows that predict the chosen tokens, nothing else
+                with picked:
+                    logits = a.decoder_logits(pixel_values, ids, spec.expand_vision_at)[0]
+            logp = logits.float().log_softmax(-1)
             chosen = logp.gather(-1, ids[0, pos][:, None])[:, 0]
             return Scores(chosen, chosen.detach().exp())
 
         k = len(positions)
         zeros = torch.zeros(k, dtype=torch.long, device=ids.device)
         scores, recorded, grads = self._record(
-            method_obj, replace(spec, per_image=True), run, k, zeros
+            method_obj, replace(spec, per_image=True), run, k, zeros, root=picked
         )
         geometry = a.geometry(pixel_values).select(zeros)
         mask = torch.ones(k, ids.shape[1], dtype=torch.long, device=ids.device)
@@ -430,6 +451,75 @@ class Explainer:
             image=image,
             text_conditioned=out.text_conditioned,
         )
+
+
+class HeadRows:
+    """While open, `head` (a language-model head) reads only rows `rows` of its input `[1, T, C]`
+    (the decoder positions whose logits are explained): no vocabulary-sized logits for the other
+    positions, and `x` keeps the whole input, where `rooted_grads` starts the batched backward."""
+
+    def __init__(self, head: torch.nn.Module, rows: torch.Tensor):
+        self.head, self.rows = head, rows
+        self.x: torch.Tensor | None = None
+        self._handle = None
+
+    def _pick(self, module, args):
+        x = args[0]
+        if x.dim() != 3 or x.shape[0] != 1:
+            raise ValueError(f"LM head input of shape {tuple(x.shape)}: one sequence expected")
+        self.x = x
+        return (x[:, self.rows.to(x.device)], *args[1:])
+
+    @property
+    def ready(self) -> bool:
+        """Whether the head ran and its input carries a graph to start from."""
+        return self.x is not None and self.x.requires_grad
+
+    def __enter__(self) -> HeadRows:
+        self.x = None
+        self._handle = self.head.register_forward_pre_hook(self._pick)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def rooted_grads(
+    explained: torch.Tensor,
+    root: HeadRows,
+    recorded: list[torch.Tensor],
+    rows: list[torch.Tensor],
+    chunk: int,
+    unfolds: list[Unfold | None] | None = None,
+) -> list[torch.Tensor]:
+    """`per_target_grads` for scores that each read one row of `root.x` (distinct rows): one
+    backward of their sum through the head gives every score's gradient at its own row; the
+    batched backward (`chunk` scores at a time) then starts from `root.x` with those rows as
+    seeds, so nothing vocabulary-sized and no per-score indexing is batched."""
+    x, x_rows = root.x, root.rows.to(root.x.device)
+    (g_x,) = torch.autograd.grad(explained.sum(), [x], retain_graph=True)
+    unfolds = unfolds or [None] * len(recorded)
+    out: list[list[torch.Tensor]] = [[] for _ in recorded]
+    n = explained.shape[0]
+    for start in range(0, n, chunk):
+        idx = torch.arange(start, min(start + chunk, n), device=x.device)
+        seeds = x.new_zeros(len(idx), *x.shape)
+        seeds[torch.arange(len(idx)), 0, x_rows[idx]] = g_x[0, x_rows[idx]]
+        grads = torch.autograd.grad(
+            x,
+            recorded,
+            grad_outputs=seeds,
+            is_grads_batched=True,
+            retain_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        for i, (g, r) in enumerate(zip(grads, rows, strict=True)):
+            g = unfolds[i](g) if unfolds[i] is not None else g
+            out[i].append(g[torch.arange(len(idx)), r[idx].to(g.device)])
+    return [torch.cat(parts) for parts in out]
 
 
 def check_differentiable(method: Method, model: torch.nn.Module) -> None:
@@ -542,18 +632,28 @@ def per_target_grads(
     rows: list[torch.Tensor],
     chunk: int,
     create_graph: bool = False,
+    unfolds: list[Unfold | None] | None = None,
 ) -> list[torch.Tensor]:
     """For each explained score b, the gradient of that score alone w.r.t. row `rows[i][b]` of
     each recorded tensor i. When every score owns its own rows, one backward of the sum gives all
     of them; shared rows (an image encoded once for many phrases, one decoder pass for many
-    tokens) take a batched backward (`is_grads_batched`), `chunk` scores at a time, or with
-    `create_graph` one backward per score (vmap has no double backward for every op)."""
+    tokens) take a batched backward (`is_grads_batched`) seeded with the k-th score of every
+    image at once (scores of different images never share rows), `chunk` seeds at a time, or
+    with `create_graph` one backward per score (vmap has no double backward for every op). A recorded
+    tensor with an unfold (grouped cross-attention: the query rows of each pair in its image's
+    block) is differentiated as the model computed it, and its gradients unfolded to pair rows,
+    which each score owns."""
     n = explained.shape[0]
-    own = all(
-        t.shape[0] == n and torch.equal(r.cpu(), torch.arange(n))
-        for t, r in zip(recorded, rows, strict=True)
-    )
-    if own:
+    unfolds = unfolds or [None] * len(recorded)
+
+    def unfold(i: int, g: torch.Tensor) -> torch.Tensor:
+        return unfolds[i](g) if unfolds[i] is not None else g
+
+    owned = [
+        u is not None or (t.shape[0] == n and torch.equal(r.cpu(), torch.arange(n)))
+        for t, r, u in zip(recorded, rows, unfolds, strict=True)
+    ]
+    if all(owned):
         grads = torch.autograd.grad(
             explained.sum(),
             recorded,
@@ -561,7 +661,7 @@ def per_target_grads(
             materialize_grads=True,
             create_graph=create_graph,
         )
-        return list(grads)
+        return [unfold(i, g) for i, g in enumerate(grads)]
     out: list[list[torch.Tensor]] = [[] for _ in recorded]
     if create_graph:
         for b in range(n):
@@ -574,12 +674,24 @@ def per_target_grads(
                 materialize_grads=True,
             )
             for i, (g, r) in enumerate(zip(grads, rows, strict=True)):
-                out[i].append(g[r[b]][None])
+                out[i].append(unfold(i, g)[r[b]][None])
         return [torch.cat(parts) for parts in out]
-    for start in range(0, n, chunk):
-        idx = torch.arange(start, min(start + chunk, n), device=explained.device)
-        seeds = torch.zeros(len(idx), n, dtype=explained.dtype, device=explained.device)
-        seeds[torch.arange(len(idx)), idx] = 1
+    # One seed per slot: the k-th score of every image at once (scores of different images
+    # read disjoint rows of every recorded tensor, as independent samples of a batch do), so
+    # the batched backward runs as many times as the most scores any image has.
+    shared = [r.cpu() for r, mine in zip(rows, owned, strict=True) if not mine]
+    same = all(torch.equal(r, shared[0]) for r in shared)
+    slot = slots(shared[0]) if same else torch.arange(n)
+    size = int(slot.max()) + 1
+    order = []
+    for start in range(0, size, chunk):
+        members = torch.nonzero((slot >= start) & (slot < start + chunk))[:, 0]
+        seed_of = (slot[members] - start).to(explained.device)
+        members = members.to(explained.device)
+        seeds = torch.zeros(
+            min(chunk, size - start), n, dtype=explained.dtype, device=explained.device
+        )
+        seeds[seed_of, members] = 1
         grads = torch.autograd.grad(
             explained,
             recorded,
@@ -590,5 +702,19 @@ def per_target_grads(
             materialize_grads=True,
         )
         for i, (g, r) in enumerate(zip(grads, rows, strict=True)):
-            out[i].append(g[torch.arange(len(idx)), r[idx].to(g.device)])
-    return [torch.cat(parts) for parts in out]
+            g = unfold(i, g)
+            out[i].append(g[seed_of.to(g.device), r.to(g.device)[members.to(g.device)]])
+        order.append(members)
+    back = torch.argsort(torch.cat(order))  # rows back in score order
+    return [torch.cat(parts)[back.to(parts[0].device)] for parts in out]
+
+
+def slots(image_index: torch.Tensor) -> torch.Tensor:
+    """Per score, its rank among the scores of the same image (CPU)."""
+    index = image_index.detach().long().cpu()
+    order = torch.argsort(index, stable=True)
+    counts = torch.bincount(index)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(index)
+    slot[order] = torch.arange(len(index)) - starts[index[order]]
+    return slot

@@ -161,6 +161,14 @@ class Adapter:
         """Teacher-forced logits [1, T, V] for `input_ids`; position k-1 scores token k."""
         raise NotImplementedError
 
+    def output_head(self) -> nn.Module | None:
+        """The module turning decoder states into vocabulary logits (its input `[1, T, C]`), so
+        that only the explained positions' logits are computed; None where there is none to
+        hook (the whole logits are then computed)."""
+        get = getattr(self.model, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        return head if isinstance(head, nn.Module) else None
+
     def teacher_ids(self, text: str) -> tuple[torch.Tensor, int]:
         """`text` as the ids the model would have generated: [1, T] and the first text position."""
         raise NotImplementedError

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from groundcam import grouping
 from groundcam.adapters import hf
 from groundcam.adapters.base import Adapter
 from groundcam.contract import (
@@ -31,6 +32,7 @@ from groundcam.contract import (
     middle_layer,
 )
 from groundcam.geometry import Geometry
+from groundcam.grouping import ImageGroups
 
 QUERY_NAMES = ("query", "qkv", "q_proj")
 NO_PHRASES = (
@@ -227,11 +229,13 @@ class BlipItmAdapter(_BlipBase):
             txt_feat = F.normalize(m.text_proj(text.last_hidden_state[:, 0]), dim=-1)
             cosine = (img_feat * txt_feat).sum(-1)
             return Scores(cosine, cosine.detach())
-        text = m.text_encoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            encoder_hidden_states=image.index_select(0, image_index),
-        )
+        groups = ImageGroups.of(image_index, image.shape[0])
+        with grouping.grouped(self.cross.values(), groups) as on:
+            text = m.text_encoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                encoder_hidden_states=image if on else image.index_select(0, image_index),
+            )
         logits = m.itm_head(text.last_hidden_state[:, 0])
         return Scores(logits[:, 1], logits.detach().softmax(-1)[:, 1])
 
@@ -314,12 +318,21 @@ class BlipCaptionAdapter(_BlipBase):
         return getattr(self.model.config.text_config, "max_position_embeddings", None)
 
     def decoder_logits(self, pixel_values, input_ids, expand_vision_at=None) -> torch.Tensor:
-        """Teacher-forced logits [1, T, V]: the image encoded once, the decoder reading it."""
+        """Teacher-forced logits [B, T, V]: each image encoded once, the decoder reading it;
+        several texts of one image attend to it as one query block (keys and values once)."""
         image = self._encode_image(pixel_values)
-        out = self.model.text_decoder(
-            input_ids=input_ids, encoder_hidden_states=image, use_cache=False
-        )
+        index = grouping.row_images(image.shape[0], input_ids.shape[0], input_ids.device)
+        groups = ImageGroups.of(index, image.shape[0])
+        with grouping.grouped(self.cross.values(), groups) as on:
+            out = self.model.text_decoder(
+                input_ids=input_ids,
+                encoder_hidden_states=image if on else image.index_select(0, index),
+                use_cache=False,
+            )
         return out.logits
+
+    def output_head(self) -> nn.Module | None:
+        return self.model.text_decoder.get_output_embeddings()
 
     def special_ids(self) -> set[int]:
         cfg = self.model.config.text_config

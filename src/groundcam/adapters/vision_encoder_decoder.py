@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from groundcam import grouping
 from groundcam.adapters import hf
 from groundcam.adapters.base import Adapter
 from groundcam.contract import (
@@ -28,6 +29,7 @@ from groundcam.contract import (
     Source,
 )
 from groundcam.geometry import Geometry
+from groundcam.grouping import ImageGroups
 
 
 class VisionEncoderDecoderAdapter(Adapter):
@@ -166,10 +168,16 @@ class VisionEncoderDecoderAdapter(Adapter):
         return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
     def decoder_logits(self, pixel_values, input_ids, expand_vision_at=None):
-        # TrOCR's attention modules return their weights only when asked for them
-        out = self.model(
-            pixel_values=pixel_values, decoder_input_ids=input_ids, output_attentions=True
-        )
+        """Teacher-forced logits [B, T, V]; several texts of one image (`pixel_values` [1]) attend
+        to it as one query block of every cross-attention (its keys and values once)."""
+        index = grouping.row_images(pixel_values.shape[0], input_ids.shape[0], input_ids.device)
+        groups = ImageGroups.of(index, pixel_values.shape[0])
+        cross = [c for _, c in self.decoder_attn]
+        with grouping.grouped(cross, groups):
+            # TrOCR's attention modules return their weights only when asked for them
+            out = self.model(
+                pixel_values=pixel_values, decoder_input_ids=input_ids, output_attentions=True
+            )
         return out.logits
 
     def special_ids(self) -> set[int]:

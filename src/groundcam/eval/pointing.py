@@ -36,6 +36,7 @@ import torch
 
 from groundcam.errors import InputError
 from groundcam.maps import (
+    FLAT_RTOL,
     ArrayLike,
     as_2d_tensor,
     check_finite,
@@ -262,15 +263,31 @@ def pointing_games(
         raise InputError(f"heatmaps must be [P, H, W], got shape {tuple(heatmaps.shape)}")
     if len(boxes) != heatmaps.shape[0]:
         raise InputError(f"{heatmaps.shape[0]} maps but {len(boxes)} box lists")
-    check_finite(heatmaps)
     width = heatmaps.shape[2]
-    # torch.argmax returns the first maximal index (first in row-major order) on every device.
-    argmax = torch.argmax(heatmaps.reshape(heatmaps.shape[0], -1), dim=1).tolist()
-    flat = is_flat(heatmaps).tolist()
+    argmax, flat = _argmax_and_flat(heatmaps)
     return [
         _decide(heatmaps[p], (i % width, i // width), boxes[p], protocol, proposals, flat[p])
         for p, i in enumerate(argmax)
     ]
+
+
+def _argmax_and_flat(heatmaps: torch.Tensor) -> tuple[list[int], list[bool]]:
+    """Per map of [P, H, W]: the first maximum's flat index and whether the map is flat
+    (`groundcam.maps.is_flat`), from one reduction pass on the maps' device and one transfer;
+    NaN or inf anywhere is refused (`check_finite`)."""
+    maps = heatmaps.detach().reshape(heatmaps.shape[0], -1)
+    if not maps.dtype.is_floating_point:
+        maps = maps.float()
+    # torch.argmax returns the first maximal index (first in row-major order) on every device.
+    packed = torch.stack(
+        [maps.argmax(1).double(), maps.amin(1).double(), maps.amax(1).double()], 1
+    ).cpu()
+    lo, hi = packed[:, 1], packed[:, 2]
+    # min and max are finite exactly when every value is (NaN propagates through both)
+    if not bool((torch.isfinite(lo) & torch.isfinite(hi)).all()):
+        check_finite(heatmaps)
+    flat = (hi - lo) <= FLAT_RTOL * torch.maximum(lo.abs(), hi.abs())
+    return packed[:, 0].long().tolist(), flat.tolist()
 
 
 def _decide(tensor, point, boxes, protocol, proposals, flat: bool = False) -> PointingResult:

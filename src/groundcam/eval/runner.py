@@ -218,11 +218,11 @@ def in_box_fractions(heatmaps: torch.Tensor, boxes: list[list[list[float]]]) -> 
             left, top = max(math.ceil(x1), 0), max(math.ceil(y1), 0)
             right, bottom = min(math.floor(x2), w - 1), min(math.floor(y2), h - 1)
             inside[p, top : bottom + 1, left : right + 1] = True
-    totals = mass.sum(dim=(1, 2))
-    within = (mass * inside).sum(dim=(1, 2))
+    # both sums in one transfer from the maps' device
+    totals, within = torch.stack([mass.sum(dim=(1, 2)), (mass * inside).sum(dim=(1, 2))]).tolist()
     return [
         float(a / t) if t > 0 and phrase_boxes else None
-        for a, t, phrase_boxes in zip(within.tolist(), totals.tolist(), boxes, strict=True)
+        for a, t, phrase_boxes in zip(within, totals, boxes, strict=True)
     ]
 
 

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from groundcam.grouping import ImageGroups
+
 
 @dataclass
 class AlbefConfig:
@@ -204,10 +206,14 @@ class BertSelfAttention(nn.Module):
         x: torch.Tensor,
         additive_mask: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
-        context_index: torch.Tensor | None = None,
+        context_index: torch.Tensor | ImageGroups | None = None,
     ) -> torch.Tensor:
+        """`context_index[b]`: the context row text row b attends to; as `ImageGroups`, the text
+        rows of each context row attend as one query block (keys and values once per image)."""
         kv = x if context is None else context
         k, v = self._split(self.key(kv)), self._split(self.value(kv))
+        if isinstance(context_index, ImageGroups):
+            return self._grouped(x, k, v, additive_mask, context_index)
         if context_index is not None:  # keys/values once per image, then one row per phrase
             k, v = k.index_select(0, context_index), v.index_select(0, context_index)
         scores = self._split(self.query(x)) @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
@@ -216,6 +222,18 @@ class BertSelfAttention(nn.Module):
         attn = self.dropout(self.probs(scores.softmax(dim=-1)))
         out = (attn @ v).transpose(1, 2)
         return out.reshape(*out.shape[:2], -1)
+
+    def _grouped(self, x, k, v, additive_mask, groups: ImageGroups) -> torch.Tensor:
+        """The same attention with each image's phrases as one block of query rows; the
+        probabilities are per pair ([B, H, T, N]) where `probs` sees them."""
+        t = x.shape[1]
+        q = self._split(groups.rows_to_blocks(self.query(x)))  # [G, H, P*T, d]
+        scores = groups.probs_to_rows(q @ k.transpose(-1, -2) / math.sqrt(self.head_dim), t)
+        if additive_mask is not None:
+            scores = scores + additive_mask
+        attn = self.dropout(self.probs(scores.softmax(dim=-1)))
+        out = (groups.rows_to_probs(attn) @ v).transpose(1, 2)  # [G, P*T, H, d]
+        return groups.blocks_to_rows(out.reshape(*out.shape[:2], -1), t)
 
 
 class BertOutput(nn.Module):
@@ -305,6 +323,8 @@ class TextEncoder(nn.Module):
         image; `image_index[b]` says which image row text row b attends to."""
         x = text_hidden
         mask = self.additive_mask(attention_mask, x.dtype)
+        if image_index is not None:  # each image's phrases attend to it as one query block
+            image_index = ImageGroups.of(image_index, image_embeds.shape[0]) or image_index
         for layer in self.encoder.layer[self.fusion_layer :]:
             x = layer(x, mask, image_embeds, image_index)
         return x
