@@ -111,10 +111,16 @@ def test_demo_writes_a_self_contained_page(tiny_model_dir, tmp_path):
     assert r.exit_code == 0, r.output
     html = (out / "index.html").read_text()
     assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
-    n_phrases = json.loads((out / "summary.json").read_text())["attn-gradcam"]["n"]
-    assert html.count("<img") == 1 + len(DEMO_METHODS) * n_phrases  # scene + one per method
-    assert len(list((out / "overlays").glob("*.png"))) == len(DEMO_METHODS) * n_phrases
+    summary = json.loads((out / "summary.json").read_text())
+    n_phrases = summary["attn-gradcam"]["n"]
+    # the captioner section: the scene, its per-word figure, two overlays per object word
+    n_words = summary["captioner-tiny-shapes"]["attention"]["n"]
+    assert n_words == summary["captioner-tiny-shapes"]["gradcam"]["n"] > 0
+    assert html.count("<img") == 1 + len(DEMO_METHODS) * n_phrases + 2 + 2 * n_words
+    overlays = len(DEMO_METHODS) * n_phrases + 1 + 2 * n_words
+    assert len(list((out / "overlays").glob("*.png"))) == overlays
     assert "pointing accuracy" in r.output and str(out / "index.html") in r.output
+    assert "captioner word pointing" in r.output and "captioner-tiny-shapes on" in html
 
 
 def test_train_refuses_to_mix_configurations(tmp_path):

@@ -83,9 +83,12 @@ def run_demo(
             for m, (h, n) in words.items()
         }
     html = write_report(out / "index.html", "groundcam demo", summary, sections)
-    (out / "summary.json").write_text(
-        json.dumps({m: {"accuracy": h / n, "n": n} for m, (h, n) in accuracy.items()}, indent=1)
-    )
+    table: dict = {m: {"accuracy": h / n, "n": n} for m, (h, n) in accuracy.items()}
+    if words is not None:
+        table[CAPTIONER] = {
+            m: {"accuracy": h / n if n else None, "n": n} for m, (h, n) in words.items()
+        }
+    (out / "summary.json").write_text(json.dumps(table, indent=1))
     return DemoResult(html, accuracy, time.time() - t0, words)
 
 
