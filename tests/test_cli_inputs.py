@@ -529,7 +529,7 @@ def test_demo_runs_every_method_on_the_builtin_model(tmp_path):
     r = run("demo", "--scenes", "1", "--device", "cpu", "--out", out)
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "summary.json").read_text())
-    assert sorted(summary) == sorted(METHODS)
+    assert sorted(k for k in summary if k != "captioner-tiny-shapes") == sorted(METHODS)
     n = summary["relevance"]["n"]
     assert len(list((out / "overlays").glob("*_relevance.png"))) == n > 0
     assert "pointing accuracy    relevance" in r.stdout

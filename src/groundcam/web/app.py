@@ -396,7 +396,10 @@ def build_app(
             chosen = by_label[label]
             fits = [n for n in cache.names if cache.info(n).captions == chosen.captions]
             keep = cache.info(name).captions == chosen.captions
-            new_model = name if keep or not fits else fits[0]
+            if keep or not fits:
+                new_model = name
+            else:
+                new_model = chosen.prefer if chosen.prefer in fits else fits[0]
             return (
                 str(chosen.path),
                 "\n".join(chosen.phrases) if chosen.phrases else gr.skip(),

@@ -87,6 +87,7 @@ class Example:
     phrases: list[str]
     boxes: dict[str, list[Box]]
     captions: bool  # an OCR line (caption mode) rather than a scene with phrases
+    prefer: str = ""  # the model picked for it when the current one does not fit (if offered)
 
 
 class Workspace:
@@ -475,7 +476,8 @@ def make_examples(directory: Path, scenes: int = 4, lines: int = 2) -> list[Exam
         line = render_line("test", index)
         path = directory / f"glyphs-test-{index}.png"
         line.image.save(path)
-        out.append(Example(f"text line {index}: {line.text!r}", path, [], {}, captions=True))
+        label = f"text line {index}: {line.text!r}"
+        out.append(Example(label, path, [], {}, captions=True, prefer="trocr-tiny-glyphs"))
     return out
 
 
