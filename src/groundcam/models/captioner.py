@@ -238,13 +238,16 @@ class ShowAttendTell(nn.Module):
         """RGB, resized to `image_size` square (bilinear), scaled to [0, 1], normalised."""
         size = self.config.image_size
         arrays = [
-            np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32)
-            for im in images
+            np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)) for im in images
         ]
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
+        return self.normalize(arrays).to(next(self.parameters()).device)
+
+    def normalize(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        """[B, 3, H, W] float pixels from resized RGB arrays [H, W, 3] (uint8), on the CPU."""
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
         mean = torch.tensor(self.config.image_mean)[:, None, None]
         std = torch.tensor(self.config.image_std)[:, None, None]
-        return ((x - mean) / std).to(next(self.parameters()).device)
+        return (x - mean) / std
 
     # ------------------------------------------------------------------ training and explaining
     def forward(

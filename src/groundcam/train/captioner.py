@@ -141,13 +141,6 @@ class ImageCache:
             return None
 
 
-def _pixels(model: ShowAttendTell, arrays: list[np.ndarray]) -> torch.Tensor:
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(model.config.image_mean)[:, None, None]
-    std = torch.tensor(model.config.image_std)[:, None, None]
-    return (x - mean) / std
-
-
 def _padded(rows: list[list[int]], pad: int) -> torch.Tensor:
     ids = torch.full((len(rows), max(len(r) for r in rows)), pad, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -201,7 +194,7 @@ def caption_metrics(
     hyps = []
     for start in range(0, len(val), batch):
         part = val[start : start + batch]
-        pixels = _pixels(model, [cache.load(p) for p, _ in part]).to(
+        pixels = model.normalize([cache.load(p) for p, _ in part]).to(
             next(model.parameters()).device
         )
         hyps += [model.vocab.decode(ids) for ids in model.generate(pixels, beam=beam)]
@@ -268,7 +261,7 @@ def train(cfg: TrainConfig, threads: int | None = None, stop_at: int | None = No
         kept = [(a, ids) for a, (_, ids) in zip(arrays, rows, strict=True) if a is not None]
         if len(kept) < len(rows):  # unreadable image files: their rows are left out of the batch
             kept += [kept[i % len(kept)] for i in range(len(rows) - len(kept))]
-        return _pixels(model, [a for a, _ in kept]), _padded([i for _, i in kept], 0)
+        return model.normalize([a for a, _ in kept]), _padded([i for _, i in kept], 0)
 
     def batch_fn(step: int, micro: int, rank: int, world: int):
         pixels, ids = step_batch(step)
@@ -294,7 +287,7 @@ def train(cfg: TrainConfig, threads: int | None = None, stop_at: int | None = No
             return
         was = m.training
         m.eval()
-        ids = m.generate(_pixels(m, [arr]).to(next(m.parameters()).device), beam=1)[0]
+        ids = m.generate(m.normalize([arr]).to(next(m.parameters()).device), beam=1)[0]
         m.train(was)
         tqdm.write(f"step {step}: {sample_image.name}: {m.vocab.decode(ids)!r}")
 
