@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import transformers
+from common import autocast, device_name, sync  # benchmarks/ is on sys.path
 from transformers import BlipConfig, BlipForImageTextRetrieval
 
 import groundcam as gc
@@ -78,29 +77,6 @@ def inputs(model, images: int, phrases: int, device: torch.device, seed: int):
 def image_tokens(model) -> int:
     v = model.config.vision_config
     return (v.image_size // v.patch_size) ** 2 + 1
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def autocast(device: torch.device, dtype: str):
-    if dtype == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def per_pair_recipe(model, pv, ids, mask, layer: int, device, dtype: str) -> torch.Tensor:
