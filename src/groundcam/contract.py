@@ -102,8 +102,7 @@ class Source:
     """One row of an adapter's table: a kind of tensor this model offers, its valid layers (none:
     the source is read at every layer at once), the default layer (one for every target, or per
     target), the targets whose score reaches it (None: every target of the family) with the
-    reason shown when another target asks for it, and how to record it at (layer, target).
-    `no_gradients`: why gradient methods cannot read it (empty when they can)."""
+    reason shown when another target asks for it, and how to record it at (layer, target)."""
 
     kind: str
     record: Callable[[int | None, str], RecordSpec]
@@ -111,7 +110,6 @@ class Source:
     default: int | Mapping[str, int] | None = None
     targets: tuple[str, ...] | None = None
     unreachable: str = ""
-    no_gradients: str = ""
 
     def default_for(self, target: str) -> int | None:
         if isinstance(self.default, Mapping):

@@ -25,7 +25,8 @@ class Adapter:
     default_methods: Mapping[str, str] = {"itm": "attn-gradcam"}  # target -> default method
     batch_images: int = 8  # images per forward in an evaluation (all their phrases together)
     missing_targets: Mapping[str, str] = {}  # target -> why this model cannot explain it
-    NO_GRADIENT_SOURCES: tuple[str, ...] = ()  # sources whose tensors no score's gradient reaches
+    # source -> why no score's gradient reaches its tensors (gradient methods refuse it)
+    NO_GRADIENT_SOURCES: Mapping[str, str] = {}
     token_rows_shift: int = 1  # generation: the decoder row that predicted token k is k - shift
 
     def __init__(self, model: nn.Module, tokenizer=None, name: str = "", processor=None):
@@ -117,8 +118,8 @@ class Adapter:
         if target in self.missing_targets:
             raise ValueError(self.missing_targets[target])
         row = self.source(source)
-        if row.no_gradients and needs_grad:
-            raise ValueError(row.no_gradients)
+        if needs_grad and source in self.NO_GRADIENT_SOURCES:
+            raise ValueError(self.NO_GRADIENT_SOURCES[source])
         if row.targets is not None and target not in row.targets:
             raise ValueError(
                 row.unreachable

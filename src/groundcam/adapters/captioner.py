@@ -35,7 +35,7 @@ class CaptionerAdapter(Adapter):
     default_target = "token"
     architectures = ("ShowAttendTell",)
     SOURCES = (TEXT_TO_IMAGE, VISION_TOKENS)
-    NO_GRADIENT_SOURCES = (TEXT_TO_IMAGE,)
+    NO_GRADIENT_SOURCES = {TEXT_TO_IMAGE: NO_GRADIENTS}
     default_methods = {"token": "attention"}
     token_rows_shift = 0  # row t of the recorded weights wrote token t
 
@@ -93,7 +93,7 @@ class CaptionerAdapter(Adapter):
     # ------------------------------------------------------------------ sources
     def table(self) -> tuple[Source, ...]:
         return (
-            Source(TEXT_TO_IMAGE, self._weights_spec, (0,), 0, no_gradients=NO_GRADIENTS),
+            Source(TEXT_TO_IMAGE, self._weights_spec, (0,), 0),
             Source(VISION_TOKENS, self._grid_spec, (0,), 0),
         )
 
