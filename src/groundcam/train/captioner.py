@@ -24,6 +24,7 @@ from groundcam.data.caption_text import Vocabulary, tokenize
 from groundcam.data.captions import read_captions
 from groundcam.data.sample import ReadReport
 from groundcam.errors import InputError
+from groundcam.io import read_image
 from groundcam.models.captioner import CaptionerConfig, ShowAttendTell, build_encoder
 from groundcam.train.loop import LoopConfig, fit, main_process, shard
 
@@ -134,11 +135,11 @@ class ImageCache:
         self.load = functools.lru_cache(maxsize=max(1, budget // (size * size * 3)))(self._read)
 
     def _read(self, path: Path) -> np.ndarray | None:
-        try:
-            with Image.open(path) as im:
-                return np.asarray(im.convert("RGB").resize((self.size, self.size), Image.BILINEAR))
-        except (OSError, ValueError, Image.DecompressionBombError):
+        try:  # groundcam's reader: bombs refused from the header, any mode converted to RGB
+            image = read_image(path)
+        except (OSError, ValueError):
             return None
+        return np.asarray(image.resize((self.size, self.size), Image.BILINEAR))
 
 
 def _padded(rows: list[list[int]], pad: int) -> torch.Tensor:
