@@ -17,17 +17,21 @@ captions are computed as the COCO caption evaluation does (`groundcam.eval.capti
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from PIL import Image
 
 from groundcam.data.caption_text import tokenize
+from groundcam.data.captions import by_image, detect_layout, read_captions
 from groundcam.data.sample import Box
 from groundcam.errors import InputError
 from groundcam.eval.pointing import pointing_game
 from groundcam.eval.summary import accuracy_block
+from groundcam.io import read_image
 
 
 @dataclass
@@ -233,12 +237,6 @@ def file_samples(captions: str, images: str, split: str | None = None) -> list[C
     """Images of a captions file (any layout `read_captions` knows) with their references; in a
     Karpathy-layout file, sentences with `grounding: [{"token", "boxes"}]` are scored per word.
     Images listed but missing are left out (counted by the caller from the report)."""
-    import json
-    from pathlib import Path
-
-    from groundcam.data.captions import by_image, detect_layout, read_captions
-    from groundcam.io import read_image
-
     root = Path(images)
     rows = read_captions(captions, split=split)
     grounded: dict[str, list] = {}
