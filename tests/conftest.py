@@ -21,23 +21,23 @@ from groundcam.train.tokenizer import word_tokenizer
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
-# The shared reference files sit next to the checkout (`/work/main` -> `/work/shared/fixtures`);
-# a checkout elsewhere names them with GROUNDCAM_FIXTURES.
-DEFAULT_FIXTURES = ROOT.parent / "shared" / "fixtures"
+# The reference files travel with the project (tests/fixtures/, copied from the shared folder the
+# datasets' formats were written in); GROUNDCAM_FIXTURES names another copy.
+DEFAULT_FIXTURES = ROOT / "tests" / "fixtures"
 ALLOW_MISSING = "GROUNDCAM_ALLOW_MISSING_FIXTURES"
 
 
 def fixtures_path() -> Path:
-    """GROUNDCAM_FIXTURES when set (relative to the working directory), else `../shared/fixtures`
-    next to the project root."""
+    """GROUNDCAM_FIXTURES when set (relative to the working directory), else the project's
+    `tests/fixtures`."""
     named = os.environ.get("GROUNDCAM_FIXTURES")
     return Path(named).resolve() if named else DEFAULT_FIXTURES
 
 
 def missing_fixtures(path: Path) -> str:
     return (
-        f"reference fixtures not found at {path}: they come with the project's shared folder "
-        f"(shared/fixtures/ next to the checkout, i.e. {DEFAULT_FIXTURES}); point "
+        f"reference fixtures not found at {path}: they come with the project "
+        f"({DEFAULT_FIXTURES}); point "
         f"GROUNDCAM_FIXTURES at a copy of that folder, or set {ALLOW_MISSING}=1 to skip the "
         "reference tests"
     )
@@ -55,7 +55,7 @@ def require_fixtures(path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def fixtures() -> Path:
-    """The shared reference files (see `fixtures_path`, `require_fixtures`)."""
+    """The reference files (see `fixtures_path`, `require_fixtures`)."""
     return require_fixtures(fixtures_path())
 
 

@@ -12,12 +12,12 @@ import pytest
 from conftest import fixtures_path, require_fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "fixtures"
+IN_REPO = ROOT / "tests" / "fixtures"
 
 
-def test_fixtures_are_next_to_the_checkout_unless_named(monkeypatch, tmp_path):
+def test_fixtures_travel_with_the_project_unless_named(monkeypatch, tmp_path):
     monkeypatch.delenv("GROUNDCAM_FIXTURES", raising=False)
-    assert fixtures_path() == SHARED  # /work/main -> /work/shared/fixtures
+    assert fixtures_path() == IN_REPO  # a fresh clone has nothing beside it
     monkeypatch.setenv("GROUNDCAM_FIXTURES", str(tmp_path))
     assert require_fixtures(fixtures_path()) == tmp_path.resolve()
     monkeypatch.chdir(tmp_path)
@@ -51,5 +51,5 @@ def test_missing_fixtures_fail_the_reference_tests_saying_where_and_how(tmp_path
     assert r.returncode == 1, r.stdout
     assert "3 errors" in r.stdout and "skipped" not in r.stdout
     assert f"reference fixtures not found at {missing}" in r.stdout
-    assert str(SHARED) in r.stdout
+    assert str(IN_REPO) in r.stdout
     assert "GROUNDCAM_FIXTURES" in r.stdout and "GROUNDCAM_ALLOW_MISSING_FIXTURES=1" in r.stdout
