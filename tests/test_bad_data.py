@@ -33,6 +33,7 @@ from groundcam.eval.pointing import (
     pointing_game,
     pointing_games,
     proposal_scores,
+    read_dets,
     union_box,
 )
 from groundcam.eval.runner import EvalConfig, in_box_fractions, run_eval
@@ -124,6 +125,23 @@ def test_non_finite_proposals_are_never_chosen(bad: float) -> None:
     assert all(math.isnan(s) for s in scores[:4].tolist()) and scores[4].item() == 3.0
     result = albef_boxes(grid, proposals, [6, 6, 3, 3])
     assert result.hit is True and result.box == (6.0, 6.0, 3.0, 3.0) and result.iou == 1.0
+
+
+def test_dets_files_that_cannot_be_read_are_one_line_naming_the_file(tmp_path) -> None:
+    path = tmp_path / "dets.json"
+    for text, expected in (
+        ("{oops", "not valid JSON"),
+        ('{"1": [[1, 2, "wide", 4]]}', "image 1: bad detection"),
+        ('{"1": [[1, 2, 3]]}', "image 1: bad detection"),
+        ('{"1": [null]}', "image 1: bad detection"),
+    ):
+        path.write_text(text)
+        with pytest.raises(InputError, match=expected) as e:
+            read_dets(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+    path.write_bytes(b'\xef\xbb\xbf{"1": [[0, 0, NaN, 4, 0.9], [1, 1, 2, 2]]}')
+    dets = read_dets(path)
+    assert dets["1"][1] == [1.0, 1.0, 2.0, 2.0] and math.isnan(dets["1"][0][2])
 
 
 # --- the runner: a non-finite box is that phrase's failure -------------------------------------

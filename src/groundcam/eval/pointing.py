@@ -25,7 +25,6 @@ map near float32's limit can overflow in the bicubic resize), and so are NaN or 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from groundcam.data.textfile import read_json
 from groundcam.errors import InputError
 from groundcam.maps import (
     FLAT_RTOL,
@@ -434,7 +434,7 @@ def read_dets(path: str | Path) -> dict[str, list[list[float]]]:
     Keys stay strings (look up with ``dets[str(image_id)]`` as ALBEF does); extra columns
     (scores, classes) are dropped.
     """
-    raw = json.loads(Path(path).read_text())
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected an object {{image_id: [[x, y, w, h, ...], ...]}}")
     dets: dict[str, list[list[float]]] = {}
@@ -443,9 +443,12 @@ def read_dets(path: str | Path) -> dict[str, list[list[float]]]:
             raise InputError(f"{path}: detections of image {image_id} must be a list")
         boxes = []
         for row in rows:
-            if not isinstance(row, list) or len(row) < 4:
-                raise InputError(f"{path}: image {image_id}: bad detection {row!r}")
-            boxes.append([float(v) for v in row[:4]])
+            try:
+                if not isinstance(row, list) or len(row) < 4:
+                    raise TypeError
+                boxes.append([float(v) for v in row[:4]])
+            except (TypeError, ValueError):
+                raise InputError(f"{path}: image {image_id}: bad detection {row!r:.80}") from None
         dets[str(image_id)] = boxes
     return dets
 
