@@ -520,6 +520,9 @@ def test_file_splits_of_files_without_splits(shapes_files: Path) -> None:
         for bad in ("test", "restval", "testA"):
             with pytest.raises(InputError, match=f"--split {bad}: .*{name}.*use all"):
                 file_split(path, bad)
+    # a directory: its caption file (captions.txt first)
+    assert file_split(shapes_files, None) == "all"
+    assert len(file_samples(shapes_files, shapes_files / "images")) == len(names)
     assert file_split(shapes_files / "dataset_shapes.json", None) == "test"
     assert file_split(shapes_files / "dataset_shapes.json", "all") == "all"
     with pytest.raises(InputError, match="Karpathy split file"):

@@ -30,6 +30,7 @@ from groundcam.data.captions import (
     VAL_FRACTION,
     by_image,
     detect_layout,
+    find_caption_file,
     is_val_image,
     read_captions,
 )
@@ -247,6 +248,7 @@ def file_split(captions: str | Path, split: str | None) -> str:
     `restval`; default `test`) or `all`; a file without splits (csv, pipe, token layouts) has
     `all` (default: every image), `val` (the images, chosen by a hash of the file name, that
     `train captioner` validates on) and `train` (the others). Anything else is an InputError."""
+    captions = _caption_file(captions)
     layout = detect_layout(captions)
     if layout == "karpathy":
         split = split or "test"
@@ -267,7 +269,10 @@ def file_split(captions: str | Path, split: str | None) -> str:
 
 
 def file_samples(
-    captions: str, images: str, split: str | None = None, report: ReadReport | None = None
+    captions: str | Path,
+    images: str | Path,
+    split: str | None = None,
+    report: ReadReport | None = None,
 ) -> list[CaptionSample]:
     """Images of a captions file (any layout `read_captions` knows) with their references, in
     `split` (see `file_split`); in a Karpathy-layout file, sentences with
@@ -276,11 +281,12 @@ def file_samples(
     missing are left out (counted by the caller from the report)."""
     root = Path(images)
     report = report if report is not None else ReadReport()
+    captions = _caption_file(captions)
     split = file_split(captions, split)
     grounded: dict[str, list] = {}
     if detect_layout(captions) == "karpathy":
         rows = read_captions(captions, split=None if split == "all" else split, report=report)
-        grounded = _karpathy_grounding(Path(captions), report)
+        grounded = _karpathy_grounding(captions, report)
     else:
         rows = read_captions(captions, report=report)
         if split != "all":
@@ -294,6 +300,12 @@ def file_samples(
             CaptionSample(name, lambda path=path: read_image(path), refs, grounded.get(name, []))
         )
     return out
+
+
+def _caption_file(captions: str | Path) -> Path:
+    """The caption file itself, or the one `find_caption_file` picks in a directory."""
+    path = Path(captions)
+    return find_caption_file(path) if path.is_dir() else path
 
 
 def _karpathy_grounding(path: Path, report: ReadReport) -> dict[str, list]:
