@@ -194,7 +194,7 @@ class RefCOCO:
                     "sent_id": sent.get("sent_id"),
                     "ann_id": ann_id,
                     "category": category,
-                    "category_id": category_id,
+                    "category_id": ref.get("category_id"),
                     "raw": sent.get("raw", text),
                 }
                 sample_meta = dict(meta)
