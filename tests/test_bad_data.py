@@ -367,8 +367,9 @@ WRONG = (None, "x", 2.5, True, [], {}, [None], {"id": None}, float("nan"), -floa
 def test_refcoco_fuzz_every_level_is_skipped_or_one_line(refcoco) -> None:
     root, images = refcoco
     inst, refs = _instances(root), _refs(root)
-    cases = [("instances.json", p, w) for p in _paths(inst) for w in WRONG]
-    cases += [("refs(unc).p", p, w) for p in _paths(refs) for w in WRONG]
+    wrong = (None, "x", True, [], {"id": None}, float("nan"))
+    cases = [("instances.json", p, w) for p in _paths(inst) for w in wrong]
+    cases += [("refs(unc).p", p, w) for p in _paths(refs) for w in wrong]
     outcomes = {"read": 0, "refused": 0}
     for name, path, wrong in cases:
         if name == "instances.json":
