@@ -21,7 +21,7 @@ from flickr_like import write_flickr_like
 from groundcam.cli import main
 from groundcam.data.captions import VAL_FRACTION, is_val_image, read_captions
 from groundcam.data.flickr30k_entities import Flickr30kEntities
-from groundcam.data.refcoco import RefCOCO
+from groundcam.data.refcoco import RefCOCO, safe_load_pickle
 from groundcam.data.sample import ReadReport
 from groundcam.data.visual_genome import VisualGenomeRegions
 from groundcam.errors import InputError
@@ -250,8 +250,7 @@ def _instances(root: Path) -> dict:
 
 
 def _refs(root: Path) -> list:
-    with open(root / "refs(unc).p", "rb") as f:
-        return pickle.load(f)
+    return safe_load_pickle(root / "refs(unc).p")
 
 
 def _check_samples(data: RefCOCO) -> None:
