@@ -1128,7 +1128,14 @@ def eval_glyphs(split, lines, model, method, layer, seed, device, out) -> None:
     type=click.Choice(["shapes", "file"]),
     help="shapes: scenes generated from --seed; file: --captions and --images.",
 )
-@click.option("--split", default="test", show_default=True, help="Split (shapes or Karpathy).")
+@click.option(
+    "--split",
+    default=None,
+    help="shapes: train, val, test (default) or compositional. A Karpathy dataset_*.json: train, "
+    "val, test (default), restval or all. A captions.txt/results.csv/*.token file has no splits: "
+    "all (default), val (the 5% of images, by a hash of the file name, that train captioner "
+    "validates on) or train (the others).",
+)
 @click.option("--scenes", default=500, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, help="Scene seed (shapes).")
 @click.option("--image-size", default=128, show_default=True, type=click.IntRange(48))
@@ -1163,21 +1170,26 @@ def eval_captions(
     model's own captions. Writes results.jsonl (one line per image, as it goes; a rerun resumes)
     and summary.json, with the chance and image-centre baselines."""
     from groundcam.api import load
+    from groundcam.data.sample import ReadReport
     from groundcam.eval.caption_pointing import (
         caption_records,
         file_samples,
+        file_split,
         shapes_samples,
         summarize_captions,
     )
 
+    report = None
     if dataset == "file":
         if not captions or not images:
             raise UserError("--dataset file needs --captions FILE and --images DIR")
-        samples = file_samples(captions, images, split=split)
+        split, report = file_split(captions, split), ReadReport()
+        samples = file_samples(captions, images, split=split, report=report)
         n = len(samples)
         if not n:
             raise UserError(f"--captions {captions}: no {split} images found under {images}")
     else:
+        split = split or "test"
         samples, n = shapes_samples(split, scenes, seed, image_size), scenes
     explainer = load(model, device=device)
     if "token" not in explainer.targets:
@@ -1201,6 +1213,13 @@ def eval_captions(
     stream = caption_records(explainer, todo, method, layer, beam, max_new_tokens)
     records = list(done.values()) + _append_records(stream, out, f"captions/{split}", n - len(done))
     summary = summarize_captions(records) | {"protocol": "amc", **run}
+    if report is not None:
+        summary["reader"] = {
+            "skipped_rows": report.skipped_rows,
+            "skipped_samples": report.skipped_samples,
+            "repaired_rows": report.repaired_rows,
+            "errors": report.errors[:20],
+        }
     _write_summary(out, summary)
     for key in ("reference", "generated"):
         block = summary.get(f"{key}_word_pointing")

@@ -93,7 +93,7 @@ class Vocabulary:
         """Read `vocab.json`; a file that is not a word list is a one-line ValueError naming it."""
         path = Path(path)
         try:
-            words = json.loads(path.read_text(encoding="utf-8"))["words"]
+            words = json.loads(path.read_text(encoding="utf-8-sig"))["words"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a groundcam vocabulary file ({e})") from None
         if not isinstance(words, list) or not all(isinstance(w, str) for w in words):

@@ -23,7 +23,8 @@ ends, blank lines and surrounding whitespace (ignored); header variants (`Image 
 - repaired (`report.repaired_rows`): a CSV caption with unquoted commas (the fields after the image
   are joined back with commas: they are the caption) or unbalanced quotes; the known `results.csv`
   row; a `.token` row with spaces instead of the tab;
-- skipped (`report.skipped_rows`): a row that is not `image,caption`, an empty caption, an exact
+- skipped (`report.skipped_rows`): a row that is not `image,caption` (or that the csv module
+  cannot read, e.g. a field over `csv.field_size_limit()` characters), an empty caption, an exact
   duplicate of an earlier row (same image, same number where the layout has one, same caption;
   the message names the first line), a repeated header row, a Karpathy sentence without raw text;
 - skipped images (`report.skipped_samples`): a Karpathy image entry that is not an object, has no
@@ -37,6 +38,7 @@ one-line ValueError naming the file.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 import warnings
@@ -56,6 +58,7 @@ CAPTION_FILES = (
     "Flickr8k.token.txt",
     *KARPATHY_FILES,
 )
+VAL_FRACTION = 0.05  # share of a file's images without splits that validate (by name hash)
 WARN_LIMIT = 20  # problems of one file that each warn; all of them are in `report.errors`
 _NUMBER_THEN_CAPTION = re.compile(r"^\s*(\d+)\s+(\S.*)$")
 _TOKEN_WITH_SPACES = re.compile(r"^(\S*#\d+) +(\S.*)$")
@@ -168,6 +171,13 @@ def read_captions(
         report.error(str(path), "no captions read")
     report.samples += len(out)
     return out
+
+
+def is_val_image(image: str, fraction: float = VAL_FRACTION) -> bool:
+    """Whether `image` is among the `fraction` of images, chosen by a hash of the file name, that
+    validate (and never train) in a caption file without splits."""
+    digest = hashlib.sha1(image.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
 def by_image(captions: Iterable[Caption]) -> dict[str, list[str]]:
@@ -307,7 +317,11 @@ def _read_csv(path: Path, text: str, log: _Log) -> list[Caption]:
         try:  # one line at a time: a stray quote cannot swallow the rest of the file
             row = next(csv.reader([line], strict=True))
         except csv.Error:
-            row = next(csv.reader([line]))
+            try:
+                row = next(csv.reader([line]))
+            except csv.Error as e:  # e.g. a field over csv.field_size_limit() characters
+                _skip(log, where, f"not a CSV row ({e})")
+                continue
             repairs.append("unbalanced quotes")
         header = _csv_header(row)
         if first:

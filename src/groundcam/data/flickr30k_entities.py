@@ -10,6 +10,7 @@ ymax-1)` in pixels of the original image.
 
 from __future__ import annotations
 
+import math
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from pathlib import Path
 
 # ReadReport is imported from here too (it lived here before it moved to `sample`).
 from groundcam.data.sample import Box, GroundingSample, Phrase, ReadReport
+from groundcam.data.textfile import read_text
 
 SPLITS = ("train", "val", "test")
 _PHRASE_HEAD = re.compile(r"^\[/EN#(\d+)((?:/[^/\s\]]+)+)$")
@@ -106,6 +108,11 @@ def parse_annotation(
                 coords = [float(bnd.findtext(t)) - 1 for t in ("xmin", "ymin", "xmax", "ymax")]  # type: ignore[arg-type]
             except (TypeError, ValueError):
                 raise ValueError(f"{path}: <object> #{k} has a bad <bndbox>") from None
+            if not all(math.isfinite(c) for c in coords):
+                raise ValueError(
+                    f"{path}: <object> #{k} (chain {names[0]}) has a non-finite <bndbox> "
+                    f"{[c + 1 for c in coords]}"
+                )
             for name in names:
                 boxes.setdefault(name, []).append(tuple(coords))  # type: ignore[arg-type]
             continue
@@ -124,7 +131,7 @@ def read_split(root: str | Path, split: str) -> list[str]:
             f"Flickr30k Entities split file not found: {path} (is root the Flickr30k Entities "
             "directory with Annotations/, Sentences/ and train.txt/val.txt/test.txt?)"
         )
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in read_text(path).splitlines() if line.strip()]
 
 
 class Flickr30kEntities:
@@ -135,8 +142,10 @@ class Flickr30kEntities:
     first type, `meta` holds `types`, `caption_index`, `first_word` and `chain`. Every box of the
     chain is a ground-truth box (a box shared by several chains appears in each). Problems are
     collected in `self.report` (a `ReadReport`) rather than raised: a missing image sets
-    `sample.meta["error"]`, a malformed XML skips its sample, a malformed sentence line its
-    phrases. A wrong `root` raises FileNotFoundError naming the missing file at construction.
+    `sample.meta["error"]`, a malformed XML (or a NaN/infinite box) skips its sample, a malformed
+    sentence line its phrases; a sentence file that is not UTF-8 is read as cp1252 (else
+    Latin-1) and counted in `report.recoded_files`, a byte-order mark is dropped. A wrong `root`
+    raises FileNotFoundError naming the missing file at construction.
     """
 
     def __init__(self, root: str | Path, split: str = "test", images: str | Path | None = None):
@@ -183,7 +192,7 @@ class Flickr30kEntities:
             return None
         phrases: list[Phrase] = []
         captions: list[str | None] = []  # one per non-empty line; None where it was malformed
-        for lineno, line in enumerate(txt_path.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(read_text(txt_path, report).splitlines(), 1):
             if not line.strip():
                 continue
             caption_index = len(captions)

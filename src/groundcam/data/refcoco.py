@@ -10,13 +10,15 @@ holding anything else is rejected without running it.
 from __future__ import annotations
 
 import io
-import json
+import math
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from groundcam.data.sample import GroundingSample, Phrase, ReadReport
+from groundcam.data.textfile import read_json
+from groundcam.errors import InputError
 
 SPLITS = ("train", "val", "test", "testA", "testB")
 REFS_FILES = ("refs(unc).p", "refs(umd).p", "refs(google).p")
@@ -78,7 +80,9 @@ class RefCOCO:
     `file_name` carries an `_<ann_id>` suffix and names no file). `Phrase.text` is the ref's
     `sent`, `kind` the category name; sample and phrase `meta` hold `ref_id`, `sent_id`,
     `ann_id`, `category`, `raw`. A missing image sets `sample.meta["error"]`; refs whose
-    annotation or image is absent from instances.json are skipped and counted in `self.report`.
+    annotation or image is absent from instances.json or malformed (no `bbox` of 4 finite
+    numbers, no `file_name`, `width` or `height`), and sentences that are not objects with a
+    `sent` string, are skipped and counted in `self.report`.
     """
 
     def __init__(
@@ -118,11 +122,15 @@ class RefCOCO:
             raise ValueError(
                 f"{self.refs_path}: expected a list of refs, got {type(refs).__name__}"
             )
-        with open(self.instances_path, encoding="utf-8") as f:
-            inst = json.load(f)
-        images = {im["id"]: im for im in inst.get("images", [])}
-        anns = {a["id"]: a for a in inst.get("annotations", [])}
-        cats = {c["id"]: c["name"] for c in inst.get("categories", [])}
+        inst = read_json(self.instances_path, report)
+        if not isinstance(inst, dict):
+            raise InputError(
+                f"{self.instances_path}: expected an object with 'images', 'annotations' and "
+                f"'categories', got {type(inst).__name__}"
+            )
+        images = self._index(inst, "images")
+        anns = self._index(inst, "annotations")
+        cats = {k: c.get("name") for k, c in self._index(inst, "categories").items()}
         samples: list[GroundingSample] = []
         for k, ref in enumerate(refs):
             where = f"{self.refs_path}: ref #{k}"
@@ -135,23 +143,52 @@ class RefCOCO:
                 report.skipped_samples += 1
                 report.error(where, f"malformed ref ({e!r}); skipped")
                 continue
-            ann, image = anns.get(ann_id), images.get(image_id)
+            where = f"{where} (ref_id {ref_id!r})"
+            if not isinstance(sentences, list):
+                report.skipped_samples += 1
+                report.error(
+                    where, f"'sentences' is {type(sentences).__name__}, not a list; skipped"
+                )
+                continue
+            ann, image = _get(anns, ann_id), _get(images, image_id)
             if ann is None or image is None:
                 missing = f"annotation {ann_id}" if ann is None else f"image {image_id}"
                 report.skipped_samples += len(sentences)
                 report.error(where, f"{missing} not in {self.instances_path}; skipped")
                 continue
-            x, y, w, h = (float(v) for v in ann["bbox"])
-            box = (x, y, x + w, y + h)
-            category = cats.get(ref.get("category_id", ann.get("category_id")), "")
-            image_path = self.images / image["file_name"]
+            try:
+                box = _xywh_box(ann.get("bbox"))
+                image_size = (int(image["width"]), int(image["height"]))
+                file_name = image["file_name"]
+                if not isinstance(file_name, str) or not file_name.strip():
+                    raise ValueError(f"file_name {file_name!r} is not a file name")
+            except (KeyError, TypeError, ValueError, OverflowError) as e:
+                report.skipped_samples += len(sentences)
+                what = f"missing {e}" if isinstance(e, KeyError) else str(e)
+                report.error(
+                    where,
+                    f"annotation {ann_id} / image {image_id} in {self.instances_path}: {what}; "
+                    "skipped",
+                )
+                continue
+            category_id = ref.get("category_id", ann.get("category_id"))
+            category = _get(cats, category_id)
+            category = category if isinstance(category, str) else ""
+            image_path = self.images / file_name
             error = None
             if not image_path.is_file():
                 error = f"image not found: {image_path}"
                 report.missing_images.append(str(image_path))
                 report.error(str(image_path), "image not found")
-            for sent in sentences:
-                text = sent.get("sent", sent.get("raw", ""))
+            for j, sent in enumerate(sentences):
+                text = sent.get("sent", sent.get("raw")) if isinstance(sent, dict) else None
+                if not isinstance(text, str):
+                    report.skipped_samples += 1
+                    report.error(
+                        f"{where} sentence #{j}",
+                        f"expected an object with a 'sent' string, got {sent!r:.60}; skipped",
+                    )
+                    continue
                 meta = {
                     "ref_id": ref_id,
                     "sent_id": sent.get("sent_id"),
@@ -167,13 +204,54 @@ class RefCOCO:
                     GroundingSample(
                         image_id=str(image_id),
                         phrases=[Phrase(text, [box], category, str(sent.get("sent_id")), meta)],
-                        image_size=(int(image["width"]), int(image["height"])),
+                        image_size=image_size,
                         image_path=image_path,
                         caption=text,
-                        split=ref["split"],
+                        split=ref.get("split", ""),
                         meta=sample_meta,
                     )
                 )
                 report.samples += 1
                 report.phrases += 1
         return samples
+
+    def _index(self, inst: dict, key: str) -> dict[Any, dict]:
+        """`inst[key]` by `id`; entries that are not objects with an int or str `id` are skipped
+        and counted (`report.skipped_rows`)."""
+        entries = inst.get(key, [])
+        if not isinstance(entries, list):
+            raise InputError(
+                f"{self.instances_path}: '{key}' must be a list, got {type(entries).__name__}"
+            )
+        out: dict[Any, dict] = {}
+        for i, entry in enumerate(entries):
+            ident = entry.get("id") if isinstance(entry, dict) else None
+            if isinstance(ident, bool) or not isinstance(ident, int | str):
+                self.report.skipped_rows += 1
+                self.report.error(
+                    f"{self.instances_path}: {key}[{i}]",
+                    f"expected an object with an int or str 'id', got {entry!r:.60}; skipped",
+                )
+                continue
+            out[ident] = entry
+        return out
+
+
+def _get(table: dict, key: Any) -> Any:
+    """`table.get(key)`, None for a key that cannot be one (a list, a dict)."""
+    try:
+        return table.get(key)
+    except TypeError:
+        return None
+
+
+def _xywh_box(bbox: Any) -> tuple[float, float, float, float]:
+    """COCO `[x, y, w, h]` as `(x, y, x + w, y + h)`; ValueError unless 4 finite numbers."""
+    if not isinstance(bbox, list | tuple) or len(bbox) != 4:
+        raise ValueError(f"bbox {bbox!r:.60} is not [x, y, w, h]")
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in bbox):
+        raise ValueError(f"bbox {bbox!r:.60} is not 4 numbers")
+    x, y, w, h = (float(v) for v in bbox)
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        raise ValueError(f"bbox {bbox!r} is not finite")
+    return (x, y, x + w, y + h)

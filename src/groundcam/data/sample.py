@@ -22,6 +22,7 @@ class ReadReport:
     skipped_lines: int = 0
     skipped_rows: int = 0
     repaired_rows: int = 0
+    recoded_files: int = 0  # files read as cp1252/Latin-1 because they were not UTF-8
     missing_images: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 

@@ -17,7 +17,6 @@ captions are computed as the COCO caption evaluation does (`groundcam.eval.capti
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -26,12 +25,23 @@ from pathlib import Path
 from PIL import Image
 
 from groundcam.data.caption_text import tokenize
-from groundcam.data.captions import by_image, detect_layout, read_captions
-from groundcam.data.sample import Box
+from groundcam.data.captions import (
+    SPLITS,
+    VAL_FRACTION,
+    by_image,
+    detect_layout,
+    find_caption_file,
+    is_val_image,
+    read_captions,
+)
+from groundcam.data.sample import Box, ReadReport
+from groundcam.data.textfile import read_json
 from groundcam.errors import InputError
 from groundcam.eval.pointing import pointing_game
 from groundcam.eval.summary import accuracy_block
 from groundcam.io import read_image
+
+FLAT_SPLITS = ("all", "val", "train")  # --split of a caption file without splits
 
 
 @dataclass
@@ -233,27 +243,54 @@ def shapes_samples(
         )
 
 
-def file_samples(captions: str, images: str, split: str | None = None) -> list[CaptionSample]:
-    """Images of a captions file (any layout `read_captions` knows) with their references; in a
-    Karpathy-layout file, sentences with `grounding: [{"token", "boxes"}]` are scored per word.
-    Images listed but missing are left out (counted by the caller from the report)."""
+def file_split(captions: str | Path, split: str | None) -> str:
+    """The split `--dataset file` evaluates: a Karpathy file's own (`train`, `val`, `test`,
+    `restval`; default `test`) or `all`; a file without splits (csv, pipe, token layouts) has
+    `all` (default: every image), `val` (the images, chosen by a hash of the file name, that
+    `train captioner` validates on) and `train` (the others). Anything else is an InputError."""
+    captions = _caption_file(captions)
+    layout = detect_layout(captions)
+    if layout == "karpathy":
+        split = split or "test"
+        if split != "all" and split not in SPLITS:
+            raise InputError(
+                f"--split {split}: {captions} is a Karpathy split file; use one of "
+                f"{', '.join(SPLITS)} or all"
+            )
+        return split
+    split = split or "all"
+    if split not in FLAT_SPLITS:
+        raise InputError(
+            f"--split {split}: {captions} is a {layout!r} caption file without splits; use all "
+            f"(every image), val (the {VAL_FRACTION:.0%} of images, chosen by a hash of the file "
+            "name, that `groundcam train captioner` validates on) or train (the other images)"
+        )
+    return split
+
+
+def file_samples(
+    captions: str | Path,
+    images: str | Path,
+    split: str | None = None,
+    report: ReadReport | None = None,
+) -> list[CaptionSample]:
+    """Images of a captions file (any layout `read_captions` knows) with their references, in
+    `split` (see `file_split`); in a Karpathy-layout file, sentences with
+    `grounding: [{"token", "boxes"}]` are scored per word (a malformed grounding item, or one with
+    a NaN or infinite box, is skipped and counted in `report.skipped_rows`). Images listed but
+    missing are left out (counted by the caller from the report)."""
     root = Path(images)
-    rows = read_captions(captions, split=split)
+    report = report if report is not None else ReadReport()
+    captions = _caption_file(captions)
+    split = file_split(captions, split)
     grounded: dict[str, list] = {}
     if detect_layout(captions) == "karpathy":
-        for entry in json.loads(Path(captions).read_text(encoding="utf-8-sig")).get("images", []):
-            if not isinstance(entry, dict) or "filename" not in entry:
-                continue
-            for sent in entry.get("sentences") or []:
-                g = sent.get("grounding") if isinstance(sent, dict) else None
-                tokens = sent.get("tokens") if isinstance(sent, dict) else None
-                if not g or not tokens:
-                    continue
-                boxes: list = [None] * len(tokens)
-                for item in g:
-                    if 0 <= int(item["token"]) < len(tokens):
-                        boxes[int(item["token"])] = [tuple(map(float, b)) for b in item["boxes"]]
-                grounded.setdefault(entry["filename"], []).append((list(tokens), boxes))
+        rows = read_captions(captions, split=None if split == "all" else split, report=report)
+        grounded = _karpathy_grounding(captions, report)
+    else:
+        rows = read_captions(captions, report=report)
+        if split != "all":
+            rows = [c for c in rows if is_val_image(c.image) == (split == "val")]
     out = []
     for name, refs in by_image(rows).items():
         path = root / name
@@ -263,3 +300,67 @@ def file_samples(captions: str, images: str, split: str | None = None) -> list[C
             CaptionSample(name, lambda path=path: read_image(path), refs, grounded.get(name, []))
         )
     return out
+
+
+def _caption_file(captions: str | Path) -> Path:
+    """The caption file itself, or the one `find_caption_file` picks in a directory."""
+    path = Path(captions)
+    return find_caption_file(path) if path.is_dir() else path
+
+
+def _karpathy_grounding(path: Path, report: ReadReport) -> dict[str, list]:
+    """Per image file name, `(tokens, boxes per token)` of each sentence that has `grounding`."""
+    grounded: dict[str, list] = {}
+    for i, entry in enumerate(read_json(path).get("images", [])):
+        if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
+            continue  # read_captions has reported it
+        sentences = entry.get("sentences")
+        for j, sent in enumerate(sentences if isinstance(sentences, list) else []):
+            g = sent.get("grounding") if isinstance(sent, dict) else None
+            tokens = sent.get("tokens") if isinstance(sent, dict) else None
+            if not g or not tokens:
+                continue
+            where = f"{path}:images[{i}].sentences[{j}] ({entry['filename']})"
+            if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+                report.skipped_rows += 1
+                report.error(where, "'tokens' is not a list of strings; grounding skipped")
+                continue
+            if not isinstance(g, list):
+                report.skipped_rows += 1
+                report.error(where, "'grounding' is not a list; grounding skipped")
+                continue
+            boxes: list = [None] * len(tokens)
+            for m, item in enumerate(g):
+                try:
+                    token, word_boxes = _grounding_item(item, len(tokens))
+                except ValueError as e:
+                    report.skipped_rows += 1
+                    report.error(f"{where}.grounding[{m}]", f"{e}; skipped")
+                    continue
+                boxes[token] = word_boxes
+            grounded.setdefault(entry["filename"], []).append((list(tokens), boxes))
+    return grounded
+
+
+def _grounding_item(item: object, n_tokens: int) -> tuple[int, list[Box]]:
+    """A `{"token": i, "boxes": [[x0, y0, x1, y1], ...]}` item as (i, boxes); ValueError saying
+    what is wrong (not an object, a token outside the sentence, a box that is not 4 finite
+    numbers)."""
+    if not isinstance(item, dict):
+        raise ValueError(f"expected {{'token': i, 'boxes': [...]}}, got {item!r:.60}")
+    token, boxes = item.get("token"), item.get("boxes")
+    if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < n_tokens:
+        raise ValueError(f"token {token!r:.40} is not an index of the {n_tokens} tokens")
+    if not isinstance(boxes, list):
+        raise ValueError(f"boxes {boxes!r:.60} is not a list")
+    out = []
+    for box in boxes:
+        if (
+            not isinstance(box, list)
+            or len(box) != 4
+            or any(isinstance(v, bool) or not isinstance(v, int | float) for v in box)
+            or not all(math.isfinite(v) for v in box)
+        ):
+            raise ValueError(f"box {box!r:.60} is not 4 finite numbers [x0, y0, x1, y1]")
+        out.append(tuple(float(v) for v in box))
+    return token, out

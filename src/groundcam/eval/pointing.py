@@ -20,12 +20,11 @@ A map with no variation (all zero, constant, or flat after the resize; see
 the box in the image's corner and a constant map never hits through bicubic rounding noise.
 `mg`'s skip rule comes first: a skipped phrase stays skipped (``flat`` still says whether its map
 was flat). NaN and +-inf are refused with an `InputError` before and after the resize (a finite
-map near float32's limit can overflow in the bicubic resize).
+map near float32's limit can overflow in the bicubic resize), and so are NaN or infinite boxes.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from groundcam.data.textfile import read_json
 from groundcam.errors import InputError
 from groundcam.maps import (
     FLAT_RTOL,
@@ -193,6 +193,10 @@ def _as_boxes(boxes: ArrayLike | Sequence[Sequence[float]]) -> torch.Tensor:
         tensor = tensor[None]
     if tensor.ndim != 2 or tensor.shape[1] != 4:
         raise InputError(f"boxes must be xyxy with shape [K, 4], got {tuple(tensor.shape)}")
+    finite = torch.isfinite(tensor).all(dim=1)
+    if not bool(finite.all()):
+        bad = tensor[~finite][0].tolist()
+        raise InputError(f"boxes must be finite numbers, got box {bad} (NaN or infinite)")
     return tensor
 
 
@@ -345,14 +349,14 @@ def proposal_scores(
     `heatmap` must already be at image size. Slice bounds are truncated with `int()` as in
     ALBEF's grounding_eval (``int(y + h)``, not ``int(y) + int(h)``); a negative start is clamped
     to 0 (ALBEF would wrap around). Sums are taken in float64. A proposal with ``w * h <= 0``
-    scores NaN (never chosen). Returns a float64 tensor [K].
+    or a NaN or infinite value scores NaN (never chosen). Returns a float64 tensor [K].
     """
     tensor = as_2d_tensor(heatmap).detach()
     rows = _as_proposals(proposals).tolist()
     scores = torch.full((len(rows),), float("nan"), dtype=torch.float64)
     for k, (x, y, w, h) in enumerate(rows):
         area = w * h
-        if not area > 0:
+        if not area > 0 or not math.isfinite(x + y + area):
             continue
         top, left = max(int(y), 0), max(int(x), 0)
         window = tensor[top : max(int(y + h), 0), left : max(int(x + w), 0)]
@@ -417,8 +421,8 @@ def albef_boxes(
     """
     tensor, flat = _prepared_map(heatmap, image_size, PROTOCOLS["albef-boxes"].resize_mode)
     gt = [float(v) for v in gt_box]
-    if len(gt) != 4:
-        raise InputError(f"gt_box must be [x, y, w, h], got {gt_box!r}")
+    if len(gt) != 4 or not all(math.isfinite(v) for v in gt):
+        raise InputError(f"gt_box must be 4 finite numbers [x, y, w, h], got {gt_box!r}")
     return _score_proposals(
         tensor, _first_argmax(tensor), proposals, [gt], "albef-boxes", flat=flat
     )
@@ -430,7 +434,7 @@ def read_dets(path: str | Path) -> dict[str, list[list[float]]]:
     Keys stay strings (look up with ``dets[str(image_id)]`` as ALBEF does); extra columns
     (scores, classes) are dropped.
     """
-    raw = json.loads(Path(path).read_text())
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected an object {{image_id: [[x, y, w, h, ...], ...]}}")
     dets: dict[str, list[list[float]]] = {}
@@ -439,9 +443,12 @@ def read_dets(path: str | Path) -> dict[str, list[list[float]]]:
             raise InputError(f"{path}: detections of image {image_id} must be a list")
         boxes = []
         for row in rows:
-            if not isinstance(row, list) or len(row) < 4:
-                raise InputError(f"{path}: image {image_id}: bad detection {row!r}")
-            boxes.append([float(v) for v in row[:4]])
+            try:
+                if not isinstance(row, list) or len(row) < 4:
+                    raise TypeError
+                boxes.append([float(v) for v in row[:4]])
+            except (TypeError, ValueError):
+                raise InputError(f"{path}: image {image_id}: bad detection {row!r:.80}") from None
         dets[str(image_id)] = boxes
     return dets
 

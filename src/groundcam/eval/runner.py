@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from groundcam.data.text import pre_caption
-from groundcam.errors import GroundcamWarning, ImageError
+from groundcam.errors import GroundcamWarning, ImageError, InputError
 from groundcam.eval.datasets import Unit, Units
 from groundcam.eval.pointing import PROTOCOLS, pointing_games, read_dets, upsample_many
 from groundcam.eval.summary import summarize
@@ -209,21 +209,37 @@ def _failed(base: dict, message: str) -> dict:
 
 def in_box_fractions(heatmaps: torch.Tensor, boxes: list[list[list[float]]]) -> list[float | None]:
     """Per map [P, H, W], the share of its (non-negative) mass on pixels inside any of its boxes,
-    edges included; None for a map with no mass or no box."""
+    edges included (a box is clipped to the image; one wholly outside holds no pixel); None for a
+    map with no mass or no box. A NaN or infinite box is an `InputError`."""
     mass = heatmaps.clamp(min=0)
     _, h, w = mass.shape
     inside = torch.zeros_like(mass, dtype=torch.bool)
     for p, phrase_boxes in enumerate(boxes):
-        for x1, y1, x2, y2 in phrase_boxes:  # pixels x with x1 <= x <= x2, likewise y
+        for box in phrase_boxes:  # pixels x with x1 <= x <= x2, likewise y
+            if not all(math.isfinite(v) for v in box):
+                raise InputError(f"map {p}: box {list(box)} is not finite (NaN or infinite)")
+            x1, y1, x2, y2 = box
             left, top = max(math.ceil(x1), 0), max(math.ceil(y1), 0)
             right, bottom = min(math.floor(x2), w - 1), min(math.floor(y2), h - 1)
-            inside[p, top : bottom + 1, left : right + 1] = True
+            if left <= right and top <= bottom:  # a negative bound would wrap around
+                inside[p, top : bottom + 1, left : right + 1] = True
     # both sums in one transfer from the maps' device
     totals, within = torch.stack([mass.sum(dim=(1, 2)), (mass * inside).sum(dim=(1, 2))]).tolist()
     return [
         float(a / t) if t > 0 and phrase_boxes else None
         for a, t, phrase_boxes in zip(within, totals, boxes, strict=True)
     ]
+
+
+def _finite_boxes(base: dict) -> bool:
+    return all(math.isfinite(v) for box in base["boxes"] for v in box)
+
+
+def _phrase_problem(base: dict) -> str:
+    """Why a phrase of a loaded image is not scored."""
+    if not _finite_boxes(base):
+        return f"a ground-truth box is not finite (NaN or infinite): {base['boxes']}"
+    return "phrase is empty after preprocessing"
 
 
 @dataclass
@@ -317,11 +333,10 @@ class UnitScorer:
             if not error and isinstance(loaded, Exception):
                 error = str(loaded)
             keep = [] if error else [k for k, t in enumerate(texts) if t.strip()]
+            keep = [k for k in keep if _finite_boxes(bases[k])]
             for k, base in enumerate(bases):
                 if k not in keep:
-                    records[base["uid"]] = _failed(
-                        base, error or "phrase is empty after preprocessing"
-                    )
+                    records[base["uid"]] = _failed(base, error or _phrase_problem(base))
             if keep:
                 kept_texts = [texts[k] for k in keep]
                 image, pixels = loaded
@@ -492,6 +507,8 @@ def run_eval(
             "phrases": r.phrases,
             "skipped_samples": r.skipped_samples,
             "skipped_lines": r.skipped_lines,
+            "skipped_rows": r.skipped_rows,
+            "recoded_files": r.recoded_files,
             "missing_images": len(r.missing_images),
             "errors": r.errors[:20],
         }

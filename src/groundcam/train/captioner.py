@@ -10,7 +10,6 @@ captions against every reference, as the COCO caption evaluation computes them."
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from groundcam.data.caption_text import Vocabulary, tokenize
-from groundcam.data.captions import read_captions
+from groundcam.data.captions import is_val_image, read_captions
 from groundcam.data.sample import ReadReport
 from groundcam.errors import InputError
 from groundcam.io import read_image
@@ -73,11 +72,6 @@ class CaptionData:
     unreadable: int = 0  # empty or all-<UNK> captions left out
 
 
-def _is_val(name: str, fraction: float) -> bool:
-    digest = hashlib.sha1(name.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
-
-
 def load_data(cfg: TrainConfig) -> CaptionData:
     """Read, split, build the vocabulary and encode; malformed rows, missing images and unreadable
     captions are counted and reported, never fatal (an empty result is)."""
@@ -100,7 +94,7 @@ def load_data(cfg: TrainConfig) -> CaptionData:
             missing.add(c.image)  # reported once, in the summary
             continue
         split = getattr(c, "split", "") if has_splits else ""
-        is_val = split == "val" if has_splits else _is_val(c.image, cfg.val_fraction)
+        is_val = split == "val" if has_splits else is_val_image(c.image, cfg.val_fraction)
         if is_val:
             val_refs.setdefault(path, []).append(c.caption)
         elif not has_splits or split in TRAIN_SPLITS:
