@@ -162,6 +162,8 @@ class RefCOCO:
                 file_name = image["file_name"]
                 if not isinstance(file_name, str) or not file_name.strip():
                     raise ValueError(f"file_name {file_name!r} is not a file name")
+                if Path(file_name).is_absolute() or ".." in Path(file_name).parts:
+                    raise ValueError(f"file_name {file_name!r} leaves the --images folder")
             except (KeyError, TypeError, ValueError, OverflowError) as e:
                 report.skipped_samples += len(sentences)
                 what = f"missing {e}" if isinstance(e, KeyError) else str(e)

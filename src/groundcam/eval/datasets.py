@@ -196,8 +196,7 @@ def open_units(
         samples.extend(merged[:limit] if limit is not None else merged)
         if report is not None:
             reports[split] = report
-    units = [Unit(i, s) for i, s in enumerate(samples)]
-    _check_unique(units)
+    units = [Unit(i, s) for i, s in enumerate(_drop_duplicates(samples, reports))]
     return Units(spec, units, reports)
 
 
@@ -235,11 +234,26 @@ def _check_not_empty(spec, split, samples, report) -> None:
     raise ValueError(f"{spec.name} split {split!r} is empty: {what} to score{why}")
 
 
-def _check_unique(units: list[Unit]) -> None:
-    seen: dict[str, int] = {}
-    for unit in units:
-        for k in range(len(unit.sample.phrases)):
-            uid = unit.uid(k)
+def _drop_duplicates(
+    samples: list[GroundingSample], reports: dict[str, ReadReport]
+) -> list[GroundingSample]:
+    """Phrases whose id was already seen are that phrase's problem: dropped and counted in their
+    split's report (results are keyed by id, so a second one would overwrite the first)."""
+    seen: set[str] = set()
+    kept: list[GroundingSample] = []
+    for sample in samples:
+        phrases = []
+        for phrase in sample.phrases:
+            uid = f"{sample.split}/{sample.image_id}/{phrase.id}"
             if uid in seen:
-                raise ValueError(f"two phrases share the id {uid!r}; the dataset has duplicates")
-            seen[uid] = unit.index
+                report = reports.setdefault(sample.split, ReadReport())
+                report.skipped_samples += 1
+                report.error(uid, "a second phrase with this id; skipped (ids must be unique)")
+                continue
+            seen.add(uid)
+            phrases.append(phrase)
+        if phrases:
+            kept.append(
+                sample if len(phrases) == len(sample.phrases) else replace(sample, phrases=phrases)
+            )
+    return kept
