@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -16,6 +17,7 @@ from groundcam.errors import InputError
 from groundcam.explanation import Explanation, GenerationExplanation, normalize_maps
 from groundcam.methods import METHODS, Method, get_method
 from groundcam.targets import check_target
+from groundcam.threads import model_lock, this_thread
 
 
 class Resolved(NamedTuple):
@@ -36,12 +38,30 @@ class Batch(NamedTuple):
     attention_mask: torch.Tensor
 
 
+def serialised(entry: Callable) -> Callable:
+    """`entry` run holding the model's lock (re-entrant: entries may call one another)."""
+
+    @functools.wraps(entry)
+    def run(self: Explainer, *args, **kwargs):
+        with self.lock:
+            return entry(self, *args, **kwargs)
+
+    return run
+
+
 class Explainer:
-    """A loaded model with its family adapter; `explain` answers where it finds each phrase."""
+    """A loaded model with its family adapter; `explain` answers where it finds each phrase.
+
+    Safe to share between threads: every entry that runs the model (explain, explain_many,
+    explain_tensors, explain_generation, scores, score_tensors, prepare) holds `lock`, the
+    re-entrant lock of the model (`groundcam.threads.model_lock`, shared by every Explainer of
+    that model instance), so calls on one model run one at a time and give the maps a single
+    thread gives; different model instances run in parallel."""
 
     def __init__(self, adapter: Adapter, grad_chunk: int = 32):
         self.adapter = adapter
         self.grad_chunk = grad_chunk  # scores per batched backward when rows are shared
+        self.lock = model_lock(adapter.model)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -111,6 +131,7 @@ class Explainer:
         phrases = [phrases] if isinstance(phrases, str) else list(phrases)
         return self.explain_many([image], [phrases], method=method, layer=layer, target=target)
 
+    @serialised
     def explain_many(
         self,
         images: Sequence[Image.Image],
@@ -141,6 +162,7 @@ class Explainer:
         ex.phrases, ex.images, ex.image_index = flat, list(images), index.tolist()
         return ex
 
+    @serialised
     def explain_tensors(
         self,
         pixel_values: torch.Tensor,
@@ -168,6 +190,7 @@ class Explainer:
             differentiable,
         )
 
+    @serialised
     def scores(self, image: Image.Image, phrases: Sequence[str], target: str | None = None):
         """The target score per phrase without any explanation (forward only)."""
         phrases = [phrases] if isinstance(phrases, str) else list(phrases)
@@ -175,6 +198,7 @@ class Explainer:
         index = torch.zeros(len(phrases), dtype=torch.long, device=batch.input_ids.device)
         return self.score_tensors(*batch, image_index=index, target=target).reported
 
+    @serialised
     def score_tensors(
         self,
         pixel_values: torch.Tensor,
@@ -193,6 +217,7 @@ class Explainer:
         with torch.no_grad():
             return a.forward(pixel_values, input_ids, attention_mask, image_index, target)
 
+    @serialised
     def prepare(self, images: Sequence[Image.Image], phrases: Sequence[str]) -> Batch:
         """Checked model inputs: pixel values per image, token ids and mask per phrase."""
         phrases = list(phrases)
@@ -200,6 +225,7 @@ class Explainer:
             raise InputError("no phrases given: pass at least one phrase to explain")
         return Batch(self.prepare_images(images), *self.prepare_texts(phrases))
 
+    @serialised
     def prepare_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """The model's preprocessing of `images` ([N, C, H, W] on the model's device)."""
         from groundcam.io import check_image
@@ -212,6 +238,7 @@ class Explainer:
             check_image(image, f"image {i}")
         return self.adapter.prepare_images(list(images))
 
+    @serialised
     def prepare_texts(self, phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask per phrase, as the model reads them (a phrase of special
         tokens only is refused; an unreadable or truncated one warns)."""
@@ -346,6 +373,7 @@ class Explainer:
             text_conditioned=out.text_conditioned,
         )
 
+    @serialised
     def explain_generation(
         self,
         image: Image.Image,
@@ -477,7 +505,7 @@ class HeadRows:
 
     def __enter__(self) -> HeadRows:
         self.x = None
-        self._handle = self.head.register_forward_pre_hook(self._pick)
+        self._handle = self.head.register_forward_pre_hook(this_thread(self._pick))
         return self
 
     def __exit__(self, *exc) -> None:
