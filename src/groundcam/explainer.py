@@ -52,11 +52,12 @@ def serialised(entry: Callable) -> Callable:
 class Explainer:
     """A loaded model with its family adapter; `explain` answers where it finds each phrase.
 
-    Safe to share between threads: every entry that runs the model (explain, explain_many,
-    explain_tensors, explain_generation, scores, score_tensors, prepare) holds `lock`, the
-    re-entrant lock of the model (`groundcam.threads.model_lock`, shared by every Explainer of
-    that model instance), so calls on one model run one at a time and give the maps a single
-    thread gives; different model instances run in parallel."""
+    Safe to share between threads: every entry that runs the model or its tokenizer (explain,
+    explain_many, explain_tensors, explain_generation, scores, score_tensors, prepare_texts)
+    holds `lock`, the re-entrant lock of the model (`groundcam.threads.model_lock`, shared by
+    every Explainer of that model instance), so calls on one model run one at a time and give
+    the maps a single thread gives; different model instances run in parallel, and image
+    preparation (`prepare_images`) never waits."""
 
     def __init__(self, adapter: Adapter, grad_chunk: int = 32):
         self.adapter = adapter
@@ -217,7 +218,6 @@ class Explainer:
         with torch.no_grad():
             return a.forward(pixel_values, input_ids, attention_mask, image_index, target)
 
-    @serialised
     def prepare(self, images: Sequence[Image.Image], phrases: Sequence[str]) -> Batch:
         """Checked model inputs: pixel values per image, token ids and mask per phrase."""
         phrases = list(phrases)
@@ -225,7 +225,6 @@ class Explainer:
             raise InputError("no phrases given: pass at least one phrase to explain")
         return Batch(self.prepare_images(images), *self.prepare_texts(phrases))
 
-    @serialised
     def prepare_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """The model's preprocessing of `images` ([N, C, H, W] on the model's device)."""
         from groundcam.io import check_image
@@ -238,7 +237,6 @@ class Explainer:
             check_image(image, f"image {i}")
         return self.adapter.prepare_images(list(images))
 
-    @serialised
     def prepare_texts(self, phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask per phrase, as the model reads them (a phrase of special
         tokens only is refused; an unreadable or truncated one warns)."""
@@ -247,7 +245,8 @@ class Explainer:
                 raise InputError(f"phrases must be strings, got {type(p).__name__}: {p!r}")
             if not p.strip():
                 raise InputError("empty phrase: every phrase needs some text")
-        return self.adapter.prepare_texts(list(phrases))
+        with self.lock:  # a fast tokenizer refuses concurrent calls ("Already borrowed")
+            return self.adapter.prepare_texts(list(phrases))
 
     def resolve(
         self, method: str | None = None, layer: int | str | None = None, target: str | None = None
