@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import NamedTuple
@@ -62,7 +63,12 @@ class Explainer:
     def __init__(self, adapter: Adapter, grad_chunk: int = 32):
         self.adapter = adapter
         self.grad_chunk = grad_chunk  # scores per batched backward when rows are shared
-        self.lock = model_lock(adapter.model)
+        model_lock(adapter.model)  # registered now, for Recorders on the model's modules
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The model's re-entrant lock (looked up, not stored: an Explainer stays picklable)."""
+        return model_lock(self.adapter.model)
 
     @property
     def model(self) -> torch.nn.Module:
