@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 
 import torch
 from torch import nn
 
 from groundcam import grouping
 from groundcam.contract import HookPoint
+from groundcam.threads import holding, this_thread
 
 __all__ = ["HookPoint", "Recorder", "trainable"]
 
@@ -37,6 +39,10 @@ class Recorder:
     image block; they are recorded in that layout (the tensor the model computed with), and
     `unfolds()` gives, per hook point, the function that presents such a tensor (or its
     gradients, with leading axes) per pair.
+
+    Threads: while open, the Recorder holds the lock of the model its modules belong to
+    (`groundcam.threads.model_lock`, registered by the Explainer), so recordings of one model by
+    several threads run one after another; its hooks act only in the thread that opened it.
     """
 
     def __init__(self, points: list[HookPoint], leaf: bool = False, cut: bool = False):
@@ -47,6 +53,7 @@ class Recorder:
         self._unfold: dict[str, Unfold] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._grad_before: bool | None = None
+        self._held = ExitStack()
 
     def _enter_hook(self, point: HookPoint):
         def enter(module, args, kwargs):
@@ -94,12 +101,13 @@ class Recorder:
         return record
 
     def __enter__(self) -> Recorder:
+        self._held.enter_context(holding(p.module for p in self.points))
         try:
             for p in self.points:
                 if self.cut:
-                    hook = self._enter_hook(p)
+                    hook = this_thread(self._enter_hook(p))
                     self._handles.append(p.module.register_forward_pre_hook(hook, with_kwargs=True))
-                self._handles.append(p.module.register_forward_hook(self._hook(p)))
+                self._handles.append(p.module.register_forward_hook(this_thread(self._hook(p))))
         except Exception:
             self.remove()
             raise
@@ -118,6 +126,7 @@ class Recorder:
         if self._grad_before is not None:
             torch.set_grad_enabled(self._grad_before)
             self._grad_before = None
+        self._held.close()
 
     def tensors(self) -> list[torch.Tensor]:
         """Recorded tensors in the order of the hook points; an error names any that never fired."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -16,6 +18,7 @@ from groundcam.errors import InputError
 from groundcam.explanation import Explanation, GenerationExplanation, normalize_maps
 from groundcam.methods import METHODS, Method, get_method
 from groundcam.targets import check_target
+from groundcam.threads import model_lock, this_thread
 
 
 class Resolved(NamedTuple):
@@ -36,12 +39,36 @@ class Batch(NamedTuple):
     attention_mask: torch.Tensor
 
 
+def serialised(entry: Callable) -> Callable:
+    """`entry` run holding the model's lock (re-entrant: entries may call one another)."""
+
+    @functools.wraps(entry)
+    def run(self: Explainer, *args, **kwargs):
+        with self.lock:
+            return entry(self, *args, **kwargs)
+
+    return run
+
+
 class Explainer:
-    """A loaded model with its family adapter; `explain` answers where it finds each phrase."""
+    """A loaded model with its family adapter; `explain` answers where it finds each phrase.
+
+    Safe to share between threads: every entry that runs the model or its tokenizer (explain,
+    explain_many, explain_tensors, explain_generation, scores, score_tensors, prepare_texts)
+    holds `lock`, the re-entrant lock of the model (`groundcam.threads.model_lock`, shared by
+    every Explainer of that model instance), so calls on one model run one at a time and give
+    the maps a single thread gives; different model instances run in parallel, and image
+    preparation (`prepare_images`) never waits."""
 
     def __init__(self, adapter: Adapter, grad_chunk: int = 32):
         self.adapter = adapter
         self.grad_chunk = grad_chunk  # scores per batched backward when rows are shared
+        model_lock(adapter.model)  # registered now, for Recorders on the model's modules
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The model's re-entrant lock (looked up, not stored: an Explainer stays picklable)."""
+        return model_lock(self.adapter.model)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -111,6 +138,7 @@ class Explainer:
         phrases = [phrases] if isinstance(phrases, str) else list(phrases)
         return self.explain_many([image], [phrases], method=method, layer=layer, target=target)
 
+    @serialised
     def explain_many(
         self,
         images: Sequence[Image.Image],
@@ -141,6 +169,7 @@ class Explainer:
         ex.phrases, ex.images, ex.image_index = flat, list(images), index.tolist()
         return ex
 
+    @serialised
     def explain_tensors(
         self,
         pixel_values: torch.Tensor,
@@ -168,6 +197,7 @@ class Explainer:
             differentiable,
         )
 
+    @serialised
     def scores(self, image: Image.Image, phrases: Sequence[str], target: str | None = None):
         """The target score per phrase without any explanation (forward only)."""
         phrases = [phrases] if isinstance(phrases, str) else list(phrases)
@@ -175,6 +205,7 @@ class Explainer:
         index = torch.zeros(len(phrases), dtype=torch.long, device=batch.input_ids.device)
         return self.score_tensors(*batch, image_index=index, target=target).reported
 
+    @serialised
     def score_tensors(
         self,
         pixel_values: torch.Tensor,
@@ -220,7 +251,8 @@ class Explainer:
                 raise InputError(f"phrases must be strings, got {type(p).__name__}: {p!r}")
             if not p.strip():
                 raise InputError("empty phrase: every phrase needs some text")
-        return self.adapter.prepare_texts(list(phrases))
+        with self.lock:  # a fast tokenizer refuses concurrent calls ("Already borrowed")
+            return self.adapter.prepare_texts(list(phrases))
 
     def resolve(
         self, method: str | None = None, layer: int | str | None = None, target: str | None = None
@@ -346,6 +378,7 @@ class Explainer:
             text_conditioned=out.text_conditioned,
         )
 
+    @serialised
     def explain_generation(
         self,
         image: Image.Image,
@@ -477,7 +510,7 @@ class HeadRows:
 
     def __enter__(self) -> HeadRows:
         self.x = None
-        self._handle = self.head.register_forward_pre_hook(self._pick)
+        self._handle = self.head.register_forward_pre_hook(this_thread(self._pick))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -48,6 +48,14 @@ class Explanation:
     def __len__(self) -> int:
         return self.maps.shape[0]
 
+    def __repr__(self) -> str:
+        """One short line (the tensors would print kilobytes): sizes, settings, phrases cut."""
+        return (
+            f"Explanation({len(self.phrases)} phrases {_cut(self.phrases)}, "
+            f"method={self.method!r}, layer={self.layer}, target={self.target!r}, "
+            f"model={self.model!r}, maps={_shape(self.maps)})"
+        )
+
     def resize(self, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
         """Maps upsampled to (H, W), `align_corners=False`, unclamped (the AMC protocol's view)."""
         return F.interpolate(self.maps[:, None], size=size, mode=mode, align_corners=False)[:, 0]
@@ -135,6 +143,14 @@ class GenerationExplanation:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def __repr__(self) -> str:
+        """One short line (the tensors would print kilobytes): sizes, settings, text cut."""
+        return (
+            f"GenerationExplanation({len(self.tokens)} tokens, text={_cut_text(self.text)!r}, "
+            f"method={self.method!r}, layer={self.layer}, model={self.model!r}, "
+            f"maps={_shape(self.maps)})"
+        )
+
     def resize(self, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
         return F.interpolate(self.maps[:, None], size=size, mode=mode, align_corners=False)[:, 0]
 
@@ -212,6 +228,22 @@ class GenerationExplanation:
                 picture = self.overlay(k, colorbar=colorbar, **style)
                 picture.save(out / f"{k:03d}_{_slug(token)}.png")
         return out
+
+
+def _cut_text(text: str, width: int = 40) -> str:
+    """`text`, or its first `width` characters and an ellipsis."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _cut(phrases: list[str], first: int = 3) -> str:
+    """The first phrases, each cut, and how many more there are."""
+    shown = ", ".join(repr(_cut_text(p)) for p in phrases[:first])
+    more = f", +{len(phrases) - first} more" if len(phrases) > first else ""
+    return f"[{shown}{more}]"
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "x".join(str(n) for n in t.shape)
 
 
 def _slug(text: str) -> str:

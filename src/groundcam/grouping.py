@@ -16,6 +16,10 @@ are in the grouped layout `[G, H, P*T, N]` when a Recorder watches the module: t
 that tensor (the one the context was computed from, so gradients with respect to it are exact)
 with `groups.probs_to_rows` to present it, and its gradients, per pair.
 
+Threads: while open, `grouped` holds the lock of the model its modules belong to
+(`groundcam.threads`); its hooks and the layouts `layout` reports belong to the thread that
+opened it, so another thread's forward through the same modules runs per pair, untouched.
+
 Where it applies: ALBEF (inside its own attention), BLIP ITM and captioning, and the decoders of
 VisionEncoderDecoder models (TrOCR, GPT-2, BERT). Single-stream models (FLAVA's multimodal
 encoder, ViLT) have no such keys and values: their image tokens attend to the phrase from the
@@ -28,9 +32,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from threading import local
 
 import torch
 from torch import nn
+
+from groundcam.threads import holding, this_thread
 
 __all__ = ["ImageGroups", "grouped", "layout", "row_images"]
 
@@ -120,14 +127,24 @@ class _Layout:
     inside: bool = False  # between the module's pre- and post-hook of the current call
 
 
-_ACTIVE: dict[int, _Layout] = {}
+class _Layouts(local):
+    """Per thread: the modules grouped in it (by id) and their layouts (empty: false)."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[int, _Layout] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+
+_ACTIVE = _Layouts()
 
 
 def layout(module: nn.Module) -> tuple[ImageGroups, int] | None:
     """(groups, tokens per row) when `module` is running grouped right now (called from its own
     forward hooks), else None. A module that already returned per-pair outputs to the model is
     an error: the hook asking was registered after the grouping and would miss the gradients."""
-    state = _ACTIVE.get(id(module))
+    state = _ACTIVE.by_id.get(id(module))
     if state is None:
         return None
     if not state.inside:
@@ -157,9 +174,10 @@ def grouped(modules: Iterable[nn.Module], groups: ImageGroups | None) -> Iterato
         return
     handles: list[torch.utils.hooks.RemovableHandle] = []
     keys: list[int] = []
+    active = _ACTIVE.by_id
 
     def before(module, args, kwargs):
-        state = _ACTIVE[id(module)]
+        state = active[id(module)]
         x, positional = _query(args, kwargs)
         if x.shape[0] != groups.rows:
             raise ValueError(
@@ -172,7 +190,7 @@ def grouped(modules: Iterable[nn.Module], groups: ImageGroups | None) -> Iterato
         return args, {**kwargs, "hidden_states": blocks}
 
     def after(module, args, kwargs, output):
-        state = _ACTIVE[id(module)]
+        state = active[id(module)]
         state.inside = False
         t = state.tokens
         items = output if isinstance(output, tuple) else (output,)
@@ -183,17 +201,20 @@ def grouped(modules: Iterable[nn.Module], groups: ImageGroups | None) -> Iterato
             out.append(item)
         return tuple(out) if isinstance(output, tuple) else out[0]
 
-    try:
-        for module in modules:
-            if id(module) in _ACTIVE:
-                raise RuntimeError(f"{type(module).__name__} is already grouped")
-            _ACTIVE[id(module)] = _Layout(groups)
-            keys.append(id(module))
-            handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
-            handles.append(module.register_forward_hook(after, with_kwargs=True))
-        yield True
-    finally:
-        for h in handles:
-            h.remove()
-        for k in keys:
-            _ACTIVE.pop(k, None)
+    modules = list(modules)
+    with holding(modules):
+        try:
+            for module in modules:
+                if id(module) in active:
+                    raise RuntimeError(f"{type(module).__name__} is already grouped")
+                active[id(module)] = _Layout(groups)
+                keys.append(id(module))
+                pre = this_thread(before)
+                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+                handles.append(module.register_forward_hook(this_thread(after), with_kwargs=True))
+            yield True
+        finally:
+            for h in handles:
+                h.remove()
+            for k in keys:
+                active.pop(k, None)

@@ -26,6 +26,7 @@ from groundcam.contract import (
     HookPoint,
     RecordSpec,
 )
+from groundcam.threads import this_thread
 
 
 def pooling_head(vision: nn.Module) -> tuple[nn.Module, nn.MultiheadAttention]:
@@ -118,7 +119,9 @@ class SiglipAdapter(ClipAdapter):
             return probe_attention(module, *qkv)
 
         # prepend: the recorder's hook on this module must see the per-head probabilities
-        handle = self.head_attention.register_forward_hook(exact, prepend=True, with_kwargs=True)
+        handle = self.head_attention.register_forward_hook(
+            this_thread(exact), prepend=True, with_kwargs=True
+        )
         try:
             yield
         finally:

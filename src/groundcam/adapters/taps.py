@@ -9,6 +9,8 @@ from contextlib import ExitStack
 import torch
 from torch import nn
 
+from groundcam.threads import this_thread
+
 
 class Tap(nn.Module):
     """An identity a Recorder can watch: a view of a model tensor passes through it, and the model
@@ -36,4 +38,4 @@ def route(
         new = put(t, tap(take(t)))
         return new if index is None else (*output[:index], new, *output[index + 1 :])
 
-    stack.callback(module.register_forward_hook(hook).remove)
+    stack.callback(module.register_forward_hook(this_thread(hook)).remove)

@@ -265,7 +265,8 @@ class UnitScorer:
         self.explainer = explainer
         self.cfg = cfg
         self.protocol = PROTOCOLS[cfg.protocol]
-        self.text_warnings: list[str] = []  # this run's warnings about phrases, in order
+        self.text_warnings: list[str] = []  # this run's warned phrases, one message each
+        self._warned: set[str] = set()  # uids of the phrases in `text_warnings`
         # `mg` scores the raw 1-based annotation boxes; the others the parser's boxes.
         self.shift = raw_box_shift if cfg.protocol == "mg" else 0.0
         self.dets = read_dets(cfg.dets) if cfg.dets else None
@@ -285,10 +286,11 @@ class UnitScorer:
             warnings.simplefilter("always", GroundcamWarning)
             input_ids, mask = explainer.prepare_texts(texts)
         for w in caught:
-            if issubclass(w.category, GroundcamWarning):
-                self.text_warnings.append(str(w.message))
-            else:
+            if not issubclass(w.category, GroundcamWarning):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if any(issubclass(w.category, GroundcamWarning) for w in caught):
+            uids = [r.bases[k]["uid"] for r in ready for k in r.keep]
+            self._count_warned(uids, texts)
         counts = torch.tensor([len(r.texts) for r in ready])
         index = torch.repeat_interleave(torch.arange(len(ready)), counts).to(input_ids.device)
         pixels = torch.cat([r.pixels for r in ready]).to(explainer.device)
@@ -296,6 +298,21 @@ class UnitScorer:
             return self.explainer.explain_tensors(
                 pixels, input_ids, mask, self.cfg.method, self.cfg.layer, self.cfg.target, index
             )
+
+    def _count_warned(self, uids: list[str], texts: list[str]) -> None:
+        """Count each phrase that warns once, by uid, whatever batch it came in and however often
+        it is explained (the report's pictures): the texts are tokenised again one at a time
+        (only for a batch that warned) to learn which phrases the warnings were about."""
+        for uid, text in zip(uids, texts, strict=True):
+            if uid in self._warned:
+                continue
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("ignore")
+                warnings.simplefilter("always", GroundcamWarning)
+                self.explainer.prepare_texts([text])
+            if caught:
+                self._warned.add(uid)
+                self.text_warnings.append(str(caught[0].message))
 
     def load(self, unit: Unit):
         """The unit's image and model input, or the error loading it raised (None when the
