@@ -218,8 +218,8 @@ def _caption_sections(
         first = gens[methods[0]]
         figure = first.grid()
         figure.save(out / "overlays" / f"scene{index}_captioner_words.png")
-        rows = [{"phrase": "every word", "score": None, "hit": None,
-                 "cells": [{"label": f"{methods[0]} per word", "image": figure}]}]  # fmt: skip
+        grid = {"label": f"{methods[0]} per word", "image": figure, "wide": True}
+        rows = [{"phrase": "every word", "score": None, "hit": None, "cells": [grid]}]
         words, row_of = word_maps(first, explainer)
         for i, boxes in enumerate(ground_generated(sample, tokenize(first.text))):
             if not boxes or i not in row_of:

@@ -32,7 +32,10 @@ section { background: #fff; border: 1px solid #e2e2e2; border-radius: 6px;
 .badge.hit { background: #1e8e3e; }
 .badge.miss { background: #d93025; }
 .cells { display: flex; flex-wrap: wrap; gap: 10px; }
-.cell figcaption { font-size: 12px; color: #444; text-align: center; margin-top: 3px; }
+.cell figcaption { font-size: 12px; color: #444; text-align: center; margin-top: 3px;
+                   width: 0; min-width: 100%; }
+.cell.wide { flex: 1 1 100%; min-width: 0; }
+.cell.wide img { height: auto; max-width: 100%; }
 figure { margin: 0; }
 .intro { font-size: 14px; max-width: 900px; margin: 0 0 12px; }
 .group { margin-bottom: 8px; }
@@ -65,10 +68,12 @@ def _render_summary(summary: dict[str, str]) -> str:
 
 
 def _render_cell(cell: dict[str, Any], phrase: str) -> str:
-    """One labelled overlay."""
+    """One labelled overlay; a `wide` cell (a figure of many maps) is shown at its own size, up
+    to the page's width."""
     label = str(cell.get("label", ""))
+    kind = "cell wide" if cell.get("wide") else "cell"
     return (
-        f'<figure class="cell">{_img_tag(cell["image"], f"{phrase} - {label}")}'
+        f'<figure class="{kind}">{_img_tag(cell["image"], f"{phrase} - {label}")}'
         f"<figcaption>{escape(label)}</figcaption></figure>"
     )
 
