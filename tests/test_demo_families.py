@@ -153,3 +153,12 @@ def test_default_demo_shows_amc_beside_its_baseline(tmp_path):
         )
     assert f"{LEAD}, beside {BASELINE}" in r.stdout and "AMC fine-tuning" in html
     assert summary["captioner-tiny-shapes"]["attention"]["n"] > 0  # the captioner stays
+
+
+@pytest.mark.parametrize("model", ["no-such-model", "{tmp}/missing-dir"])
+def test_a_model_that_cannot_load_is_one_line_and_writes_nothing(model, tmp_path):
+    out = tmp_path / "demo"
+    r = run("demo", "--model", model.format(tmp=tmp_path), "--out", out)
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("groundcam: error: ") and len(r.stderr.splitlines()) == 1
+    assert "Traceback" not in r.output and not out.exists()

@@ -470,7 +470,13 @@ def data_shapes_captions(out, n_train, n_val, n_test, n_comp, seed, image_size) 
     help="Built-in name, saved dir or hub id; any family (captioning and OCR models generate). "
     "Default: albef-tiny-shapes-amc beside albef-tiny-shapes.",
 )
-@click.option("--scenes", default=4, show_default=True, type=click.IntRange(1, 100))
+@click.option(
+    "--scenes",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1, 100),
+    help="Shapes scenes to explain (text lines for OCR models).",
+)
 @_device_option()
 @_guard
 def demo(out, model, scenes, device) -> None:

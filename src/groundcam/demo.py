@@ -10,11 +10,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from groundcam.api import load
 from groundcam.data.shapes import generate_scene
 from groundcam.eval.pointing import pointing_game
 from groundcam.explainer import Explainer
-from groundcam.viz.html import write_report
+from groundcam.viz.html import png_bytes, write_report
 from groundcam.zoo import BUILTIN, ZOO
 
 # Every method of groundcam.methods.METHODS (a test keeps them equal), in the page's order; a
@@ -72,9 +74,9 @@ def run_demo(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
     name = model or LEAD
-    explainer = load(name, device=device)
+    explainer = load(name, device=device)  # a model that cannot load leaves no folder behind
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
     sections: list[dict] = []
     intro, table, words, compared = "", None, None, None
     where = f"({split} split, seed {seed})"
@@ -148,6 +150,13 @@ def _json(hits_n: tuple[int, int]) -> dict:
     return {"accuracy": h / n if n else None, "n": n}
 
 
+def _save(picture: Image.Image, path: Path) -> bytes:
+    """Write `picture` to `path` as PNG; the bytes go into the page as they are (one encoding)."""
+    data = png_bytes(picture)
+    path.write_bytes(data)
+    return data
+
+
 def _label(ex) -> str:
     """A map's caption: method, layer, and whether the text could change it."""
     label = f"{ex.method} (layer {ex.layer})" if ex.layer is not None else ex.method
@@ -185,7 +194,7 @@ def _phrase_sections(
                     hits[name][m][1] += 1
                     badge = r.hit if badge is None else badge
                     picture = ex.overlay(k, boxes=phrase.boxes, point=r.point, hit=r.hit)
-                    picture.save(folders[name] / f"scene{index}_phrase{k}_{m}.png")
+                    picture = _save(picture, folders[name] / f"scene{index}_phrase{k}_{m}.png")
                     label = f"{_label(ex)}: {'hit' if r.hit else 'miss'}"
                     cells.append({"label": label, "image": picture})
                 score = float(next(iter(by_method.values())).scores[k])
@@ -216,8 +225,7 @@ def _caption_sections(
         image = sample.image
         gens = {m: explainer.explain_generation(image, method=m) for m in methods}
         first = gens[methods[0]]
-        figure = first.grid()
-        figure.save(out / "overlays" / f"scene{index}_captioner_words.png")
+        figure = _save(first.grid(), out / "overlays" / f"scene{index}_captioner_words.png")
         grid = {"label": f"{methods[0]} per word", "image": figure, "wide": True}
         rows = [{"phrase": "every word", "score": None, "hit": None, "cells": [grid]}]
         words, row_of = word_maps(first, explainer)
@@ -231,7 +239,7 @@ def _caption_sections(
                 hits[m][1] += 1
                 badge = r.hit if badge is None else badge
                 picture = gen.overlay(k, boxes=boxes, point=r.point, hit=r.hit)
-                picture.save(out / "overlays" / f"scene{index}_word{i}_{m}.png")
+                picture = _save(picture, out / "overlays" / f"scene{index}_word{i}_{m}.png")
                 cells.append({"label": f"{m}: {'hit' if r.hit else 'miss'}", "image": picture})
             rows.append({"phrase": words[i], "score": float(first.scores[k]), "hit": badge,
                          "cells": cells})  # fmt: skip
@@ -272,7 +280,7 @@ def _line_sections(
                 line_hits += hit
                 point = None if r is None else r.point
                 picture = gen.overlay(k, boxes=boxes, point=point, hit=hit)
-                picture.save(out / "overlays" / f"line{index}_token{k}_{m}.png")
+                picture = _save(picture, out / "overlays" / f"line{index}_token{k}_{m}.png")
                 verdict = ("hit" if hit else "miss") if boxes else "not in the line"
                 label = f"{char!r} p={float(gen.scores[k]):.2f}: {verdict}"
                 cells.append({"label": label, "image": picture})

@@ -44,14 +44,21 @@ figure { margin: 0; }
 """
 
 
-def image_data_uri(img: Image.Image) -> str:
-    """Encode an image as a base64 PNG data URI so the report needs no side files."""
+def png_bytes(img: Image.Image) -> bytes:
+    """The image encoded as PNG (encode once to both save a file and inline it)."""
     buffer = io.BytesIO()
     img.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
 
 
-def _img_tag(img: Image.Image, alt: str) -> str:
+def image_data_uri(img: Image.Image | bytes) -> str:
+    """Encode an image (or PNG bytes) as a base64 PNG data URI so the report needs no side
+    files."""
+    data = img if isinstance(img, bytes) else png_bytes(img)
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _img_tag(img: Image.Image | bytes, alt: str) -> str:
     """An <img> element carrying the image inline."""
     return f'<img src="{image_data_uri(img)}" alt="{escape(alt)}">'
 
