@@ -10,11 +10,14 @@ from html import escape
 
 import pytest
 from click.testing import CliRunner
+from test_blip import make_processor as blip_processor
+from test_blip import tiny as tiny_blip
 from test_clip import processor_for as clip_processor
 from test_clip import tiny_clip
 from test_siglip import processor_for as siglip_processor
 from test_siglip import tiny_siglip
 from tiny import saved
+from transformers import BlipForConditionalGeneration
 
 import groundcam as gc
 from groundcam.cli import main
@@ -107,6 +110,20 @@ def test_captioner_demo_captions_and_maps_its_words(tmp_path):
     assert html.count('class="cell wide"') == 1
     assert f"({summary['attention']['accuracy'] * n:.0f}/{n} words)" in r.stdout
     assert html.count("<h2>captioner-tiny-shapes on shapes-test-0-0") == 1  # no second copy
+
+
+def test_any_captioning_family_captions_the_scenes(tokenizer, tmp_path):
+    model = tiny_blip(BlipForConditionalGeneration, tokenizer, seed=1)
+    path = saved(tmp_path / "blip", model, blip_processor(tokenizer))
+    out = tmp_path / "demo"
+    r, summary, html = demo(path, out)
+    methods = demo_methods(gc.load(path), "token")
+    assert methods[0] == "attn-gradcam" and sorted(summary) == sorted(methods)
+    for m in methods:
+        n = summary[m]["n"]
+        assert len(overlays(out, f"scene0_word*_{m}.png")) == n
+        assert f"pointing accuracy {m:>12}: " in r.stdout and f"/{n} words)" in r.stdout
+    assert "<h2>" + escape(f"{path} on shapes-test-0-0") in html
 
 
 def test_ocr_demo_reads_text_lines_and_maps_each_character(tmp_path):
