@@ -480,7 +480,8 @@ def data_shapes_captions(out, n_train, n_val, n_test, n_comp, seed, image_size) 
 @_device_option()
 @_guard
 def demo(out, model, scenes, device) -> None:
-    """Explain a few synthetic scenes with every method on a built-in model (offline)."""
+    """Explain a few synthetic scenes with every method a model supports; by default the
+    AMC-trained built-in beside the model it was trained from (offline)."""
     from groundcam.demo import run_demo
 
     result = run_demo(out, model=model, scenes=scenes, device=device)

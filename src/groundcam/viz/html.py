@@ -93,8 +93,8 @@ def _render_head(name: str, item: dict[str, Any], kind: str) -> str:
         head.append(f'<span class="score">{escape(f"{float(score):.3f}")}</span>')
     hit = item.get("hit")
     if hit is not None:
-        kind = "hit" if hit else "miss"
-        head.append(f'<span class="badge {kind}">{kind}</span>')
+        verdict = "hit" if hit else "miss"
+        head.append(f'<span class="badge {verdict}">{verdict}</span>')
     return "".join(head)
 
 
