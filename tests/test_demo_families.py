@@ -172,7 +172,7 @@ def test_default_demo_shows_amc_beside_its_baseline(tmp_path):
     assert summary["captioner-tiny-shapes"]["attention"]["n"] > 0  # the captioner stays
 
 
-@pytest.mark.parametrize("model", ["no-such-model", "{tmp}/missing-dir"])
+@pytest.mark.parametrize("model", ["no-such-model", "{tmp}/missing-dir", ""])
 def test_a_model_that_cannot_load_is_one_line_and_writes_nothing(model, tmp_path):
     out = tmp_path / "demo"
     r = run("demo", "--model", model.format(tmp=tmp_path), "--out", out)

@@ -74,7 +74,7 @@ def run_demo(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
-    name = model or LEAD
+    name = LEAD if model is None else model
     explainer = load(name, device=device)  # a model that cannot load leaves no folder behind
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     sections: list[dict] = []
