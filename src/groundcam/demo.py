@@ -1,4 +1,7 @@
-"""`groundcam demo`: a few shapes scenes, every phrase explained with every method, one HTML page."""
+"""`groundcam demo`: a few synthetic images explained with every method the model supports, one
+HTML page. Phrase models (ALBEF, CLIP, ...) explain the phrases of shapes scenes; captioning
+models caption the scenes and map each word; OCR models read rendered text lines and map each
+character. The default page shows the AMC-trained built-in beside the model it was trained from."""
 
 from __future__ import annotations
 
@@ -7,109 +10,224 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from groundcam.api import load
 from groundcam.data.shapes import generate_scene
 from groundcam.eval.pointing import pointing_game
-from groundcam.viz.html import write_report
+from groundcam.explainer import Explainer
+from groundcam.viz.html import png_bytes, write_report
 from groundcam.zoo import BUILTIN, ZOO
 
-# Every method of groundcam.methods.METHODS (a test keeps them equal); the first is the badge.
+# Every method of groundcam.methods.METHODS (a test keeps them equal), in the page's order; a
+# model's own default method comes first and is the badge.
 DEMO_METHODS = ("attn-gradcam", "gradcam", "attention", "rollout", "relevance")
 CAPTIONER = "captioner-tiny-shapes"
-CAPTIONER_METHODS = ("attention", "gradcam")  # the first is the badge
+LEAD, BASELINE = "albef-tiny-shapes-amc", "albef-tiny-shapes"  # the default page
+OCR_FAMILIES = ("vision-encoder-decoder",)  # generating families that read text lines
+SCORES = {"itm": "ITM match probability", "similarity": "the model's image-text similarity"}
+LINE_HEIGHT = 48  # px at which the 32 x 128 text lines and their overlays are shown
 
 
 @dataclass
 class DemoResult:
     html: Path
-    accuracy: dict[str, tuple[int, int]]  # method -> (hits, phrases)
+    accuracy: dict[str, tuple[int, int]]  # method -> (hits, counted) of the model shown first
     seconds: float
     word_accuracy: dict[str, tuple[int, int]] | None = None  # captioner: method -> (hits, words)
+    unit: str = "phrases"  # what `accuracy` counts: phrases, words (captioners), tokens (OCR)
+    baseline: str | None = None  # the model shown beside it (the default page)
+    baseline_accuracy: dict[str, tuple[int, int]] | None = None
+    model: str = ""  # the model shown first
+
+
+def demo_methods(explainer: Explainer, target: str | None = None) -> list[str]:
+    """The methods `explainer` defines for `target` (None: its default), its default first."""
+    target = target or explainer.default_target
+    first = explainer.default_method(target)
+    ordered = [first, *(m for m in DEMO_METHODS if m != first)]
+    return [m for m in ordered if _runs(explainer, m, target)]
+
+
+def _runs(explainer: Explainer, method: str, target: str) -> bool:
+    """Whether the model can explain `target` with `method` (the explainer's own check)."""
+    try:
+        explainer.resolve(method, None, target)
+    except ValueError:
+        return False
+    return True
 
 
 def run_demo(
     out: str | Path = "groundcam-demo",
-    model: str = "albef-tiny-shapes",
+    model: str | None = None,
     scenes: int = 4,
     split: str = "test",
     seed: int = 0,
     device: str | None = None,
 ) -> DemoResult:
-    """Explain every phrase of `scenes` shapes scenes with every method; write PNGs + index.html.
-    `device` (e.g. "cuda") is where the model runs (default: cpu)."""
+    """Explain `scenes` synthetic images (text lines for OCR models) with every method `model`
+    supports; write overlay PNGs, index.html and summary.json under `out`. `model` None shows
+    albef-tiny-shapes-amc beside albef-tiny-shapes, so the first page shows what AMC changes.
+    `device` (e.g. "cuda") is where the models run (default: cpu)."""
     t0 = time.time()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
+    name = LEAD if model is None else model
+    explainer = load(name, device=device)  # a model that cannot load leaves no folder behind
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    explainer = load(model, device=device)
-    hits = {m: [0, 0] for m in DEMO_METHODS}
-    sections = []
+    sections: list[dict] = []
+    intro, table, words, compared = "", None, None, None
+    where = f"({split} split, seed {seed})"
+    if "token" not in explainer.targets:
+        unit = "phrases"
+        models = {name: explainer}
+        if model is None:
+            models[BASELINE] = load(BASELINE, device=device)
+        hits = _phrase_sections(models, out, sections, scenes, split, seed)
+        accuracy = hits[name]
+        badge = next(iter(accuracy))
+        summary = {"model": name, "scenes": f"{scenes} {where}"}
+        if model is None:
+            compared = hits[BASELINE]
+            summary["model"] = f"{LEAD}, beside {BASELINE}"
+            intro = (
+                f"{LEAD}: {BUILTIN[LEAD]['description']}. Every phrase is explained by both "
+                "models with every method, each map marked hit or miss against the phrase's "
+                "ground-truth box (green)."
+            )
+            table = [["pointing accuracy", LEAD, BASELINE]]
+            table += [[m, _rate(accuracy[m]), _rate(compared.get(m))] for m in accuracy]
+        else:
+            summary |= {f"pointing accuracy, {m}": _rate(hn) for m, hn in accuracy.items()}
+        score = SCORES.get(explainer.default_target, "score")
+        summary["score"] = f"{score}; badge = {badge} hit (green box = ground truth)"
+        if CAPTIONER in BUILTIN and (ZOO / CAPTIONER / "model.safetensors").is_file():
+            captioner = load(CAPTIONER, device=device)
+            words = _caption_sections(captioner, CAPTIONER, out, sections, scenes, split, seed)
+            summary |= {
+                f"word pointing, {CAPTIONER}, {m}": _rate(hn, "words") for m, hn in words.items()
+            }
+    elif explainer.family in OCR_FAMILIES:
+        unit = "tokens"
+        accuracy, chars = _line_sections(explainer, name, out, sections, scenes, split, seed)
+        summary = {"model": name, "lines": f"{scenes} rendered text lines {where}"}
+        summary["character accuracy"] = f"{chars:.1%}"
+        summary |= {f"token pointing, {m}": _rate(hn, "tokens") for m, hn in accuracy.items()}
+        summary["score"] = "token probability (green boxes = the glyphs of that character)"
+    else:
+        unit = "words"
+        accuracy = _caption_sections(explainer, name, out, sections, scenes, split, seed)
+        summary = {"model": name, "scenes": f"{scenes} {where}"}
+        summary |= {f"word pointing, {m}": _rate(hn, "words") for m, hn in accuracy.items()}
+        summary["score"] = "word probability (green box = the object the word names)"
+    html = write_report(out / "index.html", "groundcam demo", summary, sections, intro, table)
+    record: dict = {m: _json(hn) for m, hn in accuracy.items()}
+    for m, hn in (compared or {}).items():
+        record.setdefault(m, {})[BASELINE] = _json(hn)
+    if unit == "tokens":
+        record["char_accuracy"] = chars
+    if words is not None:
+        record[CAPTIONER] = {m: _json(hn) for m, hn in words.items()}
+    (out / "summary.json").write_text(json.dumps(record, indent=1))
+    seconds = time.time() - t0
+    baseline = BASELINE if compared is not None else None
+    return DemoResult(html, accuracy, seconds, words, unit, baseline, compared, name)
+
+
+def _rate(hits_n: tuple[int, int] | None, unit: str = "") -> str:
+    """The rate as "50.0% (8/16 words)", or "n/a" when nothing was counted."""
+    if not hits_n or not hits_n[1]:
+        return "n/a"
+    h, n = hits_n
+    return f"{h / n:.1%} ({h}/{n}{' ' + unit if unit else ''})"
+
+
+def _json(hits_n: tuple[int, int]) -> dict:
+    """summary.json's entry for (hits, counted)."""
+    h, n = hits_n
+    return {"accuracy": h / n if n else None, "n": n}
+
+
+def _save(picture: Image.Image, path: Path) -> bytes:
+    """Write `picture` to `path` as PNG; the bytes go into the page as they are (one encoding)."""
+    data = png_bytes(picture)
+    path.write_bytes(data)
+    return data
+
+
+def _label(ex) -> str:
+    """A map's caption: method, layer, and whether the text could change it."""
+    label = f"{ex.method} (layer {ex.layer})" if ex.layer is not None else ex.method
+    return label if ex.text_conditioned else label + " - image only"
+
+
+def _phrase_sections(
+    models: dict[str, Explainer], out: Path, sections: list, scenes: int, split: str, seed: int
+) -> dict[str, dict[str, tuple[int, int]]]:
+    """Each scene's phrases explained by each model with every method it supports, each map
+    scored against the phrase's boxes; with several models, one line of maps per model (the
+    first model's overlays in overlays/, the others' in overlays/<model>/). Returns the hits
+    per model and method."""
+    methods = {name: demo_methods(ex) for name, ex in models.items()}
+    hits = {name: {m: [0, 0] for m in ms} for name, ms in methods.items()}
+    folders = {name: out / "overlays" / (name if i else "") for i, name in enumerate(models)}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
     for index in range(scenes):
         sample = generate_scene(split, index, seed)
         image = sample.image
         texts = [p.text for p in sample.phrases]
-        results = {m: explainer.explain(image, texts, method=m) for m in DEMO_METHODS}
+        results = {
+            name: {m: ex.explain(image, texts, method=m) for m in methods[name]}
+            for name, ex in models.items()
+        }
         rows = []
         for k, phrase in enumerate(sample.phrases):
-            cells, row_hit = [], None
-            for m, ex in results.items():
-                r = pointing_game(ex.maps[k], phrase.boxes, image_size=image.size[::-1])
-                hits[m][0] += r.hit
-                hits[m][1] += 1
-                row_hit = r.hit if m == DEMO_METHODS[0] else row_hit
-                picture = ex.overlay(k, boxes=phrase.boxes, point=r.point, hit=r.hit)
-                picture.save(out / "overlays" / f"scene{index}_phrase{k}_{m}.png")
-                label = f"{m} (layer {ex.layer})" if ex.layer is not None else m
-                if not ex.text_conditioned:
-                    label += " - image only"
-                cells.append({"label": f"{label}: {'hit' if r.hit else 'miss'}", "image": picture})
-            score = float(results[DEMO_METHODS[0]].scores[k])
-            rows.append({"phrase": phrase.text, "score": score, "hit": row_hit, "cells": cells})
+            groups = []
+            for name, by_method in results.items():
+                cells, badge = [], None
+                for m, ex in by_method.items():
+                    r = pointing_game(ex.maps[k], phrase.boxes, image_size=image.size[::-1])
+                    hits[name][m][0] += r.hit
+                    hits[name][m][1] += 1
+                    badge = r.hit if badge is None else badge
+                    picture = ex.overlay(k, boxes=phrase.boxes, point=r.point, hit=r.hit)
+                    picture = _save(picture, folders[name] / f"scene{index}_phrase{k}_{m}.png")
+                    label = f"{_label(ex)}: {'hit' if r.hit else 'miss'}"
+                    cells.append({"label": label, "image": picture})
+                score = float(next(iter(by_method.values())).scores[k])
+                groups.append({"label": name, "score": score, "hit": badge, "cells": cells})
+            if len(groups) == 1:
+                rows.append({**groups[0], "phrase": phrase.text})
+            else:
+                rows.append({"phrase": phrase.text, "groups": groups})
         sections.append(
             {"title": f"{sample.image_id}: {sample.caption}", "image": image, "rows": rows}
         )
-    accuracy = {m: (h, n) for m, (h, n) in hits.items()}
-    summary = {"model": model, "scenes": f"{scenes} ({split} split, seed {seed})"}
-    summary |= {
-        f"pointing accuracy, {m}": f"{h / n:.1%} ({h}/{n})" for m, (h, n) in accuracy.items()
-    }
-    summary["score"] = "ITM match probability; badge = attn-gradcam hit (green box = ground truth)"
-    words = None
-    if CAPTIONER in BUILTIN and (ZOO / CAPTIONER / "model.safetensors").is_file():
-        words = _captioner_sections(out, sections, scenes, split, seed, device)
-        summary |= {
-            f"word pointing, {CAPTIONER}, {m}": f"{h / n:.1%} ({h}/{n} words)" if n else "n/a"
-            for m, (h, n) in words.items()
-        }
-    html = write_report(out / "index.html", "groundcam demo", summary, sections)
-    table: dict = {m: {"accuracy": h / n, "n": n} for m, (h, n) in accuracy.items()}
-    if words is not None:
-        table[CAPTIONER] = {
-            m: {"accuracy": h / n if n else None, "n": n} for m, (h, n) in words.items()
-        }
-    (out / "summary.json").write_text(json.dumps(table, indent=1))
-    return DemoResult(html, accuracy, time.time() - t0, words)
+    return {name: {m: (h, n) for m, (h, n) in by.items()} for name, by in hits.items()}
 
 
-def _captioner_sections(out: Path, sections: list, scenes: int, split: str, seed: int, device):
-    """Each scene captioned by the built-in attention captioner: the per-word figure, then per
-    object word its `attention` and `gradcam` maps scored against the object it names."""
+def _caption_sections(
+    explainer: Explainer, name: str, out: Path, sections: list, scenes: int, split: str, seed: int
+) -> dict[str, tuple[int, int]]:
+    """Each scene captioned by a captioning model: the per-word figure, then per object word
+    its map with every method the model supports, scored against the object it names."""
     from groundcam.data.caption_text import tokenize
     from groundcam.data.shapes_captions import ground_generated
     from groundcam.eval.caption_pointing import word_maps
 
-    explainer = load(CAPTIONER, device=device)
-    hits = {m: [0, 0] for m in CAPTIONER_METHODS}
+    methods = demo_methods(explainer, "token")
+    hits = {m: [0, 0] for m in methods}
     for index in range(scenes):
         sample = generate_scene(split, index, seed)
         image = sample.image
-        gens = {m: explainer.explain_generation(image, method=m) for m in CAPTIONER_METHODS}
-        first = gens[CAPTIONER_METHODS[0]]
-        figure = first.grid()
-        figure.save(out / "overlays" / f"scene{index}_captioner_words.png")
-        rows = [{"phrase": "every word", "score": None, "hit": None,
-                 "cells": [{"label": "attention per word", "image": figure}]}]  # fmt: skip
+        gens = {m: explainer.explain_generation(image, method=m) for m in methods}
+        first = gens[methods[0]]
+        figure = _save(first.grid(), out / "overlays" / f"scene{index}_captioner_words.png")
+        grid = {"label": f"{methods[0]} per word", "image": figure, "wide": True}
+        rows = [{"phrase": "every word", "score": None, "hit": None, "cells": [grid]}]
         words, row_of = word_maps(first, explainer)
         for i, boxes in enumerate(ground_generated(sample, tokenize(first.text))):
             if not boxes or i not in row_of:
@@ -121,15 +239,60 @@ def _captioner_sections(out: Path, sections: list, scenes: int, split: str, seed
                 hits[m][1] += 1
                 badge = r.hit if badge is None else badge
                 picture = gen.overlay(k, boxes=boxes, point=r.point, hit=r.hit)
-                picture.save(out / "overlays" / f"scene{index}_word{i}_{m}.png")
+                picture = _save(picture, out / "overlays" / f"scene{index}_word{i}_{m}.png")
                 cells.append({"label": f"{m}: {'hit' if r.hit else 'miss'}", "image": picture})
             rows.append({"phrase": words[i], "score": float(first.scores[k]), "hit": badge,
                          "cells": cells})  # fmt: skip
         sections.append(
             {
-                "title": f'{CAPTIONER} on {sample.image_id}: "{first.text}"',
+                "title": f'{name} on {sample.image_id}: "{first.text}"',
                 "image": image,
                 "rows": rows,
             }  # fmt: skip
         )
     return {m: (h, n) for m, (h, n) in hits.items()}
+
+
+def _line_sections(
+    explainer: Explainer, name: str, out: Path, sections: list, lines: int, split: str, seed: int
+) -> tuple[dict[str, tuple[int, int]], float]:
+    """Rendered text lines read by an OCR model: per method, each generated token's map scored
+    against the ink boxes of its character (a character the line lacks is a miss, as in
+    `groundcam eval glyphs`). Returns the hits per method and the mean character accuracy."""
+    from groundcam.data.glyphs import render_line
+    from groundcam.eval.glyphs import char_accuracy, glyph_boxes
+
+    methods = demo_methods(explainer, "token")
+    hits = {m: [0, 0] for m in methods}
+    total = 0.0
+    for index in range(lines):
+        sample = render_line(split, index, seed)
+        image, size = sample.image, sample.image.size[::-1]
+        rows, text = [], ""
+        for m in methods:
+            gen = explainer.explain_generation(image, method=m)
+            text, cells, line_hits = gen.text, [], 0
+            for k, token_id in enumerate(gen.token_ids):
+                char = explainer.decode([token_id])
+                boxes = glyph_boxes(sample, char)
+                r = pointing_game(gen.maps[k], boxes, image_size=size) if boxes else None
+                hit = bool(r is not None and r.hit)
+                line_hits += hit
+                point = None if r is None else r.point
+                picture = gen.overlay(k, boxes=boxes, point=point, hit=hit)
+                picture = _save(picture, out / "overlays" / f"line{index}_token{k}_{m}.png")
+                verdict = ("hit" if hit else "miss") if boxes else "not in the line"
+                label = f"{char!r} p={float(gen.scores[k]):.2f}: {verdict}"
+                cells.append({"label": label, "image": picture})
+            hits[m][0] += line_hits
+            hits[m][1] += len(cells)
+            head = f"{_label(gen)}: {line_hits}/{len(cells)} tokens on their glyphs"
+            rows.append({"phrase": head, "score": None, "hit": None, "cells": cells})
+        accuracy = char_accuracy(text, sample.text)
+        total += accuracy
+        title = (
+            f'{name} on line {index}: reads "{text}" (the line says "{sample.text}", '
+            f"character accuracy {accuracy:.0%})"
+        )
+        sections.append({"title": title, "image": image, "rows": rows, "image_height": LINE_HEIGHT})
+    return {m: (h, n) for m, (h, n) in hits.items()}, total / max(1, lines)

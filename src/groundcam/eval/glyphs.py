@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from groundcam.data.glyphs import render_line
+from groundcam.data.glyphs import GlyphSample, render_line
 from groundcam.eval.pointing import pointing_game
 
 
@@ -22,6 +22,11 @@ def edit_distance(a: str, b: str) -> int:
 def char_accuracy(prediction: str, target: str) -> float:
     """1 - edit_distance / len(target), floored at 0."""
     return max(0.0, 1.0 - edit_distance(prediction, target) / max(1, len(target)))
+
+
+def glyph_boxes(sample: GlyphSample, char: str) -> list[tuple[float, float, float, float]]:
+    """The ink boxes of every occurrence of `char` in the line (none: the line lacks it)."""
+    return [b for c, b in zip(sample.text, sample.char_boxes, strict=True) if c == char]
 
 
 def glyph_records(
@@ -44,7 +49,7 @@ def glyph_records(
         maps = gen.resize(size)
         for k, token_id in enumerate(gen.token_ids):
             char = explainer.decode([token_id])
-            boxes = [b for c, b in zip(sample.text, sample.char_boxes, strict=True) if c == char]
+            boxes = glyph_boxes(sample, char)
             hit, point = False, None
             if boxes:
                 result = pointing_game(maps[k], boxes, protocol="amc")
