@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import NamedTuple
@@ -10,9 +11,10 @@ import torch
 from PIL import Image
 
 from groundcam.adapters.base import Adapter
+from groundcam.adapters.hf import unknown_words_message
 from groundcam.capture import Recorder, Unfold
-from groundcam.contract import Scores, source_label
-from groundcam.errors import InputError
+from groundcam.contract import ScoreKind, Scores, source_label
+from groundcam.errors import GroundcamWarning, InputError
 from groundcam.explanation import Explanation, GenerationExplanation, normalize_maps
 from groundcam.methods import METHODS, Method, get_method
 from groundcam.targets import check_target
@@ -81,6 +83,15 @@ class Explainer:
         """Text of generated token ids, as the model's tokenizer writes it."""
         return self.adapter.decode(list(token_ids))
 
+    def unknown_words(self, phrases: Sequence[str]) -> list[list[str]]:
+        """Per phrase, its words the model's tokenizer reads as the unknown token (named in a
+        warning when explained, marked in records)."""
+        return self.adapter.unknown_words(list(phrases))
+
+    def score_kind(self, target: str | None = None) -> ScoreKind | None:
+        """What the score reported for `target` (default: the family's) is."""
+        return self.adapter.score_kind(target or self.adapter.default_target)
+
     @property
     def batch_images(self) -> int:
         """Images per forward the family supports in an evaluation (ViLT pads: 1)."""
@@ -134,11 +145,21 @@ class Explainer:
             raise InputError("no phrases given: pass at least one phrase to explain")
         if 0 in counts:
             raise InputError(f"image {counts.index(0)} has no phrases")
+        self.resolve(method, layer, target)  # a bad method or layer is refused before any warning
         pixel_values, input_ids, mask = self.prepare(list(images), flat)
         index = torch.repeat_interleave(torch.arange(len(images)), torch.tensor(counts))
         index = index.to(input_ids.device)
         ex = self._run(pixel_values, input_ids, mask, index, method, layer, target)
         ex.phrases, ex.images, ex.image_index = flat, list(images), index.tolist()
+        ex.unknown_words = self.unknown_words(flat)
+        if not ex.text_conditioned and max(counts) > 1:
+            warnings.warn(
+                f"method {ex.method!r} does not read the text on this model: the "
+                f"{max(counts)} phrases of an image all get the same image-only map (and "
+                "differ only in their scores); use a text-conditioned method to compare them",
+                GroundcamWarning,
+                stacklevel=2,
+            )
         return ex
 
     def explain_tensors(
@@ -344,6 +365,7 @@ class Explainer:
             target=target,
             model=self.name,
             text_conditioned=out.text_conditioned,
+            score_kind=a.score_kind(target),
         )
 
     def explain_generation(
@@ -378,11 +400,19 @@ class Explainer:
         method_obj, source, target, layer = self.resolve(method, layer, "token")
         method = method_obj.name
         pixel_values = self.prepare_images([image])
+        unknown: list[str] = []
         if text is None:
             with torch.no_grad():
                 ids, first = a.generate(pixel_values, max_new_tokens, beam)
         else:
             ids, first = a.teacher_ids(text)
+            unknown = a.unknown_words([text])[0]
+            if unknown:
+                warnings.warn(
+                    unknown_words_message(text, unknown, getattr(a.tokenizer, "unk_token", None)),
+                    GroundcamWarning,
+                    stacklevel=2,
+                )
             limit = a.max_positions()
             if limit is not None and ids.shape[1] > limit:
                 raise InputError(
@@ -406,6 +436,8 @@ class Explainer:
                 layer=layer,
                 model=self.name,
                 image=image,
+                score_kind=a.score_kind("token"),
+                unknown_words=unknown,
             )
         pos = torch.tensor(positions, device=ids.device)
         spec = a.record_spec(source, layer, "token")
@@ -450,6 +482,8 @@ class Explainer:
             model=self.name,
             image=image,
             text_conditioned=out.text_conditioned,
+            score_kind=a.score_kind("token"),
+            unknown_words=unknown,
         )
 
 
