@@ -294,3 +294,42 @@ def test_the_page_names_the_score(tmp_path, scene_file, one_thread):
     )
     text = _summary(res, "explained 2 phrase(s)")
     assert "score: itm_probability - " in text and "'cat' is unknown" in text
+
+
+def test_a_sentencepiece_word_start_marker_does_not_hide_an_unknown_word():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<pad>", "\u2581", "\u2581the", "\u2581red", "c", "a", "t"]
+    backend = Tokenizer(models.Unigram([(p, -1.0) for p in pieces], unk_id=0))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>")
+    # "猫" is ["▁", "<unk>"]: nothing but the unknown token carries its text
+    assert (
+        tok.convert_ids_to_tokens(tok("猫", add_special_tokens=False)["input_ids"])[-1] == "<unk>"
+    )
+    assert unknown_words(tok, ["the 猫", "the red cat", "the xyz"]) == [["猫"], [], ["xyz"]]
+
+
+def test_image_only_token_maps_warn_once_and_their_grid_says_so(one_thread):
+    from groundcam.viz.token_grid import token_grid
+
+    ocr = gc.load("trocr-tiny-glyphs")
+    line = Image.new("RGB", (384, 128), "white")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gen = ocr.explain_generation(line, method="rollout", text="ab3")
+    got = [m for m in mine(caught) if "does not read the text" in m]
+    assert len(got) == 1 and "3 generated tokens" in got[0] and not gen.text_conditioned
+    plain = np.asarray(token_grid(line, gen.maps, gen.tokens, gen.scores.tolist()))
+    noted = np.asarray(gen.grid())
+    assert noted.shape == plain.shape
+    rows = np.nonzero((noted != plain).any(axis=(1, 2)))[0]
+    assert rows.size and rows.min() > plain.shape[0] * 2 // 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GroundcamWarning)
+        text = ocr.explain_generation(line, method="attention", text="ab3")
+    assert np.array_equal(
+        np.asarray(text.grid()),
+        np.asarray(token_grid(line, text.maps, text.tokens, text.scores.tolist())),
+    )

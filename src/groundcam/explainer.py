@@ -468,6 +468,13 @@ class Explainer:
         else:
             raw = out.raw_maps
         raw = raw.detach().float().cpu()
+        if not out.text_conditioned and k > 1:
+            warnings.warn(
+                f"method {method!r} does not read the text on this model: the {k} generated "
+                "tokens all get the same image-only map",
+                GroundcamWarning,
+                stacklevel=2,
+            )
         id_list = ids[0].tolist()
         return GenerationExplanation(
             text=a.decode(id_list[first:]),

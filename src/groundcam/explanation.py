@@ -171,7 +171,7 @@ class GenerationExplanation:
 
         if self.image is None:
             raise ValueError("this explanation holds no image")
-        return token_grid(
+        sheet = token_grid(
             self.image,
             self.maps,
             self.tokens,
@@ -180,6 +180,12 @@ class GenerationExplanation:
             colorbar=colorbar,
             **_style(cmap, alpha),
         )
+        note = image_only_note(self.method, self.text_conditioned)
+        if note is None:
+            return sheet
+        from groundcam.viz.overlay import add_note
+
+        return add_note(sheet, note)
 
     def meta(self) -> dict[str, Any]:
         return {

@@ -106,16 +106,26 @@ _WORD = re.compile(r"\w+(?:['\u2019]\w+)*")  # a word: letters/digits, inner apo
 
 def unknown_words(tokenizer, texts: list[str]) -> list[list[str]]:
     """Per text, its words (each once, in order) that the tokenizer reads as the unknown token
-    alone, every sub-token of the word; punctuation is not a word. Empty without a tokenizer or
-    an unknown token."""
+    alone: every sub-token of the word that carries text is the unknown token (a bare word-start
+    marker such as SentencePiece's "▁" carries none); punctuation is not a word. Empty without a
+    tokenizer or an unknown token."""
     unk = getattr(tokenizer, "unk_token_id", None) if tokenizer is not None else None
     words = [list(dict.fromkeys(_WORD.findall(text))) for text in texts]
     flat = [w for ws in words for w in ws]
     if unk is None or not flat:
         return [[] for _ in texts]
-    ids = tokenizer(flat, add_special_tokens=False)["input_ids"]
-    unknown = {w for w, i in zip(flat, ids, strict=True) if i and all(t == unk for t in i)}
+    unknown = set()
+    for word, ids in zip(flat, tokenizer(flat, add_special_tokens=False)["input_ids"], strict=True):
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        text = [i for i, p in zip(ids, pieces, strict=True) if i == unk or _bare(str(p))]
+        if text and all(i == unk for i in text):
+            unknown.add(word)
     return [[w for w in ws if w in unknown] for ws in words]
+
+
+def _bare(piece: str) -> str:
+    """A sub-token without its word-boundary markers (SentencePiece, byte-level BPE)."""
+    return piece.strip("\u2581\u0120 \t\n")
 
 
 def unknown_words_message(phrase: str, words: list[str], unk: str | None = None) -> str:
