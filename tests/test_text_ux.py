@@ -165,8 +165,12 @@ def test_eval_records_and_summary_mark_phrases_with_unknown_words(tmp_path, toke
     tok = word_tokenizer([w for w in vocabulary() if w != "circle"])
     model_dir = saved(tmp_path / "m", tiny_albef(len(tokenizer)), tok)
     out = tmp_path / "eval"
-    r = run("eval", "shapes", "--split", "val", "--scenes", "6", "--model", model_dir, "--out", out)
+    r = run(
+        "eval", "shapes", "--split", "val", "--scenes", "6", "--model", model_dir, "--out", out,
+        "--metrics", "pointing,deletion", "--steps", "2",
+    )  # fmt: skip
     assert r.exit_code == 0, r.output
+    assert r.stderr.count("is unknown") == 1  # one summing-up line, not one per phrase or step
     records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     marked = [rec for rec in records if "unknown_words" in rec]
     circles = [rec for rec in records if "circle" in rec["text"].split()]

@@ -357,7 +357,9 @@ class UnitScorer:
             from groundcam.eval.faithfulness import faithfulness
 
             wanted = tuple(m for m in cfg.metrics if m != "pointing")
-            with self.autocast:
+            with self.autocast, warnings.catch_warnings():
+                # the phrases' text warnings were counted when the batch was explained
+                warnings.simplefilter("ignore", GroundcamWarning)
                 curves = faithfulness(
                     self.explainer, r.image, r.texts, maps, wanted, cfg.steps, cfg.target
                 )
