@@ -337,3 +337,10 @@ def test_image_only_token_maps_warn_once_and_their_grid_says_so(one_thread):
         np.asarray(text.grid()),
         np.asarray(token_grid(line, text.maps, text.tokens, text.scores.tolist())),
     )
+
+
+def test_a_word_added_to_the_vocabulary_is_known_at_once():
+    tok = word_tokenizer(vocabulary())
+    assert unknown_words(tok, ["the red cat"]) == [["cat"]]
+    tok.add_tokens(["cat"])
+    assert unknown_words(tok, ["the red cat"]) == [[]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -111,16 +112,41 @@ def unknown_words(tokenizer, texts: list[str]) -> list[list[str]]:
     tokenizer or an unknown token."""
     unk = getattr(tokenizer, "unk_token_id", None) if tokenizer is not None else None
     words = [list(dict.fromkeys(_WORD.findall(text))) for text in texts]
-    flat = [w for ws in words for w in ws]
-    if unk is None or not flat:
+    if unk is None:
         return [[] for _ in texts]
-    unknown = set()
-    for word, ids in zip(flat, tokenizer(flat, add_special_tokens=False)["input_ids"], strict=True):
-        pieces = tokenizer.convert_ids_to_tokens(ids)
-        text = [i for i, p in zip(ids, pieces, strict=True) if i == unk or _bare(str(p))]
-        if text and all(i == unk for i in text):
-            unknown.add(word)
-    return [[w for w in ws if w in unknown] for ws in words]
+    known = _verdicts(tokenizer)  # word -> unknown?, so a dataset's words are tokenised once
+    verdicts = {w: known.get(w) for ws in words for w in ws}
+    new = [w for w, v in verdicts.items() if v is None]
+    if new:
+        encoded = tokenizer(new, add_special_tokens=False)["input_ids"]
+        verdicts.update(dict.fromkeys(new, False))
+        suspects = [(w, ids) for w, ids in zip(new, encoded, strict=True) if unk in ids]
+        pieces = iter(tokenizer.convert_ids_to_tokens([i for _, ids in suspects for i in ids]))
+        for word, ids in suspects:
+            # zip takes len(ids) pieces: ids run out first
+            text = [i for i, p in zip(ids, pieces, strict=False) if i == unk or _bare(str(p))]
+            verdicts[word] = all(i == unk for i in text)
+        if len(known) > _MAX_VERDICTS:
+            known.clear()
+        known.update({w: verdicts[w] for w in new})
+    return [[w for w in ws if verdicts[w]] for ws in words]
+
+
+_MAX_VERDICTS = 200_000  # words remembered per tokenizer
+_VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _verdicts(tokenizer) -> dict[str, bool]:
+    """The remembered word verdicts of `tokenizer`, forgotten when its vocabulary grows (a fresh
+    dict when it cannot be weakly keyed)."""
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    try:
+        remembered = _VERDICTS.get(tokenizer)
+        if remembered is None or remembered[0] != size:
+            remembered = _VERDICTS[tokenizer] = (size, {})
+    except TypeError:
+        return {}
+    return remembered[1]
 
 
 def _bare(piece: str) -> str:
