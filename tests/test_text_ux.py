@@ -344,3 +344,13 @@ def test_a_word_added_to_the_vocabulary_is_known_at_once():
     assert unknown_words(tok, ["the red cat"]) == [["cat"]]
     tok.add_tokens(["cat"])
     assert unknown_words(tok, ["the red cat"]) == [[]]
+
+
+def test_a_too_long_text_is_one_error_line_without_the_unknown_word_warning(scene_file, tmp_path):
+    text = "ü " * 40  # more tokens than the tiny OCR decoder reads, every word unknown
+    r = run(
+        "caption", scene_file, "--model", "trocr-tiny-glyphs", "--text", text, "--out", tmp_path
+    )
+    assert r.exit_code == 2
+    lines = [x for x in r.stderr.splitlines() if x.startswith("groundcam:")]  # not transformers'
+    assert len(lines) == 1 and lines[0].startswith("groundcam: error: text= is ")

@@ -406,18 +406,18 @@ class Explainer:
                 ids, first = a.generate(pixel_values, max_new_tokens, beam)
         else:
             ids, first = a.teacher_ids(text)
+            limit = a.max_positions()
+            if limit is not None and ids.shape[1] > limit:
+                raise InputError(
+                    f"text= is {ids.shape[1]} tokens with the model's start and prompt tokens; "
+                    f"this model reads at most {limit}: {text[:60]!r}"
+                )
             unknown = a.unknown_words([text])[0]
             if unknown:
                 warnings.warn(
                     unknown_words_message(text, unknown, getattr(a.tokenizer, "unk_token", None)),
                     GroundcamWarning,
                     stacklevel=2,
-                )
-            limit = a.max_positions()
-            if limit is not None and ids.shape[1] > limit:
-                raise InputError(
-                    f"text= is {ids.shape[1]} tokens with the model's start and prompt tokens; "
-                    f"this model reads at most {limit}: {text[:60]!r}"
                 )
         skip = a.special_ids()
         positions = [k for k in range(first, ids.shape[1]) if int(ids[0, k]) not in skip]
