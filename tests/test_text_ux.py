@@ -354,3 +354,14 @@ def test_a_too_long_text_is_one_error_line_without_the_unknown_word_warning(scen
     assert r.exit_code == 2
     lines = [x for x in r.stderr.splitlines() if x.startswith("groundcam:")]  # not transformers'
     assert len(lines) == 1 and lines[0].startswith("groundcam: error: text= is ")
+
+
+def test_groundcam_models_lists_every_familys_scores():
+    from groundcam.api import score_kinds
+
+    r = run("models")
+    assert r.exit_code == 0, r.output
+    listed = r.output.split("scores (the number beside each phrase or token)", 1)[1]
+    for family, kinds in score_kinds().items():
+        for target, kind in kinds.items():
+            assert re.search(rf"^  {re.escape(family)} +{target} +{kind.name}: ", listed, re.M)

@@ -1359,6 +1359,12 @@ def models() -> None:
     for family, supported in matrix.items():
         marks = "".join(f"{'+' if n in supported else '-':>14}" for n in names)
         click.echo(f"  {family:<24}{marks}")
+    from groundcam.api import score_kinds
+
+    click.echo("scores (the number beside each phrase or token), per family and target:")
+    for family, kinds in score_kinds().items():
+        for target, kind in kinds.items():
+            click.echo(f"  {family:<24}{target:<12}{kind.name}: {kind.description}")
 
 
 if __name__ == "__main__":
