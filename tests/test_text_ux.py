@@ -178,6 +178,7 @@ def test_eval_records_and_summary_mark_phrases_with_unknown_words(tmp_path, toke
     assert all(rec["unknown_words"] == ["circle"] for rec in marked)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["unknown_words"] == len(circles) < len(records)
+    assert summary["config"]["score"] == "itm_probability"
     assert f"{len(circles)} phrase(s) have words unknown to the tokenizer" in r.stdout
 
 
