@@ -120,7 +120,7 @@ def test_an_unreadable_image_of_a_folder_is_one_line_after_the_others(
     Image.open(image_file).save(folder / "a_fine.png")
     (folder / "c_text.png").write_text("not an image")
     out = tmp_path / "o"
-    args = ["explain", folder, "a dog", "--model", tiny_model_dir, "--out", out]
+    args = ["explain", folder, "a red circle", "--model", tiny_model_dir, "--out", out]
     r = run(*args)
     one_error_line(r, "2 of 3 images could not be read", str(folder / "b_bomb.png"), stdout=None)
     assert f"; 1 written to {out}" in r.stderr
@@ -458,7 +458,10 @@ def test_warnings_are_one_line(tiny_model_dir, image_file, tmp_path, monkeypatch
 
     monkeypatch.setattr(groundcam.io, "read_image", read_image)
     before = warnings.showwarning
-    r = run(*r_args(image_file, tiny_model_dir, tmp_path / "o"))
+    # a phrase the model can read: "a dog" would add the warning naming the unknown "dog"
+    r = run(
+        "explain", image_file, "a red circle", "--model", tiny_model_dir, "--out", tmp_path / "o"
+    )
     assert r.exit_code == 0, r.output
     assert r.stderr.splitlines() == [
         "groundcam: warning: most of phrase 'x' is unknown to the tokenizer"

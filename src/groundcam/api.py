@@ -23,6 +23,7 @@ from groundcam.adapters import (
     family_of_file,
     supported_classes,
 )
+from groundcam.contract import ScoreKind
 from groundcam.errors import GroundcamWarning, InputError
 from groundcam.explainer import Explainer
 from groundcam.methods import METHODS
@@ -244,6 +245,17 @@ def families() -> dict[str, list[str]]:
         except ImportError:  # an optional family whose module is unavailable
             continue
         out[family] = supported_methods(cls)
+    return out
+
+
+def score_kinds() -> dict[str, dict[str, ScoreKind]]:
+    """Per family and target, what the reported score is (each family's own declaration)."""
+    out = {}
+    for family in FAMILIES:
+        try:
+            out[family] = dict(adapter_class(family).SCORES)
+        except ImportError:  # an optional family whose module is unavailable
+            continue
     return out
 
 

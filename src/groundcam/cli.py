@@ -678,10 +678,23 @@ def explain(image, phrases, model, method, layer, target, out, cmap, alpha, devi
             continue
         if many:
             click.echo(f"{path}:")
-        for phrase, score in zip(ex.phrases, ex.scores.tolist(), strict=True):
-            click.echo(f"{score:.3f}  {phrase}")
+        if ex.score_kind is not None and len(results) == 1:
+            click.echo(f"score: {ex.score_kind.name} - {ex.score_kind.description}")
+        for i, (phrase, score) in enumerate(zip(ex.phrases, ex.scores.tolist(), strict=True)):
+            click.echo(f"{score:.3f}  {phrase}{_phrase_marks(ex, i)}")
         click.echo(f"wrote {len(ex)} overlays, maps.npz and meta.json to {written}")
     _finish(model, out, results, failed, len(paths), as_json)
+
+
+def _phrase_marks(ex, i: int) -> str:
+    """What a person must know beside phrase i's score: words the model read as unknown, a map
+    that ignores the text (the same for every phrase)."""
+    marks = []
+    if ex.unknown_words and ex.unknown_words[i]:
+        marks.append(f"unknown words: {', '.join(ex.unknown_words[i])}")
+    if not ex.text_conditioned:
+        marks.append(f"image-only map: {ex.method} does not read the text")
+    return f"  [{'; '.join(marks)}]" if marks else ""
 
 
 @main.command()
@@ -750,6 +763,12 @@ def caption(
         if many:
             click.echo(f"{path}:")
         click.echo(gen.text)
+        if gen.score_kind is not None and len(results) == 1:
+            click.echo(f"score: {gen.score_kind.name} - {gen.score_kind.description}")
+        if gen.unknown_words:
+            click.echo(f"unknown words (read as unknown tokens): {', '.join(gen.unknown_words)}")
+        if not gen.text_conditioned:
+            click.echo(f"image-only maps: {gen.method} does not read the text")
         click.echo(
             "  ".join(f"{t}:{p:.2f}" for t, p in zip(gen.tokens, gen.scores.tolist(), strict=True))
         )
@@ -1006,6 +1025,19 @@ def _make_eval_command(spec: DatasetSpec):
             _show_warning(
                 f"{len(result.text_warnings)} phrase(s) warned while tokenising, e.g. "
                 f"{result.text_warnings[0]}",
+                GroundcamWarning,
+                "",
+                0,
+            )
+        if s.get("unknown_words"):
+            click.echo(
+                f"{s['unknown_words']} phrase(s) have words unknown to the tokenizer "
+                "(records: 'unknown_words')"
+            )
+        if result.text_conditioned is False:
+            _show_warning(
+                f"method {c['method']!r} does not read the text on this model: every phrase "
+                "of an image got the same image-only map",
                 GroundcamWarning,
                 "",
                 0,
@@ -1365,6 +1397,12 @@ def models() -> None:
     for family, supported in matrix.items():
         marks = "".join(f"{'+' if n in supported else '-':>14}" for n in names)
         click.echo(f"  {family:<24}{marks}")
+    from groundcam.api import score_kinds
+
+    click.echo("scores (the number beside each phrase or token), per family and target:")
+    for family, kinds in score_kinds().items():
+        for target, kind in kinds.items():
+            click.echo(f"  {family:<24}{target:<12}{kind.name}: {kind.description}")
 
 
 if __name__ == "__main__":

@@ -94,6 +94,31 @@ class Scores:
     geometry: Geometry | None = None  # when only the forward knows it (ViLT's shuffled patches)
 
 
+@dataclass(frozen=True)
+class ScoreKind:
+    """What the score reported beside a phrase (or a generated token) is: a stable `name` for
+    records and a short `description` for people; declared by each family per target."""
+
+    name: str
+    description: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"name": self.name, "description": self.description}
+
+
+ITM_PROBABILITY = ScoreKind(
+    "itm_probability",
+    "probability that the text matches the image (softmax of the image-text matching head)",
+)
+COSINE_SIMILARITY = ScoreKind(
+    "cosine_similarity", "cosine similarity of the image and text embeddings, -1 to 1"
+)
+TOKEN_PROBABILITY = ScoreKind(
+    "token_probability",
+    "the model's probability of each generated token given the image and the tokens before it",
+)
+
+
 # ----------------------------------------------------------------------------- the adapter's table
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import NamedTuple
@@ -12,9 +13,10 @@ import torch
 from PIL import Image
 
 from groundcam.adapters.base import Adapter
+from groundcam.adapters.hf import unknown_words_message
 from groundcam.capture import Recorder, Unfold
-from groundcam.contract import Scores, source_label
-from groundcam.errors import InputError
+from groundcam.contract import ScoreKind, Scores, source_label
+from groundcam.errors import GroundcamWarning, InputError
 from groundcam.explanation import Explanation, GenerationExplanation, normalize_maps
 from groundcam.methods import METHODS, Method, get_method
 from groundcam.targets import check_target
@@ -108,6 +110,15 @@ class Explainer:
         """Text of generated token ids, as the model's tokenizer writes it."""
         return self.adapter.decode(list(token_ids))
 
+    def unknown_words(self, phrases: Sequence[str]) -> list[list[str]]:
+        """Per phrase, its words the model's tokenizer reads as the unknown token (named in a
+        warning when explained, marked in records)."""
+        return self.adapter.unknown_words(list(phrases))
+
+    def score_kind(self, target: str | None = None) -> ScoreKind | None:
+        """What the score reported for `target` (default: the family's) is."""
+        return self.adapter.score_kind(target or self.adapter.default_target)
+
     @property
     def batch_images(self) -> int:
         """Images per forward the family supports in an evaluation (ViLT pads: 1)."""
@@ -162,11 +173,21 @@ class Explainer:
             raise InputError("no phrases given: pass at least one phrase to explain")
         if 0 in counts:
             raise InputError(f"image {counts.index(0)} has no phrases")
+        self.resolve(method, layer, target)  # a bad method or layer is refused before any warning
         pixel_values, input_ids, mask = self.prepare(list(images), flat)
         index = torch.repeat_interleave(torch.arange(len(images)), torch.tensor(counts))
         index = index.to(input_ids.device)
         ex = self._run(pixel_values, input_ids, mask, index, method, layer, target)
         ex.phrases, ex.images, ex.image_index = flat, list(images), index.tolist()
+        ex.unknown_words = self.unknown_words(flat)
+        if not ex.text_conditioned and max(counts) > 1:
+            warnings.warn(
+                f"method {ex.method!r} does not read the text on this model: the "
+                f"{max(counts)} phrases of an image all get the same image-only map (and "
+                "differ only in their scores); use a text-conditioned method to compare them",
+                GroundcamWarning,
+                stacklevel=2,
+            )
         return ex
 
     @serialised
@@ -376,6 +397,7 @@ class Explainer:
             target=target,
             model=self.name,
             text_conditioned=out.text_conditioned,
+            score_kind=a.score_kind(target),
         )
 
     @serialised
@@ -411,6 +433,7 @@ class Explainer:
         method_obj, source, target, layer = self.resolve(method, layer, "token")
         method = method_obj.name
         pixel_values = self.prepare_images([image])
+        unknown: list[str] = []
         if text is None:
             with torch.no_grad():
                 ids, first = a.generate(pixel_values, max_new_tokens, beam)
@@ -421,6 +444,13 @@ class Explainer:
                 raise InputError(
                     f"text= is {ids.shape[1]} tokens with the model's start and prompt tokens; "
                     f"this model reads at most {limit}: {text[:60]!r}"
+                )
+            unknown = a.unknown_words([text])[0]
+            if unknown:
+                warnings.warn(
+                    unknown_words_message(text, unknown, getattr(a.tokenizer, "unk_token", None)),
+                    GroundcamWarning,
+                    stacklevel=2,
                 )
         skip = a.special_ids()
         positions = [k for k in range(first, ids.shape[1]) if int(ids[0, k]) not in skip]
@@ -439,6 +469,8 @@ class Explainer:
                 layer=layer,
                 model=self.name,
                 image=image,
+                score_kind=a.score_kind("token"),
+                unknown_words=unknown,
             )
         pos = torch.tensor(positions, device=ids.device)
         spec = a.record_spec(source, layer, "token")
@@ -469,6 +501,13 @@ class Explainer:
         else:
             raw = out.raw_maps
         raw = raw.detach().float().cpu()
+        if not out.text_conditioned and k > 1:
+            warnings.warn(
+                f"method {method!r} does not read the text on this model: the {k} generated "
+                "tokens all get the same image-only map",
+                GroundcamWarning,
+                stacklevel=2,
+            )
         id_list = ids[0].tolist()
         return GenerationExplanation(
             text=a.decode(id_list[first:]),
@@ -483,6 +522,8 @@ class Explainer:
             model=self.name,
             image=image,
             text_conditioned=out.text_conditioned,
+            score_kind=a.score_kind("token"),
+            unknown_words=unknown,
         )
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from groundcam.contract import ScoreKind
 from groundcam.errors import InputError
 from groundcam.maps import normalize_maps
 
@@ -37,6 +38,8 @@ class Explanation:
     images: list[Image.Image] = field(default_factory=list)
     image_index: list[int] = field(default_factory=list)  # phrase p belongs to images[...]
     text_conditioned: bool = True
+    score_kind: ScoreKind | None = None  # what `scores` are (the family's declaration)
+    unknown_words: list[list[str]] = field(default_factory=list)  # per phrase, words read as unk
 
     @property
     def token_maps(self) -> list[torch.Tensor]:
@@ -74,6 +77,7 @@ class Explanation:
         the drawn size."""
         from groundcam.viz.overlay import overlay
 
+        kwargs.setdefault("note", image_only_note(self.method, self.text_conditioned))
         return overlay(self.image(i), self.maps[i], **_style(cmap, alpha), **kwargs)
 
     def meta(self) -> dict[str, Any]:
@@ -85,6 +89,8 @@ class Explanation:
             "text_conditioned": self.text_conditioned,
             "phrases": self.phrases,
             "tokens": self.tokens,
+            "unknown_words": self.unknown_words,
+            "score_kind": self.score_kind.as_dict() if self.score_kind else None,
             "scores": [float(s) for s in self.scores],
             "grid": list(self.maps.shape[-2:]),
             "versions": versions(),
@@ -135,6 +141,8 @@ class GenerationExplanation:
     model: str
     image: Image.Image | None = None
     text_conditioned: bool = True
+    score_kind: ScoreKind | None = None  # what `scores` are (the family's declaration)
+    unknown_words: list[str] = field(default_factory=list)  # of a given text, words read as unk
 
     @property
     def token_maps(self) -> torch.Tensor:
@@ -162,6 +170,7 @@ class GenerationExplanation:
 
         if self.image is None:
             raise ValueError("this explanation holds no image")
+        kwargs.setdefault("note", image_only_note(self.method, self.text_conditioned))
         return overlay(self.image, self.maps[k], **_style(cmap, alpha), **kwargs)
 
     def grid(
@@ -178,7 +187,7 @@ class GenerationExplanation:
 
         if self.image is None:
             raise ValueError("this explanation holds no image")
-        return token_grid(
+        sheet = token_grid(
             self.image,
             self.maps,
             self.tokens,
@@ -187,6 +196,12 @@ class GenerationExplanation:
             colorbar=colorbar,
             **_style(cmap, alpha),
         )
+        note = image_only_note(self.method, self.text_conditioned)
+        if note is None:
+            return sheet
+        from groundcam.viz.overlay import add_note
+
+        return add_note(sheet, note)
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -194,6 +209,8 @@ class GenerationExplanation:
             "tokens": self.tokens,
             "token_ids": self.token_ids,
             "positions": self.positions,
+            "unknown_words": self.unknown_words,
+            "score_kind": self.score_kind.as_dict() if self.score_kind else None,
             "scores": [float(s) for s in self.scores],
             "method": self.method,
             "layer": self.layer,
@@ -244,6 +261,14 @@ def _cut(phrases: list[str], first: int = 3) -> str:
 
 def _shape(t: torch.Tensor) -> str:
     return "x".join(str(n) for n in t.shape)
+
+
+def image_only_note(method: str, text_conditioned: bool) -> str | None:
+    """The caption an image-only map carries (None for a text-conditioned one): every phrase
+    of the image gets this same map, which a person should see on the figure itself."""
+    if text_conditioned:
+        return None
+    return f"image-only map: {method} does not read the text"
 
 
 def _slug(text: str) -> str:

@@ -13,6 +13,8 @@ from groundcam.adapters import hf
 from groundcam.adapters.base import Adapter
 from groundcam.contract import (
     ATTENTION_GRAPH,
+    COSINE_SIMILARITY,
+    ITM_PROBABILITY,
     TEXT_TO_IMAGE,
     VISION_ATTENTION,
     VISION_TOKENS,
@@ -39,6 +41,7 @@ class AlbefAdapter(Adapter):
     family = "albef"
     targets = ("itm", "similarity")
     default_target = "itm"
+    SCORES = {"itm": ITM_PROBABILITY, "similarity": COSINE_SIMILARITY}
     architectures = ("AlbefModel",)
     SOURCES = (TEXT_TO_IMAGE, VISION_ATTENTION, VISION_TOKENS, ATTENTION_GRAPH)
     model: AlbefModel
@@ -96,6 +99,9 @@ class AlbefAdapter(Adapter):
                 )
             texts.append(pre_caption(phrase, MAX_WORDS))
         return hf.text_inputs(self.tokenizer, texts, limit, self.device, shown=phrases)
+
+    def fed_text(self, phrase: str) -> str:
+        return pre_caption(phrase, MAX_WORDS)
 
     def token_strings(self, input_ids, attention_mask):
         return hf.token_strings(self.tokenizer, input_ids, attention_mask)

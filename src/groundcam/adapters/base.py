@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from groundcam.contract import RecordSpec, Scores, Source, source_label
+from groundcam.contract import RecordSpec, ScoreKind, Scores, Source, source_label
 from groundcam.geometry import Geometry
 
-__all__ = ["Adapter", "RecordSpec", "Scores", "Source", "ensure_eager"]
+__all__ = ["Adapter", "RecordSpec", "ScoreKind", "Scores", "Source", "ensure_eager"]
 
 
 class Adapter:
@@ -28,6 +28,7 @@ class Adapter:
     # source -> why no score's gradient reaches its tensors (gradient methods refuse it)
     NO_GRADIENT_SOURCES: Mapping[str, str] = {}
     token_rows_shift: int = 1  # generation: the decoder row that predicted token k is k - shift
+    SCORES: Mapping[str, ScoreKind] = {}  # target -> what the reported score is
 
     def __init__(self, model: nn.Module, tokenizer=None, name: str = "", processor=None):
         self.model = model
@@ -67,6 +68,21 @@ class Adapter:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> list[list[str]]:
         raise NotImplementedError
+
+    def fed_text(self, phrase: str) -> str:
+        """The text the model reads for `phrase` (a family that cleans phrases first says how)."""
+        return phrase
+
+    def unknown_words(self, phrases: list[str]) -> list[list[str]]:
+        """Per phrase, the words of the text the model reads that are wholly unknown to its
+        tokenizer (every sub-token the unknown token), so that they can be named and marked."""
+        from groundcam.adapters.hf import unknown_words
+
+        return unknown_words(self.tokenizer, [self.fed_text(p) for p in phrases])
+
+    def score_kind(self, target: str) -> ScoreKind | None:
+        """What the score reported for `target` is (None: the family does not say)."""
+        return self.SCORES.get(target)
 
     def geometry(self, pixel_values: torch.Tensor) -> Geometry:
         raise NotImplementedError

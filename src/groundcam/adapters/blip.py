@@ -20,7 +20,10 @@ from groundcam.adapters import hf
 from groundcam.adapters.base import Adapter
 from groundcam.contract import (
     ATTENTION_GRAPH,
+    COSINE_SIMILARITY,
+    ITM_PROBABILITY,
     TEXT_TO_IMAGE,
+    TOKEN_PROBABILITY,
     VISION_ATTENTION,
     VISION_TOKENS,
     AttentionGraph,
@@ -168,6 +171,7 @@ class BlipItmAdapter(_BlipBase):
     family = "blip-itm"
     targets = ("itm", "similarity")
     default_target = "itm"
+    SCORES = {"itm": ITM_PROBABILITY, "similarity": COSINE_SIMILARITY}
     architectures = ("BlipForImageTextRetrieval",)
     SOURCES = (TEXT_TO_IMAGE, VISION_ATTENTION, VISION_TOKENS, ATTENTION_GRAPH)
 
@@ -248,6 +252,7 @@ class BlipCaptionAdapter(_BlipBase):
     family = "blip-caption"
     targets = ("token",)
     default_target = "token"
+    SCORES = {"token": TOKEN_PROBABILITY}
     architectures = ("BlipForConditionalGeneration",)
     SOURCES = (TEXT_TO_IMAGE, VISION_TOKENS, ATTENTION_GRAPH)
     default_methods = {"token": "attn-gradcam"}  # LAVIS explains BLIP with this

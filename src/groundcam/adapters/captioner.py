@@ -16,7 +16,16 @@ from PIL import Image
 from torch import nn
 
 from groundcam.adapters.base import Adapter
-from groundcam.contract import TEXT_TO_IMAGE, VISION_TOKENS, HookPoint, RecordSpec, Scores, Source
+from groundcam.adapters.hf import unknown_words_message
+from groundcam.contract import (
+    TEXT_TO_IMAGE,
+    VISION_TOKENS,
+    HookPoint,
+    RecordSpec,
+    ScoreKind,
+    Scores,
+    Source,
+)
 from groundcam.data.caption_text import tokenize
 from groundcam.errors import GroundcamWarning, InputError
 from groundcam.geometry import Geometry
@@ -38,6 +47,13 @@ class CaptionerAdapter(Adapter):
     NO_GRADIENT_SOURCES = {TEXT_TO_IMAGE: NO_GRADIENTS}
     default_methods = {"token": "attention"}
     token_rows_shift = 0  # row t of the recorded weights wrote token t
+    SCORES = {
+        "token": ScoreKind(
+            "word_probability",
+            "the model's probability of each word given the image and the words before it "
+            "(a phrase: the geometric mean over its words)",
+        )
+    }
 
     def __init__(self, model: nn.Module, tokenizer=None, name: str = "", processor=None):
         super().__init__(model, model.vocab, name or "captioner")
@@ -70,6 +86,12 @@ class CaptionerAdapter(Adapter):
                     GroundcamWarning,
                     stacklevel=4,
                 )
+            elif unknown:
+                warnings.warn(
+                    unknown_words_message(phrase, self.unknown_words([phrase])[0], vocab.unk_token),
+                    GroundcamWarning,
+                    stacklevel=4,
+                )
             rows.append(vocab.encode(phrase)[:-1])  # no <EOS>: a phrase starts a caption
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), vocab.pad_id, dtype=torch.long)
@@ -78,6 +100,11 @@ class CaptionerAdapter(Adapter):
             ids[i, : len(r)] = torch.tensor(r)
             mask[i, 1 : len(r)] = 1
         return ids.to(self.device), mask.to(self.device)
+
+    def unknown_words(self, phrases: list[str]) -> list[list[str]]:
+        """Per phrase, its words (as the captioner tokenises them) missing from its vocabulary."""
+        index = self.model.vocab.index
+        return [list(dict.fromkeys(w for w in tokenize(p) if w not in index)) for p in phrases]
 
     def token_strings(self, input_ids, attention_mask):
         words = self.model.vocab.words

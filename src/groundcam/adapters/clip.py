@@ -24,6 +24,7 @@ from groundcam.adapters import hf
 from groundcam.adapters.base import Adapter
 from groundcam.contract import (
     ATTENTION_GRAPH,
+    COSINE_SIMILARITY,
     VISION_ATTENTION,
     VISION_TOKENS,
     AttentionGraph,
@@ -50,6 +51,7 @@ class ClipAdapter(Adapter):
     family = "clip"
     targets = ("similarity",)
     default_target = "similarity"
+    SCORES = {"similarity": COSINE_SIMILARITY}
     architectures = ("CLIPModel",)
     SOURCES = (VISION_TOKENS, VISION_ATTENTION, ATTENTION_GRAPH)
     default_methods = {"similarity": "gradcam"}

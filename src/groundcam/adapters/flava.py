@@ -37,6 +37,8 @@ from groundcam.adapters.base import Adapter
 from groundcam.adapters.taps import Tap, route
 from groundcam.contract import (
     ATTENTION_GRAPH,
+    COSINE_SIMILARITY,
+    ITM_PROBABILITY,
     TEXT_TO_IMAGE,
     VISION_ATTENTION,
     VISION_TOKENS,
@@ -54,6 +56,7 @@ class FlavaAdapter(Adapter):
     family = "flava"
     targets = ("itm", "similarity")
     default_target = "itm"
+    SCORES = {"itm": ITM_PROBABILITY, "similarity": COSINE_SIMILARITY}
     architectures = ("FlavaModel", "FlavaForPreTraining")
     SOURCES = (TEXT_TO_IMAGE, VISION_ATTENTION, VISION_TOKENS, ATTENTION_GRAPH)
     default_methods = {"itm": "attn-gradcam", "similarity": "gradcam"}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -49,8 +51,9 @@ def text_inputs(
     if tokenizer is None:
         raise ValueError("this model has no tokenizer: pass tokenizer= (or processor=) to gc.load")
     full = tokenizer(phrases, padding=False, truncation=False, **kwargs)["input_ids"]
-    for phrase, ids in zip(shown or phrases, full, strict=True):
-        check_readable(tokenizer, phrase, ids)
+    unknown = unknown_words(tokenizer, phrases)
+    for phrase, ids, words in zip(shown or phrases, full, unknown, strict=True):
+        check_readable(tokenizer, phrase, ids, words)
         if len(ids) > max_length:
             warnings.warn(
                 f"phrase truncated to the text encoder's {max_length} tokens: {phrase[:60]!r}",
@@ -68,10 +71,12 @@ def text_inputs(
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
-def check_readable(tokenizer, phrase: str, ids: list[int]) -> None:
+def check_readable(
+    tokenizer, phrase: str, ids: list[int], unknown_words: list[str] | None = None
+) -> None:
     """Refuse a phrase the tokenizer turns into special tokens alone (an empty text after
-    cleaning, "[SEP]"); warn when most of its tokens are unknown to the vocabulary, since the
-    model then explains `[UNK]`s, not the words."""
+    cleaning, "[SEP]"); warn once when most of its tokens are unknown to the vocabulary, or else
+    when some of its words are (`unknown_words`), since the model then reads `[UNK]`, not them."""
     special = set(getattr(tokenizer, "all_special_ids", None) or [])
     unk = getattr(tokenizer, "unk_token_id", None)
     words = [i for i in ids if i not in special or i == unk]
@@ -81,13 +86,84 @@ def check_readable(tokenizer, phrase: str, ids: list[int]) -> None:
             "tokens only"
         )
     unknown = sum(i == unk for i in words) if unk is not None else 0
+    named = f" (unknown: {', '.join(unknown_words)})" if unknown_words else ""
     if unknown * 2 > len(words):
         warnings.warn(
             f"phrase {phrase[:60]!r}: {unknown} of its {len(words)} tokens are unknown to the "
-            "model's tokenizer; the map explains [UNK] tokens, not these words",
+            f"model's tokenizer; the map explains [UNK] tokens, not these words{named}",
             GroundcamWarning,
             stacklevel=4,
         )
+    elif unknown_words:
+        warnings.warn(
+            unknown_words_message(phrase, unknown_words, getattr(tokenizer, "unk_token", None)),
+            GroundcamWarning,
+            stacklevel=4,
+        )
+
+
+_WORD = re.compile(r"\w+(?:['\u2019]\w+)*")  # a word: letters/digits, inner apostrophes kept
+
+
+def unknown_words(tokenizer, texts: list[str]) -> list[list[str]]:
+    """Per text, its words (each once, in order) that the tokenizer reads as the unknown token
+    alone: every sub-token of the word that carries text is the unknown token (a bare word-start
+    marker such as SentencePiece's "▁" carries none); punctuation is not a word. Empty without a
+    tokenizer or an unknown token."""
+    unk = getattr(tokenizer, "unk_token_id", None) if tokenizer is not None else None
+    words = [list(dict.fromkeys(_WORD.findall(text))) for text in texts]
+    if unk is None:
+        return [[] for _ in texts]
+    known = _verdicts(tokenizer)  # word -> unknown?, so a dataset's words are tokenised once
+    verdicts = {w: known.get(w) for ws in words for w in ws}
+    new = [w for w, v in verdicts.items() if v is None]
+    if new:
+        encoded = tokenizer(new, add_special_tokens=False)["input_ids"]
+        verdicts.update(dict.fromkeys(new, False))
+        suspects = [(w, ids) for w, ids in zip(new, encoded, strict=True) if unk in ids]
+        pieces = iter(tokenizer.convert_ids_to_tokens([i for _, ids in suspects for i in ids]))
+        for word, ids in suspects:
+            # zip takes len(ids) pieces: ids run out first
+            text = [i for i, p in zip(ids, pieces, strict=False) if i == unk or _bare(str(p))]
+            verdicts[word] = all(i == unk for i in text)
+        if len(known) > _MAX_VERDICTS:
+            known.clear()
+        known.update({w: verdicts[w] for w in new})
+    return [[w for w in ws if verdicts[w]] for ws in words]
+
+
+_MAX_VERDICTS = 200_000  # words remembered per tokenizer
+_VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _verdicts(tokenizer) -> dict[str, bool]:
+    """The remembered word verdicts of `tokenizer`, forgotten when its vocabulary grows (a fresh
+    dict when it cannot be weakly keyed)."""
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    try:
+        remembered = _VERDICTS.get(tokenizer)
+        if remembered is None or remembered[0] != size:
+            remembered = _VERDICTS[tokenizer] = (size, {})
+    except TypeError:
+        return {}
+    return remembered[1]
+
+
+def _bare(piece: str) -> str:
+    """A sub-token without its word-boundary markers (SentencePiece, byte-level BPE)."""
+    return piece.strip("\u2581\u0120 \t\n")
+
+
+def unknown_words_message(phrase: str, words: list[str], unk: str | None = None) -> str:
+    """The warning for a phrase (or text) with words the model cannot read."""
+    names = ", ".join(repr(w) for w in words)
+    one = len(words) == 1
+    return (
+        f"phrase {phrase[:60]!r}: {names} {'is' if one else 'are'} unknown to the model's "
+        f"vocabulary; the model reads {unk or 'the unknown token'} in place of "
+        f"{'it' if one else 'them'}, so the map and the score do not see "
+        f"{'this word' if one else 'these words'}"
+    )
 
 
 def token_strings(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor):

@@ -25,6 +25,7 @@ from groundcam.contract import (
     AttentionStep,
     HookPoint,
     RecordSpec,
+    ScoreKind,
 )
 from groundcam.threads import this_thread
 
@@ -68,6 +69,12 @@ def probe_attention(module: nn.MultiheadAttention, query, key, value):
 
 class SiglipAdapter(ClipAdapter):
     family = "siglip"
+    SCORES = {
+        "similarity": ScoreKind(
+            "sigmoid_probability",
+            "the model's match probability: sigmoid of exp(logit_scale) x cosine + logit_bias",
+        )
+    }
     architectures = ("SiglipModel",)
     SOURCES = (VISION_TOKENS, ATTENTION_GRAPH)
     prefix = 0  # no CLS: the patch tokens are the whole sequence

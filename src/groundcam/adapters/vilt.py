@@ -39,6 +39,7 @@ from groundcam.contract import (
     AttentionStep,
     HookPoint,
     RecordSpec,
+    ScoreKind,
     Scores,
     Source,
 )
@@ -50,6 +51,13 @@ class ViltAdapter(Adapter):
     family = "vilt"
     targets = ("itm",)
     default_target = "itm"
+    SCORES = {
+        "itm": ScoreKind(
+            "rank_sigmoid",
+            "sigmoid of the retrieval head's rank logit: it orders pairs but is not a "
+            "calibrated match probability",
+        )
+    }
     architectures = ("ViltForImageAndTextRetrieval",)
     SOURCES = (TEXT_TO_IMAGE, VISION_TOKENS, ATTENTION_GRAPH)
     batch_images = 1  # its processor pads images of a batch to a common size

@@ -20,6 +20,7 @@ from groundcam.adapters.base import Adapter
 from groundcam.contract import (
     ATTENTION_GRAPH,
     TEXT_TO_IMAGE,
+    TOKEN_PROBABILITY,
     VISION_ATTENTION,
     VISION_TOKENS,
     AttentionGraph,
@@ -36,6 +37,7 @@ class VisionEncoderDecoderAdapter(Adapter):
     family = "vision-encoder-decoder"
     targets = ("token",)
     default_target = "token"
+    SCORES = {"token": TOKEN_PROBABILITY}
     architectures = ("VisionEncoderDecoderModel",)
     SOURCES = (TEXT_TO_IMAGE, VISION_TOKENS, VISION_ATTENTION, ATTENTION_GRAPH)
     # trocr-tiny-glyphs' card: token pointing 90.4% with `attention`, 7.1% with `gradcam`

@@ -42,6 +42,7 @@ class Vocabulary:
         self.index = {w: i for i, w in enumerate(words)}
 
     pad_id, sos_id, eos_id, unk_id = 0, 1, 2, 3
+    unk_token = UNK  # as transformers tokenizers name it (for messages)
 
     @classmethod
     def build(cls, captions: Iterable[str], min_count: int = 1) -> Vocabulary:

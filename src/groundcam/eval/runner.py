@@ -267,6 +267,7 @@ class UnitScorer:
         self.protocol = PROTOCOLS[cfg.protocol]
         self.text_warnings: list[str] = []  # this run's warned phrases, one message each
         self._warned: set[str] = set()  # uids of the phrases in `text_warnings`
+        self.text_conditioned: bool | None = None  # known once a batch was explained
         # `mg` scores the raw 1-based annotation boxes; the others the parser's boxes.
         self.shift = raw_box_shift if cfg.protocol == "mg" else 0.0
         self.dets = read_dets(cfg.dets) if cfg.dets else None
@@ -295,9 +296,11 @@ class UnitScorer:
         index = torch.repeat_interleave(torch.arange(len(ready)), counts).to(input_ids.device)
         pixels = torch.cat([r.pixels for r in ready]).to(explainer.device)
         with self.autocast:
-            return self.explainer.explain_tensors(
+            ex = self.explainer.explain_tensors(
                 pixels, input_ids, mask, self.cfg.method, self.cfg.layer, self.cfg.target, index
             )
+        self.text_conditioned = ex.text_conditioned
+        return ex
 
     def _count_warned(self, uids: list[str], texts: list[str]) -> None:
         """Count each phrase that warns once, by uid, whatever batch it came in and however often
@@ -367,11 +370,14 @@ class UnitScorer:
         ready = self._prepare(batch, images or [None] * len(batch), records)
         if ready:
             ex = self._explain(ready)
+            unknown = self.explainer.unknown_words([t for r in ready for t in r.texts])
             row = 0
             for r in ready:
                 n = len(r.keep)
                 scores = ex.scores[row : row + n]
-                for rec in self._score(r, ex.maps[row : row + n], scores):
+                for k, rec in enumerate(self._score(r, ex.maps[row : row + n], scores)):
+                    if unknown[row + k]:  # marked only where the model read [UNK] for a word
+                        rec["unknown_words"] = unknown[row + k]
                     records[rec["uid"]] = rec
                 row += n
         return [records[u.uid(k)] for u in batch for k in range(len(u.sample.phrases))]
@@ -383,7 +389,9 @@ class UnitScorer:
             from groundcam.eval.faithfulness import faithfulness
 
             wanted = tuple(m for m in cfg.metrics if m != "pointing")
-            with self.autocast:
+            with self.autocast, warnings.catch_warnings():
+                # the phrases' text warnings were counted when the batch was explained
+                warnings.simplefilter("ignore", GroundcamWarning)
                 curves = faithfulness(
                     self.explainer, r.image, r.texts, maps, wanted, cfg.steps, cfg.target
                 )
@@ -436,6 +444,7 @@ class RunResult:
     computed: int  # phrases this process computed in this run
     resumed: int  # phrases found done before this run started
     text_warnings: list[str] = field(default_factory=list)  # this run's phrase warnings
+    text_conditioned: bool | None = None  # False: one image-only map per image (None: unknown)
 
 
 PREFETCH = 2  # batches of images decoded ahead of the model
@@ -513,11 +522,16 @@ def run_eval(
         len(u.sample.phrases) for b in pending for u in b
     )
     if not procs.is_main:
-        return RunResult(None, out, computed, resumed, scorer.text_warnings)
+        return RunResult(
+            None, out, computed, resumed, scorer.text_warnings, scorer.text_conditioned
+        )
 
     records = merge_records(out, units)
     summary = summarize(records)
     summary["config"] = fp | {"dataset_units": len(units)}
+    kind = explainer.score_kind(fp["target"])
+    if kind is not None:
+        summary["config"]["score"] = kind.name
     summary["reader"] = {
         split: {
             "samples": r.samples,
@@ -534,7 +548,7 @@ def run_eval(
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     if report:
         write_report(out, summary, records, units, scorer, report_examples)
-    return RunResult(summary, out, computed, resumed, scorer.text_warnings)
+    return RunResult(summary, out, computed, resumed, scorer.text_warnings, scorer.text_conditioned)
 
 
 def merge_records(out: Path, units: Units) -> list[dict]:
@@ -573,4 +587,7 @@ def write_report(out: Path, summary, records, units: Units, scorer: UnitScorer, 
         return result
 
     title = f"groundcam eval: {summary['config']['dataset']} ({summary['config']['model']})"
-    return write_eval_report(out / "report.html", summary, examples(best), examples(worst), title)
+    best, worst = examples(best), examples(worst)
+    if scorer.text_conditioned is False:  # known once an example was explained
+        title += f" - image-only maps: {summary['config']['method']} does not read the text"
+    return write_eval_report(out / "report.html", summary, best, worst, title)

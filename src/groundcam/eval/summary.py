@@ -60,6 +60,8 @@ def summarize(records: list[dict]) -> dict:
     out["skipped"] = sum(bool(r["skipped"]) for r in ok)
     out["flat"] = sum(bool(r.get("flat")) for r in scored)  # maps with no point: misses
     out["errors"] = len(errors)
+    # phrases with a word the tokenizer read as unknown (their maps and scores never saw it)
+    out["unknown_words"] = sum(bool(r.get("unknown_words")) for r in ok)
     by_kind = _grouped(scored, lambda r: [r["kind"]])
     accs = [b["accuracy"] for b in by_kind.values()]
     out["class_mean_accuracy"] = sum(accs) / len(accs) if accs else None

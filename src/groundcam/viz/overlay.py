@@ -116,6 +116,7 @@ def overlay(
     *,
     max_side: int | None = MAX_SIDE,
     colorbar: bool = False,
+    note: str | None = None,
 ) -> Image.Image:
     """`heatmap` (any grid, values in [0, 1]) over `image`, each pixel at opacity ``alpha * value``
     in colour map `cmap` (see the module docstring); ground-truth xyxy `boxes` and the pointed
@@ -125,8 +126,8 @@ def overlay(
     its longer side is scaled down first and the boxes and point with it (``max_side=None``
     draws at full size). The map is resized to that size with `resample` ('bicubic' as the AMC
     protocol, or 'bilinear') and clamped. ``colorbar=True`` insets a small colour bar labelled
-    0 and 1 at the top right (`add_colorbar`; the size stays). NaN or inf in the map is an
-    `InputError`.
+    0 and 1 at the top right (`add_colorbar`; the size stays); `note` is written along the
+    bottom edge (`add_note`). NaN or inf in the map is an `InputError`.
     """
     alpha = check_alpha(alpha)
     colours_of = colormap(cmap)
@@ -162,7 +163,38 @@ def overlay(
             fill=POINT_FILL[None if hit is None else bool(hit)],
             outline=POINT_BORDER,
         )
-    return add_colorbar(result, colours_of) if colorbar else result
+    result = add_colorbar(result, colours_of) if colorbar else result
+    return add_note(result, note) if note else result
+
+
+def add_note(image: Image.Image, text: str) -> Image.Image:
+    """A copy of `image` (RGB) with `text` (wrapped at words to its width) on a translucent white
+    strip along its bottom edge, the size kept (the overlay still lines up with the photo); an
+    image too small to hold the text in its lower third is returned without it."""
+    sheet = image.convert("RGB").copy()
+    width, height = sheet.size
+    unit = max(1, round(min(width, height) / 200))
+    font = _font(10 * unit)
+    draw = ImageDraw.Draw(sheet)
+    pad = 2 * unit
+    lines: list[str] = []
+    for word in text.split():
+        wider = f"{lines[-1]} {word}" if lines else word
+        if lines and draw.textlength(wider, font=font) > width - 2 * pad:
+            lines.append(word)
+        else:
+            lines[-1:] = [wider]
+    left, top, _, bottom = draw.multiline_textbbox((0, 0), "\n".join(lines), font=font)
+    strip = bottom - top + 2 * pad
+    if strip > height // 3:
+        return sheet
+    box = (0, height - strip, width, height)
+    region = np.asarray(sheet.crop(box), dtype=np.float32)
+    lightened = region + COLORBAR_PANEL_OPACITY * (255.0 - region)
+    sheet.paste(Image.fromarray(np.rint(lightened).astype(np.uint8)), box[:2])
+    corner = (pad - left, height - strip + pad - top)
+    draw.multiline_text(corner, "\n".join(lines), fill=COLORBAR_TEXT, font=font)
+    return sheet
 
 
 def _scaled_rgb(image: Image.Image, size: tuple[int, int]) -> Image.Image:

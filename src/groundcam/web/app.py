@@ -149,6 +149,8 @@ def _summary(result: h.PhraseResult | h.CaptionResult, what: str) -> str:
     lines = [
         f"{what} with {ex.method} ({layer}, target {target}) on {ex.model} in {result.seconds:.1f} s"
     ]
+    if ex.score_kind is not None:  # what the number beside each phrase or token is
+        lines.append(f"score: {ex.score_kind.name} - {ex.score_kind.description}")
     if isinstance(result, h.PhraseResult) and not ex.text_conditioned:
         lines.append(
             f"note: {ex.method} on this model does not read the text (same map for every phrase)"
