@@ -1312,6 +1312,13 @@ def _append_records(stream, out: Path, desc: str, total: int) -> list[dict]:
     type=click.FloatRange(0, min_open=True),
     help="Uploads and served files kept on disk; the oldest deleted beyond.",
 )
+@click.option(
+    "--sessions",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Sessions whose page state is kept (about 100 KB each); the oldest dropped.",
+)
 @_device_option()
 @_guard
 def serve(
@@ -1326,6 +1333,7 @@ def serve(
     cache_mb,
     cache_ttl,
     files_mb,
+    sessions,
     device,
 ) -> None:
     """A local web page: upload an image, type phrases, see where each lands (needs groundcam[web])."""
@@ -1341,6 +1349,7 @@ def serve(
         cache_mb=cache_mb,
         cache_ttl=cache_ttl,
         files_mb=files_mb,
+        sessions=sessions,
     )
     run(models, host=host, port=port, limits=limits, device=device, echo=click.echo)
 

@@ -91,6 +91,7 @@ def serve(
         server_name=host,
         server_port=port,
         max_file_size=limits.max_upload_bytes,
+        state_session_capacity=limits.sessions,
         allowed_paths=[str(workspace.root)],
         share=False,
         inbrowser=False,

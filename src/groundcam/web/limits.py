@@ -33,13 +33,14 @@ class Limits:
     cache_mb: float = 256.0  # results kept in memory for all sessions together (oldest dropped)
     cache_ttl: float = 3600.0  # seconds a result, an upload or a served file is kept unused
     files_mb: float = 512.0  # uploads and served files on disk (oldest deleted beyond)
+    sessions: int = 1000  # sessions whose page state Gradio keeps (oldest dropped; ~100 KB each)
 
     def __post_init__(self) -> None:
         for name in ("max_phrases", "max_phrase_chars", "max_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.workers < 1 or self.queue_size < 1:
-            raise InputError("workers and queue_size must be at least 1")
+        if self.workers < 1 or self.queue_size < 1 or self.sessions < 1:
+            raise InputError("workers, queue_size and sessions must be at least 1")
         if not self.max_upload_mb > 0:
             raise InputError(f"max_upload_mb must be positive, got {self.max_upload_mb}")
         for name in ("cache_mb", "cache_ttl", "files_mb"):

@@ -70,19 +70,23 @@ class ResultStore:
             total -= size
 
 
-def nbytes(value: object) -> int:
+def nbytes(value: object, _seen: set[int] | None = None) -> int:
     """About how many bytes `value` holds in tensors and images (a dataclass's fields, lists and
-    dicts followed), the memory a kept result costs."""
+    dicts followed; an object reached twice counted once), the memory a kept result costs."""
+    seen = set() if _seen is None else _seen
+    if id(value) in seen:
+        return 0
+    seen.add(id(value))
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, Image.Image):
         return value.width * value.height * len(value.getbands())
     if is_dataclass(value) and not isinstance(value, type):
-        return sum(nbytes(getattr(value, f.name)) for f in fields(value))
+        return sum(nbytes(getattr(value, f.name), seen) for f in fields(value))
     if isinstance(value, dict):
-        return sum(nbytes(v) for v in value.values())
+        return sum(nbytes(v, seen) for v in value.values())
     if isinstance(value, list | tuple):
-        return sum(nbytes(v) for v in value)
+        return sum(nbytes(v, seen) for v in value)
     return 0
 
 
