@@ -160,6 +160,26 @@ def test_a_result_keeps_the_image_at_the_overlays_size_and_draws_as_from_the_upl
     assert display_copy(small) is small
 
 
+def test_a_caption_result_keeps_the_image_at_the_overlays_size(cache, tmp_path):
+    line = h.make_examples(tmp_path / "ex", scenes=0, lines=1)[0]
+    full = Image.open(line.path).convert("RGB")
+    big = full.resize((full.width * 12, full.height * 12), Image.Resampling.NEAREST)
+    big.save(tmp_path / "line.png")
+    res = h.explain_caption(
+        cache,
+        h.Workspace(tmp_path / "ws"),
+        Limits(),
+        "trocr-tiny-glyphs",
+        str(tmp_path / "line.png"),
+    )
+    assert max(big.size) > 1024 and max(res.image.size) == 1024
+    assert res.generation.image is res.image and len(res.generation) > 0
+    k = len(res.generation) - 1
+    picture, _ = h.caption_overlays(res, 0.5, "inferno")[k]
+    expected = overlay(big, res.generation.maps[k], colorbar=True)
+    assert np.array_equal(np.asarray(picture), np.asarray(expected))
+
+
 # ---------------------------------------------------------------- the running server
 EXPLAINS = 50
 CACHE_MB = 8

@@ -342,8 +342,13 @@ def build_app(
 
         ui = {"concurrency_id": "ui", "concurrency_limit": 8}
 
+        def _prune() -> None:
+            prune_page_files(app, workspace.uploads, limits.files_bytes, limits.cache_ttl)
+
         def _kept(key: str | None) -> h.PhraseResult | h.CaptionResult | None:
-            """The result a session's key names (None before any); one dropped is refused."""
+            """The result a session's key names (None before any); one dropped is refused. Files
+            of earlier requests are pruned first: every view of a result writes new ones."""
+            _prune()
             if key is None:
                 return None
             res = results.get(key)
@@ -354,9 +359,6 @@ def build_app(
                     "explain again"
                 )
             return res
-
-        def _prune() -> None:
-            prune_page_files(app, workspace.uploads, limits.files_bytes, limits.cache_ttl)
 
         modes = [phrase_inputs, caption_inputs, phrase_outputs, caption_outputs, explain, generate]
 
