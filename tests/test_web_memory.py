@@ -262,8 +262,9 @@ def server(tmp_path_factory):
 def test_fifty_explains_of_a_64_megapixel_image_keep_the_server_bounded(server, tmp_path):
     """Each request a new session, the image uploaded or pasted (distinct bytes each time): the
     server's memory after the first few explains grows by less than one decoded image, its
-    uploads and Gradio's files stay within --files-mb (plus one request's files), and a session
-    whose result was pushed out of the store is told so in one line."""
+    uploads and Gradio's files stay within --files-mb (plus one request's files; uploads alone
+    are pruned too), and a session whose result was pushed out of the store is told so in one
+    line."""
     from gradio_client import Client, handle_file
 
     proc, url, workspace, gradio_files = server
@@ -303,6 +304,18 @@ def test_fifty_explains_of_a_64_megapixel_image_keep_the_server_bounded(server, 
     assert max(rss[5:]) - rss[4] < 120, rss
     pasted = list((workspace / "uploads").iterdir())
     assert 0 < len(pasted) < EXPLAINS // 2, "pastes were not pruned"
+
+    # uploads alone (no request of the page runs): pruned all the same, within seconds
+    import httpx
+
+    for i in range(40):  # 4 MB, twice --files-mb
+        junk = np.random.default_rng(i).bytes(100_000)
+        reply = httpx.post(f"{url}gradio_api/upload", files=[("files", (f"x{i}.png", junk))])
+        assert reply.status_code == 200, reply.text
+    deadline = time.monotonic() + 30
+    while _bytes_under(workspace / "uploads", gradio_files) > FILES_MB * MB:
+        assert time.monotonic() < deadline, "uploads were not pruned in 30 s"
+        time.sleep(0.5)
 
     box = (0, "amc", 1500, 2000, 5000, 5500, 0.5, "inferno")  # in the upload's pixels
     *_, message = client.predict(*box, api_name="/on_score")  # the latest session: kept

@@ -178,7 +178,6 @@ def build_app(
     with gr.Blocks(
         title="groundcam", analytics_enabled=False, delete_cache=(max(1, ttl // 4), ttl)
     ) as app:
-        app.groundcam_results = results  # type: ignore[attr-defined] - for tests and debugging
         result = gr.State(None)  # the key of the session's result in `results`, never the result
         known_boxes = gr.State({})
         gr.Markdown(

@@ -120,7 +120,10 @@ def prune_files(
     for mtime, size, path in files:
         if now - mtime <= max_age and total <= max_bytes:
             continue
-        Path(path).unlink(missing_ok=True)
+        try:
+            Path(path).unlink(missing_ok=True)
+        except OSError:
+            continue  # not ours to delete after all: leave it, and count it
         gone.add(path)
         total -= size
     return gone
