@@ -1361,10 +1361,50 @@ def _append_records(stream, out: Path, desc: str, total: int) -> list[dict]:
     type=click.IntRange(1),
     help="Model requests run at once.",
 )
+@click.option(
+    "--cache-mb",
+    default=256.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Results kept in memory for all sessions together; the least recently used dropped.",
+)
+@click.option(
+    "--cache-ttl",
+    default=3600.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds a result, an upload or a served file is kept unused.",
+)
+@click.option(
+    "--files-mb",
+    default=512.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Uploads and served files kept on disk; the oldest deleted beyond.",
+)
+@click.option(
+    "--sessions",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Sessions whose page state is kept (about 100 KB each); the oldest dropped.",
+)
 @_device_option()
 @_guard
 def serve(
-    models, host, port, max_upload_mb, max_phrases, max_tokens, max_new_tokens, workers, device
+    models,
+    host,
+    port,
+    max_upload_mb,
+    max_phrases,
+    max_tokens,
+    max_new_tokens,
+    workers,
+    cache_mb,
+    cache_ttl,
+    files_mb,
+    sessions,
+    device,
 ) -> None:
     """A local web page: upload an image, type phrases, see where each lands (needs groundcam[web])."""
     from groundcam.web import Limits
@@ -1376,6 +1416,10 @@ def serve(
         max_tokens=max_tokens,
         max_new_tokens=max_new_tokens,
         workers=workers,
+        cache_mb=cache_mb,
+        cache_ttl=cache_ttl,
+        files_mb=files_mb,
+        sessions=sessions,
     )
     run(models, host=host, port=port, limits=limits, device=device, echo=click.echo)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import shutil
 import signal
 import socket
@@ -91,6 +92,7 @@ def serve(
         server_name=host,
         server_port=port,
         max_file_size=limits.max_upload_bytes,
+        state_session_capacity=limits.sessions,
         allowed_paths=[str(workspace.root)],
         share=False,
         inbrowser=False,
@@ -101,13 +103,36 @@ def serve(
     echo(f"groundcam serve: models {', '.join(cache.names)}")
     echo(f"groundcam serve: http://{host}:{port}/ (Ctrl+C to stop)")
     previous = _stop_on_sigterm()
+    stop = _prune_every(PRUNE_SECONDS, app, workspace, limits)
     try:
         app.block_thread()  # until Ctrl+C (or SIGTERM)
     finally:
+        stop.set()
         app.close()
         shutil.rmtree(workspace.root, ignore_errors=True)  # this run's results and uploads
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+PRUNE_SECONDS = 2.0  # how often the server prunes its files besides after each request
+
+
+def _prune_every(seconds: float, app, workspace, limits: Limits) -> threading.Event:
+    """Prune the page's files every `seconds` in a daemon thread (uploads arrive without any
+    request of ours running); set the event returned to stop."""
+    from groundcam.web.store import prune_page_files
+
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(seconds):
+            try:
+                prune_page_files(app, workspace.uploads, limits.files_bytes, limits.cache_ttl)
+            except Exception:  # noqa: BLE001 - keep pruning; the log says why it failed
+                logging.getLogger("groundcam.web").exception("groundcam serve: pruning failed")
+
+    threading.Thread(target=run, name="groundcam-prune", daemon=True).start()
+    return stop
 
 
 def _stop_on_sigterm():

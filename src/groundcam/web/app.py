@@ -18,6 +18,7 @@ from groundcam.errors import InputError  # noqa: E402
 from groundcam.web import handlers as h  # noqa: E402
 from groundcam.web.limits import Limits, save_data_url  # noqa: E402
 from groundcam.web.models import ModelCache  # noqa: E402
+from groundcam.web.store import ResultStore, nbytes, prune_page_files  # noqa: E402
 
 log = logging.getLogger("groundcam.web")
 
@@ -174,8 +175,12 @@ def build_app(
     methods0, method0 = h.method_choices(cache, first, target0)
     layers0, layer0 = h.layer_choices(cache, first, method0, target0)
 
-    with gr.Blocks(title="groundcam", analytics_enabled=False, delete_cache=(3600, 7200)) as app:
-        result = gr.State(None)
+    results = ResultStore(limits.cache_bytes, limits.cache_ttl)
+    ttl = max(1, round(limits.cache_ttl))
+    with gr.Blocks(
+        title="groundcam", analytics_enabled=False, delete_cache=(max(1, ttl // 4), ttl)
+    ) as app:
+        result = gr.State(None)  # the key of the session's result in `results`, never the result
         known_boxes = gr.State({})
         gr.Markdown(
             f"## {TITLE}\nUpload or paste an image (or pick an example), type phrases one per "
@@ -337,6 +342,25 @@ def build_app(
                 )
 
         ui = {"concurrency_id": "ui", "concurrency_limit": 8}
+
+        def _prune() -> None:
+            prune_page_files(app, workspace.uploads, limits.files_bytes, limits.cache_ttl)
+
+        def _kept(key: str | None) -> h.PhraseResult | h.CaptionResult | None:
+            """The result a session's key names (None before any); one dropped is refused. Files
+            of earlier requests are pruned first: every view of a result writes new ones."""
+            _prune()
+            if key is None:
+                return None
+            res = results.get(key)
+            if res is None:
+                raise InputError(
+                    "that result is no longer kept on the server (results unused for "
+                    f"{limits.cache_ttl:g} s, or beyond {limits.cache_mb:g} MB, are dropped): "
+                    "explain again"
+                )
+            return res
+
         modes = [phrase_inputs, caption_inputs, phrase_outputs, caption_outputs, explain, generate]
 
         # ------------------------------------------------------------ model, method, layer, target
@@ -418,6 +442,7 @@ def build_app(
         @_guard(outputs=3, status=2)
         def on_upload(path: str | None) -> tuple:
             picture = h.read_upload(path, limits)
+            _prune()
             return {}, None, f"image: {picture.width}x{picture.height} pixels"
 
         image.upload(on_upload, image, [known_boxes, example, status], **ui)
@@ -473,7 +498,8 @@ def build_app(
             if res.explanation.raw_token_maps is None:
                 summary += f"\nnote: {res.explanation.method} has no per-token maps"
             files_ = [str(p) for p in h.saved_files(res.folder)]
-            return res, *_phrase_views(res, a, c), files_, summary
+            _prune()
+            return results.put(res, nbytes(res)), *_phrase_views(res, a, c), files_, summary
 
         explain.click(
             on_explain,
@@ -484,9 +510,8 @@ def build_app(
         )
 
         @_guard(outputs=2, status=1)
-        def on_token_phrase(
-            res: h.PhraseResult | None, index: int | None, a: float, c: str
-        ) -> tuple:
+        def on_token_phrase(res: str | None, index: int | None, a: float, c: str) -> tuple:
+            res = _kept(res)
             if not isinstance(res, h.PhraseResult) or index is None:
                 return gr.skip(), gr.skip()
             return h.token_overlays(res, int(index), a, c), gr.skip()
@@ -496,17 +521,16 @@ def build_app(
         )
 
         @_guard(outputs=2, status=1)
-        def on_point_phrase(
-            res: h.PhraseResult | None, index: int | None, a: float, c: str
-        ) -> tuple:
-            return h.drawer_html(res, index, a, c), gr.skip()
+        def on_point_phrase(res: str | None, index: int | None, a: float, c: str) -> tuple:
+            return h.drawer_html(_kept(res), index, a, c), gr.skip()
 
         point_phrase.input(
             on_point_phrase, [result, point_phrase, alpha, cmap], [drawer, status], **ui
         )
 
         @_guard(outputs=5, status=4)
-        def on_pick(res: h.PhraseResult | None, a: float, c: str, evt: gr.SelectData) -> tuple:
+        def on_pick(res: str | None, a: float, c: str, evt: gr.SelectData) -> tuple:
+            res = _kept(res)
             if not isinstance(res, h.PhraseResult):
                 return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             i = int(evt.index)
@@ -545,12 +569,11 @@ def build_app(
             return int(index)
 
         @_guard(outputs=9, status=8)
-        def on_score(
-            res: h.PhraseResult | None, index: int | None, proto: str, *values: Any
-        ) -> tuple:
+        def on_score(res: str | None, index: int | None, proto: str, *values: Any) -> tuple:
             *box_values, a, c = values
+            res = _kept(res)
             i = _checked(res, index)
-            return _scored(res, i, h.parse_box(box_values, res.image.size), proto, a, c)
+            return _scored(res, i, h.parse_box(box_values, res.size), proto, a, c)
 
         score.click(
             on_score,
@@ -561,7 +584,7 @@ def build_app(
 
         @_guard(outputs=9, status=8)
         def on_draw(
-            res: h.PhraseResult | None,
+            res: str | None,
             index: int | None,
             proto: str,
             a: float,
@@ -571,8 +594,9 @@ def build_app(
             drawn = (getattr(evt, "_data", None) or {}).get("box")
             if not drawn:
                 return tuple(gr.skip() for _ in score_outputs)
+            res = _kept(res)
             i = _checked(res, index)
-            return _scored(res, i, h.parse_box(drawn, res.image.size), proto, a, c)
+            return _scored(res, i, h.parse_box(drawn, res.size), proto, a, c)
 
         drawer.click(on_draw, [result, point_phrase, protocol, alpha, cmap], score_outputs, **ui)
 
@@ -603,8 +627,9 @@ def build_app(
                 c,
                 progress=lambda f, d: progress(f, desc=d),
             )
+            _prune()
             return (
-                res,
+                results.put(res, nbytes(res)),
                 h.caption_html(res, a, c),
                 h.caption_overlays(res, a, c),
                 [str(p) for p in h.saved_files(res.folder)],
@@ -622,6 +647,7 @@ def build_app(
         # ------------------------------------------------------------ opacity and colour map
         @_guard(outputs=5, status=4)
         def on_style(res: Any, a: float, c: str, index: int | None) -> tuple:
+            res = _kept(res)
             if isinstance(res, h.PhraseResult):
                 i = int(index or 0)
                 try:
@@ -641,6 +667,7 @@ def build_app(
 
         @_guard(outputs=2, status=1)
         def on_caption_style(res: Any, a: float, c: str) -> tuple:
+            res = _kept(res)
             if isinstance(res, h.CaptionResult):
                 return h.caption_html(res, a, c), gr.skip()
             return gr.skip(), gr.skip()

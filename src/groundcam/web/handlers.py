@@ -24,7 +24,7 @@ from groundcam.data.glyphs import render_line
 from groundcam.data.shapes import generate_scene
 from groundcam.errors import GroundcamWarning, InputError
 from groundcam.explanation import Explanation, GenerationExplanation
-from groundcam.viz.overlay import overlay
+from groundcam.viz.overlay import _scaled_point, overlay
 from groundcam.web.limits import (
     Limits,
     check_text,
@@ -34,6 +34,7 @@ from groundcam.web.limits import (
     read_upload,
 )
 from groundcam.web.models import ModelCache
+from groundcam.web.store import display_copy
 
 Box = tuple[float, float, float, float]
 Progress = Callable[[float, str], None]
@@ -50,8 +51,9 @@ def _quiet(progress: Progress | None) -> Progress:
 
 @dataclass
 class PhraseResult:
-    """One explained request: the explanation, its image, where its files are, and the boxes
-    drawn (or known from an example scene) with their pointing-game results, per phrase."""
+    """One explained request: the explanation, its image (a copy at most `MAX_SIDE` px a side for
+    drawing; `size` is the uploaded image's), where its files are, and the boxes drawn (or known
+    from an example scene) in the uploaded image's pixels with their pointing-game results."""
 
     explanation: Explanation
     image: Image.Image
@@ -61,6 +63,10 @@ class PhraseResult:
     points: dict[int, gc.PointingResult] = field(default_factory=dict)
     protocol: str = "amc"
     seconds: float = 0.0
+    size: tuple[int, int] | None = None  # (W, H) of the uploaded image; None: image.size
+
+    def __post_init__(self) -> None:
+        self.size = tuple(self.size or self.image.size)
 
     @property
     def phrases(self) -> list[str]:
@@ -69,7 +75,8 @@ class PhraseResult:
 
 @dataclass
 class CaptionResult:
-    """Text a model generated (or was given) for the image, with one map per token."""
+    """Text a model generated (or was given) for the image (a copy at most `MAX_SIDE` px a side),
+    with one map per token."""
 
     generation: GenerationExplanation
     image: Image.Image
@@ -200,7 +207,8 @@ def explain_phrases(
                 image, phrases, method=method or None, layer=_layer(layer), target=target or None
             )
     folder = workspace.new_folder("explain")
-    result = PhraseResult(ex, image, folder, warnings=_collect(caught))
+    ex.images = [display_copy(image)]  # overlays draw at most that size: keep no more pixels
+    result = PhraseResult(ex, ex.images[0], folder, warnings=_collect(caught), size=image.size)
     for i, phrase in enumerate(phrases):
         if known_boxes and phrase in known_boxes:
             score_box(result, i, known_boxes[phrase])
@@ -257,13 +265,21 @@ def phrase_overlays(
     ex = result.explanation
     out = []
     for i in range(len(ex)):
-        point = result.points.get(i)
-        extra = {}
-        if point is not None:
-            extra = {"boxes": result.boxes[i], "point": point.point, "hit": point.hit}
-        picture = ex.overlay(i, alpha=alpha, cmap=cmap or None, colorbar=True, **extra)
+        picture = ex.overlay(i, alpha=alpha, cmap=cmap or None, colorbar=True, **_marks(result, i))
         out.append((picture, phrase_caption(result, i)))
     return out
+
+
+def _marks(result: PhraseResult, i: int) -> dict:
+    """Phrase i's boxes, pointed pixel and hit for `overlay`, moved from the uploaded image's
+    pixels to those of the kept copy as `overlay` moves them to the drawn size."""
+    point = result.points.get(i)
+    if point is None:
+        return {}
+    (width, height), size = result.size, result.image.size
+    sx, sy = size[0] / width, size[1] / height
+    boxes = [(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in result.boxes[i]]
+    return {"boxes": boxes, "point": _scaled_point(point.point, (sx, sy), size), "hit": point.hit}
 
 
 def token_overlays(
@@ -326,7 +342,7 @@ def score_box(
     if protocol not in PROTOCOLS:
         raise InputError(f"protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
     boxes = [tuple(float(v) for v in b) for b in ([boxes] if _is_box(boxes) else boxes)]
-    width, height = result.image.size
+    width, height = result.size
     # mg reads raw 1-based annotation boxes (MultiGrounding's convention): shift drawn pixels
     scored = [tuple(v + 1 for v in b) for b in boxes] if protocol == "mg" else boxes
     point = gc.pointing_game(ex.maps[i], scored, protocol=protocol, image_size=(height, width))
@@ -404,7 +420,8 @@ def explain_caption(
     if text is not None and len(gen) > limits.max_tokens:
         raise InputError(f"the text makes {len(gen)} tokens; at most {limits.max_tokens}")
     folder = workspace.new_folder("caption")
-    result = CaptionResult(gen, image, folder, warnings=_collect(caught))
+    gen.image = display_copy(image)
+    result = CaptionResult(gen, gen.image, folder, warnings=_collect(caught))
     progress(0.8, "writing tokens.png, overlays, maps.npz and meta.json")
     save_caption(result, alpha, cmap)
     result.seconds = time.perf_counter() - t0
@@ -496,12 +513,10 @@ def drawer_html(
     ):
         return '<p class="gc-empty">Explain some phrases, then drag a box on the map here.</p>'
     i = int(i)
-    point = result.points.get(i)
-    extra = {"boxes": result.boxes[i], "point": point.point, "hit": point.hit} if point else {}
     picture = result.explanation.overlay(
-        i, alpha=alpha, cmap=cmap or None, max_side=DRAW_SIDE, **extra
+        i, alpha=alpha, cmap=cmap or None, max_side=DRAW_SIDE, **_marks(result, i)
     )
-    width, height = result.image.size
+    width, height = result.size
     phrase = html.escape(result.explanation.phrases[i])
     return (
         f'<div class="gc-stage" data-phrase="{i}"><img class="gc-draw" draggable="false" '

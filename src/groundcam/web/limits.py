@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -29,19 +30,34 @@ class Limits:
     max_new_tokens: int = 40  # tokens a captioning / OCR model may generate per request
     workers: int = 1  # model requests run at once (each model also runs one at a time)
     queue_size: int = 32  # requests waiting in the queue before new ones are turned away
+    cache_mb: float = 256.0  # results kept in memory for all sessions together (oldest dropped)
+    cache_ttl: float = 3600.0  # seconds a result, an upload or a served file is kept unused
+    files_mb: float = 512.0  # uploads and served files on disk (oldest deleted beyond)
+    sessions: int = 1000  # sessions whose page state Gradio keeps (oldest dropped; ~100 KB each)
 
     def __post_init__(self) -> None:
         for name in ("max_phrases", "max_phrase_chars", "max_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.workers < 1 or self.queue_size < 1:
-            raise InputError("workers and queue_size must be at least 1")
+        if self.workers < 1 or self.queue_size < 1 or self.sessions < 1:
+            raise InputError("workers, queue_size and sessions must be at least 1")
         if not self.max_upload_mb > 0:
             raise InputError(f"max_upload_mb must be positive, got {self.max_upload_mb}")
+        for name in ("cache_mb", "cache_ttl", "files_mb"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"{name} must be positive, got {getattr(self, name)}")
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * MB)
+
+    @property
+    def cache_bytes(self) -> int:
+        return int(self.cache_mb * MB)
+
+    @property
+    def files_bytes(self) -> int:
+        return int(self.files_mb * MB)
 
     @property
     def max_text_chars(self) -> int:
@@ -144,8 +160,9 @@ def read_upload(path: str | os.PathLike | None, limits: Limits) -> Image.Image:
 
 
 def save_data_url(url: str, directory: Path, limits: Limits) -> Path:
-    """A `data:image/...;base64,` URL (a pasted image) written as bytes to a new file in
-    `directory`, checked against the upload limit first; nothing is decoded here."""
+    """A `data:image/...;base64,` URL (a pasted image) written as bytes to a file in `directory`
+    named by its content (the same paste is one file), checked against the upload limit first;
+    nothing is decoded here."""
     head, _, payload = url.partition(",")
     if not head.startswith("data:") or ";base64" not in head:
         raise InputError("the pasted image is not a base64 data URL: upload it as a file")
@@ -159,7 +176,13 @@ def save_data_url(url: str, directory: Path, limits: Limits) -> Path:
     except (binascii.Error, ValueError):
         raise ImageError("the pasted image is not valid base64 data") from None
     directory.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix="pasted-", suffix=".img", dir=directory)
+    # named by content: the same paste sent with every request is one file, not one per request
+    path = directory / f"pasted-{hashlib.sha256(data).hexdigest()[:32]}.img"
+    if path.is_file() and path.stat().st_size == len(data):
+        path.touch()  # recently used: the last to be pruned
+        return path
+    fd, name = tempfile.mkstemp(prefix="pasting-", dir=directory)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    return Path(name)
+    os.replace(name, path)
+    return path
