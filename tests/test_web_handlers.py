@@ -290,3 +290,21 @@ def test_noise_image_explains_without_errors(cache, workspace, tmp_path):
     res = h.explain_phrases(cache, workspace, Limits(), "albef-tiny-shapes", str(path), "a star")
     assert res.explanation.maps.shape[0] == 1 and torch.isfinite(res.explanation.maps).all()
     assert h.phrase_overlays(res, 0.5, None)[0][0].size == (97, 61)
+
+
+def test_an_image_only_method_is_said_once_on_the_page(cache, workspace, scene):
+    """Rollout gives every phrase one map: the status box says so once (its note), not again
+    as the API's warning."""
+    from groundcam.web.app import _summary
+
+    path, _ = scene
+    res = h.explain_phrases(
+        cache, workspace, Limits(), "albef-tiny-shapes", str(path), "\n".join(PHRASES), "rollout"
+    )
+    assert any("does not read the text" in w for w in res.warnings)
+    text = _summary(res, "explained")
+    assert text.count("does not read the text") == 1 and "note: rollout" in text
+    res = h.explain_phrases(
+        cache, workspace, Limits(), "albef-tiny-shapes", str(path), "\n".join(PHRASES)
+    )
+    assert "does not read the text" not in _summary(res, "explained")

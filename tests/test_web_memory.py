@@ -338,3 +338,27 @@ def test_serve_gives_gradio_the_session_limit(monkeypatch):
     monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: None)
     web.serve(port=_free_port(), limits=Limits(sessions=7), echo=lambda *a, **k: None)
     assert seen["state_session_capacity"] == 7
+
+
+def test_result_folders_are_bounded_by_bytes_as_well_as_count(tmp_path) -> None:
+    """Saved results (overlays, maps) of old requests go once the folders exceed `max_bytes`;
+    the newest request's folder always stays, and `keep` still bounds their number."""
+    from groundcam.web.handlers import Workspace
+
+    ws = Workspace(tmp_path, keep=5, max_bytes=3000)
+    folders = []
+    for i in range(6):
+        folder = ws.new_folder("explain")
+        (folder / "overlay.png").write_bytes(bytes(1000))
+        os.utime(folder, (i, i))  # creation order, whatever the clock's resolution
+        folders.append(folder)
+    alive = [f for f in folders if f.exists()]
+    assert alive == folders[-4:]  # the three before the newest fit 3000 bytes
+    big = ws.new_folder("explain")
+    (big / "all.zip").write_bytes(bytes(5000))  # one request alone over the bound stays
+    assert big.exists()
+    ws.new_folder("explain")
+    assert not any(f.exists() for f in folders) and not big.exists()
+    ws2 = Workspace(tmp_path / "count", keep=2)
+    made = [ws2.new_folder("x") for _ in range(4)]
+    assert sum(f.exists() for f in made) == 2

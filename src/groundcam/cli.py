@@ -1380,7 +1380,8 @@ def _append_records(stream, out: Path, desc: str, total: int) -> list[dict]:
     default=512.0,
     show_default=True,
     type=click.FloatRange(0, min_open=True),
-    help="Uploads and served files kept on disk; the oldest deleted beyond.",
+    help="Uploads and served files kept on disk, and as much for saved results; the oldest "
+    "deleted beyond.",
 )
 @click.option(
     "--sessions",

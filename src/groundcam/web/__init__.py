@@ -43,8 +43,11 @@ def create_app(
     cache = ModelCache(models, device=device, builtins=builtins)
     for name in models:
         cache.get(name)
-    workspace = Workspace(Path(workdir) if workdir is not None else None)
-    return build_app(cache, limits or Limits(), workspace), cache, workspace
+    limits = limits or Limits()
+    workspace = Workspace(
+        Path(workdir) if workdir is not None else None, max_bytes=limits.files_bytes
+    )
+    return build_app(cache, limits, workspace), cache, workspace
 
 
 def is_loopback(host: str) -> bool:

@@ -152,11 +152,13 @@ def _summary(result: h.PhraseResult | h.CaptionResult, what: str) -> str:
     ]
     if ex.score_kind is not None:  # what the number beside each phrase or token is
         lines.append(f"score: {ex.score_kind.name} - {ex.score_kind.description}")
+    warned = list(result.warnings)
     if isinstance(result, h.PhraseResult) and not ex.text_conditioned:
         lines.append(
             f"note: {ex.method} on this model does not read the text (same map for every phrase)"
         )
-    lines += [f"warning: {w}" for w in result.warnings]
+        warned = [w for w in warned if "does not read the text" not in w]  # said once, above
+    lines += [f"warning: {w}" for w in warned]
     return "\n".join(lines)
 
 
@@ -167,7 +169,7 @@ def build_app(
 ) -> gr.Blocks:
     """The page over the models of `cache`, within `limits`, writing results under `workspace`."""
     limits = limits or Limits()
-    workspace = workspace or h.Workspace()
+    workspace = workspace or h.Workspace(max_bytes=limits.files_bytes)
     examples = h.make_examples(workspace.root / "examples")
     by_label = {e.label: e for e in examples}
     first = cache.names[0]

@@ -99,25 +99,42 @@ class Example:
 
 class Workspace:
     """Folders for results (each request's `save` output) under one server-owned directory; the
-    oldest are removed beyond `keep`, so a long-running server does not fill the disk."""
+    oldest are removed beyond `keep` folders or `max_bytes` in all (the newest request's folder
+    always stays), so a long-running server does not fill the disk."""
 
-    def __init__(self, root: Path | None = None, keep: int = 64) -> None:
+    def __init__(
+        self, root: Path | None = None, keep: int = 64, max_bytes: int | None = None
+    ) -> None:
         self.root = (
             Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="groundcam-web-"))
         )
         self.root.mkdir(parents=True, exist_ok=True)
         self.keep = keep
+        self.max_bytes = max_bytes
         self._lock = threading.Lock()
 
     def new_folder(self, kind: str) -> Path:
         with self._lock:
             results = self.root / "results"
             results.mkdir(exist_ok=True)
-            folder = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=results))
-            old = sorted(results.iterdir(), key=lambda p: p.stat().st_mtime)[: -self.keep]
-            for path in old:
+            old = sorted(results.iterdir(), key=lambda p: p.stat().st_mtime)
+            n = max(len(old) - self.keep + 1, 0)  # room for the new one within `keep`
+            for path in old[:n] + self._over_bytes(old[n:]):
                 shutil.rmtree(path, ignore_errors=True)
-            return folder
+            return Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=results))
+
+    def _over_bytes(self, folders: list[Path]) -> list[Path]:
+        """The oldest of `folders` (oldest first) that must go for the rest to fit `max_bytes`."""
+        if self.max_bytes is None:
+            return []
+        sizes = [sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in folders]
+        total, out = sum(sizes), []
+        for folder, size in zip(folders, sizes, strict=True):
+            if total <= self.max_bytes:
+                break
+            out.append(folder)
+            total -= size
+        return out
 
     @property
     def uploads(self) -> Path:

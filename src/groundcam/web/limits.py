@@ -32,7 +32,7 @@ class Limits:
     queue_size: int = 32  # requests waiting in the queue before new ones are turned away
     cache_mb: float = 256.0  # results kept in memory for all sessions together (oldest dropped)
     cache_ttl: float = 3600.0  # seconds a result, an upload or a served file is kept unused
-    files_mb: float = 512.0  # uploads and served files on disk (oldest deleted beyond)
+    files_mb: float = 512.0  # uploads and served files on disk, and as much for saved results
     sessions: int = 1000  # sessions whose page state Gradio keeps (oldest dropped; ~100 KB each)
 
     def __post_init__(self) -> None:
