@@ -6,18 +6,17 @@ import functools
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 from PIL import Image
 
+from groundcam import generation
 from groundcam.adapters.base import Adapter
-from groundcam.adapters.hf import unknown_words_message
 from groundcam.contract import ScoreKind, Scores, source_label
 from groundcam.errors import GroundcamWarning, InputError
 from groundcam.explanation import Explanation, GenerationExplanation, normalize_maps
-from groundcam.gradients import HeadRows, check_differentiable, record
+from groundcam.gradients import check_differentiable, record
 from groundcam.methods import METHODS, Method, get_method
 from groundcam.targets import check_target
 from groundcam.threads import model_lock
@@ -360,127 +359,35 @@ class Explainer:
     @serialised
     def explain_generation(
         self,
-        image: Image.Image,
+        image_or_images: Image.Image | Sequence[Image.Image] | None = None,
+        prompt: str | None = None,
         method: str | None = None,
         layer: int | None = None,
         max_new_tokens: int | None = None,
         text: str | None = None,
         beam: int = 1,
+        *,
+        image: Image.Image | None = None,
     ) -> GenerationExplanation:
-        """Generate text for `image` (or take `text` as if generated), then one map per generated
-        token, from one teacher-forced forward and a batched backward. `method` defaults to the
-        family's (`attention` for OCR models); `max_new_tokens=None` lets the model's own
-        `generation_config` decide the length; `beam` > 1 decodes with beam search."""
-        a = self.adapter
-        if "token" not in a.targets:
-            raise InputError(
-                f"the {a.family} family does not generate text; explain_generation needs a "
-                "captioning or OCR model"
-            )
-        if max_new_tokens is not None and (
-            isinstance(max_new_tokens, bool)
-            or not isinstance(max_new_tokens, int)
-            or max_new_tokens < 1
-        ):
-            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
-            raise InputError(f"beam must be a positive integer, got {beam!r}")
-        if text is not None and (not isinstance(text, str) or not text.strip()):
-            raise InputError(f"text= must be a non-empty string to explain, got {text!r}")
-        method_obj, source, target, layer = self.resolve(method, layer, "token")
-        method = method_obj.name
-        pixel_values = self.prepare_images([image])
-        unknown: list[str] = []
-        if text is None:
-            with torch.no_grad():
-                ids, first = a.generate(pixel_values, max_new_tokens, beam)
-        else:
-            ids, first = a.teacher_ids(text)
-            limit = a.max_positions()
-            if limit is not None and ids.shape[1] > limit:
-                raise InputError(
-                    f"text= is {ids.shape[1]} tokens with the model's start and prompt tokens; "
-                    f"this model reads at most {limit}: {text[:60]!r}"
-                )
-            unknown = a.unknown_words([text])[0]
-            if unknown:
-                warnings.warn(
-                    unknown_words_message(text, unknown, getattr(a.tokenizer, "unk_token", None)),
-                    GroundcamWarning,
-                    stacklevel=2,
-                )
-        skip = a.special_ids()
-        positions = [k for k in range(first, ids.shape[1]) if int(ids[0, k]) not in skip]
-        if not positions:  # nothing but start/end tokens: an empty explanation, not an error
-            g = a.geometry(pixel_values)
-            empty = torch.zeros(0, g.grid_h, g.grid_w)
-            return GenerationExplanation(
-                text="",
-                tokens=[],
-                token_ids=[],
-                positions=[],
-                maps=empty,
-                raw_maps=empty,
-                scores=torch.zeros(0),
-                method=method,
-                layer=layer,
-                model=self.name,
-                image=image,
-                score_kind=a.score_kind("token"),
-                unknown_words=unknown,
-            )
-        pos = torch.tensor(positions, device=ids.device)
-        spec = a.record_spec(source, layer, "token")
-
-        head = a.output_head()
-        picked = None if head is None else HeadRows(head, pos - 1)
-
-        def run():
-            if picked is None:
-                logits = a.decoder_logits(pixel_values, ids, spec.expand_vision_at)[0, pos - 1]
-            else:  # the LM head computes the rows that predict the chosen tokens, nothing else
-                with picked:
-                    logits = a.decoder_logits(pixel_values, ids, spec.expand_vision_at)[0]
-            logp = logits.float().log_softmax(-1)
-            chosen = logp.gather(-1, ids[0, pos][:, None])[:, 0]
-            return Scores(chosen, chosen.detach().exp())
-
-        k = len(positions)
-        zeros = torch.zeros(k, dtype=torch.long, device=ids.device)
-        scores, recorded, grads = record(
-            method_obj, replace(spec, per_image=True), run, k, zeros, self.grad_chunk, root=picked
-        )
-        geometry = a.geometry(pixel_values).select(zeros)
-        mask = torch.ones(k, ids.shape[1], dtype=torch.long, device=ids.device)
-        out = method_obj.compute(source, recorded, grads, geometry, mask, spec.graph)
-        if out.raw_token_maps is not None:  # the decoder row that predicted token k
-            raw = out.raw_token_maps[torch.arange(k), pos - a.token_rows_shift]
-        else:
-            raw = out.raw_maps
-        raw = raw.detach().float().cpu()
-        if not out.text_conditioned and k > 1:
-            warnings.warn(
-                f"method {method!r} does not read the text on this model: the {k} generated "
-                "tokens all get the same image-only map",
-                GroundcamWarning,
-                stacklevel=2,
-            )
-        id_list = ids[0].tolist()
-        return GenerationExplanation(
-            text=a.decode(id_list[first:]),
-            tokens=a.token_strings(ids[:, pos], torch.ones_like(ids[:, pos]))[0],
-            token_ids=[id_list[p] for p in positions],
-            positions=positions,
-            maps=normalize_maps(raw),
-            raw_maps=raw,
-            scores=scores.reported.detach().float().cpu(),
-            method=method,
-            layer=layer,
-            model=self.name,
-            image=image,
-            text_conditioned=out.text_conditioned,
-            score_kind=a.score_kind("token"),
-            unknown_words=unknown,
+        """Generate text for an image (or take `text` as if generated), then one map per generated
+        token, from one teacher-forced forward and a batched backward. `prompt` leads the text
+        where the family takes one (BLIP captioning); a list of images is for families that read
+        several. `method` defaults to the family's (`attention` for OCR models);
+        `max_new_tokens=None` lets the model's own `generation_config` decide the length; `beam`
+        > 1 decodes with beam search. `image=` is the first argument's older name."""
+        if image is not None and image_or_images is not None:
+            raise InputError("pass the image once: as the first argument or as image=")
+        if image is None and image_or_images is None:
+            raise InputError("no image given: explain_generation needs an image")
+        return generation.explain_generation(
+            self,
+            image if image is not None else image_or_images,
+            prompt,
+            method,
+            layer,
+            max_new_tokens,
+            text,
+            beam,
         )
 
 
