@@ -214,5 +214,8 @@ def test_layouts_that_do_not_add_up_are_refused():
         Tile(0, 0, 2, 2, (0.5, 0.0, 0.25, 1.0))
     with pytest.raises(ValueError, match="tiles must name images 0..n-1"):
         TokenLayout.from_tiles(torch.arange(4), [Tile(1, 0, 2, 2)])
+    with pytest.raises(ValueError, match="outside its tile's grid"):
+        one = torch.zeros(1, dtype=torch.long)
+        TokenLayout(one, one, one + 2, one, (Tile(0, 0, 2, 2),))
     with pytest.raises(ValueError, match="values have 4 columns; the layout reads column 6"):
         place(torch.zeros(4), TokenLayout.grid(2, 2, start=3))

@@ -207,6 +207,11 @@ class TokenLayout:
             self.tiles
         ):
             raise ValueError(f"tile indices must lie in 0..{len(self.tiles) - 1}")
+        height = torch.tensor([t.grid_h for t in self.tiles])[self.tile]
+        width = torch.tensor([t.grid_w for t in self.tiles])[self.tile]
+        cell = self.row >= 0
+        if bool(((self.row >= height) | (self.col >= width) | (cell & (self.col < 0))).any()):
+            raise ValueError("a column's cell lies outside its tile's grid")
 
     @property
     def images(self) -> int:
