@@ -9,8 +9,9 @@ from PIL import Image
 from tiny import tiny_albef
 
 from groundcam.adapters.albef import AlbefAdapter
-from groundcam.explainer import Explainer, per_target_grads
+from groundcam.explainer import Explainer
 from groundcam.geometry import Geometry
+from groundcam.gradients import per_target_grads
 from groundcam.methods import ATTENTION_GRAPH, AttentionGraph, AttentionStep, get_method
 from groundcam.methods.relevance import without_residual
 

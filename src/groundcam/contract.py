@@ -146,3 +146,123 @@ def middle_layer(layers: list[int] | tuple[int, ...]) -> int:
     """The middle of a stack, never its last layer when there are two or more."""
     layers = list(layers)
     return layers[min(len(layers) // 2, len(layers) - 2)] if len(layers) > 1 else layers[0]
+
+
+# ----------------------------------------------------------------------------- image tokens
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One grid of image tokens: tile (or frame) `index` of image `image`, `grid_h` x `grid_w`
+    cells read row-major, over `box` = (x0, y0, x1, y1) of the original image in fractions of its
+    width and height (a global or thumbnail tile: the whole image; a centre crop: part of it).
+    `newline`: every row of cells is followed by one token with no cell (LLaVA-NeXT)."""
+
+    image: int
+    index: int
+    grid_h: int
+    grid_w: int
+    box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+    newline: bool = False
+
+    def __post_init__(self) -> None:
+        x0, y0, x1, y1 = self.box
+        if self.grid_h < 1 or self.grid_w < 1:
+            raise ValueError(f"tile grid must be at least 1x1, got {self.grid_h}x{self.grid_w}")
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise ValueError(f"tile box must lie inside (0, 0, 1, 1) with x0<x1, y0<y1: {self.box}")
+
+    @property
+    def columns(self) -> int:
+        """How many sequence columns the tile takes (cells and newlines)."""
+        return self.grid_h * (self.grid_w + int(self.newline))
+
+
+@dataclass(frozen=True, eq=False)
+class TokenLayout:
+    """Where the image tokens of a recorded sequence sit: column `positions[m]` holds the token of
+    `tiles[tile[m]]` at cell (`row[m]`, `col[m]`) of that tile's grid, or no cell when `row[m]`
+    is -1 (a newline or separator). `sizes[i]`: (H, W) of original image i, when known. Families
+    declare it through `Adapter.token_layout`; `placement.place` paints values back with it."""
+
+    positions: torch.Tensor
+    tile: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    tiles: tuple[Tile, ...]
+    sizes: tuple[tuple[int, int], ...] | None = None
+
+    def __post_init__(self) -> None:
+        m = self.positions.shape
+        if len(m) != 1 or any(t.shape != m for t in (self.tile, self.row, self.col)):
+            raise ValueError("positions, tile, row and col must be 1-D of one length")
+        if not self.tiles:
+            raise ValueError("a token layout needs at least one tile")
+        images = sorted({t.image for t in self.tiles})
+        if images != list(range(len(images))):
+            raise ValueError(f"tiles must name images 0..n-1, got {images}")
+        if self.sizes is not None and len(self.sizes) != len(images):
+            raise ValueError(f"{len(self.sizes)} image sizes for {len(images)} images")
+        if len(self.tile) and not 0 <= int(self.tile.min()) <= int(self.tile.max()) < len(
+            self.tiles
+        ):
+            raise ValueError(f"tile indices must lie in 0..{len(self.tiles) - 1}")
+        height = torch.tensor([t.grid_h for t in self.tiles])[self.tile]
+        width = torch.tensor([t.grid_w for t in self.tiles])[self.tile]
+        cell = self.row >= 0
+        if bool(((self.row >= height) | (self.col >= width) | (cell & (self.col < 0))).any()):
+            raise ValueError("a column's cell lies outside its tile's grid")
+
+    @property
+    def images(self) -> int:
+        """How many images the sequence holds."""
+        return 1 + max(t.image for t in self.tiles)
+
+    @property
+    def image(self) -> torch.Tensor:
+        """Per column, which image it belongs to."""
+        return torch.tensor([t.image for t in self.tiles], dtype=torch.long)[self.tile]
+
+    @property
+    def has_cell(self) -> torch.Tensor:
+        """Per column, whether it is a grid cell (not a newline or separator)."""
+        return self.row >= 0
+
+    @classmethod
+    def from_tiles(
+        cls,
+        positions: torch.Tensor | list[int],
+        tiles: tuple[Tile, ...] | list[Tile],
+        sizes: tuple[tuple[int, int], ...] | None = None,
+    ) -> TokenLayout:
+        """The image-token columns `positions`, in sequence order, given to `tiles` in order:
+        each tile's cells row-major, with a no-cell column after each row of a `newline` tile.
+        Refuses a count of columns that the tiles do not take exactly."""
+        positions = torch.as_tensor(positions, dtype=torch.long).flatten()
+        tiles = tuple(tiles)
+        need = sum(t.columns for t in tiles)
+        if len(positions) != need:
+            raise ValueError(
+                f"{len(positions)} image-token columns, but the tiles take {need} "
+                f"({', '.join(f'{t.grid_h}x{t.grid_w}' for t in tiles)})"
+            )
+        tile, row, col = [], [], []
+        for i, t in enumerate(tiles):
+            width = t.grid_w + int(t.newline)
+            cells = torch.arange(t.grid_h * width)
+            r, c = cells // width, cells % width
+            gap = c >= t.grid_w  # the newline column after each row
+            tile.append(torch.full_like(cells, i))
+            row.append(torch.where(gap, -1, r))
+            col.append(torch.where(gap, -1, c))
+        return cls(positions, torch.cat(tile), torch.cat(row), torch.cat(col), tiles, sizes)
+
+    @classmethod
+    def grid(
+        cls, grid_h: int, grid_w: int, start: int = 0, size: tuple[int, int] | None = None
+    ) -> TokenLayout:
+        """One image, one tile covering it, its cells row-major from column `start` (the layout
+        of every family that reads one image through one patch grid)."""
+        tile = Tile(0, 0, grid_h, grid_w)
+        positions = torch.arange(start, start + grid_h * grid_w)
+        return cls.from_tiles(positions, (tile,), None if size is None else (tuple(size),))

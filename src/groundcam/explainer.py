@@ -6,21 +6,20 @@ import functools
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 from PIL import Image
 
+from groundcam import generation
 from groundcam.adapters.base import Adapter
-from groundcam.adapters.hf import unknown_words_message
-from groundcam.capture import Recorder, Unfold
 from groundcam.contract import ScoreKind, Scores, source_label
 from groundcam.errors import GroundcamWarning, InputError
 from groundcam.explanation import Explanation, GenerationExplanation, normalize_maps
+from groundcam.gradients import check_differentiable, record
 from groundcam.methods import METHODS, Method, get_method
 from groundcam.targets import check_target
-from groundcam.threads import model_lock, this_thread
+from groundcam.threads import model_lock
 
 
 class Resolved(NamedTuple):
@@ -305,50 +304,6 @@ class Explainer:
                 )
         return Resolved(method_obj, source, target, layer)
 
-    def _record(
-        self,
-        method,
-        spec,
-        run,
-        pairs: int,
-        image_index: torch.Tensor,
-        differentiable=False,
-        root: HeadRows | None = None,
-    ):
-        """Run `run()` (a forward returning Scores) under the recorder; per explained score, the
-        recorded tensors' rows and their gradients. For gradient methods the forward keeps no
-        graph below the recorded layers and no parameter is made to require grad (the recorder
-        cuts there, see `Recorder`). `differentiable`: nothing is cut or detached, and the
-        gradients are taken with `create_graph`, so maps made of them reach the parameters (the
-        AMC loss trains through them). `root`: score b reads the model only through row
-        `root.rows[b]` of the tensor `root.x` (an LM head's input), where the batched backward
-        starts (`rooted_grads`)."""
-        grad_mode = torch.enable_grad() if method.needs_grad else torch.no_grad()
-        frozen = method.needs_grad and not differentiable
-        with grad_mode, Recorder(spec.points, leaf=frozen, cut=frozen) as rec:
-            scores = run()
-            recorded, unfolds = rec.tensors(), rec.unfolds()
-            rows = [
-                image_index
-                if (p.per_image or spec.per_image) and unfold is None
-                else torch.arange(pairs, device=image_index.device)
-                for p, unfold in zip(spec.points, unfolds, strict=True)
-            ]
-            grads = None
-            if method.needs_grad and root is not None and root.ready:
-                grads = rooted_grads(
-                    scores.explained, root, recorded, rows, self.grad_chunk, unfolds
-                )
-            elif method.needs_grad:
-                grads = per_target_grads(
-                    scores.explained, recorded, rows, self.grad_chunk, differentiable, unfolds
-                )
-        if not differentiable:
-            recorded = [t.detach() for t in recorded]
-        recorded = [u(t) if u else t for t, u in zip(recorded, unfolds, strict=True)]
-        recorded = [take_rows(t, r) for t, r in zip(recorded, rows, strict=True)]
-        return scores, recorded, grads
-
     def _run(
         self,
         pixel_values,
@@ -365,7 +320,7 @@ class Explainer:
         if differentiable:
             check_differentiable(method, self.model)
         spec = a.record_spec(source, layer, target)
-        scores, recorded, grads = self._record(
+        scores, recorded, grads = record(
             method,
             spec,
             lambda: a.forward(
@@ -373,6 +328,7 @@ class Explainer:
             ),
             input_ids.shape[0],
             image_index,
+            self.grad_chunk,
             differentiable,
         )
         geometry = scores.geometry or a.geometry(pixel_values)
@@ -403,210 +359,35 @@ class Explainer:
     @serialised
     def explain_generation(
         self,
-        image: Image.Image,
+        image_or_images: Image.Image | Sequence[Image.Image] | None = None,
+        prompt: str | None = None,
         method: str | None = None,
         layer: int | None = None,
         max_new_tokens: int | None = None,
         text: str | None = None,
         beam: int = 1,
+        *,
+        image: Image.Image | None = None,
     ) -> GenerationExplanation:
-        """Generate text for `image` (or take `text` as if generated), then one map per generated
-        token, from one teacher-forced forward and a batched backward. `method` defaults to the
-        family's (`attention` for OCR models); `max_new_tokens=None` lets the model's own
-        `generation_config` decide the length; `beam` > 1 decodes with beam search."""
-        a = self.adapter
-        if "token" not in a.targets:
-            raise InputError(
-                f"the {a.family} family does not generate text; explain_generation needs a "
-                "captioning or OCR model"
-            )
-        if max_new_tokens is not None and (
-            isinstance(max_new_tokens, bool)
-            or not isinstance(max_new_tokens, int)
-            or max_new_tokens < 1
-        ):
-            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
-            raise InputError(f"beam must be a positive integer, got {beam!r}")
-        if text is not None and (not isinstance(text, str) or not text.strip()):
-            raise InputError(f"text= must be a non-empty string to explain, got {text!r}")
-        method_obj, source, target, layer = self.resolve(method, layer, "token")
-        method = method_obj.name
-        pixel_values = self.prepare_images([image])
-        unknown: list[str] = []
-        if text is None:
-            with torch.no_grad():
-                ids, first = a.generate(pixel_values, max_new_tokens, beam)
-        else:
-            ids, first = a.teacher_ids(text)
-            limit = a.max_positions()
-            if limit is not None and ids.shape[1] > limit:
-                raise InputError(
-                    f"text= is {ids.shape[1]} tokens with the model's start and prompt tokens; "
-                    f"this model reads at most {limit}: {text[:60]!r}"
-                )
-            unknown = a.unknown_words([text])[0]
-            if unknown:
-                warnings.warn(
-                    unknown_words_message(text, unknown, getattr(a.tokenizer, "unk_token", None)),
-                    GroundcamWarning,
-                    stacklevel=2,
-                )
-        skip = a.special_ids()
-        positions = [k for k in range(first, ids.shape[1]) if int(ids[0, k]) not in skip]
-        if not positions:  # nothing but start/end tokens: an empty explanation, not an error
-            g = a.geometry(pixel_values)
-            empty = torch.zeros(0, g.grid_h, g.grid_w)
-            return GenerationExplanation(
-                text="",
-                tokens=[],
-                token_ids=[],
-                positions=[],
-                maps=empty,
-                raw_maps=empty,
-                scores=torch.zeros(0),
-                method=method,
-                layer=layer,
-                model=self.name,
-                image=image,
-                score_kind=a.score_kind("token"),
-                unknown_words=unknown,
-            )
-        pos = torch.tensor(positions, device=ids.device)
-        spec = a.record_spec(source, layer, "token")
-
-        head = a.output_head()
-        picked = None if head is None else HeadRows(head, pos - 1)
-
-        def run():
-            if picked is None:
-                logits = a.decoder_logits(pixel_values, ids, spec.expand_vision_at)[0, pos - 1]
-            else:  # the LM head computes the rows that predict the chosen tokens, nothing else
-                with picked:
-                    logits = a.decoder_logits(pixel_values, ids, spec.expand_vision_at)[0]
-            logp = logits.float().log_softmax(-1)
-            chosen = logp.gather(-1, ids[0, pos][:, None])[:, 0]
-            return Scores(chosen, chosen.detach().exp())
-
-        k = len(positions)
-        zeros = torch.zeros(k, dtype=torch.long, device=ids.device)
-        scores, recorded, grads = self._record(
-            method_obj, replace(spec, per_image=True), run, k, zeros, root=picked
-        )
-        geometry = a.geometry(pixel_values).select(zeros)
-        mask = torch.ones(k, ids.shape[1], dtype=torch.long, device=ids.device)
-        out = method_obj.compute(source, recorded, grads, geometry, mask, spec.graph)
-        if out.raw_token_maps is not None:  # the decoder row that predicted token k
-            raw = out.raw_token_maps[torch.arange(k), pos - a.token_rows_shift]
-        else:
-            raw = out.raw_maps
-        raw = raw.detach().float().cpu()
-        if not out.text_conditioned and k > 1:
-            warnings.warn(
-                f"method {method!r} does not read the text on this model: the {k} generated "
-                "tokens all get the same image-only map",
-                GroundcamWarning,
-                stacklevel=2,
-            )
-        id_list = ids[0].tolist()
-        return GenerationExplanation(
-            text=a.decode(id_list[first:]),
-            tokens=a.token_strings(ids[:, pos], torch.ones_like(ids[:, pos]))[0],
-            token_ids=[id_list[p] for p in positions],
-            positions=positions,
-            maps=normalize_maps(raw),
-            raw_maps=raw,
-            scores=scores.reported.detach().float().cpu(),
-            method=method,
-            layer=layer,
-            model=self.name,
-            image=image,
-            text_conditioned=out.text_conditioned,
-            score_kind=a.score_kind("token"),
-            unknown_words=unknown,
-        )
-
-
-class HeadRows:
-    """While open, `head` (a language-model head) reads only rows `rows` of its input `[1, T, C]`
-    (the decoder positions whose logits are explained): no vocabulary-sized logits for the other
-    positions, and `x` keeps the whole input, where `rooted_grads` starts the batched backward."""
-
-    def __init__(self, head: torch.nn.Module, rows: torch.Tensor):
-        self.head, self.rows = head, rows
-        self.x: torch.Tensor | None = None
-        self._handle = None
-
-    def _pick(self, module, args):
-        x = args[0]
-        if x.dim() != 3 or x.shape[0] != 1:
-            raise ValueError(f"LM head input of shape {tuple(x.shape)}: one sequence expected")
-        self.x = x
-        return (x[:, self.rows.to(x.device)], *args[1:])
-
-    @property
-    def ready(self) -> bool:
-        """Whether the head ran and its input carries a graph to start from."""
-        return self.x is not None and self.x.requires_grad
-
-    def __enter__(self) -> HeadRows:
-        self.x = None
-        self._handle = self.head.register_forward_pre_hook(this_thread(self._pick))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-
-def rooted_grads(
-    explained: torch.Tensor,
-    root: HeadRows,
-    recorded: list[torch.Tensor],
-    rows: list[torch.Tensor],
-    chunk: int,
-    unfolds: list[Unfold | None] | None = None,
-) -> list[torch.Tensor]:
-    """`per_target_grads` for scores that each read one row of `root.x` (distinct rows): one
-    backward of their sum through the head gives every score's gradient at its own row; the
-    batched backward (`chunk` scores at a time) then starts from `root.x` with those rows as
-    seeds, so nothing vocabulary-sized and no per-score indexing is batched."""
-    x, x_rows = root.x, root.rows.to(root.x.device)
-    (g_x,) = torch.autograd.grad(explained.sum(), [x], retain_graph=True)
-    unfolds = unfolds or [None] * len(recorded)
-    out: list[list[torch.Tensor]] = [[] for _ in recorded]
-    n = explained.shape[0]
-    for start in range(0, n, chunk):
-        idx = torch.arange(start, min(start + chunk, n), device=x.device)
-        seeds = x.new_zeros(len(idx), *x.shape)
-        seeds[torch.arange(len(idx)), 0, x_rows[idx]] = g_x[0, x_rows[idx]]
-        grads = torch.autograd.grad(
-            x,
-            recorded,
-            grad_outputs=seeds,
-            is_grads_batched=True,
-            retain_graph=True,
-            allow_unused=True,
-            materialize_grads=True,
-        )
-        for i, (g, r) in enumerate(zip(grads, rows, strict=True)):
-            g = unfolds[i](g) if unfolds[i] is not None else g
-            out[i].append(g[torch.arange(len(idx)), r[idx].to(g.device)])
-    return [torch.cat(parts) for parts in out]
-
-
-def check_differentiable(method: Method, model: torch.nn.Module) -> None:
-    """Differentiable maps need a gradient method and parameters that require grad."""
-    if not method.needs_grad:
-        raise InputError(
-            f"method {method.name!r} has no gradient to differentiate: differentiable maps "
-            "need attn-gradcam, gradcam or relevance"
-        )
-    if not any(p.requires_grad for p in model.parameters()):
-        raise InputError(
-            "differentiable=True: no parameter of the model requires grad, so the maps have "
-            "nothing to train"
+        """Generate text for an image (or take `text` as if generated), then one map per generated
+        token, from one teacher-forced forward and a batched backward. `prompt` leads the text
+        where the family takes one (BLIP captioning); a list of images is for families that read
+        several. `method` defaults to the family's (`attention` for OCR models);
+        `max_new_tokens=None` lets the model's own `generation_config` decide the length; `beam`
+        > 1 decodes with beam search. `image=` is the first argument's older name."""
+        if image is not None and image_or_images is not None:
+            raise InputError("pass the image once: as the first argument or as image=")
+        if image is None and image_or_images is None:
+            raise InputError("no image given: explain_generation needs an image")
+        return generation.explain_generation(
+            self,
+            image if image is not None else image_or_images,
+            prompt,
+            method,
+            layer,
+            max_new_tokens,
+            text,
+            beam,
         )
 
 
@@ -678,17 +459,6 @@ def check_tensors(
     return image_index.long()
 
 
-def take_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Rows `rows` of `t`; no copy when they are all its rows in order, a view when they are all
-    the same row."""
-    rows = rows.to(t.device)
-    if len(rows) == t.shape[0] and torch.equal(rows, torch.arange(len(rows), device=t.device)):
-        return t
-    if len(rows) and bool((rows == rows[0]).all()):
-        return t[rows[0] : rows[0] + 1].expand(len(rows), *t.shape[1:])
-    return t.index_select(0, rows)
-
-
 def supported_methods(adapter: Adapter | type[Adapter]) -> list[str]:
     """Methods with a source this adapter's family has (`sources` must not need an instance)."""
     have = adapter.SOURCES if isinstance(adapter, type) else adapter.sources()
@@ -698,97 +468,3 @@ def supported_methods(adapter: Adapter | type[Adapter]) -> list[str]:
         for n, m in METHODS.items()
         if any(s in have and not (m.needs_grad and s in blind) for s in m.sources)
     )
-
-
-def per_target_grads(
-    explained: torch.Tensor,
-    recorded: list[torch.Tensor],
-    rows: list[torch.Tensor],
-    chunk: int,
-    create_graph: bool = False,
-    unfolds: list[Unfold | None] | None = None,
-) -> list[torch.Tensor]:
-    """For each explained score b, the gradient of that score alone w.r.t. row `rows[i][b]` of
-    each recorded tensor i. When every score owns its own rows, one backward of the sum gives all
-    of them; shared rows (an image encoded once for many phrases, one decoder pass for many
-    tokens) take a batched backward (`is_grads_batched`) seeded with the k-th score of every
-    image at once (scores of different images never share rows), `chunk` seeds at a time, or
-    with `create_graph` one backward per score (vmap has no double backward for every op). A recorded
-    tensor with an unfold (grouped cross-attention: the query rows of each pair in its image's
-    block) is differentiated as the model computed it, and its gradients unfolded to pair rows,
-    which each score owns."""
-    n = explained.shape[0]
-    unfolds = unfolds or [None] * len(recorded)
-
-    def unfold(i: int, g: torch.Tensor) -> torch.Tensor:
-        return unfolds[i](g) if unfolds[i] is not None else g
-
-    owned = [
-        u is not None or (t.shape[0] == n and torch.equal(r.cpu(), torch.arange(n)))
-        for t, r, u in zip(recorded, rows, unfolds, strict=True)
-    ]
-    if all(owned):
-        grads = torch.autograd.grad(
-            explained.sum(),
-            recorded,
-            allow_unused=True,
-            materialize_grads=True,
-            create_graph=create_graph,
-        )
-        return [unfold(i, g) for i, g in enumerate(grads)]
-    out: list[list[torch.Tensor]] = [[] for _ in recorded]
-    if create_graph:
-        for b in range(n):
-            grads = torch.autograd.grad(
-                explained[b],
-                recorded,
-                retain_graph=True,
-                create_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-            for i, (g, r) in enumerate(zip(grads, rows, strict=True)):
-                out[i].append(unfold(i, g)[r[b]][None])
-        return [torch.cat(parts) for parts in out]
-    # One seed per slot: the k-th score of every image at once (scores of different images
-    # read disjoint rows of every recorded tensor, as independent samples of a batch do), so
-    # the batched backward runs as many times as the most scores any image has.
-    shared = [r.cpu() for r, mine in zip(rows, owned, strict=True) if not mine]
-    same = all(torch.equal(r, shared[0]) for r in shared)
-    slot = slots(shared[0]) if same else torch.arange(n)
-    size = int(slot.max()) + 1
-    order = []
-    for start in range(0, size, chunk):
-        members = torch.nonzero((slot >= start) & (slot < start + chunk))[:, 0]
-        seed_of = (slot[members] - start).to(explained.device)
-        members = members.to(explained.device)
-        seeds = torch.zeros(
-            min(chunk, size - start), n, dtype=explained.dtype, device=explained.device
-        )
-        seeds[seed_of, members] = 1
-        grads = torch.autograd.grad(
-            explained,
-            recorded,
-            grad_outputs=seeds,
-            is_grads_batched=True,
-            retain_graph=True,
-            allow_unused=True,
-            materialize_grads=True,
-        )
-        for i, (g, r) in enumerate(zip(grads, rows, strict=True)):
-            g = unfold(i, g)
-            out[i].append(g[seed_of.to(g.device), r.to(g.device)[members.to(g.device)]])
-        order.append(members)
-    back = torch.argsort(torch.cat(order))  # rows back in score order
-    return [torch.cat(parts)[back.to(parts[0].device)] for parts in out]
-
-
-def slots(image_index: torch.Tensor) -> torch.Tensor:
-    """Per score, its rank among the scores of the same image (CPU)."""
-    index = image_index.detach().long().cpu()
-    order = torch.argsort(index, stable=True)
-    counts = torch.bincount(index)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.empty_like(index)
-    slot[order] = torch.arange(len(index)) - starts[index[order]]
-    return slot

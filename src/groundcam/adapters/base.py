@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from groundcam.contract import RecordSpec, ScoreKind, Scores, Source, source_label
+from groundcam.contract import RecordSpec, ScoreKind, Scores, Source, TokenLayout, source_label
 from groundcam.geometry import Geometry
 
 __all__ = ["Adapter", "RecordSpec", "ScoreKind", "Scores", "Source", "ensure_eager"]
@@ -28,6 +28,8 @@ class Adapter:
     # source -> why no score's gradient reaches its tensors (gradient methods refuse it)
     NO_GRADIENT_SOURCES: Mapping[str, str] = {}
     token_rows_shift: int = 1  # generation: the decoder row that predicted token k is k - shift
+    takes_prompt: bool = False  # generation: whether a text prompt can lead the generated text
+    images_per_generation: int = 1  # generation: how many images one generation can read
     SCORES: Mapping[str, ScoreKind] = {}  # target -> what the reported score is
 
     def __init__(self, model: nn.Module, tokenizer=None, name: str = "", processor=None):
@@ -161,13 +163,31 @@ class Adapter:
     ) -> Scores:
         raise NotImplementedError
 
-    # Generation families (target "token") also implement these two.
+    # Generation families (target "token") also implement these two; a family that
+    # `takes_prompt` also accepts `prompt=` (the text before the generated text) in both
+    # `generate` and `teacher_ids`.
     def generate(
         self, pixel_values: torch.Tensor, max_new_tokens: int | None, beam: int = 1
     ) -> tuple[torch.Tensor, int]:
         """Greedy (`beam` 1) or beam-search text for one image: ids [1, T] including any start token or prompt, and the
         position of the first generated token (None: the model's generation_config's length)."""
         raise NotImplementedError
+
+    def token_layout(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None
+    ) -> TokenLayout:
+        """Where the image tokens sit among the columns the maps read (which image, tile and
+        cell each is). The default: one image, one tile covering it, the geometry's grid after
+        its prefix; families that tile, crop or interleave images with text declare their own."""
+        g = self.geometry(pixel_values)
+        if g.cells is not None:
+            raise ValueError(f"the {self.family} family places its image tokens per forward")
+        return TokenLayout.grid(g.grid_h, g.grid_w, start=g.prefix)
+
+    def scored_rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """The recorded rows that scored the tokens at `positions` of the generated sequence
+        (a causal decoder: row k-1 predicts token k, prompt included in k)."""
+        return positions - self.token_rows_shift
 
     def decoder_logits(
         self,

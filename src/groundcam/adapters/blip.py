@@ -257,6 +257,7 @@ class BlipCaptionAdapter(_BlipBase):
     SOURCES = (TEXT_TO_IMAGE, VISION_TOKENS, ATTENTION_GRAPH)
     default_methods = {"token": "attn-gradcam"}  # LAVIS explains BLIP with this
     prompt: str | None = None
+    takes_prompt = True  # a call's prompt replaces `prompt` for that call
 
     def __init__(
         self,
@@ -289,35 +290,40 @@ class BlipCaptionAdapter(_BlipBase):
     def forward(self, *args, **kwargs) -> Scores:
         raise ValueError(NO_PHRASES)
 
-    def _prompt_ids(self, text: str = "") -> torch.Tensor:
+    def _prompt_ids(self, text: str = "", prompt: str | None = None) -> torch.Tensor:
         """`[bos] prompt text [SEP]` as the decoder reads it (BLIP swaps [CLS] for [DEC])."""
         if self.tokenizer is None:
             raise ValueError("this BLIP model has no tokenizer: pass tokenizer= (or processor=)")
-        full = " ".join(s for s in (self.prompt or "", text) if s.strip())
+        prompt = self.prompt if prompt is None else prompt
+        full = " ".join(s for s in (prompt or "", text) if s.strip())
         ids = self.tokenizer([full], return_tensors="pt")["input_ids"].to(self.device)
         ids[:, 0] = self.model.config.text_config.bos_token_id
         return ids
 
     def generate(
-        self, pixel_values: torch.Tensor, max_new_tokens: int | None, beam: int = 1
+        self,
+        pixel_values: torch.Tensor,
+        max_new_tokens: int | None,
+        beam: int = 1,
+        prompt: str | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Greedy (or `beam`-search) caption: ids [1, T] = [bos] + prompt + generated (ending at [SEP] if reached);
         its length is the model's generation_config's unless `max_new_tokens` is given."""
-        prompt = self._prompt_ids()  # model.generate drops the trailing [SEP] itself
+        start = self._prompt_ids(prompt=prompt)  # model.generate drops the trailing [SEP] itself
         length = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
         ids = self.model.generate(
             pixel_values,
-            input_ids=prompt.clone(),
-            attention_mask=torch.ones_like(prompt),
+            input_ids=start.clone(),
+            attention_mask=torch.ones_like(start),
             do_sample=False,
             num_beams=beam,
             interpolate_pos_encoding=True,
             **length,
         )
-        return ids, prompt.shape[1] - 1
+        return ids, start.shape[1] - 1
 
-    def teacher_ids(self, text: str) -> tuple[torch.Tensor, int]:
-        return self._prompt_ids(text), self._prompt_ids().shape[1] - 1
+    def teacher_ids(self, text: str, prompt: str | None = None) -> tuple[torch.Tensor, int]:
+        return self._prompt_ids(text, prompt), self._prompt_ids(prompt=prompt).shape[1] - 1
 
     def max_positions(self) -> int | None:
         return getattr(self.model.config.text_config, "max_position_embeddings", None)

@@ -1,0 +1,183 @@
+"""Explaining generated text: generate (or take the given text), then one map per generated
+token from one teacher-forced forward and a batched backward (`gradients`). The family's adapter
+says what a generation reads (a prompt, how many images) and which recorded row scored each
+token; `Explainer.explain_generation` is the public entry and holds the model's lock."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+
+from groundcam.adapters.base import Adapter
+from groundcam.adapters.hf import unknown_words_message
+from groundcam.contract import Scores
+from groundcam.errors import GroundcamWarning, InputError
+from groundcam.explanation import GenerationExplanation, normalize_maps
+from groundcam.gradients import HeadRows, record
+
+if TYPE_CHECKING:
+    from groundcam.explainer import Explainer
+
+
+def check_images(adapter: Adapter, given: Image.Image | Sequence[Image.Image]) -> list[Image.Image]:
+    """The images of one generation as a list, or one line saying how many the family reads."""
+    if isinstance(given, Image.Image):
+        return [given]
+    if not isinstance(given, list | tuple):
+        raise TypeError(f"image must be a PIL.Image, got {type(given).__name__}")
+    if not given:
+        raise InputError("no image given: explain_generation needs an image")
+    most = adapter.images_per_generation
+    if len(given) > most:
+        raise InputError(
+            f"the {adapter.family} family generates from "
+            f"{'one image' if most == 1 else f'at most {most} images'}; got a list of "
+            f"{len(given)} images"
+        )
+    return list(given)
+
+
+def check_prompt(adapter: Adapter, prompt: str | None) -> dict[str, str]:
+    """The prompt as the adapter's generation keyword (none when not given), or one line saying
+    that the family takes no prompt."""
+    if prompt is None:
+        return {}
+    if not isinstance(prompt, str):
+        raise InputError(f"prompt must be a string, got {type(prompt).__name__}: {prompt!r}")
+    if not adapter.takes_prompt:
+        raise InputError(
+            f"the {adapter.family} family generates from the image alone and takes no prompt "
+            "(leave prompt out)"
+        )
+    return {"prompt": prompt}
+
+
+def explain_generation(
+    explainer: Explainer,
+    image_or_images: Image.Image | Sequence[Image.Image],
+    prompt: str | None = None,
+    method: str | None = None,
+    layer: int | None = None,
+    max_new_tokens: int | None = None,
+    text: str | None = None,
+    beam: int = 1,
+) -> GenerationExplanation:
+    """`Explainer.explain_generation` (which see), run by the caller under the model's lock."""
+    a = explainer.adapter
+    if "token" not in a.targets:
+        raise InputError(
+            f"the {a.family} family does not generate text; explain_generation needs a "
+            "captioning or OCR model"
+        )
+    if max_new_tokens is not None and (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 1
+    ):
+        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
+        raise InputError(f"beam must be a positive integer, got {beam!r}")
+    if text is not None and (not isinstance(text, str) or not text.strip()):
+        raise InputError(f"text= must be a non-empty string to explain, got {text!r}")
+    images = check_images(a, image_or_images)
+    extra = check_prompt(a, prompt)
+    method_obj, source, target, layer = explainer.resolve(method, layer, "token")
+    method = method_obj.name
+    pixel_values = explainer.prepare_images(images)
+    unknown: list[str] = []
+    if text is None:
+        with torch.no_grad():
+            ids, first = a.generate(pixel_values, max_new_tokens, beam, **extra)
+    else:
+        ids, first = a.teacher_ids(text, **extra)
+        limit = a.max_positions()
+        if limit is not None and ids.shape[1] > limit:
+            raise InputError(
+                f"text= is {ids.shape[1]} tokens with the model's start and prompt tokens; "
+                f"this model reads at most {limit}: {text[:60]!r}"
+            )
+        unknown = a.unknown_words([text])[0]
+        if unknown:
+            warnings.warn(
+                unknown_words_message(text, unknown, getattr(a.tokenizer, "unk_token", None)),
+                GroundcamWarning,
+                stacklevel=2,
+            )
+    skip = a.special_ids()
+    positions = [k for k in range(first, ids.shape[1]) if int(ids[0, k]) not in skip]
+    if not positions:  # nothing but start/end tokens: an empty explanation, not an error
+        g = a.geometry(pixel_values)
+        empty = torch.zeros(0, g.grid_h, g.grid_w)
+        return GenerationExplanation(
+            text="",
+            tokens=[],
+            token_ids=[],
+            positions=[],
+            maps=empty,
+            raw_maps=empty,
+            scores=torch.zeros(0),
+            method=method,
+            layer=layer,
+            model=explainer.name,
+            image=images[0],
+            score_kind=a.score_kind("token"),
+            unknown_words=unknown,
+        )
+    pos = torch.tensor(positions, device=ids.device)
+    spec = a.record_spec(source, layer, "token")
+
+    head = a.output_head()
+    picked = None if head is None else HeadRows(head, pos - 1)
+
+    def run():
+        if picked is None:
+            logits = a.decoder_logits(pixel_values, ids, spec.expand_vision_at)[0, pos - 1]
+        else:  # the LM head computes the rows that predict the chosen tokens, nothing else
+            with picked:
+                logits = a.decoder_logits(pixel_values, ids, spec.expand_vision_at)[0]
+        logp = logits.float().log_softmax(-1)
+        chosen = logp.gather(-1, ids[0, pos][:, None])[:, 0]
+        return Scores(chosen, chosen.detach().exp())
+
+    k = len(positions)
+    zeros = torch.zeros(k, dtype=torch.long, device=ids.device)
+    scores, recorded, grads = record(
+        method_obj, replace(spec, per_image=True), run, k, zeros, explainer.grad_chunk, root=picked
+    )
+    geometry = a.geometry(pixel_values).select(zeros)
+    mask = torch.ones(k, ids.shape[1], dtype=torch.long, device=ids.device)
+    out = method_obj.compute(source, recorded, grads, geometry, mask, spec.graph)
+    if out.raw_token_maps is not None:  # the decoder row that predicted token k
+        raw = out.raw_token_maps[torch.arange(k), a.scored_rows(pos)]
+    else:
+        raw = out.raw_maps
+    raw = raw.detach().float().cpu()
+    if not out.text_conditioned and k > 1:
+        warnings.warn(
+            f"method {method!r} does not read the text on this model: the {k} generated "
+            "tokens all get the same image-only map",
+            GroundcamWarning,
+            stacklevel=2,
+        )
+    id_list = ids[0].tolist()
+    return GenerationExplanation(
+        text=a.decode(id_list[first:]),
+        tokens=a.token_strings(ids[:, pos], torch.ones_like(ids[:, pos]))[0],
+        token_ids=[id_list[p] for p in positions],
+        positions=positions,
+        maps=normalize_maps(raw),
+        raw_maps=raw,
+        scores=scores.reported.detach().float().cpu(),
+        method=method,
+        layer=layer,
+        model=explainer.name,
+        image=images[0],
+        text_conditioned=out.text_conditioned,
+        score_kind=a.score_kind("token"),
+        unknown_words=unknown,
+    )
