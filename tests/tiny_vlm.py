@@ -13,14 +13,12 @@ Findings (transformers 5.25, torch 2.13 CPU, no torchvision), beyond DESIGN §12
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForImageTextToText,
-    AutoProcessor,
     PreTrainedTokenizerFast,
 )
 
@@ -190,6 +188,8 @@ def llava_onevision(
     image_id, video_id = _ids(tok, "<image>", "<video>")
     grid = _anyres(tok, image_size, patch_size, pinpoints)
     vision_type = {"siglip": "siglip_vision_model", "clip": "clip_vision_model"}[vision]
+    # CLIP's CLS token must be dropped: the model checks g² features per tile.
+    strategy = "default" if vision == "clip" else "full"
     config = LlavaOnevisionConfig(
         vision_config=dict(
             SMALL_VISION, model_type=vision_type, image_size=image_size, patch_size=patch_size
@@ -199,7 +199,7 @@ def llava_onevision(
         video_token_index=video_id,
         image_grid_pinpoints=grid,
         vision_aspect_ratio=f"anyres_max_{max_tiles}",
-        vision_feature_select_strategy="full",
+        vision_feature_select_strategy=strategy,
         vision_feature_layer=-1,
     )
     images = LlavaOnevisionImageProcessorPil(
@@ -210,13 +210,14 @@ def llava_onevision(
         image_processor=images,
         tokenizer=tok,
         video_processor=image_only_video_processor(),
-        num_image_tokens=(image_size // patch_size) ** 2,
-        vision_feature_select_strategy="full",
+        num_image_tokens=(image_size // patch_size) ** 2 + (vision == "clip"),
+        vision_feature_select_strategy=strategy,
         vision_aspect_ratio=f"anyres_max_{max_tiles}",
     )
     return _finish(LlavaOnevisionForConditionalGeneration, config, processor, seed)
 
 
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 QWEN_SPECIALS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
 
 
@@ -370,6 +371,163 @@ def gemma3(image_size: int = 32, patch_size: int = 8, tokens_per_side: int = 2, 
     with torch.no_grad():
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.2)
     return model, processor
+
+
+IDEFICS_SPECIALS = [
+    "<fake_token_around_image>",
+    "<image>",
+    "<end_of_utterance>",
+    "<global-img>",
+    *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)),
+]
+
+
+def _idefics(family: str, tile_size: int, patch_size: int, scale: int, max_tiles: int, seed):
+    """Idefics3 or SmolVLM: the longest edge resized to at most `max_tiles` tiles, split into
+    `tile_size` tiles plus the global image; each tile's patch grid pixel-shuffled by `scale`."""
+    import transformers
+
+    prefix = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}[family]
+    config_class, model_class, processor_class, images_class = (
+        getattr(transformers, prefix + name)
+        for name in ("Config", "ForConditionalGeneration", "Processor", "ImageProcessorPil")
+    )
+    tok = word_tokenizer(IDEFICS_SPECIALS + (["<video>"] if family == "smolvlm" else []))
+    (image_id,) = _ids(tok, "<image>")
+    seq_len = (tile_size // patch_size) ** 2 // scale**2
+    config = config_class(
+        vision_config=dict(SMALL_VISION, image_size=tile_size, patch_size=patch_size),
+        text_config=dict(_lm(tok), model_type="llama"),
+        image_token_id=image_id,
+        scale_factor=scale,
+    )
+    images = images_class(
+        size={"longest_edge": max_tiles * tile_size},
+        max_image_size={"longest_edge": tile_size},
+    )
+    if family == "idefics3":
+        processor = processor_class(image_processor=images, tokenizer=tok, image_seq_len=seq_len)
+    else:
+        _without_num2words()
+        processor = processor_class(
+            image_processor=images,
+            tokenizer=tok,
+            video_processor=image_only_video_processor(),
+            image_seq_len=seq_len,
+        )
+    return _finish(model_class, config, processor, seed)
+
+
+def _without_num2words() -> None:
+    """SmolVLMProcessor refuses to be built without `num2words`, which only its video prompts
+    use: the tests give it a stand-in (the library names the missing package instead)."""
+    from transformers.models.smolvlm import processing_smolvlm
+
+    if processing_smolvlm.num2words is None:
+        processing_smolvlm.num2words = str
+
+
+def idefics3(
+    tile_size: int = 32, patch_size: int = 8, scale: int = 2, max_tiles: int = 2, seed: int = 0
+):
+    """Idefics3: SigLIP-like vision + Llama, tiles then the global image (see `_idefics`)."""
+    return _idefics("idefics3", tile_size, patch_size, scale, max_tiles, seed)
+
+
+def smolvlm(
+    tile_size: int = 32, patch_size: int = 8, scale: int = 2, max_tiles: int = 2, seed: int = 0
+):
+    """SmolVLM: Idefics3's geometry; its processor has a video slot (and wants num2words)."""
+    return _idefics("smolvlm", tile_size, patch_size, scale, max_tiles, seed)
+
+
+def internvl(image_size: int = 32, patch_size: int = 8, max_tiles: int = 4, seed: int = 0):
+    """InternVL: InternViT + Qwen2; the image squashed to at most `max_tiles` tiles (plus a
+    thumbnail when there are several), each tile's grid pixel-shuffled by 2."""
+    from transformers import (
+        GotOcr2ImageProcessorPil,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+    )
+
+    names = dict(
+        start_image_token="<img>",
+        end_image_token="</img>",
+        context_image_token="<IMG_CONTEXT>",
+        video_token="<video>",
+    )
+    tok = word_tokenizer([], **names)
+    (image_id,) = _ids(tok, "<IMG_CONTEXT>")
+    seq_len = (image_size // patch_size) ** 2 // 4
+    config = InternVLConfig(
+        vision_config=dict(
+            SMALL_VISION, image_size=[image_size, image_size], patch_size=[patch_size, patch_size]
+        ),
+        text_config=dict(_lm(tok), model_type="qwen2"),
+        image_token_id=image_id,
+        image_seq_length=seq_len,
+        downsample_ratio=0.5,
+    )
+    images = GotOcr2ImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=max_tiles,
+    )
+    processor = InternVLProcessor(
+        image_processor=images,
+        tokenizer=tok,
+        video_processor=image_only_video_processor(),
+        image_seq_length=seq_len,
+    )
+    return _finish(InternVLForConditionalGeneration, config, processor, seed)
+
+
+def _blip2_configs(tok, image_size: int, patch_size: int, queries: int) -> dict:
+    return dict(
+        vision_config=dict(SMALL_VISION, image_size=image_size, patch_size=patch_size),
+        qformer_config=dict(
+            SMALL_VISION,
+            encoder_hidden_size=32,
+            cross_attention_frequency=1,
+            vocab_size=len(tok),
+            max_position_embeddings=64,
+            pad_token_id=tok.pad_token_id,
+        ),
+        num_query_tokens=queries,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
+
+
+def blip2(image_size: int = 32, patch_size: int = 8, queries: int = 4, seed: int = 0):
+    """BLIP-2: ViT + Q-Former (`queries` query tokens, cross-attention in every layer) + OPT;
+    the tokenizer holds <image> unnamed (a named image_token crashes Blip2Processor)."""
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessorPil,
+    )
+
+    tok = word_tokenizer(["<image>"])
+    text = dict(
+        model_type="opt",
+        vocab_size=len(tok),
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    config = Blip2Config(text_config=text, **_blip2_configs(tok, image_size, patch_size, queries))
+    images = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    processor = Blip2Processor(image_processor=images, tokenizer=tok, num_query_tokens=queries)
+    return _finish(Blip2ForConditionalGeneration, config, processor, seed)
 
 
 def save(model, processor, path) -> Path:
