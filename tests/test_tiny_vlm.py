@@ -76,19 +76,21 @@ def qwen_count(processor, height: int, width: int) -> int:
 
 
 def idefics_count(model, processor, height: int, width: int) -> int:
-    """image_seq_len·(rows·cols + 1): the longest edge resized, each side rounded up to tiles."""
+    """image_seq_len·(rows·cols + 1): the longest edge resized, each side rounded up to tiles;
+    an image that fits one tile is the global image alone."""
     images = processor.image_processor
     tile = images.max_image_size["longest_edge"]
     scale = images.size["longest_edge"] / max(height, width)
     rows, cols = math.ceil(height * scale / tile), math.ceil(width * scale / tile)
     vision = model.config.vision_config
     seq_len = (vision.image_size // vision.patch_size) ** 2 // model.config.scale_factor**2
-    return seq_len * (rows * cols + 1)
+    return seq_len * (rows * cols + 1 if rows * cols > 1 else 1)
 
 
 def internvl_count(model, processor, height: int, width: int) -> int:
     """image_seq_length per tile: the rows×cols grid of aspect closest to the image's (at most
-    max_patches tiles), plus a thumbnail when there are several."""
+    max_patches tiles; among equals, more tiles while the image covers over half of them), plus
+    a thumbnail when there are several."""
     images = processor.image_processor
     grids = [
         (r, c)
@@ -97,7 +99,12 @@ def internvl_count(model, processor, height: int, width: int) -> int:
         for c in range(1, n + 1)
         if r * c == n
     ]
-    rows, cols = min(grids, key=lambda rc: (abs(width / height - rc[1] / rc[0]), rc[0] * rc[1]))
+    tile = images.size["height"]
+    best, rows, cols = math.inf, 1, 1
+    for r, c in grids:  # fewest tiles first; a tie goes to more tiles while they are needed
+        diff = abs(width / height - c / r)
+        if diff < best or (diff == best and height * width > 0.5 * tile * tile * r * c):
+            best, rows, cols = diff, r, c
     vision = model.config.vision_config
     g = vision.image_size[0] // vision.patch_size[0]
     per_tile = int(g * g * model.config.downsample_ratio**2)
@@ -139,6 +146,11 @@ FAMILIES = {
         lambda m, p, h, w: m.config.mm_tokens_per_image,
     ),
     "idefics3": ({}, CHAT.format("<image>"), lambda m, p, h, w: idefics_count(m, p, h, w)),
+    "idefics3_one_tile": (
+        {"max_tiles": 1},
+        CHAT.format("<image>"),
+        lambda m, p, h, w: idefics_count(m, p, h, w),
+    ),
     "smolvlm": (
         {"max_tiles": 3},
         CHAT.format("<image>"),
@@ -150,13 +162,21 @@ FAMILIES = {
         lambda m, p, h, w: internvl_count(m, p, h, w),
     ),
     "blip2": ({}, "what is the sign ?", lambda m, p, h, w: m.config.num_query_tokens),
+    "instructblip": ({}, "what is the sign ?", lambda m, p, h, w: m.config.num_query_tokens),
+}
+
+
+VARIANT_OF = {
+    "llava_onevision_max1": "llava_onevision",
+    "qwen2_vl_small": "qwen2_vl",
+    "idefics3_one_tile": "idefics3",
 }
 
 
 def build(name: str):
     """The family's tiny model and processor, with the options of `FAMILIES`."""
     options, _, _ = FAMILIES[name]
-    builder = getattr(tiny_vlm, name.removesuffix("_max1").removesuffix("_small"))
+    builder = getattr(tiny_vlm, VARIANT_OF.get(name, name))
     return builder(**options)
 
 
@@ -252,3 +272,19 @@ def test_missing_package_is_named(tmp_path, monkeypatch):
     with pytest.raises(InputError, match=r"'num2words'.*pip install num2words") as err:
         load_processor(tmp_path)
     assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["llava_next", "llava_onevision_max1", "qwen2_vl", "smolvlm", "idefics3_one_tile", "internvl"],
+)
+@pytest.mark.parametrize("height, width", [(70, 40), (33, 100), (90, 90), (20, 24)])
+def test_counts_follow_the_image_shape(name, height, width, one_thread):
+    """Portrait, very wide, square and small images: the processor's count is the formula's."""
+    model, processor = build(name)
+    _, prompt, predicted = FAMILIES[name]
+    image = noise_images(1, height, width, seed=1)[0]
+    ids = processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"]
+    assert (ids == model.config.image_token_id).sum().item() == predicted(
+        model, processor, height, width
+    )

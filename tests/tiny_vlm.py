@@ -530,6 +530,31 @@ def blip2(image_size: int = 32, patch_size: int = 8, queries: int = 4, seed: int
     return _finish(Blip2ForConditionalGeneration, config, processor, seed)
 
 
+def instructblip(image_size: int = 32, patch_size: int = 8, queries: int = 4, seed: int = 0):
+    """InstructBLIP: BLIP-2 whose Q-Former also reads the prompt (its own tokenizer, saved in
+    `qformer_tokenizer/`), here with a Llama LM."""
+    from transformers import (
+        BlipImageProcessorPil,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipProcessor,
+    )
+
+    tok = word_tokenizer(["<image>"])
+    config = InstructBlipConfig(
+        text_config=dict(_lm(tok), model_type="llama"),
+        **_blip2_configs(tok, image_size, patch_size, queries),
+    )
+    images = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    processor = InstructBlipProcessor(
+        image_processor=images,
+        tokenizer=tok,
+        qformer_tokenizer=word_tokenizer([]),
+        num_query_tokens=queries,
+    )
+    return _finish(InstructBlipForConditionalGeneration, config, processor, seed)
+
+
 def save(model, processor, path) -> Path:
     """`path` holding `model` (safetensors) and `processor`, loadable offline by
     `AutoModelForImageTextToText` and `AutoProcessor` (see `load_processor`)."""
