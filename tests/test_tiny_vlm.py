@@ -288,3 +288,34 @@ def test_counts_follow_the_image_shape(name, height, width, one_thread):
     assert (ids == model.config.image_token_id).sum().item() == predicted(
         model, processor, height, width
     )
+
+
+def test_missing_library_is_named(tmp_path, monkeypatch):
+    """transformers' "X requires the Torchvision library" ImportError becomes one line naming
+    the package to install."""
+    from transformers import AutoProcessor
+    from transformers.utils.import_utils import TORCHVISION_IMPORT_ERROR
+
+    def lacks_torchvision(*args, **kwargs):
+        raise ImportError(TORCHVISION_IMPORT_ERROR.format("PixtralProcessor"))
+
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", lacks_torchvision)
+    with pytest.raises(InputError, match=r"'torchvision'.*pip install torchvision") as err:
+        load_processor(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_blip2_qformer_cross_attention(image, one_thread):
+    """BLIP-2's queries reach the patches through the Q-Former's cross-attention, one map per
+    layer (cross_attention_frequency 1): [B, heads, Q, 1 + patches]."""
+    model, processor = tiny_vlm.blip2(queries=5)
+    inputs = processor(images=[image], text=["what is the sign ?"], return_tensors="pt")
+    with torch.no_grad():
+        patches = model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
+        out = model.qformer(
+            query_embeds=model.query_tokens,
+            encoder_hidden_states=patches,
+            output_attentions=True,
+        )
+    grid = (32 // 8) ** 2
+    assert [tuple(a.shape) for a in out.cross_attentions] == [(1, 4, 5, 1 + grid)] * 2
