@@ -217,6 +217,10 @@ def test_family(name, image, tmp_path, one_thread):
 
     loaded, loaded_processor = tiny_vlm.load(tiny_vlm.save(model, processor, tmp_path))
     assert type(loaded) is type(model) and type(loaded_processor) is type(processor)
+    weights = loaded.state_dict()
+    assert weights.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(weights[key], value), key
     again = loaded_processor(images=[image], text=[prompt], return_tensors="pt")
     assert again.keys() == inputs.keys()
     for key in inputs:
@@ -319,3 +323,29 @@ def test_blip2_qformer_cross_attention(image, one_thread):
         )
     grid = (32 // 8) ** 2
     assert [tuple(a.shape) for a in out.cross_attentions] == [(1, 4, 5, 1 + grid)] * 2
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "internvl"])
+def test_sharpen_peaks_the_attention(name, image, one_thread):
+    """At the default init the last row's attention over the image is nearly flat; `sharpen`
+    makes it peaked, and changes nothing but the query and key weights."""
+    model, processor = build(name)
+    _, prompt, _ = FAMILIES[name]
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    columns = inputs["input_ids"][0] == model.config.image_token_id
+
+    def spread() -> float:
+        with torch.no_grad():
+            row = model(**inputs, output_attentions=True).attentions[-1][0, :, -1, columns]
+        row = row.mean(0)
+        return (row.max() / row.min()).item()
+
+    before = spread()
+    weights = {k: w.clone() for k, w in model.state_dict().items()}
+    assert before < 1.1
+    tiny_vlm.sharpen(model)
+    assert spread() > 2
+    changed = {k for k, w in model.state_dict().items() if not torch.equal(w, weights[k])}
+    assert changed and all(
+        k.split(".")[-2] in ("q_proj", "k_proj", "query", "key") for k in changed
+    )

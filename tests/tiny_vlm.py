@@ -80,6 +80,18 @@ def _lm(tok, **overrides) -> dict:
     )
 
 
+def sharpen(model, std: float = 0.2, seed: int = 0):
+    """`model` with its attention query and key weights redrawn from N(0, std²): at the default
+    init (std 0.02) every attention row is nearly uniform (max/min ≈ 1.02 over the image), too
+    flat for tests that must tell one map from another."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "query", "key"):
+                module.weight.normal_(0, std)
+    return model
+
+
 def llava(image_size: int = 32, patch_size: int = 8, strategy: str = "default", seed: int = 0):
     """LLaVA-1.5: CLIP vision + Llama; the image is resized (shortest edge) and centre-cropped."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
