@@ -349,3 +349,31 @@ def test_sharpen_peaks_the_attention(name, image, one_thread):
     assert changed and all(
         k.split(".")[-2] in ("q_proj", "k_proj", "query", "key") for k in changed
     )
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_batch_rows_match_single_forwards(name, one_thread):
+    """A padded batch of a landscape and a portrait image with prompts of different lengths: each
+    row holds its own image's count, and its logits at real tokens are the single forward's
+    (InternVL's processor pads on the left, the others on the right)."""
+    model, processor = build(name)
+    _, prompt, predicted = FAMILIES[name]
+    shapes = [(HEIGHT, WIDTH), (WIDTH, HEIGHT)]
+    images = [noise_images(1, h, w, seed=i)[0] for i, (h, w) in enumerate(shapes)]
+    texts = [prompt, prompt.replace("what", "what is the red sign")]
+    per_sample = name not in ("paligemma", "blip2", "instructblip")  # those take a flat list
+    batch = processor(
+        images=[[im] for im in images] if per_sample else images,
+        text=texts,
+        padding=True,
+        return_tensors="pt",
+    )
+    counts = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    assert counts == [predicted(model, processor, h, w) for h, w in shapes]
+    with torch.no_grad():
+        logits = model(**batch).logits
+        for row, (im, text) in enumerate(zip(images, texts, strict=True)):
+            one = processor(images=[[im]] if per_sample else [im], text=[text], return_tensors="pt")
+            real = batch["attention_mask"][row].bool()
+            assert torch.equal(batch["input_ids"][row, real], one["input_ids"][0])
+            torch.testing.assert_close(logits[row, real], model(**one).logits[0], rtol=0, atol=1e-6)

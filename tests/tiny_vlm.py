@@ -47,6 +47,9 @@ What each family needed, and traps met beyond DESIGN §12 (transformers 5.25, no
   Q-Former's cross-attention (`cross_attention_frequency=1`: every layer) comes from calling
   `model.qformer(..., output_attentions=True).cross_attentions`, `[B, heads, Q, 1 + patches]`.
   `generate` returns the prompt (with the query ids) followed by the new tokens, like the others.
+- Padding: InternVLProcessor pads on the left (its default `padding_side`), every other processor
+  here on the right (the tokenizer's side); each row of a padded batch equals its single forward at
+  the `attention_mask` positions (≤ 1e-7; the image features go to rows in image order).
 - Loaded back, models run sdpa (the default): logits match the eager original to ≤ 1.5e-7.
 """
 
