@@ -176,8 +176,13 @@ VARIANT_OF = {
 def build(name: str):
     """The family's tiny model and processor, with the options of `FAMILIES`."""
     options, _, _ = FAMILIES[name]
-    builder = getattr(tiny_vlm, VARIANT_OF.get(name, name))
-    return builder(**options)
+    return tiny_vlm.BUILDERS[VARIANT_OF.get(name, name)](**options)
+
+
+def test_every_family_is_tested_with_its_placeholder():
+    assert {VARIANT_OF.get(name, name) for name in FAMILIES} == set(tiny_vlm.BUILDERS)
+    for name, (_, prompt, _) in FAMILIES.items():
+        assert tiny_vlm.PLACEHOLDER[VARIANT_OF.get(name, name)] in prompt
 
 
 def lm_outputs(model, out):

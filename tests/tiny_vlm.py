@@ -643,3 +643,24 @@ def load(path) -> Built:
     """The model and processor saved at `path`, loaded back offline without remote code."""
     model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=False)
     return model.eval(), load_processor(path)
+
+
+# What a prompt writes where the image goes; the processor expands it into the image tokens
+# ("": BLIP-2 and InstructBLIP put their query tokens before the text themselves).
+PLACEHOLDER = {
+    "llava": "<image>",
+    "llava_next": "<image>",
+    "llava_onevision": "<image>",
+    "qwen2_vl": QWEN_IMAGE,
+    "qwen2_5_vl": QWEN_IMAGE,
+    "qwen3_vl": QWEN_IMAGE,
+    "paligemma": "<image>",
+    "gemma3": "<start_of_image>",
+    "idefics3": "<image>",
+    "smolvlm": "<image>",
+    "internvl": "<IMG_CONTEXT>",
+    "blip2": "",
+    "instructblip": "",
+}
+# Every family's builder, by name.
+BUILDERS = {name: globals()[name] for name in PLACEHOLDER}
