@@ -235,9 +235,9 @@ def test_family(name, image, tmp_path, one_thread):
     torch.testing.assert_close(logits, out.logits, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "gemma3", "blip2"])
+@pytest.mark.parametrize("name", tiny_vlm.BUILDERS)
 def test_deterministic_under_a_seed(name, one_thread):
-    builder = getattr(tiny_vlm, name)
+    builder = tiny_vlm.BUILDERS[name]
     first, second, other = builder(seed=3)[0], builder(seed=3)[0], builder(seed=4)[0]
     same, changed = second.state_dict(), other.state_dict()
     for key, weights in first.state_dict().items():
