@@ -197,6 +197,7 @@ def image():
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family(name, image, tmp_path, one_thread):
+    """Count, attentions, hidden states, generation and the save/load round trip of one family."""
     model, processor = build(name)
     _, prompt, predicted = FAMILIES[name]
     inputs = processor(images=[image], text=[prompt], return_tensors="pt")
@@ -214,6 +215,11 @@ def test_family(name, image, tmp_path, one_thread):
         assert attention.shape == (1, heads, ids.shape[1], ids.shape[1])
         torch.testing.assert_close(attention.sum(-1), torch.ones(1, heads, ids.shape[1]))
     assert len(lm.hidden_states) == layers + 1
+    # The first image token sees the last one only in PaliGemma's and Gemma 3's bidirectional prefix.
+    at = (ids[0] == image_id).nonzero()[:, 0]
+    ahead = lm.attentions[0][0, :, at[0], at[-1]]
+    bidirectional = VARIANT_OF.get(name, name) in ("paligemma", "gemma3")
+    assert bool((ahead > 0).all()) if bidirectional else bool((ahead == 0).all())
     assert out.logits.shape[:2] == ids.shape
 
     generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
