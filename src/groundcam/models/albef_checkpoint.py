@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from groundcam.errors import InputError
 from groundcam.models.albef import AlbefConfig, AlbefModel
 
 _UNUSED = [
@@ -27,7 +28,7 @@ _UNUSED = [
 ]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be read as ALBEF; the message names the file and the key."""
 
 

@@ -90,13 +90,15 @@ def build_encoder(source: str, config: dict | None = None) -> tuple[nn.Module, d
     "resnet-tiny" from our config, else `from_pretrained(source)` (a hub id or a directory)."""
     from transformers import ResNetConfig, ResNetModel
 
+    from groundcam.model_files import pretrained
+
     if config:
         cfg = ResNetConfig(**{k: v for k, v in config.items() if k != "model_type"})
         return ResNetModel(cfg), cfg.to_dict()
     if source == "resnet-tiny":
         cfg = ResNetConfig(**RESNET_TINY)
         return ResNetModel(cfg), cfg.to_dict()
-    model = ResNetModel.from_pretrained(source)
+    model = pretrained(ResNetModel, source)
     return model, model.config.to_dict()
 
 
@@ -364,16 +366,15 @@ class ShowAttendTell(nn.Module):
         """A saved captioner; a vocabulary that does not fit the weights is a one-line error."""
         from safetensors.torch import load_file
 
+        from groundcam.model_files import check_safetensors, read_json
+
         directory = Path(directory)
         cfg_file, vocab_file = directory / "config.json", directory / "vocab.json"
         weights = directory / "model.safetensors"
         for f in (cfg_file, vocab_file, weights):
             if not f.is_file():
                 raise FileNotFoundError(f"{directory}: no {f.name}; not a saved captioner")
-        try:
-            cfg = CaptionerConfig.from_dict(json.loads(cfg_file.read_text()), str(cfg_file))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_file}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        cfg = CaptionerConfig.from_dict(read_json(cfg_file), str(cfg_file))
         vocab = Vocabulary.load(vocab_file)
         if len(vocab) != cfg.vocab_size:
             raise ValueError(
@@ -381,6 +382,7 @@ class ShowAttendTell(nn.Module):
                 f"{cfg.vocab_size}: the vocabulary does not belong to this checkpoint"
             )
         model = cls(cfg, vocab)
+        check_safetensors(weights)
         state = load_file(str(weights))
         rows = state.get("decoder.embed.weight")
         if rows is not None and rows.shape[0] != len(vocab):
