@@ -143,7 +143,7 @@ def _first(config: dict, keys: tuple[str, ...]) -> int | None:
 
 def estimate_parameters(config: dict, where: Path) -> int:
     """About how many parameters a transformers `config` describes (every transformer tower
-    in it: attention and MLP weights per layer, token and position embeddings), from the
+    in it: attention and MLP weights per layer, token, position and patch embeddings), from the
     numbers alone; sizes that are not whole numbers are refused naming `where`."""
     total = 0
     for part in _sizes(config, where):
@@ -155,7 +155,7 @@ def estimate_parameters(config: dict, where: Path) -> int:
         rows = (part.get("vocab_size") or 0) + (part.get("max_position_embeddings") or 0)
         image, patch = part.get("image_size"), part.get("patch_size")
         if isinstance(image, int) and isinstance(patch, int) and patch:
-            rows += (image // patch) ** 2
+            rows += (image // patch) ** 2 + (part.get("num_channels") or 3) * patch * patch
         total += layers * (4 * width * width + 2 * width * ffn) + rows * width
     return total
 
