@@ -483,3 +483,45 @@ def test_the_command_line_writes_no_progress_bar(clip_dir, image_file):
     r = explain(clip_dir, image_file)
     assert r.exit_code == 0, r.output
     assert "Loading weights" not in r.stderr and "it/s" not in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------- the captioner's own format
+@pytest.fixture()
+def captioner_dir(tmp_path) -> Path:
+    from groundcam.zoo import builtin_path
+
+    return copy(builtin_path("captioner-tiny-shapes"), tmp_path, "captioner")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("embed_dim", "512"), ("decoder_dim", 0), ("attention_dim", -3), ("max_length", 2.5)],
+)
+def test_a_captioner_config_with_impossible_sizes_names_file_and_key(captioner_dir, key, value):
+    edit_json(captioner_dir / "config.json", **{key: value})
+    refused(captioner_dir, str(captioner_dir / "config.json"), key)
+
+
+def test_a_captioner_encoder_with_impossible_sizes_names_file_and_key(captioner_dir):
+    config = json.loads((captioner_dir / "config.json").read_text())
+    config["encoder_config"]["hidden_sizes"] = ["48", 96]
+    (captioner_dir / "config.json").write_text(json.dumps(config))
+    refused(captioner_dir, str(captioner_dir / "config.json"), "hidden_sizes")
+
+
+def test_a_huge_captioner_is_refused_before_allocating(captioner_dir, monkeypatch):
+    from groundcam.models.captioner import ShowAttendTell
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was allocated")
+
+    monkeypatch.setattr(ShowAttendTell, "__init__", refuse)
+    edit_json(captioner_dir / "config.json", decoder_dim=1_000_000, embed_dim=1_000_000)
+    refused(captioner_dir, str(captioner_dir / "config.json"), "refused before allocating")
+
+
+@pytest.mark.parametrize("kind", ["empty", "header length 2^62", "4 TB shape"])
+def test_hostile_captioner_weights_are_one_line(captioner_dir, kind):
+    weights = captioner_dir / "model.safetensors"
+    weights.write_bytes(hostile_weights(weights.read_bytes())[kind])
+    refused(captioner_dir, str(weights))
