@@ -525,3 +525,40 @@ def test_hostile_captioner_weights_are_one_line(captioner_dir, kind):
     weights = captioner_dir / "model.safetensors"
     weights.write_bytes(hostile_weights(weights.read_bytes())[kind])
     refused(captioner_dir, str(weights))
+
+
+# ------------------------------------------------------------- configs transformers refuses
+def edit_clip_config(folder: Path, part: str | None, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (config[part] if part else config).update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("part", "changes", "needle"),
+    [
+        (None, {"text_config": "x"}, "text_config"),
+        ("text_config", {"layer_norm_eps": "tiny"}, "layer_norm_eps"),
+        ("vision_config", {"num_attention_heads": 5}, "attention heads"),
+        (None, {"dtype": "evil"}, "evil"),
+    ],
+)
+def test_a_config_transformers_cannot_use_is_one_line_naming_it(
+    clip_dir, tmp_path, image_file, part, changes, needle
+):
+    folder = copy(clip_dir, tmp_path)
+    edit_clip_config(folder, part, **changes)
+    refused(folder, str(folder / "config.json"), needle)
+    one_error_line(explain(folder, image_file), str(folder / "config.json"), needle)
+
+
+def test_weights_that_do_not_fit_the_config_are_one_line_not_a_table(
+    clip_dir, tmp_path, image_file, tokenizer
+):
+    """transformers logs a table of mismatched tensors before failing; the table becomes part
+    of the one line instead."""
+    folder = copy(clip_dir, tmp_path)
+    edit_clip_config(folder, "text_config", vocab_size=1000)
+    line = one_error_line(explain(folder, image_file), str(folder), "do not fit config.json")
+    assert f"[{len(tokenizer)}, 32] in the weights file but [1000, 32] by the config" in line
+    assert "token_embedding" in line

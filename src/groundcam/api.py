@@ -28,6 +28,7 @@ from groundcam.methods import METHODS
 from groundcam.model_files import (
     check_directory,
     check_model_size,
+    check_transformers_config,
     estimate_parameters,
     quiet_loading,
     read_json,
@@ -172,6 +173,7 @@ def _from_directory(path: Path, processor, tokenizer, name: str) -> Adapter:
         )
     if family not in OWN_FORMATS:
         check_model_size(estimate_parameters(config, cfg_file), cfg_file)
+        check_transformers_config(cfg_file)
     return adapter_class(family).from_pretrained(str(path), processor, tokenizer, name=name)
 
 

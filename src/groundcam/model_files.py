@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,7 +89,7 @@ def check_safetensors(path: Path) -> None:
         with safe_open(str(path), framework="pt"):
             pass
     except Exception as e:  # noqa: BLE001 - the reader's every refusal is this file's problem
-        raise InputError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        raise InputError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
 
 
 def check_tokenizer_file(path: Path) -> None:
@@ -99,7 +101,7 @@ def check_tokenizer_file(path: Path) -> None:
     try:
         Tokenizer.from_file(str(path))
     except Exception as e:  # noqa: BLE001 - the reader's every refusal is this file's problem
-        raise InputError(f"{path}: not a tokenizer file ({_first_line(e)})") from None
+        raise InputError(f"{path}: not a tokenizer file ({_one_line(e)})") from None
 
 
 def check_directory(directory: Path) -> None:
@@ -111,6 +113,20 @@ def check_directory(directory: Path) -> None:
         check_tokenizer_file(directory / "tokenizer.json")
     for path in sorted(directory.glob("*.safetensors")):
         check_safetensors(path)
+
+
+def check_transformers_config(cfg_file: Path) -> None:
+    """Refuse a `config.json` transformers cannot build its config from (a field of the wrong
+    type, heads that do not divide the width, ...) in one line naming the file."""
+    from transformers import AutoConfig
+
+    with quiet_loading():
+        try:
+            AutoConfig.from_pretrained(str(cfg_file.parent), trust_remote_code=False)
+        except Exception as e:  # noqa: BLE001 - the reader's every refusal is this file's problem
+            raise InputError(
+                f"{cfg_file}: not a config transformers can use ({_one_line(e)})"
+            ) from None
 
 
 def _sizes(config: dict, where: Path) -> Iterator[dict]:
@@ -201,12 +217,15 @@ def quiet_loading() -> Iterator[None]:
     then back as the caller had them (nested and concurrent loads included)."""
     global _quiet_depth, _bars_before
     import huggingface_hub.utils as hub
-    from transformers.utils import logging
+    from transformers.utils import logging as hf_logging
 
     with _quiet_lock:
         if _quiet_depth == 0:
-            _bars_before = (logging.is_progress_bar_enabled(), not hub.are_progress_bars_disabled())
-            logging.disable_progress_bar()
+            _bars_before = (
+                hf_logging.is_progress_bar_enabled(),
+                not hub.are_progress_bars_disabled(),
+            )
+            hf_logging.disable_progress_bar()
         _quiet_depth += 1
     try:
         yield
@@ -216,7 +235,7 @@ def quiet_loading() -> Iterator[None]:
             if _quiet_depth == 0:
                 transformers_bars, hub_bars = _bars_before
                 if transformers_bars:
-                    logging.enable_progress_bar()  # turns the hub's on too
+                    hf_logging.enable_progress_bar()  # turns the hub's on too
                 if hub_bars:
                     hub.enable_progress_bars()
                 else:
@@ -226,20 +245,63 @@ def quiet_loading() -> Iterator[None]:
 def pretrained(cls: Any, source: str | Path, **kwargs: Any) -> Any:
     """`cls.from_pretrained(source)` as groundcam always calls it: `trust_remote_code=False`
     (never code from the model, never a prompt), a local folder with `auto_map` refused first,
-    no progress bars, and a failure one line naming the source."""
+    no progress bars, and a failure one line naming the source (transformers' log of a failed
+    load, such as its table of mismatched weights, summed up in that line instead)."""
     if Path(source).is_dir():
         check_no_remote_code(Path(source))
+    logger, held = logging.getLogger("transformers"), _Held()
     with quiet_loading():
+        handlers, propagate = logger.handlers, logger.propagate
+        logger.handlers, logger.propagate = [held], False
         try:
-            return cls.from_pretrained(str(source), trust_remote_code=False, **kwargs)
+            loaded = cls.from_pretrained(str(source), trust_remote_code=False, **kwargs)
         except InputError:
             raise
         except Exception as e:  # noqa: BLE001 - a model's files that cannot be loaded: one line
-            raise InputError(
-                f"{source}: cannot load {getattr(cls, '__name__', cls)} from it ({_first_line(e)})"
-            ) from None
+            name = getattr(cls, "__name__", cls)
+            why = _mismatch(held.records) or _one_line(e)
+            raise InputError(f"{source}: cannot load {name} from it ({why})") from None
+        finally:
+            logger.handlers, logger.propagate = handlers, propagate
+    for record in held.records:  # a load that worked logs as it always did
+        logger.handle(record)
+    return loaded
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+class _Held(logging.Handler):
+    """Keeps log records back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+MISMATCH = re.compile(
+    r"^\s*(\S+)\s*\|\s*MISMATCH\s*\|.*?ckpt:\s*torch\.Size\(\[([^\]]*)\]\)"
+    r"\s*vs\s*model:\s*torch\.Size\(\[([^\]]*)\]\)",
+    re.MULTILINE,
+)
+
+
+def _mismatch(records: list[logging.LogRecord]) -> str:
+    """transformers' load report of weights whose shapes differ from the config's, in words."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(r.getMessage() for r in records))
+    found = MISMATCH.findall(text)
+    if not found:
+        return ""
+    key, file, config = found[0]
+    more = f"; {len(found) - 1} more rows like it" if len(found) > 1 else ""
+    return (
+        f"the weights do not fit config.json: {key} is [{file}] in the weights file but "
+        f"[{config}] by the config{more}"
+    )
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one line of at most 300 characters, its type first."""
+    text = " ".join(str(e).split())
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
