@@ -412,15 +412,19 @@ def test_the_transformers_estimate_is_close_to_the_real_count(clip_dir):
     assert abs(model_files.estimate_parameters(config, clip_dir) - real) < 0.1 * real
 
 
-@pytest.fixture()
-def never_built(monkeypatch):
-    """Fail the test if a model is built."""
+def forbid_building(monkeypatch) -> None:
+    """From now on, fail the test if a model is built."""
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was allocated")
 
     monkeypatch.setattr(AlbefModel, "__init__", refuse)
     monkeypatch.setattr(CLIPModel, "__init__", refuse)
+
+
+@pytest.fixture()
+def never_built(monkeypatch):
+    forbid_building(monkeypatch)
 
 
 # about 12.9 billion parameters: 51.5 GB in float32
@@ -562,3 +566,19 @@ def test_weights_that_do_not_fit_the_config_are_one_line_not_a_table(
     line = one_error_line(explain(folder, image_file), str(folder), "do not fit config.json")
     assert f"[{len(tokenizer)}, 32] in the weights file but [1000, 32] by the config" in line
     assert "token_embedding" in line
+
+
+def test_an_official_checkpoint_whose_keys_describe_a_huge_model_is_refused(
+    tokenizer, tmp_path, monkeypatch
+):
+    """Depths are counted from key names: twenty thousand one-number `norm1` tensors describe
+    twenty thousand vision blocks, about 1 GB, from a file of a few hundred kB."""
+    state = {k: v.contiguous() for k, v in tiny_albef(len(tokenizer)).state_dict().items()}
+    state |= {f"visual_encoder.blocks.{i}.norm1.weight": torch.zeros(1) for i in range(2, 20_000)}
+    path = tmp_path / "albef.safetensors"
+    save_file(state, str(path))
+    monkeypatch.setenv(model_files.MAX_MODEL_ENV, "0.5")
+    forbid_building(monkeypatch)
+    with pytest.raises(InputError, match="refused before allocating") as e:
+        gc.load(path, num_heads=4, text_num_heads=4)
+    assert str(path) in str(e.value) and "0.5 GB allowed" in str(e.value)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from groundcam.errors import InputError
+from groundcam.model_files import check_model_size
 from groundcam.models.albef import AlbefConfig, AlbefModel
 
 _UNUSED = [
@@ -161,6 +162,8 @@ def load_official(
             state["visual_encoder.pos_embed"], grid
         )
         cfg.image_size = image_size
+    # key counts set the depths: a file of a few tensors must not describe a model beyond memory
+    check_model_size(cfg.parameters(), path)
     model = AlbefModel(cfg)
     expected = model.state_dict()
     report = LoadReport(path=str(path), layout=layout)
