@@ -582,3 +582,29 @@ def test_an_official_checkpoint_whose_keys_describe_a_huge_model_is_refused(
     with pytest.raises(InputError, match="refused before allocating") as e:
         gc.load(path, num_heads=4, text_num_heads=4)
     assert str(path) in str(e.value) and "0.5 GB allowed" in str(e.value)
+
+
+def test_loads_in_threads_leave_transformers_logging_and_bars_as_they_were(clip_dir, tmp_path):
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers.utils import logging as hf_logging
+
+    logger = logging.getLogger("transformers")
+    before = (list(logger.handlers), logger.propagate)
+    hf_logging.enable_progress_bar()
+    broken = copy(clip_dir, tmp_path)
+    edit_clip_config(broken, "text_config", vocab_size=1000)
+
+    def load(folder):
+        try:
+            return gc.load(folder).family
+        except InputError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(load, [clip_dir, broken, clip_dir, broken]))
+    assert results[0] == results[2] == "clip"
+    assert "do not fit config.json" in results[1] and "do not fit config.json" in results[3]
+    assert (list(logger.handlers), logger.propagate) == before
+    assert hf_logging.is_progress_bar_enabled()

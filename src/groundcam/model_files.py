@@ -206,19 +206,46 @@ def check_model_size(parameters: int, where: Path | str) -> None:
         )
 
 
+class _Held(logging.Filter):
+    """On transformers' log handlers while groundcam loads: the records of a thread that is
+    loading are kept back for it (`keep`, `release`); every other record passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: dict[int, list[logging.LogRecord]] = {}
+        self.handlers: list[logging.Handler] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kept = self.kept.get(record.thread or 0)
+        if kept is None:
+            return True
+        if not kept or kept[-1] is not record:  # each handler sees the record
+            kept.append(record)
+        return False
+
+    def keep(self) -> list[logging.LogRecord]:
+        return self.kept.setdefault(threading.get_ident(), [])
+
+    def release(self) -> None:
+        self.kept.pop(threading.get_ident(), None)
+
+
 _quiet_lock = threading.Lock()
 _quiet_depth = 0
 _bars_before: tuple[bool, bool] = (True, True)
+_held = _Held()
 
 
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
-    """transformers' and the hub's progress bars ("Loading weights") off while groundcam loads,
-    then back as the caller had them (nested and concurrent loads included)."""
+    """While groundcam loads: transformers' and the hub's progress bars ("Loading weights") off
+    and the log records of loading threads held back (`_held`, a filter on transformers' log
+    handlers); afterwards both as the caller had them (nested and concurrent loads included)."""
     global _quiet_depth, _bars_before
     import huggingface_hub.utils as hub
     from transformers.utils import logging as hf_logging
 
+    logger = logging.getLogger("transformers")
     with _quiet_lock:
         if _quiet_depth == 0:
             _bars_before = (
@@ -226,6 +253,9 @@ def quiet_loading() -> Iterator[None]:
                 not hub.are_progress_bars_disabled(),
             )
             hf_logging.disable_progress_bar()
+            _held.handlers = list(logger.handlers)
+            for handler in _held.handlers:
+                handler.addFilter(_held)
         _quiet_depth += 1
     try:
         yield
@@ -233,6 +263,8 @@ def quiet_loading() -> Iterator[None]:
         with _quiet_lock:
             _quiet_depth -= 1
             if _quiet_depth == 0:
+                for handler in _held.handlers:
+                    handler.removeFilter(_held)
                 transformers_bars, hub_bars = _bars_before
                 if transformers_bars:
                     hf_logging.enable_progress_bar()  # turns the hub's on too
@@ -249,34 +281,25 @@ def pretrained(cls: Any, source: str | Path, **kwargs: Any) -> Any:
     load, such as its table of mismatched weights, summed up in that line instead)."""
     if Path(source).is_dir():
         check_no_remote_code(Path(source))
-    logger, held = logging.getLogger("transformers"), _Held()
     with quiet_loading():
-        handlers, propagate = logger.handlers, logger.propagate
-        logger.handlers, logger.propagate = [held], False
+        outer = threading.get_ident() in _held.kept  # a load inside a load: the outer one reports
+        records = _held.keep()
         try:
             loaded = cls.from_pretrained(str(source), trust_remote_code=False, **kwargs)
         except InputError:
             raise
         except Exception as e:  # noqa: BLE001 - a model's files that cannot be loaded: one line
             name = getattr(cls, "__name__", cls)
-            why = _mismatch(held.records) or _one_line(e)
+            why = _mismatch(records) or _one_line(e)
             raise InputError(f"{source}: cannot load {name} from it ({why})") from None
         finally:
-            logger.handlers, logger.propagate = handlers, propagate
-    for record in held.records:  # a load that worked logs as it always did
-        logger.handle(record)
+            if not outer:
+                _held.release()
+    if not outer:
+        logger = logging.getLogger("transformers")
+        for record in records:  # a load that worked logs as it always did
+            logger.handle(record)
     return loaded
-
-
-class _Held(logging.Handler):
-    """Keeps log records back."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 MISMATCH = re.compile(
