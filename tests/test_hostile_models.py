@@ -469,18 +469,34 @@ def test_the_limit_is_physical_memory_unless_the_variable_says(tiny_model_dir, m
 
 
 # ------------------------------------------------------------- 15. no progress bars
-def test_loading_writes_no_progress_bar_and_restores_the_setting(clip_dir, capfd):
+def test_loading_writes_no_progress_bar_and_restores_the_setting(clip_dir, capfd, monkeypatch):
+    import huggingface_hub.utils as hub
     from transformers.utils import logging
 
     logging.enable_progress_bar()
+    seen = []  # the hub's download bars during the load: left on
+    monkeypatch.setattr(
+        CLIPModel, "from_pretrained", spy(CLIPModel.from_pretrained, seen, hub, logging)
+    )
     gc.load(clip_dir)
     err = capfd.readouterr().err
     assert "Loading weights" not in err and "it/s" not in err, err
-    assert logging.is_progress_bar_enabled()
+    assert seen == [(False, True)]
+    assert logging.is_progress_bar_enabled() and not hub.are_progress_bars_disabled()
     logging.disable_progress_bar()
     gc.load(clip_dir)
     assert not logging.is_progress_bar_enabled()
     logging.enable_progress_bar()
+
+
+def spy(load, seen: list, hub, logging):
+    """`load`, recording (transformers' bars on, the hub's on) at each call."""
+
+    def wrapped(*args, **kwargs):
+        seen.append((logging.is_progress_bar_enabled(), not hub.are_progress_bars_disabled()))
+        return load(*args, **kwargs)
+
+    return wrapped
 
 
 def test_the_command_line_writes_no_progress_bar(clip_dir, image_file):

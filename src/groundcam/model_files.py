@@ -238,9 +238,10 @@ _held = _Held()
 
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
-    """While groundcam loads: transformers' and the hub's progress bars ("Loading weights") off
-    and the log records of loading threads held back (`_held`, a filter on transformers' log
-    handlers); afterwards both as the caller had them (nested and concurrent loads included)."""
+    """While groundcam loads: transformers' progress bars ("Loading weights") off (the hub's
+    download bars left as they are) and the log records of loading threads held back (`_held`,
+    a filter on transformers' log handlers); afterwards all as the caller had them (nested and
+    concurrent loads included)."""
     global _quiet_depth, _bars_before
     import huggingface_hub.utils as hub
     from transformers.utils import logging as hf_logging
@@ -253,6 +254,8 @@ def quiet_loading() -> Iterator[None]:
                 not hub.are_progress_bars_disabled(),
             )
             hf_logging.disable_progress_bar()
+            if _bars_before[1]:  # the hub's download bars stay: a long download is no hang
+                hub.enable_progress_bars()
             _held.handlers = list(logger.handlers)
             for handler in _held.handlers:
                 handler.addFilter(_held)
