@@ -624,3 +624,34 @@ def test_loads_in_threads_leave_transformers_logging_and_bars_as_they_were(clip_
     assert "do not fit config.json" in results[1] and "do not fit config.json" in results[3]
     assert (list(logger.handlers), logger.propagate) == before
     assert hf_logging.is_progress_bar_enabled()
+
+
+def test_every_from_pretrained_in_the_source_passes_trust_remote_code_false():
+    """transformers' loaders are called with `trust_remote_code=False` (in
+    `groundcam.model_files.pretrained` and the hub's config), never bare; the other
+    `from_pretrained` calls are groundcam's own (adapters, AlbefModel, ShowAttendTell)."""
+    import ast
+
+    own = {"AlbefModel", "ShowAttendTell", "adapter_class"}
+    calls = []
+    for path in sorted((ROOT / "src" / "groundcam").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            if node.func.attr != "from_pretrained":
+                continue
+            receiver = node.func.value
+            name = getattr(receiver, "id", None) or getattr(
+                getattr(receiver, "func", None), "id", None
+            )
+            trusted = [k for k in node.keywords if k.arg == "trust_remote_code"]
+            safe = (
+                trusted
+                and isinstance(trusted[0].value, ast.Constant)
+                and trusted[0].value.value is False
+            )
+            calls.append((path.name, node.lineno, name))
+            assert name in own or safe, (
+                f"{path}:{node.lineno} calls from_pretrained without trust_remote_code=False"
+            )
+    assert ("model_files.py", "cls") in {(file, name) for file, _, name in calls}
