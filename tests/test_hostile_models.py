@@ -298,6 +298,22 @@ def test_broken_official_pth_is_one_line(official_pth, tmp_path, image_file, kin
     one_error_line(explain(path, image_file), str(path))
 
 
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "the checkpoint's pickle ran"))
+
+
+def test_an_official_pth_whose_pickle_runs_code_is_refused(tmp_path, image_file):
+    path, marker = tmp_path / "albef.pth", tmp_path / "MARKER"
+    torch.save({"model": {"temp": torch.tensor(0.07)}, "evil": _Payload(marker)}, path)
+    refused(path, str(path))
+    one_error_line(explain(path, image_file), str(path))
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("kind", list(hostile_weights(b"x" * 100)))
 def test_hostile_official_safetensors_is_one_line(tokenizer, tmp_path, kind):
     path = tmp_path / "albef.safetensors"
@@ -347,6 +363,9 @@ BAD_SIZES = [
     ("vocab_size", None),
     ("fusion_layer", -1),
     ("temp", "hot"),
+    ("temp", 0),
+    ("dropout", 1.5),
+    ("text_eps", -1e-12),
 ]
 
 
@@ -358,6 +377,22 @@ def test_an_albef_config_with_impossible_sizes_names_file_and_key(
     edit_json(folder / "config.json", **{key: value})
     refused(folder, str(folder / "config.json"), key)
     one_error_line(explain(folder, image_file), str(folder / "config.json"), key)
+
+
+def test_a_deeply_nested_config_is_one_line(tiny_model_dir, tmp_path):
+    folder = copy(tiny_model_dir, tmp_path)
+    deep = json.loads((folder / "config.json").read_text())
+    node = deep
+    for _ in range(800):  # deeper than a recursive scan could walk, shallower than json's limit
+        node["x"] = {}
+        node = node["x"]
+    (folder / "config.json").write_text(json.dumps(deep))
+    assert gc.load(folder).family == "albef"
+    node["auto_map"] = {"AutoConfig": "payload.X"}
+    (folder / "config.json").write_text(json.dumps(deep))
+    refused(folder, "'auto_map'")
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    refused(folder, str(folder / "config.json"))
 
 
 def test_an_albef_config_that_is_not_an_object_or_not_json(tiny_model_dir, tmp_path):

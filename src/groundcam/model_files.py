@@ -59,10 +59,16 @@ def read_json(path: Path, what: str = "a JSON object") -> dict:
 
 
 def _has_key(data: Any, key: str) -> bool:
-    if isinstance(data, dict):
-        return key in data or any(_has_key(v, key) for v in data.values())
-    if isinstance(data, list):
-        return any(_has_key(v, key) for v in data)
+    """Whether `key` is a key of any object in `data`, however deeply nested."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if key in item:
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
     return False
 
 
@@ -89,7 +95,7 @@ def check_safetensors(path: Path) -> None:
         with safe_open(str(path), framework="pt"):
             pass
     except Exception as e:  # noqa: BLE001 - the reader's every refusal is this file's problem
-        raise InputError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+        raise InputError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
 
 
 def check_tokenizer_file(path: Path) -> None:
@@ -101,7 +107,7 @@ def check_tokenizer_file(path: Path) -> None:
     try:
         Tokenizer.from_file(str(path))
     except Exception as e:  # noqa: BLE001 - the reader's every refusal is this file's problem
-        raise InputError(f"{path}: not a tokenizer file ({_one_line(e)})") from None
+        raise InputError(f"{path}: not a tokenizer file ({one_line(e)})") from None
 
 
 def check_directory(directory: Path) -> None:
@@ -125,7 +131,7 @@ def check_transformers_config(cfg_file: Path) -> None:
             AutoConfig.from_pretrained(str(cfg_file.parent), trust_remote_code=False)
         except Exception as e:  # noqa: BLE001 - the reader's every refusal is this file's problem
             raise InputError(
-                f"{cfg_file}: not a config transformers can use ({_one_line(e)})"
+                f"{cfg_file}: not a config transformers can use ({one_line(e)})"
             ) from None
 
 
@@ -293,7 +299,7 @@ def pretrained(cls: Any, source: str | Path, **kwargs: Any) -> Any:
             raise
         except Exception as e:  # noqa: BLE001 - a model's files that cannot be loaded: one line
             name = getattr(cls, "__name__", cls)
-            why = _mismatch(records) or _one_line(e)
+            why = _mismatch(records) or one_line(e)
             raise InputError(f"{source}: cannot load {name} from it ({why})") from None
         finally:
             if not outer:
@@ -326,8 +332,13 @@ def _mismatch(records: list[logging.LogRecord]) -> str:
     )
 
 
-def _one_line(e: BaseException) -> str:
-    """An exception as one line of at most 300 characters, its type first."""
-    text = " ".join(str(e).split())
+def one_line(e: BaseException) -> str:
+    """An exception as one line of at most 300 characters, its type first (for torch's refusal
+    of a pickle under weights_only=True, the refusal itself rather than its advice)."""
+    text = str(e)
+    refusal = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: Please use|$)", text, re.MULTILINE)
+    if refusal:
+        text = f"it holds more than tensors, which weights_only=True refuses: {refusal.group(1)}"
+    text = " ".join(text.split())
     text = text if len(text) <= 300 else text[:297] + "..."
     return f"{type(e).__name__}: {text}" if text else type(e).__name__

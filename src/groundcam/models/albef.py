@@ -67,6 +67,11 @@ class AlbefConfig:
                 raise ValueError(f"{f.name} must be a number, got {value!r}")
             elif not math.isfinite(value):
                 raise ValueError(f"{f.name} must be finite, got {value!r}")
+        for name in ("vision_eps", "text_eps", "temp"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
         if self.vision_width % self.vision_heads:
             raise ValueError(
                 f"vision width {self.vision_width} is not divisible by {self.vision_heads} heads"

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from groundcam.errors import InputError
-from groundcam.model_files import check_model_size
+from groundcam.model_files import check_model_size, one_line
 from groundcam.models.albef import AlbefConfig, AlbefModel
 
 _UNUSED = [
@@ -58,7 +58,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any reader failure becomes one clear line
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {one_line(e)}") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
