@@ -395,6 +395,19 @@ def test_a_deeply_nested_config_is_one_line(tiny_model_dir, tmp_path):
     refused(folder, str(folder / "config.json"))
 
 
+@pytest.mark.parametrize("file", ["tokenizer_config.json", "processor_config.json"])
+def test_a_broken_config_file_transformers_reads_is_named(clip_dir, tmp_path, file):
+    folder = copy(clip_dir, tmp_path)
+    (folder / file).write_text('{"processor_class": ')
+    refused(folder, str(folder / file), "not valid JSON")
+
+
+def test_a_json_file_of_the_users_own_is_left_alone(tiny_model_dir, tmp_path):
+    folder = copy(tiny_model_dir, tmp_path)
+    (folder / "my_run_config.json").write_text("not json: notes from training")
+    assert gc.load(folder).family == "albef"
+
+
 def test_an_albef_config_that_is_not_an_object_or_not_json(tiny_model_dir, tmp_path):
     folder = copy(tiny_model_dir, tmp_path)
     (folder / "config.json").write_text("[1, 2]")

@@ -19,6 +19,15 @@ from groundcam.errors import InputError
 
 REMOTE_CODE_KEY = "auto_map"  # transformers' pointer to Python files shipped with a model
 MAX_MODEL_ENV = "GROUNDCAM_MAX_MODEL_GB"
+# The config files transformers reads from a model folder: each must be a JSON object.
+TRANSFORMERS_CONFIGS = (
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "tokenizer_config.json",
+    "video_preprocessor_config.json",
+)
 BYTES_PER_PARAMETER = 4  # models are loaded in float32
 
 # Sizes in a transformers config (any nesting level) that must be whole numbers; layer counts may
@@ -77,7 +86,15 @@ def check_no_remote_code(directory: Path) -> None:
     preprocessor_config.json, processor_config.json, ...) carry `auto_map`: transformers would
     offer to run the folder's Python files, and groundcam never runs code from a model folder."""
     for path in sorted(directory.glob("*config*.json")):
-        if path.is_file() and _has_key(read_json(path), REMOTE_CODE_KEY):
+        if not path.is_file():
+            continue
+        try:
+            data = read_json(path)
+        except InputError:
+            if path.name in TRANSFORMERS_CONFIGS:
+                raise
+            continue  # a file of the user's own, which transformers does not read
+        if _has_key(data, REMOTE_CODE_KEY):
             raise InputError(
                 f"{path}: carries {REMOTE_CODE_KEY!r}, which asks to run Python code shipped "
                 "with the model; groundcam never runs code from a model folder (use a model "
