@@ -1,6 +1,6 @@
 """Reading a model's files without trusting them: no Python code from a model folder, no model
-larger than the machine's memory, no progress bars, and every file that cannot be read refused in
-one line naming it."""
+larger than the machine's memory, no "Loading weights" bars, and every file that cannot be read
+refused in one line naming it."""
 
 from __future__ import annotations
 
