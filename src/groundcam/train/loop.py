@@ -26,6 +26,14 @@ logged step: step, lr, every term averaged over processes, micro-batches and the
 last line, elapsed_s, and `val` where `evaluate` ran), `checkpoint/` (Accelerate's `save_state`:
 safetensors weights, optimizer, RNG states, plus `state.json`), `state.json` (the step done),
 and `model/` at the end.
+
+Reproducibility: on the CPU a run is bit-identical to a rerun (and a killed run to the
+uninterrupted one) at the same thread count, any count: `fit` trains under
+`torch.use_deterministic_algorithms` (warn-only: an op without a deterministic kernel warns and
+runs), which makes the CPU kernels that race with more than one thread, the accumulating
+`index_put_` (the backward of `tensor[index]`) and `put_`, run serially. Another thread count
+splits sums differently (weights agree to float rounding, not to the bit); so do GPUs, where `fit`
+leaves the setting alone (CUDA's atomic adds).
 """
 
 from __future__ import annotations
@@ -324,6 +332,10 @@ def fit(
         disable=not (progress and main),
     )
     objective.train()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if accelerator.device.type == "cpu" and not deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         while step < last:
             lr = lr_at(cfg, step)
@@ -381,6 +393,7 @@ def fit(
             "use a smaller --batch-size or a larger --grad-accum"
         ) from e
     finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         bar.close()
         if log is not None:
             log.close()
