@@ -30,7 +30,7 @@ class Table(nn.Module):
         return self.rows[idx]
 
 
-def _table_run(out, threads: int) -> dict:
+def _table_run(out, threads: int) -> torch.Tensor:
     cfg = LoopConfig(out=out, steps=4, lr=1e-2, grad_clip=None, save_every=0, threads=threads)
 
     def batch_fn(step, micro, rank, world):
