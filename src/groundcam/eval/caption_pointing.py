@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -37,6 +38,7 @@ from groundcam.data.captions import (
 from groundcam.data.sample import Box, ReadReport
 from groundcam.data.textfile import read_json
 from groundcam.errors import InputError
+from groundcam.eval.localisation import generation_word_ious, shapes_labels, summarise_word_ious
 from groundcam.eval.pointing import pointing_game
 from groundcam.eval.summary import accuracy_block
 from groundcam.io import read_image
@@ -54,6 +56,8 @@ class CaptionSample:
     references: list[str]
     grounded: list[tuple[list[str], list[list[Box] | None]]] = field(default_factory=list)
     ground_generated: Callable[[list[str]], list[list[Box] | None]] | None = None
+    # the image's category ids [H, W] and categories by name, for TAM's word IoUs (None: no masks)
+    labels: Callable[[], tuple[Any, dict[str, int]]] | None = None
 
 
 def word_starts(explainer, token_ids: list[int]) -> list[int | None]:
@@ -131,9 +135,11 @@ def caption_records(
     layer: int | None = None,
     beam: int = 1,
     max_new_tokens: int | None = None,
+    metrics: bool = False,
 ) -> Iterator[dict]:
     """One record per image: the generated caption, its grounded words' hits, and the hits of
-    the grounded words of every grounded reference (teacher-forced)."""
+    the grounded words of every grounded reference (teacher-forced); with `metrics`, TAM's word
+    IoUs of the generated words where the sample has masks (`word_iou`)."""
     for s in samples:
         try:
             image = s.load_image()
@@ -155,6 +161,8 @@ def caption_records(
         if s.ground_generated is not None:
             boxes = s.ground_generated(words)
             record["generated"] = list(_score(gen, size, words, boxes, rows))
+        if metrics and s.labels is not None:
+            record["word_iou"] = generation_word_ious(gen, explainer.decode, *s.labels())
         record["reference"] = []
         for tokens, boxes in s.grounded:
             try:
@@ -218,6 +226,10 @@ def summarize_captions(records: list[dict], chance: dict | None = None) -> dict:
         if key == "generated":
             block["ungrounded_words"] = len(words) - len(hits)
         out[f"{key}_word_pointing"] = block
+    if any("word_iou" in r for r in records):
+        out["word_localisation"] = summarise_word_ious(
+            [r["word_iou"] for r in records if "word_iou" in r]
+        )
     return out
 
 
@@ -240,6 +252,7 @@ def shapes_samples(
             [g.caption],
             [(g.tokens, g.boxes)],
             lambda words, scene=scene: ground_generated(scene, words),
+            lambda scene=scene: shapes_labels(scene),
         )
 
 

@@ -294,3 +294,30 @@ def word_class(
     if forms & {n.lower() for n in nouns}:
         return "noun"
     return None
+
+
+def shapes_labels(sample) -> tuple[np.ndarray, dict[str, int]]:
+    """A shapes scene's `[H, W]` category ids (its shape, 1-based in `SHAPES`) from the objects'
+    exact masks, and the categories by name, for `word_ious` of its captions."""
+    from groundcam.data.masks import decode_mask, label_mask
+    from groundcam.data.shapes import SHAPES
+
+    width, height = sample.image_size
+    categories = {shape: k + 1 for k, shape in enumerate(SHAPES)}
+    masks = [
+        (categories[o["shape"]], decode_mask(o["mask"], height, width, sample.image_id))
+        for o in sample.meta["objects"]
+    ]
+    return label_mask(masks, height, width), categories
+
+
+def generation_word_ious(
+    gen, decode: Callable[[list[int]], str], labels: np.ndarray, categories: dict[str, int]
+) -> dict:
+    """`word_ious` of a generation explanation: its tokens grouped into words as TAM does, each
+    word classed by `word_class`, the token maps `gen.maps` as they are (resized to `labels`)."""
+    words = group_words(token_pieces(decode, gen.token_ids))
+    maps = gen.maps.numpy()
+    classes = [word_class(w, categories) for w, _ in words]
+    result = word_ious([[maps[k] for k in ks] for _, ks in words], classes, labels)
+    return result | {"words": [w for w, _ in words]}
