@@ -416,3 +416,56 @@ def test_energy_pointing_is_the_mass_share_inside_the_boxes():
     assert energy_pointing(m, [[2, 2, 4, 4]]) == pytest.approx(9 / 12)
     assert energy_pointing(m, [[2, 2, 4, 4], [8, 8, 9, 9]]) == pytest.approx(1.0)
     assert energy_pointing(np.zeros((4, 4)), [[0, 0, 1, 1]]) is None
+
+
+def test_generation_word_ious_groups_tokens_and_uses_the_scene_masks():
+    """A fake generation whose shape-word tokens map exactly onto their objects scores 1."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from groundcam.eval.localisation import generation_word_ious, shapes_labels
+
+    scene = generate_scene("test", 3, 0, 64)
+    labels, categories = shapes_labels(scene)
+    objects = scene.meta["objects"]
+    words, maps = [], []
+    for o in objects:
+        mask = decode_mask(o["mask"], 64, 64, "scene").astype(np.float32)
+        for w, m in (("a", np.eye(64)), (o["colour"], mask), (o["shape"][:2], mask)):
+            words.append(" " + w)
+            maps.append(m)
+        words.append(o["shape"][2:])  # the shape word's second token
+        maps.append(np.zeros((64, 64)))
+    gen = SimpleNamespace(token_ids=list(range(len(words))), maps=torch.tensor(np.stack(maps)))
+    r = generation_word_ious(gen, lambda ids: "".join(words[i] for i in ids), labels, categories)
+    assert r["words"][:3] == ["a", objects[0]["colour"], objects[0]["shape"]]
+    assert r["obj_iou"] == [1.0] * len(objects)
+    assert len(r["func_iou"]) == len(objects)
+
+
+def test_eval_captions_metrics_on_shapes(tmp_path):
+    from click.testing import CliRunner
+
+    from groundcam.cli import main
+
+    out = tmp_path / "run"
+    args = ["eval", "captions", "--model", "captioner-tiny-shapes", "--scenes", "3"]
+    result = CliRunner().invoke(main, [*args, "--metrics", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Obj-IoU" in result.output
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())["word_localisation"]
+    obj = [v for r in records for v in r["word_iou"]["obj_iou"]]
+    assert summary["objects"] == len(obj) > 0
+    assert summary["Obj-IoU"] == pytest.approx(np.mean(obj)) and 0 <= min(obj) <= max(obj) <= 1
+    for r in records:  # one object per shape word (they are never adjacent in these captions)
+        shape_words = [w for w in r["word_iou"]["words"] if w in SHAPES]
+        assert len(r["word_iou"]["obj_iou"]) == len(shape_words)
+    result = CliRunner().invoke(
+        main,
+        [*args, "--dataset", "file", "--captions", str(COCO / "instances.json"), "--images",
+         str(COCO), "--metrics", "--out", str(tmp_path / "f")],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "--metrics needs object masks" in result.output
+    assert "Traceback" not in result.output
