@@ -459,6 +459,10 @@ def test_eval_captions_metrics_on_shapes(tmp_path):
     obj = [v for r in records for v in r["word_iou"]["obj_iou"]]
     assert summary["objects"] == len(obj) > 0
     assert summary["Obj-IoU"] == pytest.approx(np.mean(obj)) and 0 <= min(obj) <= max(obj) <= 1
+    full = json.loads((out / "summary.json").read_text())
+    energies = [h["energy"] for r in records for h in r["generated"] if "energy" in h]
+    assert energies and all(0 <= e <= 1 for e in energies)
+    assert full["generated_word_pointing"]["energy"] == pytest.approx(np.mean(energies))
     for r in records:  # one object per shape word (they are never adjacent in these captions)
         shape_words = [w for w in r["word_iou"]["words"] if w in SHAPES]
         assert len(r["word_iou"]["obj_iou"]) == len(shape_words)

@@ -1199,7 +1199,8 @@ def eval_glyphs(split, lines, model, method, layer, seed, device, out) -> None:
 @click.option(
     "--metrics",
     is_flag=True,
-    help="Also TAM's Obj-IoU / Func-IoU / F1-IoU of the generated words (shapes: exact masks).",
+    help="Also TAM's Obj-IoU / Func-IoU / F1-IoU of the generated words (shapes: exact masks) "
+    "and the energy-based pointing game (the map's mass share in the boxes) of every word.",
 )
 @_device_option()
 @click.option("--out", required=True, type=OutDir(), help="Results directory (resumes).")
@@ -1285,9 +1286,10 @@ def eval_captions(
     for key in ("reference", "generated"):
         block = summary.get(f"{key}_word_pointing")
         if block and block["n"]:
+            energy = f", energy {block['energy']:.1%}" if "energy" in block else ""
             click.echo(
                 f"{key} word pointing {_percent(block)} (n={block['n']}; chance "
-                f"{block['chance']:.1%}, centre {block['centre']:.1%}), {method}"
+                f"{block['chance']:.1%}, centre {block['centre']:.1%}{energy}), {method}"
             )
     loc = summary.get("word_localisation")
     if loc:
