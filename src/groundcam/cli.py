@@ -1202,6 +1202,12 @@ def eval_glyphs(split, lines, model, method, layer, seed, device, out) -> None:
 @click.option("--layer", default=None, type=int, help="Layer (default: the family's).")
 @click.option("--beam", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--max-new-tokens", default=None, type=click.IntRange(1))
+@click.option(
+    "--metrics",
+    is_flag=True,
+    help="Also TAM's Obj-IoU / Func-IoU / F1-IoU of the generated words (shapes: exact masks) "
+    "and the energy-based pointing game (the map's mass share in the boxes) of every word.",
+)
 @_device_option()
 @click.option("--out", required=True, type=OutDir(), help="Results directory (resumes).")
 @_guard
@@ -1218,6 +1224,7 @@ def eval_captions(
     layer,
     beam,
     max_new_tokens,
+    metrics,
     device,
     out,
 ) -> None:
@@ -1240,6 +1247,8 @@ def eval_captions(
     if dataset == "file":
         if not captions or not images:
             raise UserError("--dataset file needs --captions FILE and --images DIR")
+        if metrics:
+            raise UserError("--metrics needs object masks: use --dataset shapes")
         split, report = file_split(captions, split), ReadReport()
         samples = file_samples(captions, images, split=split, report=report)
         n = len(samples)
@@ -1265,9 +1274,11 @@ def eval_captions(
         "beam": beam,
         "max_new_tokens": max_new_tokens,
     }
+    if metrics:  # only then, so that earlier runs' directories still resume
+        run["metrics"] = True
     done = _resume(out, run)
     todo = (s for s in samples if s.image_id not in done)
-    stream = caption_records(explainer, todo, method, layer, beam, max_new_tokens)
+    stream = caption_records(explainer, todo, method, layer, beam, max_new_tokens, metrics)
     records = list(done.values()) + _append_records(stream, out, f"captions/{split}", n - len(done))
     summary = summarize_captions(records) | {"protocol": "amc", **run}
     if report is not None:
@@ -1281,10 +1292,21 @@ def eval_captions(
     for key in ("reference", "generated"):
         block = summary.get(f"{key}_word_pointing")
         if block and block["n"]:
+            energy = f", energy {block['energy']:.1%}" if "energy" in block else ""
             click.echo(
                 f"{key} word pointing {_percent(block)} (n={block['n']}; chance "
-                f"{block['chance']:.1%}, centre {block['centre']:.1%}), {method}"
+                f"{block['chance']:.1%}, centre {block['centre']:.1%}{energy}), {method}"
             )
+    loc = summary.get("word_localisation")
+    if loc:
+        click.echo(
+            "Obj-IoU {}, Func-IoU {}, F1-IoU {} ({} objects, {} function words), {}".format(
+                *(_maybe(loc[k]) for k in ("Obj-IoU", "Func-IoU", "F1-IoU")),
+                loc["objects"],
+                loc["function_words"],
+                method,
+            )
+        )
     c = summary.get("captions")
     if c:
         cider = "n/a" if c["cider_d"] is None else f"{c['cider_d']:.3f}"
@@ -1292,6 +1314,10 @@ def eval_captions(
     if summary["errors"]:
         click.echo(f"{summary['errors']} images could not be read (see results.jsonl)")
     click.echo(f"wrote {out / 'summary.json'}")
+
+
+def _maybe(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 def _resume(out: Path, run: dict) -> dict[str, dict]:

@@ -41,6 +41,8 @@ class Phrase:
     kind: str = ""  # phrase type, e.g. "attribute", "relation", Flickr30k's "people"
     id: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    # COCO RLE of each box's object ({"size": [h, w], "counts": str}), where the data has masks
+    masks: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

@@ -8,6 +8,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image, ImageDraw
 
+from groundcam.data.masks import Rle, encode_mask
 from groundcam.data.sample import Box, GroundingSample, Phrase
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon")
@@ -108,17 +109,16 @@ def _background(rng: np.random.Generator, image_size: int) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: int, y: int, side: int, **style) -> None:
-    """Draw `shape` filling the square with top-left (x, y) and the given side."""
+def shape_polygon(shape: str, x: int, y: int, side: int) -> list[tuple[float, float]]:
+    """The outline of `shape` in the square with top-left (x, y), in PIL's pixel-centre
+    coordinates; a circle as a 64-gon (it is drawn as an ellipse), for masks and tests."""
     r = (side - 1) / 2
     cx, cy = x + r, y + r
     if shape == "circle":
-        draw.ellipse((x, y, x + side - 1, y + side - 1), **style)
-        return
-    if shape == "square":
-        draw.rectangle((x, y, x + side - 1, y + side - 1), **style)
-        return
-    if shape == "triangle":
+        points = [(cx + r * np.cos(a), cy + r * np.sin(a)) for a in np.arange(64) * np.pi / 32]
+    elif shape == "square":
+        points = [(x, y), (x + side - 1, y), (x + side - 1, y + side - 1), (x, y + side - 1)]
+    elif shape == "triangle":
         points = [(cx, y), (x + side - 1, y + side - 1), (x, y + side - 1)]
     elif shape == "diamond":
         points = [(cx, y), (x + side - 1, cy), (cx, y + side - 1), (x, cy)]
@@ -133,7 +133,17 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: int, y: int, side: int
         ]
     else:
         raise ValueError(f"unknown shape {shape!r}")
-    draw.polygon([(float(px), float(py)) for px, py in points], **style)
+    return [(float(px), float(py)) for px, py in points]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: int, y: int, side: int, **style) -> None:
+    """Draw `shape` filling the square with top-left (x, y) and the given side."""
+    if shape == "circle":
+        draw.ellipse((x, y, x + side - 1, y + side - 1), **style)
+    elif shape == "square":
+        draw.rectangle((x, y, x + side - 1, y + side - 1), **style)
+    else:
+        draw.polygon(shape_polygon(shape, x, y, side), **style)
 
 
 def _centre(box: Box) -> tuple[float, float]:
@@ -193,12 +203,17 @@ def generate_scene(split: str, index: int, seed: int = 0, image_size: int = 128)
     image = _background(rng, image_size)
     draw = ImageDraw.Draw(image)
     boxes: list[Box] = []
+    masks: list[Rle] = []
     for (_, colour, shape), (x, y), side in zip(objs, corners, sides, strict=True):
         outline = tuple(int(v * 0.7) for v in RGB[colour])
         _draw_shape(draw, shape, x, y, side, fill=RGB[colour], outline=outline)
         mask = Image.new("L", image.size, 0)
         _draw_shape(ImageDraw.Draw(mask), shape, x, y, side, fill=255, outline=255)
         boxes.append(tuple(float(v) for v in mask.getbbox()))
+        # The object's pixels as drawn: fill and outline differ so PIL draws the outline too.
+        drawn = Image.new("L", image.size, 0)
+        _draw_shape(ImageDraw.Draw(drawn), shape, x, y, side, fill=1, outline=2)
+        masks.append(encode_mask(np.asarray(drawn) > 0))
 
     image_id = f"shapes-{split}-{seed}-{index}"
 
@@ -225,15 +240,15 @@ def generate_scene(split: str, index: int, seed: int = 0, image_size: int = 128)
             text = f"the {objs[t][2]} {relation} the {_describe(objs, a)}"
             entries.append((text, t, "relation", {"relation": relation, "anchor": a}))
     phrases = [
-        Phrase(text, [boxes[t]], kind, f"{image_id}:{k}", {**meta(t), **extra})
+        Phrase(text, [boxes[t]], kind, f"{image_id}:{k}", {**meta(t), **extra}, [masks[t]])
         for k, (text, t, kind, extra) in enumerate(entries)
     ]
 
     items = [f"a {size} {colour} {shape}" for size, colour, shape in objs]
     caption = ", ".join(items[:-1]) + f" and {items[-1]}."
     objects = [
-        {"shape": s, "colour": c, "size": z, "box": b}
-        for (z, c, s), b in zip(objs, boxes, strict=True)
+        {"shape": s, "colour": c, "size": z, "box": b, "mask": m}
+        for (z, c, s), b, m in zip(objs, boxes, masks, strict=True)
     ]
     return GroundingSample(
         image_id=image_id,

@@ -2,7 +2,8 @@
 from left to right ("a small red circle, a large blue star and a small green square"), and each
 colour and shape word carries the box of the object it names. Written to disk in Karpathy's
 split-file layout (`dataset_shapes.json`), with each sentence's grounded words under
-`grounding: [{"token": i, "boxes": [[x0, y0, x1, y1]]}]` (token indices into `tokens`)."""
+`grounding: [{"token": i, "boxes": [[x0, y0, x1, y1]], "masks": [rle]}]` (token indices into
+`tokens`; each box's object's pixels as COCO RLE, `groundcam.data.masks`)."""
 
 from __future__ import annotations
 
@@ -101,7 +102,12 @@ def write_dataset(
 
 def _entry(sample: GroundingSample, filename: str) -> dict:
     g = left_to_right(sample)
-    grounding = [{"token": i, "boxes": [list(b) for b in bs]} for i, bs in enumerate(g.boxes) if bs]
+    mask_of = {tuple(o["box"]): o["mask"] for o in sample.meta["objects"]}
+    grounding = [
+        {"token": i, "boxes": [list(b) for b in bs], "masks": [mask_of[tuple(b)] for b in bs]}
+        for i, bs in enumerate(g.boxes)
+        if bs
+    ]
     return {
         "filename": filename,
         "split": sample.split,

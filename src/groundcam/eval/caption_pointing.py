@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -37,6 +38,12 @@ from groundcam.data.captions import (
 from groundcam.data.sample import Box, ReadReport
 from groundcam.data.textfile import read_json
 from groundcam.errors import InputError
+from groundcam.eval.localisation import (
+    energy_pointing,
+    generation_word_ious,
+    shapes_labels,
+    summarise_word_ious,
+)
 from groundcam.eval.pointing import pointing_game
 from groundcam.eval.summary import accuracy_block
 from groundcam.io import read_image
@@ -54,6 +61,8 @@ class CaptionSample:
     references: list[str]
     grounded: list[tuple[list[str], list[list[Box] | None]]] = field(default_factory=list)
     ground_generated: Callable[[list[str]], list[list[Box] | None]] | None = None
+    # the image's category ids [H, W] and categories by name, for TAM's word IoUs (None: no masks)
+    labels: Callable[[], tuple[Any, dict[str, int]]] | None = None
 
 
 def word_starts(explainer, token_ids: list[int]) -> list[int | None]:
@@ -75,9 +84,10 @@ def word_maps(gen, explainer) -> tuple[list[str], dict[int, int]]:
     return tokenize(gen.text), rows
 
 
-def _score(gen, size, words, boxes, rows) -> Iterator[dict]:
+def _score(gen, size, words, boxes, rows, energy: bool = False) -> Iterator[dict]:
     """Hit records of the grounded words; `[]` boxes (an object word that names no object) give
-    an `ungrounded` record, not a hit or a miss."""
+    an `ungrounded` record, not a hit or a miss. With `energy`, also the map's mass share in the
+    boxes (the energy-based pointing game)."""
     maps = None
     height, width = size
     for i, (word, bs) in enumerate(zip(words, boxes, strict=False)):
@@ -102,6 +112,8 @@ def _score(gen, size, words, boxes, rows) -> Iterator[dict]:
         if maps is None:
             maps = gen.resize(size)
         r = pointing_game(maps[row], bs, protocol="amc")
+        if energy:
+            record["energy"] = energy_pointing(maps[row], bs)
         yield {**record, "hit": bool(r.hit), "point": list(r.point), "flat": bool(r.flat)}
 
 
@@ -131,9 +143,12 @@ def caption_records(
     layer: int | None = None,
     beam: int = 1,
     max_new_tokens: int | None = None,
+    metrics: bool = False,
 ) -> Iterator[dict]:
     """One record per image: the generated caption, its grounded words' hits, and the hits of
-    the grounded words of every grounded reference (teacher-forced)."""
+    the grounded words of every grounded reference (teacher-forced); with `metrics`, TAM's word
+    IoUs of the generated words where the sample has masks (`word_iou`) and every scored word's
+    energy-based pointing (`energy`)."""
     for s in samples:
         try:
             image = s.load_image()
@@ -154,7 +169,9 @@ def caption_records(
         }
         if s.ground_generated is not None:
             boxes = s.ground_generated(words)
-            record["generated"] = list(_score(gen, size, words, boxes, rows))
+            record["generated"] = list(_score(gen, size, words, boxes, rows, metrics))
+        if metrics and s.labels is not None:
+            record["word_iou"] = generation_word_ious(gen, explainer.decode, *s.labels())
         record["reference"] = []
         for tokens, boxes in s.grounded:
             try:
@@ -167,7 +184,7 @@ def caption_records(
             ref_words, ref_rows = word_maps(ref, explainer)
             if ref_words != tokens:  # the model's tokenizer reads the caption differently
                 ref_rows = _align(tokens, ref_words, ref_rows)
-            record["reference"] += list(_score(ref, size, tokens, boxes, ref_rows))
+            record["reference"] += list(_score(ref, size, tokens, boxes, ref_rows, metrics))
         yield record
 
 
@@ -213,11 +230,18 @@ def summarize_captions(records: list[dict], chance: dict | None = None) -> dict:
         for h in hits:
             per_word.setdefault(h["word"], []).append(h["hit"])
         block["per_word"] = {w: accuracy_block(sum(v), len(v)) for w, v in sorted(per_word.items())}
+        energies = [h["energy"] for h in hits if h.get("energy") is not None]
+        if energies:
+            block["energy"] = sum(energies) / len(energies)
         block["flat"] = sum(bool(h.get("flat")) for h in hits)
         block["missing"] = sum(bool(h.get("missing")) for h in hits)
         if key == "generated":
             block["ungrounded_words"] = len(words) - len(hits)
         out[f"{key}_word_pointing"] = block
+    if any("word_iou" in r for r in records):
+        out["word_localisation"] = summarise_word_ious(
+            [r["word_iou"] for r in records if "word_iou" in r]
+        )
     return out
 
 
@@ -240,6 +264,7 @@ def shapes_samples(
             [g.caption],
             [(g.tokens, g.boxes)],
             lambda words, scene=scene: ground_generated(scene, words),
+            lambda scene=scene: shapes_labels(scene),
         )
 
 
