@@ -1,0 +1,86 @@
+"""Loading generative VLM processors on installs without torchvision (groundcam explains images
+only, so a processor's video slot never runs).
+
+transformers exports `VideoProcessorMixin` (which every processor with a video slot checks its video
+processor against) only when torchvision is installed, and `AutoVideoProcessor` cannot build one
+without it: Qwen2/2.5/3-VL, LLaVA-OneVision, SmolVLM and InternVL processors then cannot be built or
+loaded at all. `load_processor` fills that slot with `ImageOnlyVideoProcessor`; a package the
+processor needs for images too is named in a one-line `InputError`, never transformers' ImportError.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import re
+
+from groundcam.errors import InputError
+
+
+def _mixin():
+    """transformers' `VideoProcessorMixin`, exported where processors look it up (at the top of
+    the transformers module) when torchvision is missing and transformers left it out."""
+    import transformers
+    from transformers.video_processing_utils import VideoProcessorMixin
+
+    if not hasattr(transformers, "VideoProcessorMixin"):
+        transformers.VideoProcessorMixin = VideoProcessorMixin
+    return VideoProcessorMixin
+
+
+def image_only_video_processor():
+    """A video processor that refuses videos: fills a processor's video slot where torchvision
+    (which every real video processor needs) is missing."""
+
+    class ImageOnlyVideoProcessor(_mixin()):
+        """Stands in for a video processor; any video given to it is an error."""
+
+        def __call__(self, *args, **kwargs):
+            raise InputError(
+                "videos need torchvision, which is not installed (pip install torchvision)"
+            )
+
+        def to_dict(self) -> dict:
+            return {}
+
+    return ImageOnlyVideoProcessor()
+
+
+def has_video_slot(processor_class: type) -> bool:
+    """Whether `processor_class` takes a video processor."""
+    return "video_processor" in inspect.signature(processor_class.__init__).parameters
+
+
+def needs_stub(processor_class: type) -> bool:
+    """Whether `processor_class` must be given `image_only_video_processor()` to be built here."""
+    return has_video_slot(processor_class) and importlib.util.find_spec("torchvision") is None
+
+
+def _package(exc: ImportError) -> str:
+    """The package an ImportError says is missing (transformers names it in backquotes)."""
+    named = re.search(r"`([A-Za-z0-9_.-]+)`", str(exc))
+    return named.group(1) if named else (exc.name or "a package")
+
+
+def load_processor(source, **kwargs):
+    """`AutoProcessor.from_pretrained(source)` (no remote code) that also works without torchvision
+    (the video slot filled by `image_only_video_processor`); a package the processor still lacks
+    is a one-line `InputError` naming it."""
+    from transformers import AutoProcessor
+
+    kwargs["trust_remote_code"] = False
+    try:
+        try:
+            return AutoProcessor.from_pretrained(source, **kwargs)
+        except ValueError as exc:
+            if "torchvision" not in str(exc) or importlib.util.find_spec("torchvision"):
+                raise
+        return AutoProcessor.from_pretrained(
+            source, video_processor=image_only_video_processor(), **kwargs
+        )
+    except ImportError as exc:
+        package = _package(exc)
+        raise InputError(
+            f"{source}: its processor needs the package {package!r}, which this install lacks "
+            f"(pip install {package})"
+        ) from None
