@@ -94,6 +94,9 @@ class Explanation:
             "scores": [float(s) for s in self.scores],
             "grid": list(self.maps.shape[-2:]),
             "versions": versions(),
+            **({"words": self.words, "word_tokens": self.word_tokens} if self.words else {}),
+            **({"prompt": self.prompt} if self.prompt is not None else {}),
+            **({"notes": self.notes} if self.notes else {}),
         }
 
     def save(
@@ -143,6 +146,14 @@ class GenerationExplanation:
     text_conditioned: bool = True
     score_kind: ScoreKind | None = None  # what `scores` are (the family's declaration)
     unknown_words: list[str] = field(default_factory=list)  # of a given text, words read as unk
+    # generative VLMs: sub-word tokens grouped into words (`groundcam.generation.group_words`),
+    # each word's map the mean of its tokens' raw maps, normalised; per image maps where several
+    words: list[str] = field(default_factory=list)
+    word_tokens: list[list[int]] = field(default_factory=list)  # per word, its token indices
+    word_maps: torch.Tensor | None = None
+    image_maps: list[torch.Tensor] | None = None  # per image, [K, h_i, w_i] normalised
+    prompt: str | None = None  # the text the model read before its answer
+    notes: dict[str, str] = field(default_factory=dict)  # e.g. how attention was recorded
 
     @property
     def token_maps(self) -> torch.Tensor:
@@ -219,6 +230,9 @@ class GenerationExplanation:
             "text_conditioned": self.text_conditioned,
             "grid": list(self.maps.shape[-2:]),
             "versions": versions(),
+            **({"words": self.words, "word_tokens": self.word_tokens} if self.words else {}),
+            **({"prompt": self.prompt} if self.prompt is not None else {}),
+            **({"notes": self.notes} if self.notes else {}),
         }
 
     def save(
