@@ -94,9 +94,6 @@ class Explanation:
             "scores": [float(s) for s in self.scores],
             "grid": list(self.maps.shape[-2:]),
             "versions": versions(),
-            **({"words": self.words, "word_tokens": self.word_tokens} if self.words else {}),
-            **({"prompt": self.prompt} if self.prompt is not None else {}),
-            **({"notes": self.notes} if self.notes else {}),
         }
 
     def save(
