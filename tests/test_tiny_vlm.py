@@ -176,8 +176,13 @@ VARIANT_OF = {
 def build(name: str):
     """The family's tiny model and processor, with the options of `FAMILIES`."""
     options, _, _ = FAMILIES[name]
-    builder = getattr(tiny_vlm, VARIANT_OF.get(name, name))
-    return builder(**options)
+    return tiny_vlm.BUILDERS[VARIANT_OF.get(name, name)](**options)
+
+
+def test_every_family_is_tested_with_its_placeholder():
+    assert {VARIANT_OF.get(name, name) for name in FAMILIES} == set(tiny_vlm.BUILDERS)
+    for name, (_, prompt, _) in FAMILIES.items():
+        assert tiny_vlm.PLACEHOLDER[VARIANT_OF.get(name, name)] in prompt
 
 
 def lm_outputs(model, out):
@@ -192,6 +197,7 @@ def image():
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family(name, image, tmp_path, one_thread):
+    """Count, attentions, hidden states, generation and the save/load round trip of one family."""
     model, processor = build(name)
     _, prompt, predicted = FAMILIES[name]
     inputs = processor(images=[image], text=[prompt], return_tensors="pt")
@@ -209,6 +215,11 @@ def test_family(name, image, tmp_path, one_thread):
         assert attention.shape == (1, heads, ids.shape[1], ids.shape[1])
         torch.testing.assert_close(attention.sum(-1), torch.ones(1, heads, ids.shape[1]))
     assert len(lm.hidden_states) == layers + 1
+    # The first image token sees the last one only in PaliGemma's and Gemma 3's bidirectional prefix.
+    at = (ids[0] == image_id).nonzero()[:, 0]
+    ahead = lm.attentions[0][0, :, at[0], at[-1]]
+    bidirectional = VARIANT_OF.get(name, name) in ("paligemma", "gemma3")
+    assert bool((ahead > 0).all()) if bidirectional else bool((ahead == 0).all())
     assert out.logits.shape[:2] == ids.shape
 
     generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
@@ -217,6 +228,10 @@ def test_family(name, image, tmp_path, one_thread):
 
     loaded, loaded_processor = tiny_vlm.load(tiny_vlm.save(model, processor, tmp_path))
     assert type(loaded) is type(model) and type(loaded_processor) is type(processor)
+    weights = loaded.state_dict()
+    assert weights.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(weights[key], value), key
     again = loaded_processor(images=[image], text=[prompt], return_tensors="pt")
     assert again.keys() == inputs.keys()
     for key in inputs:
@@ -226,9 +241,9 @@ def test_family(name, image, tmp_path, one_thread):
     torch.testing.assert_close(logits, out.logits, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "gemma3", "blip2"])
+@pytest.mark.parametrize("name", tiny_vlm.BUILDERS)
 def test_deterministic_under_a_seed(name, one_thread):
-    builder = getattr(tiny_vlm, name)
+    builder = tiny_vlm.BUILDERS[name]
     first, second, other = builder(seed=3)[0], builder(seed=3)[0], builder(seed=4)[0]
     same, changed = second.state_dict(), other.state_dict()
     for key, weights in first.state_dict().items():
@@ -288,3 +303,88 @@ def test_counts_follow_the_image_shape(name, height, width, one_thread):
     assert (ids == model.config.image_token_id).sum().item() == predicted(
         model, processor, height, width
     )
+
+
+def test_missing_library_is_named(tmp_path, monkeypatch):
+    """transformers' "X requires the Torchvision library" ImportError becomes one line naming
+    the package to install."""
+    from transformers import AutoProcessor
+    from transformers.utils.import_utils import TORCHVISION_IMPORT_ERROR
+
+    def lacks_torchvision(*args, **kwargs):
+        raise ImportError(TORCHVISION_IMPORT_ERROR.format("PixtralProcessor"))
+
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", lacks_torchvision)
+    with pytest.raises(InputError, match=r"'torchvision'.*pip install torchvision") as err:
+        load_processor(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_blip2_qformer_cross_attention(image, one_thread):
+    """BLIP-2's queries reach the patches through the Q-Former's cross-attention, one map per
+    layer (cross_attention_frequency 1): [B, heads, Q, 1 + patches]."""
+    model, processor = tiny_vlm.blip2(queries=5)
+    inputs = processor(images=[image], text=["what is the sign ?"], return_tensors="pt")
+    with torch.no_grad():
+        patches = model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
+        out = model.qformer(
+            query_embeds=model.query_tokens,
+            encoder_hidden_states=patches,
+            output_attentions=True,
+        )
+    grid = (32 // 8) ** 2
+    assert [tuple(a.shape) for a in out.cross_attentions] == [(1, 4, 5, 1 + grid)] * 2
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "internvl"])
+def test_sharpen_peaks_the_attention(name, image, one_thread):
+    """At the default init the last row's attention over the image is nearly flat; `sharpen`
+    makes it peaked, and changes nothing but the query and key weights."""
+    model, processor = build(name)
+    _, prompt, _ = FAMILIES[name]
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    columns = inputs["input_ids"][0] == model.config.image_token_id
+
+    def spread() -> float:
+        with torch.no_grad():
+            row = model(**inputs, output_attentions=True).attentions[-1][0, :, -1, columns]
+        row = row.mean(0)
+        return (row.max() / row.min()).item()
+
+    before = spread()
+    weights = {k: w.clone() for k, w in model.state_dict().items()}
+    assert before < 1.1
+    tiny_vlm.sharpen(model)
+    assert spread() > 2
+    changed = {k for k, w in model.state_dict().items() if not torch.equal(w, weights[k])}
+    assert changed and all(
+        k.split(".")[-2] in ("q_proj", "k_proj", "query", "key") for k in changed
+    )
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_batch_rows_match_single_forwards(name, one_thread):
+    """A padded batch of a landscape and a portrait image with prompts of different lengths: each
+    row holds its own image's count, and its logits at real tokens are the single forward's
+    (InternVL's processor pads on the left, the others on the right)."""
+    model, processor = build(name)
+    _, prompt, predicted = FAMILIES[name]
+    shapes = [(HEIGHT, WIDTH), (WIDTH, HEIGHT)]
+    images = [noise_images(1, h, w, seed=i)[0] for i, (h, w) in enumerate(shapes)]
+    texts = [prompt, prompt.replace("what", "what is the red sign")]
+    per_sample = name not in ("paligemma", "blip2", "instructblip")  # those take a flat list
+    batch = processor(
+        images=[[im] for im in images] if per_sample else images,
+        text=texts,
+        padding=True,
+        return_tensors="pt",
+    )
+    counts = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    assert counts == [predicted(model, processor, h, w) for h, w in shapes]
+    with torch.no_grad():
+        logits = model(**batch).logits
+        for row, (im, text) in enumerate(zip(images, texts, strict=True)):
+            one = processor(images=[[im]] if per_sample else [im], text=[text], return_tensors="pt")
+            real = batch["attention_mask"][row].bool()
+            assert torch.equal(batch["input_ids"][row, real], one["input_ids"][0])
+            torch.testing.assert_close(logits[row, real], model(**one).logits[0], rtol=0, atol=1e-6)

@@ -1,14 +1,56 @@
 """Tiny generative VLMs of every family, built offline from config classes (DESIGN §12).
 
 Each builder returns `(model, processor)`: the model in eval mode with eager attention, hidden 32,
-2 LM layers, small random weights drawn under `seed`; the processor built in code from the family's
-`XxxImageProcessorPil` class and a word-level tokenizer that holds the family's image tokens as
-special tokens. Geometry options (tile size, patch size, pinpoints, max tiles, merge size) are
-arguments so that tests can vary them. `save` writes a directory that
-`AutoModelForImageTextToText` / `AutoProcessor` load back offline.
+2 LM layers of 4 heads, 32 px tiles of 8 px patches, random weights drawn under `seed`; the
+processor built in code from the family's `XxxImageProcessorPil` class and a word-level tokenizer
+that holds the family's image tokens as special tokens. Geometry options (image or tile size, patch
+size, anyres pinpoints, max tiles, merge size, max pixels) are arguments, so tests can vary them.
+`save` writes a directory that `load` (`AutoModelForImageTextToText` and, through
+`groundcam.adapters.vlm_compat.load_processor`, `AutoProcessor`) reads back offline. `sharpen`
+makes the near-uniform attention of the default init peaked enough to tell maps apart.
 
-Findings (transformers 5.25, torch 2.13 CPU, no torchvision), beyond DESIGN §12:
-- FINDINGS_PLACEHOLDER
+What each family needed, and traps met beyond DESIGN §12 (transformers 5.25, no torchvision):
+- The tokenizer (WordLevel, whitespace split) adds no BOS/EOS: PaliGemma's processor inserts BOS
+  itself, the others get none (real OPT / Gemma tokenizers add one). All special tokens must be in
+  the tokenizer before the config takes `vocab_size`: Idefics3's and SmolVLM's processors add
+  `<fake_token_around_image>`, `<global-img>`, `<row_r_col_c>`… themselves when missing, after the
+  model was sized. Processors read named tokens off the tokenizer (`extra_special_tokens`):
+  Gemma 3 `boi_token`/`eoi_token`/`image_token`, InternVL `start_image_token`/`end_image_token`/
+  `context_image_token`/`video_token` (their `_id`s come for free), PaliGemma `image_token`;
+  BLIP-2/InstructBLIP must not have a named one (DESIGN), so `<image>` is an unnamed special.
+- Video slot (LLaVA-OneVision, Qwen2/2.5/3-VL, SmolVLM, InternVL): built with
+  `vlm_compat.image_only_video_processor()` (a `VideoProcessorMixin` subclass, the mixin
+  re-exported on `transformers` where `check_argument_for_proper_class` looks it up). Passing
+  `video_processor=None` fails (`VIDEO_PROCESSOR_MAPPING has no attribute _extra_content`).
+  `AutoProcessor.from_pretrained` of such a directory raises `ValueError: … requires torchvision`
+  (from `AutoVideoProcessor`); `load_processor` retries with the stub. The stub saves as `{}` in
+  processor_config.json (with torchvision installed the real video processor is built instead;
+  not checked here, torchvision is absent).
+- SmolVLMProcessor raises ImportError in `__init__` without `num2words` (used only for video
+  prompts), also when loading: the builders set a stand-in (`str`) in transformers' module for the
+  whole test process; the library names the package instead (`load_processor`).
+- LLaVA-OneVision with CLIP vision needs strategy "default" (CLS dropped) and the processor's
+  `num_image_tokens` = g²+1, else the model raises "number of patches is not consistent"; SigLIP
+  (the real one) runs "full".
+- Qwen2/2.5/3-VL: `mrope_section` must sum to head_dim/2 ([2, 1, 1] for head_dim 8); Qwen3-VL's
+  text `head_dim` defaults to 128 (set 8), `num_position_embeddings` must be a square (16 = 4×4,
+  interpolated to the patch grid), `deepstack_visual_indexes` must lie within `depth`. The image
+  processor's `size` is in pixels: `shortest_edge` = min_pixels, `longest_edge` = max_pixels.
+- Gemma 3 text defaults head_dim 256 and query_pre_attn_scalar 256 (set 8). Its q/k RMS norms make
+  `sharpen` weak there (max/min 1.3 against ≈ 6 for LLaVA and InternVL).
+- PaliGemmaProcessor always returns `labels` (all -100 without a suffix): `model(**inputs)` then
+  computes a loss; adapters may drop it.
+- Idefics3/SmolVLM: an image whose resized grid is 1×1 is not split: only the global image,
+  `image_seq_len` tokens (not `image_seq_len·(1+1)`). InternVL's tiling breaks aspect-ratio ties
+  toward more tiles while the image covers over half of them (a square image: 2×2 + thumbnail).
+- BLIP-2/InstructBLIP: `model(...)` returns the LM's maps in `out.language_model_outputs`; the
+  Q-Former's cross-attention (`cross_attention_frequency=1`: every layer) comes from calling
+  `model.qformer(..., output_attentions=True).cross_attentions`, `[B, heads, Q, 1 + patches]`.
+  `generate` returns the prompt (with the query ids) followed by the new tokens, like the others.
+- Padding: InternVLProcessor pads on the left (its default `padding_side`), every other processor
+  here on the right (the tokenizer's side); each row of a padded batch equals its single forward at
+  the `attention_mask` positions (≤ 1e-7; the image features go to rows in image order).
+- Loaded back, models run sdpa (the default): logits match the eager original to ≤ 1.5e-7.
 """
 
 from __future__ import annotations
@@ -19,13 +61,19 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForImageTextToText,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
+    ProcessorMixin,
 )
 
 from groundcam.adapters.vlm_compat import image_only_video_processor, load_processor
 
+Built = tuple[PreTrainedModel, ProcessorMixin]
+
 # Words of the prompts the tests write; anything else is <unk>.
-WORDS = "USER ASSISTANT : ? . , what where is the a sign text cat dog red say does describe image".split()
+WORDS = (
+    "USER ASSISTANT : ? . , what where is the a sign text cat dog red say describe image".split()
+)
 SMALL_LM = dict(
     hidden_size=32,
     intermediate_size=64,
@@ -62,7 +110,7 @@ def _ids(tok, *tokens: str) -> list[int]:
     return [tok.convert_tokens_to_ids(t) for t in tokens]
 
 
-def _finish(model_class, config, processor, seed: int):
+def _finish(model_class, config, processor, seed: int) -> Built:
     """The model built under `seed` with eager attention, in eval mode, with `processor`."""
     torch.manual_seed(seed)
     model = model_class._from_config(config, attn_implementation="eager")
@@ -80,7 +128,21 @@ def _lm(tok, **overrides) -> dict:
     )
 
 
-def llava(image_size: int = 32, patch_size: int = 8, strategy: str = "default", seed: int = 0):
+def sharpen(model: PreTrainedModel, std: float = 0.2, seed: int = 0) -> PreTrainedModel:
+    """`model` with its attention query and key weights redrawn from N(0, std²): at the default
+    init (std 0.02) every attention row is nearly uniform (max/min ≈ 1.02 over the image), too
+    flat for tests that must tell one map from another."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "query", "key"):
+                module.weight.normal_(0, std)
+    return model
+
+
+def llava(
+    image_size: int = 32, patch_size: int = 8, strategy: str = "default", seed: int = 0
+) -> Built:
     """LLaVA-1.5: CLIP vision + Llama; the image is resized (shortest edge) and centre-cropped."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -114,7 +176,8 @@ def llava(image_size: int = 32, patch_size: int = 8, strategy: str = "default", 
     return _finish(LlavaForConditionalGeneration, config, processor, seed)
 
 
-def _anyres(tok, size, patch, pinpoints):
+def _anyres(size: int, pinpoints) -> list[list[int]]:
+    """`pinpoints` ((height, width) canvases) as lists; by default 1×2, 2×1 and 2×2 tiles."""
     pinpoints = pinpoints or [[size, 2 * size], [2 * size, size], [2 * size, 2 * size]]
     return [list(p) for p in pinpoints]
 
@@ -124,7 +187,7 @@ def llava_next(
     patch_size: int = 8,
     pinpoints: list[list[int]] | None = None,
     seed: int = 0,
-):
+) -> Built:
     """LLaVA-NeXT: CLIP vision + Llama, anyres tiles on the best of `pinpoints` (default: 1x2,
     2x1, 2x2 tiles), one image_newline per grid row."""
     from transformers import (
@@ -136,7 +199,7 @@ def llava_next(
 
     tok = word_tokenizer(["<image>"])
     (image_id,) = _ids(tok, "<image>")
-    grid = _anyres(tok, image_size, patch_size, pinpoints)
+    grid = _anyres(image_size, pinpoints)
     config = LlavaNextConfig(
         vision_config=dict(
             SMALL_VISION,
@@ -174,7 +237,7 @@ def llava_onevision(
     max_tiles: int = 9,
     vision: str = "siglip",
     seed: int = 0,
-):
+) -> Built:
     """LLaVA-OneVision: SigLIP (or CLIP) vision + Qwen2, anyres tiles, `anyres_max_{max_tiles}`
     shrinking of large grids."""
     from transformers import (
@@ -186,7 +249,7 @@ def llava_onevision(
 
     tok = word_tokenizer(["<image>", "<video>"])
     image_id, video_id = _ids(tok, "<image>", "<video>")
-    grid = _anyres(tok, image_size, patch_size, pinpoints)
+    grid = _anyres(image_size, pinpoints)
     vision_type = {"siglip": "siglip_vision_model", "clip": "clip_vision_model"}[vision]
     # CLIP's CLS token must be dropped: the model checks g² features per tile.
     strategy = "default" if vision == "clip" else "full"
@@ -221,7 +284,7 @@ QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 QWEN_SPECIALS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
 
 
-def _qwen(family: str, patch_size: int, merge_size: int, max_pixels: int, seed: int):
+def _qwen(family: str, patch_size: int, merge_size: int, max_pixels: int, seed: int) -> Built:
     """Qwen2-VL, Qwen2.5-VL or Qwen3-VL: patches merged `merge_size`² into one LM token."""
     import transformers
     from transformers import Qwen2VLImageProcessorPil
@@ -289,22 +352,28 @@ def _qwen(family: str, patch_size: int, merge_size: int, max_pixels: int, seed: 
     return _finish(model_class, config, processor, seed)
 
 
-def qwen2_vl(patch_size: int = 8, merge_size: int = 2, max_pixels: int = 64 * 64, seed: int = 0):
+def qwen2_vl(
+    patch_size: int = 8, merge_size: int = 2, max_pixels: int = 64 * 64, seed: int = 0
+) -> Built:
     """Qwen2-VL: `smart_resize` to multiples of patch·merge, no crop; M-RoPE."""
     return _qwen("qwen2_vl", patch_size, merge_size, max_pixels, seed)
 
 
-def qwen2_5_vl(patch_size: int = 8, merge_size: int = 2, max_pixels: int = 64 * 64, seed: int = 0):
+def qwen2_5_vl(
+    patch_size: int = 8, merge_size: int = 2, max_pixels: int = 64 * 64, seed: int = 0
+) -> Built:
     """Qwen2.5-VL: as Qwen2-VL, windowed vision attention (full attention in its last block)."""
     return _qwen("qwen2_5_vl", patch_size, merge_size, max_pixels, seed)
 
 
-def qwen3_vl(patch_size: int = 8, merge_size: int = 2, max_pixels: int = 64 * 64, seed: int = 0):
+def qwen3_vl(
+    patch_size: int = 8, merge_size: int = 2, max_pixels: int = 64 * 64, seed: int = 0
+) -> Built:
     """Qwen3-VL: as Qwen2-VL, learned vision positions (4x4, interpolated) and deepstack."""
     return _qwen("qwen3_vl", patch_size, merge_size, max_pixels, seed)
 
 
-def paligemma(image_size: int = 32, patch_size: int = 8, seed: int = 0):
+def paligemma(image_size: int = 32, patch_size: int = 8, seed: int = 0) -> Built:
     """PaliGemma: SigLIP + Gemma; the image (squashed) comes first, then BOS, prompt and \\n."""
     from transformers import (
         PaliGemmaConfig,
@@ -336,7 +405,9 @@ def paligemma(image_size: int = 32, patch_size: int = 8, seed: int = 0):
     return _finish(PaliGemmaForConditionalGeneration, config, processor, seed)
 
 
-def gemma3(image_size: int = 32, patch_size: int = 8, tokens_per_side: int = 2, seed: int = 0):
+def gemma3(
+    image_size: int = 32, patch_size: int = 8, tokens_per_side: int = 2, seed: int = 0
+) -> Built:
     """Gemma 3: SigLIP + Gemma 3; the patch grid average-pooled to `tokens_per_side`²; its
     zero-initialised projector weight is randomised (else every image looks all-zero)."""
     from transformers import (
@@ -382,7 +453,9 @@ IDEFICS_SPECIALS = [
 ]
 
 
-def _idefics(family: str, tile_size: int, patch_size: int, scale: int, max_tiles: int, seed):
+def _idefics(
+    family: str, tile_size: int, patch_size: int, scale: int, max_tiles: int, seed
+) -> Built:
     """Idefics3 or SmolVLM: the longest edge resized to at most `max_tiles` tiles, split into
     `tile_size` tiles plus the global image; each tile's patch grid pixel-shuffled by `scale`."""
     import transformers
@@ -429,19 +502,19 @@ def _without_num2words() -> None:
 
 def idefics3(
     tile_size: int = 32, patch_size: int = 8, scale: int = 2, max_tiles: int = 2, seed: int = 0
-):
+) -> Built:
     """Idefics3: SigLIP-like vision + Llama, tiles then the global image (see `_idefics`)."""
     return _idefics("idefics3", tile_size, patch_size, scale, max_tiles, seed)
 
 
 def smolvlm(
     tile_size: int = 32, patch_size: int = 8, scale: int = 2, max_tiles: int = 2, seed: int = 0
-):
+) -> Built:
     """SmolVLM: Idefics3's geometry; its processor has a video slot (and wants num2words)."""
     return _idefics("smolvlm", tile_size, patch_size, scale, max_tiles, seed)
 
 
-def internvl(image_size: int = 32, patch_size: int = 8, max_tiles: int = 4, seed: int = 0):
+def internvl(image_size: int = 32, patch_size: int = 8, max_tiles: int = 4, seed: int = 0) -> Built:
     """InternVL: InternViT + Qwen2; the image squashed to at most `max_tiles` tiles (plus a
     thumbnail when there are several), each tile's grid pixel-shuffled by 2."""
     from transformers import (
@@ -500,7 +573,7 @@ def _blip2_configs(tok, image_size: int, patch_size: int, queries: int) -> dict:
     )
 
 
-def blip2(image_size: int = 32, patch_size: int = 8, queries: int = 4, seed: int = 0):
+def blip2(image_size: int = 32, patch_size: int = 8, queries: int = 4, seed: int = 0) -> Built:
     """BLIP-2: ViT + Q-Former (`queries` query tokens, cross-attention in every layer) + OPT;
     the tokenizer holds <image> unnamed (a named image_token crashes Blip2Processor)."""
     from transformers import (
@@ -530,7 +603,9 @@ def blip2(image_size: int = 32, patch_size: int = 8, queries: int = 4, seed: int
     return _finish(Blip2ForConditionalGeneration, config, processor, seed)
 
 
-def instructblip(image_size: int = 32, patch_size: int = 8, queries: int = 4, seed: int = 0):
+def instructblip(
+    image_size: int = 32, patch_size: int = 8, queries: int = 4, seed: int = 0
+) -> Built:
     """InstructBLIP: BLIP-2 whose Q-Former also reads the prompt (its own tokenizer, saved in
     `qformer_tokenizer/`), here with a Llama LM."""
     from transformers import (
@@ -555,7 +630,7 @@ def instructblip(image_size: int = 32, patch_size: int = 8, queries: int = 4, se
     return _finish(InstructBlipForConditionalGeneration, config, processor, seed)
 
 
-def save(model, processor, path) -> Path:
+def save(model: PreTrainedModel, processor: ProcessorMixin, path) -> Path:
     """`path` holding `model` (safetensors) and `processor`, loadable offline by
     `AutoModelForImageTextToText` and `AutoProcessor` (see `load_processor`)."""
     path = Path(path)
@@ -564,7 +639,28 @@ def save(model, processor, path) -> Path:
     return path
 
 
-def load(path):
+def load(path) -> Built:
     """The model and processor saved at `path`, loaded back offline without remote code."""
     model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=False)
     return model.eval(), load_processor(path)
+
+
+# What a prompt writes where the image goes; the processor expands it into the image tokens
+# ("": BLIP-2 and InstructBLIP put their query tokens before the text themselves).
+PLACEHOLDER = {
+    "llava": "<image>",
+    "llava_next": "<image>",
+    "llava_onevision": "<image>",
+    "qwen2_vl": QWEN_IMAGE,
+    "qwen2_5_vl": QWEN_IMAGE,
+    "qwen3_vl": QWEN_IMAGE,
+    "paligemma": "<image>",
+    "gemma3": "<start_of_image>",
+    "idefics3": "<image>",
+    "smolvlm": "<image>",
+    "internvl": "<IMG_CONTEXT>",
+    "blip2": "",
+    "instructblip": "",
+}
+# Every family's builder, by name.
+BUILDERS = {name: globals()[name] for name in PLACEHOLDER}

@@ -10,8 +10,8 @@ processor needs for images too is named in a one-line `InputError`, never transf
 
 from __future__ import annotations
 
+import functools
 import importlib.util
-import inspect
 import re
 
 from groundcam.errors import InputError
@@ -28,9 +28,9 @@ def _mixin():
     return VideoProcessorMixin
 
 
-def image_only_video_processor():
-    """A video processor that refuses videos: fills a processor's video slot where torchvision
-    (which every real video processor needs) is missing."""
+@functools.cache
+def _image_only_class() -> type:
+    """The class of `image_only_video_processor` (built on first use: transformers loads lazily)."""
 
     class ImageOnlyVideoProcessor(_mixin()):
         """Stands in for a video processor; any video given to it is an error."""
@@ -43,23 +43,21 @@ def image_only_video_processor():
         def to_dict(self) -> dict:
             return {}
 
-    return ImageOnlyVideoProcessor()
+    return ImageOnlyVideoProcessor
 
 
-def has_video_slot(processor_class: type) -> bool:
-    """Whether `processor_class` takes a video processor."""
-    return "video_processor" in inspect.signature(processor_class.__init__).parameters
+def image_only_video_processor():
+    """A video processor that refuses videos: fills a processor's video slot where torchvision
+    (which every real video processor needs) is missing."""
+    return _image_only_class()()
 
 
-def needs_stub(processor_class: type) -> bool:
-    """Whether `processor_class` must be given `image_only_video_processor()` to be built here."""
-    return has_video_slot(processor_class) and importlib.util.find_spec("torchvision") is None
-
-
-def _package(exc: ImportError) -> str:
-    """The package an ImportError says is missing (transformers names it in backquotes)."""
-    named = re.search(r"`([A-Za-z0-9_.-]+)`", str(exc))
-    return named.group(1) if named else (exc.name or "a package")
+def _package(exc: ImportError) -> str | None:
+    """The package an ImportError from transformers says is missing: named in backquotes, or in
+    its "X requires the Y library" template."""
+    text = str(exc)
+    named = re.search(r"`([\w.-]+)`", text) or re.search(r"requires the (\w+) library", text)
+    return named.group(1).lower() if named else exc.name
 
 
 def load_processor(source, **kwargs):
@@ -80,6 +78,11 @@ def load_processor(source, **kwargs):
         )
     except ImportError as exc:
         package = _package(exc)
+        if package is None:
+            first = next(
+                (line for line in str(exc).splitlines() if line.strip()), type(exc).__name__
+            )
+            raise InputError(f"{source}: its processor cannot be loaded here: {first}") from None
         raise InputError(
             f"{source}: its processor needs the package {package!r}, which this install lacks "
             f"(pip install {package})"
