@@ -348,3 +348,25 @@ def test_cli_caption_passes_the_prompt(tiny, tmp_path):
     assert "where is the cat" in result.output
     bad = CliRunner().invoke(main, [*args[:5], "<image> <image> what", *args[6:]])
     assert bad.exit_code == 2 and "placeholder" in bad.output
+
+
+@pytest.mark.parametrize("width, height", [(101, 48), (48, 77)])
+def test_crop_box_is_where_the_processor_crops(width, height):
+    """Another size (48 px, 6 x 6 tokens) and odd aspects: the resize is the identity (the short
+    side is already 48), so each kept column (row) is read back from a coded image."""
+    model, processor = tiny_vlm.llava(image_size=48, patch_size=8)
+    a = gc.load(model, processor=processor).adapter
+    xs = torch.arange(width)[None, :].expand(height, width)
+    ys = torch.arange(height)[:, None].expand(height, width)
+    coded = torch.stack([xs, ys, torch.zeros_like(xs)], -1).to(torch.uint8)
+    image = Image.fromarray(coded.numpy())
+    inputs = a.inputs([image], PROMPT)
+    ip = processor.image_processor
+    mean, std = torch.tensor(ip.image_mean), torch.tensor(ip.image_std)
+    pixels = (inputs["pixel_values"][0].permute(1, 2, 0) * std + mean) * 255
+    left, top = round(float(pixels[0, 0, 0])), round(float(pixels[0, 0, 1]))
+    layout = a.image_layout(inputs, inputs["input_ids"], [(height, width)])
+    x0, y0, x1, y1 = layout.tiles[0].box
+    assert (layout.tiles[0].grid_h, layout.tiles[0].grid_w) == (6, 6)
+    assert (x0 * width, y0 * height) == pytest.approx((left, top))
+    assert ((x1 - x0) * width, (y1 - y0) * height) == pytest.approx((48, 48))
