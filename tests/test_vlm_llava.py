@@ -370,3 +370,24 @@ def test_crop_box_is_where_the_processor_crops(width, height):
     assert (layout.tiles[0].grid_h, layout.tiles[0].grid_w) == (6, 6)
     assert (x0 * width, y0 * height) == pytest.approx((left, top))
     assert ((x1 - x0) * width, (y1 - y0) * height) == pytest.approx((48, 48))
+
+
+@pytest.mark.parametrize("method", ["attention", "attn-gradcam", "gradcam"])
+def test_a_layer_range_is_the_mean_of_its_layers_maps(tiny, method):
+    model, processor = tiny
+    ex = gc.load(model, processor=processor)
+    image = picture(seed=6)
+    one = [
+        ex.explain_generation(image, prompt=PROMPT, method=method, layer=n, text=TEXT).raw_maps
+        for n in (0, 1)
+    ]
+    for layers in ((0, 1), "0-1", [0, 1], range(2)):
+        gen = ex.explain_generation(image, prompt=PROMPT, method=method, layer=layers, text=TEXT)
+        assert gen.layer == (0, 1) and gen.meta()["layer"] == (0, 1)
+        assert torch.allclose(gen.raw_maps, (one[0] + one[1]) / 2, rtol=1e-5, atol=1e-8)
+    with pytest.raises(InputError) as e:
+        ex.explain_generation(image, prompt=PROMPT, method=method, layer="1-0", text=TEXT)
+    assert "empty" in one_line(e)
+    with pytest.raises(InputError) as e:
+        ex.explain_generation(image, prompt=PROMPT, method=method, layer=(0, 5), text=TEXT)
+    assert "layer 2 is not" in one_line(e)

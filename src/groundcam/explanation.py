@@ -137,7 +137,7 @@ class GenerationExplanation:
     raw_maps: torch.Tensor
     scores: torch.Tensor
     method: str
-    layer: int | None
+    layer: int | tuple[int, ...] | None  # a tuple: the layers whose maps were averaged
     model: str
     image: Image.Image | None = None
     text_conditioned: bool = True

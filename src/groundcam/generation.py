@@ -5,6 +5,7 @@ token; `Explainer.explain_generation` is the public entry and holds the model's 
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
@@ -15,7 +16,7 @@ from PIL import Image
 
 from groundcam.adapters.base import Adapter
 from groundcam.adapters.hf import unknown_words_message
-from groundcam.contract import TEXT_TO_IMAGE, TOKEN_LOGITS, Scores, TokenLayout
+from groundcam.contract import TEXT_TO_IMAGE, TOKEN_LOGITS, RecordSpec, Scores, TokenLayout
 from groundcam.errors import GroundcamWarning, InputError
 from groundcam.explanation import GenerationExplanation, normalize_maps
 from groundcam.geometry import Geometry
@@ -208,7 +209,10 @@ def explain_vlm(
         if not isinstance(image, Image.Image):
             raise TypeError(f"image must be a PIL.Image, got {type(image).__name__}")
         check_image(image, f"image {i}")
-    method_obj, source, _, layer = explainer.resolve(method, layer, "token")
+    wanted = layer_range(layer)
+    method_obj, source, _, first_layer = explainer.resolve(method, wanted[0], "token")
+    layers = [first_layer] + [explainer.resolve(method, n, "token").layer for n in wanted[1:]]
+    layer = first_layer if len(layers) == 1 else tuple(layers)
     inputs = a.inputs(images, prompt)
     unknown: list[str] = []
     if text is None:
@@ -247,7 +251,8 @@ def explain_vlm(
     if k:
         pos = torch.tensor(positions, device=ids.device)
         token_ids = ids[0, pos]
-        spec = a.record_spec(source, layer, "token")
+        specs = [a.record_spec(source, n, "token") for n in layers]
+        spec = RecordSpec([p for one in specs for p in one.points], first_layer)
         full = a.teacher_inputs(inputs, ids)
         picked = HeadRows(a.output_head(), pos - 1)
 
@@ -272,9 +277,14 @@ def explain_vlm(
             grads = None if grads is None else [g[pick, :, rows][:, :, None] for g in grads]
         geometry = Geometry(1, len(layout.positions), 0, columns=layout.positions)
         mask = torch.ones(k, 1, dtype=torch.long, device=ids.device)
-        out = method_obj.compute(source, recorded, grads, geometry, mask, spec.graph)
-        values = out.raw_maps if out.raw_token_maps is None else out.raw_token_maps[:, 0]
-        values = values.detach().float().cpu().reshape(k, -1)
+        values = 0
+        for i in range(len(layers)):  # a layer range: the mean of its layers' maps
+            out = method_obj.compute(
+                source, recorded[i : i + 1], None if grads is None else grads[i : i + 1],
+                geometry, mask, spec.graph,
+            )  # fmt: skip
+            one = out.raw_maps if out.raw_token_maps is None else out.raw_token_maps[:, 0]
+            values = values + one.detach().float().cpu().reshape(k, -1) / len(layers)
         reported = scores.reported.detach().float().cpu()
     else:  # nothing but special tokens: an empty explanation, not an error
         values, reported = torch.zeros(0, len(layout.positions)), torch.zeros(0)
@@ -302,6 +312,26 @@ def explain_vlm(
         prompt=prompt_text,
         notes=notes,
     )
+
+
+def layer_range(layer) -> list:
+    """The layers asked for: one (an int, a string of digits, None for the default), or a range
+    (`(first, last)`, a list, a `range`, or "first-last", both ends included)."""
+    if isinstance(layer, range):
+        layer = list(layer)
+    if isinstance(layer, str) and re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", layer):
+        lo, hi = (int(x) for x in layer.split("-"))
+        layer = list(range(lo, hi + 1))
+        if not layer:
+            raise InputError(f"layer range {lo}-{hi} is empty: write first-last with first <= last")
+    ends = isinstance(layer, tuple) and len(layer) == 2
+    if ends and all(isinstance(n, int) and not isinstance(n, bool) for n in layer):
+        layer = list(range(layer[0], layer[1] + 1))
+    if isinstance(layer, list | tuple):
+        if not layer:
+            raise InputError("layer: an empty range of layers (write first-last, first <= last)")
+        return list(dict.fromkeys(layer))
+    return [layer]
 
 
 def group_words(tokenizer, token_ids: list[int]) -> tuple[list[str], list[list[int]]]:
