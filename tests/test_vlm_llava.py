@@ -76,7 +76,7 @@ def test_image_tokens_located_and_placed_over_the_centre_crop(tiny):
     pv = inputs["pixel_values"][0]
     assert torch.allclose(pv, pv[:, :1, :1].expand_as(pv))  # the crop holds green only
     ids = inputs["input_ids"]
-    layout = a.image_layout(inputs, ids, [(32, 64)])
+    layout = a.token_layout(inputs, ids, [(32, 64)])
     expected = torch.nonzero(ids[0] == model.config.image_token_index)[:, 0]
     assert torch.equal(layout.positions, expected) and len(expected) == 16
     assert layout.tiles[0].box == (0.25, 0.0, 0.75, 1.0)
@@ -86,7 +86,7 @@ def test_image_tokens_located_and_placed_over_the_centre_crop(tiny):
     assert (gen.raw_maps[:, :, :2] == 0).all() and (gen.raw_maps[:, :, 6:] == 0).all()
     assert (gen.raw_maps[:, :, 2:6] > 0).all()
     # a tall image: the top and bottom quarters are cropped away
-    tall = a.image_layout(a.inputs([picture(32, 64)], PROMPT), ids, [(64, 32)])
+    tall = a.token_layout(a.inputs([picture(32, 64)], PROMPT), ids, [(64, 32)])
     assert tall.tiles[0].box == (0.0, 0.25, 1.0, 0.75)
 
 
@@ -94,7 +94,7 @@ def test_full_feature_strategy_gives_the_cls_token_no_cell():
     model, processor = tiny_vlm.llava(strategy="full")
     a = gc.load(model, processor=processor).adapter
     inputs = a.inputs([picture()], PROMPT)
-    layout = a.image_layout(inputs, inputs["input_ids"], [(32, 32)])
+    layout = a.token_layout(inputs, inputs["input_ids"], [(32, 32)])
     assert len(layout.positions) == 17
     assert layout.row[0] == -1 and layout.row[1:].tolist() == [
         r for r in range(4) for _ in range(4)
@@ -365,7 +365,7 @@ def test_crop_box_is_where_the_processor_crops(width, height):
     mean, std = torch.tensor(ip.image_mean), torch.tensor(ip.image_std)
     pixels = (inputs["pixel_values"][0].permute(1, 2, 0) * std + mean) * 255
     left, top = round(float(pixels[0, 0, 0])), round(float(pixels[0, 0, 1]))
-    layout = a.image_layout(inputs, inputs["input_ids"], [(height, width)])
+    layout = a.token_layout(inputs, inputs["input_ids"], [(height, width)])
     x0, y0, x1, y1 = layout.tiles[0].box
     assert (layout.tiles[0].grid_h, layout.tiles[0].grid_w) == (6, 6)
     assert (x0 * width, y0 * height) == pytest.approx((left, top))
@@ -391,3 +391,20 @@ def test_a_layer_range_is_the_mean_of_its_layers_maps(tiny, method):
     with pytest.raises(InputError) as e:
         ex.explain_generation(image, prompt=PROMPT, method=method, layer=(0, 5), text=TEXT)
     assert "layer 2 is not" in one_line(e)
+
+
+def test_teacher_inputs_extend_per_token_side_inputs_as_generate_does(tiny):
+    """The family hook: a per-token side input is padded with the family's value for each
+    generated token (PaliGemma: token_type_ids 1); the mask with ones; the rest untouched."""
+    model, processor = tiny
+    a = gc.load(model, processor=processor).adapter
+    inputs = a.inputs([picture()], PROMPT)
+    n = inputs["input_ids"].shape[1]
+    inputs["token_type_ids"] = torch.zeros(1, n, dtype=torch.long)
+    ids, first = a.teacher_ids(inputs, TEXT)
+    assert first == n and ids.shape[1] == n + 4
+    a.per_token_inputs = {"token_type_ids": 1}
+    full = a.teacher_inputs(inputs, ids)
+    assert full["token_type_ids"][0].tolist() == [0] * n + [1] * 4
+    assert full["attention_mask"][0].tolist() == [1] * (n + 4)
+    assert full["pixel_values"] is inputs["pixel_values"] and full["input_ids"] is ids

@@ -233,7 +233,7 @@ def explain_vlm(
                 GroundcamWarning,
                 stacklevel=3,
             )
-    layout = a.image_layout(inputs, ids, [(im.height, im.width) for im in images])
+    layout = a.token_layout(inputs, ids, [(im.height, im.width) for im in images])
     columns = TokenLayout(
         torch.arange(len(layout.positions)),
         layout.tile,

@@ -55,7 +55,7 @@ class LlavaAdapter(VlmAdapter):
         top, left = max((rh - ch) // 2, 0), max((rw - cw) // 2, 0)
         return (left / rw, top / rh, min(left + cw, rw) / rw, min(top + ch, rh) / rh)
 
-    def image_layout(self, inputs, ids, sizes) -> TokenLayout:
+    def image_tokens(self, inputs, ids, sizes) -> TokenLayout:
         """One g_h x g_w grid over the centre crop; under the "full" strategy the first token
         (the CLS feature) has no cell."""
         positions = self.image_positions(ids)

@@ -1,7 +1,7 @@
 """Shared plumbing for generative VLMs (transformers image-text-to-text models: an image encoder
 whose tokens are spliced into a decoder language model's sequence). A family subclasses
 `VlmAdapter` and declares its template, the side inputs `generate()` extends per token and where
-its image tokens sit (`image_layout`); everything else is here.
+its image tokens sit (`image_tokens`, read through `token_layout`); everything else is here.
 
 - Inputs: images and the prompt through the processor. The prompt is written into the
   processor's chat template when it has one, else into the family's `template`; a prompt that
@@ -254,7 +254,7 @@ class VlmAdapter(Adapter):
 
     def geometry(self, pixel_values: torch.Tensor) -> Geometry:
         """The working grid of one prepared image (maps of generated tokens are placed through
-        `image_layout`; this serves callers that ask for a grid)."""
+        `token_layout`; this serves callers that ask for a grid)."""
         p = hf.patch_size(self.model.config.vision_config)
         return Geometry(pixel_values.shape[-2] // p[0], pixel_values.shape[-1] // p[1], 0)
 
@@ -294,11 +294,26 @@ class VlmAdapter(Adapter):
         """The sequence positions of the image tokens (config.image_token_id), in order."""
         return torch.nonzero(ids[0] == self.image_token_id)[:, 0].cpu()
 
-    def image_layout(
+    def token_layout(
+        self,
+        inputs: Mapping[str, torch.Tensor] | torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> TokenLayout:
+        """Where every image token of `input_ids` sits (image, tile and cell per position): the
+        family hook. `inputs`: the processor's output (pixel values and side inputs such as
+        `image_grid_thw` or `image_sizes`; bare pixel values are accepted); `sizes`: the original
+        images' (H, W), which crops and tiles are placed on."""
+        if input_ids is None or sizes is None:
+            raise ValueError(f"the {self.family} layout needs the input ids and the image sizes")
+        if isinstance(inputs, torch.Tensor):
+            inputs = {"pixel_values": inputs}
+        return self.image_tokens(inputs, input_ids, list(sizes))
+
+    def image_tokens(
         self, inputs: Mapping[str, torch.Tensor], ids: torch.Tensor, sizes: list[tuple[int, int]]
     ) -> TokenLayout:
-        """Where every image token sits (family hook): image, tile and cell per position;
-        `sizes` are the original images' (H, W)."""
+        """`token_layout` of one family (with its arguments checked): what a family declares."""
         raise NotImplementedError
 
     def special_ids(self) -> set[int]:
