@@ -16,7 +16,7 @@ from PIL import Image
 import groundcam as gc
 from groundcam.adapters.vlm import _EAGER, attention_implementations
 from groundcam.cli import main
-from groundcam.errors import InputError
+from groundcam.errors import GroundcamWarning, InputError
 from groundcam.explanation import normalize_maps
 from groundcam.generation import group_words
 
@@ -408,3 +408,21 @@ def test_teacher_inputs_extend_per_token_side_inputs_as_generate_does(tiny):
     assert full["token_type_ids"][0].tolist() == [0] * n + [1] * 4
     assert full["attention_mask"][0].tolist() == [1] * (n + 4)
     assert full["pixel_values"] is inputs["pixel_values"] and full["input_ids"] is ids
+
+
+def test_the_chat_template_places_the_image_when_the_processor_has_one():
+    model, processor = tiny_vlm.llava()
+    processor.chat_template = (
+        "{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+        "<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+        "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+    )
+    ex = gc.load(model, processor=processor)
+    assert ex.adapter.prompt_text("what is it", 1) == "USER: <image> what is it ASSISTANT:"
+    assert ex.adapter.prompt_text(None, 1) == "USER: <image> Describe the image. ASSISTANT:"
+    gen = ex.explain_generation(picture(), prompt=PROMPT, method="logit-lens", text=TEXT)
+    assert gen.prompt == "USER: <image> what is the sign ASSISTANT:"  # as templated
+    assert gen.tokens == TEXT.split()
+    with pytest.warns(GroundcamWarning, match="unknown"):  # "</s>" is read as words here
+        empty = ex.explain_generation(picture(), prompt=PROMPT, method="gradcam", text="</s>")
+    assert empty.tokens == [] and empty.maps.shape == (0, 4, 4) and empty.word_maps is None

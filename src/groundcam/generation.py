@@ -245,7 +245,7 @@ def explain_vlm(
     skip = a.special_ids()
     positions = [k for k in range(first, ids.shape[1]) if int(ids[0, k]) not in skip]
     id_list = ids[0].tolist()
-    prompt_text = a.decode(id_list[:first])
+    prompt_text = a.prompt_text(prompt, len(images))  # as templated, before expansion
     notes: dict[str, str] = {}
     k = len(positions)
     if k:
