@@ -193,7 +193,7 @@ def explain_vlm(
     images: list[Image.Image],
     prompt: str | None,
     method: str | None,
-    layer: int | None,
+    layer: int | str | tuple[int, int] | list[int] | range | None,
     max_new_tokens: int | None,
     text: str | None,
     beam: int,
@@ -314,7 +314,7 @@ def explain_vlm(
     )
 
 
-def layer_range(layer) -> list:
+def layer_range(layer: int | str | tuple | list | range | None) -> list:
     """The layers asked for: one (an int, a string of digits, None for the default), or a range
     (`(first, last)`, a list, a `range`, or "first-last", both ends included)."""
     if isinstance(layer, range):
