@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import socket
 import warnings
@@ -27,8 +26,17 @@ from groundcam.contract import ScoreKind
 from groundcam.errors import GroundcamWarning, InputError
 from groundcam.explainer import Explainer
 from groundcam.methods import METHODS
+from groundcam.model_files import (
+    check_directory,
+    check_model_size,
+    check_transformers_config,
+    estimate_parameters,
+    quiet_loading,
+    read_json,
+)
 from groundcam.zoo import BUILTIN, builtin_path
 
+OWN_FORMATS = ("albef", "captioner")  # families saved in groundcam's formats, checked on load
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
 HUB_PROBE_SECONDS = 3.0
 
@@ -150,17 +158,23 @@ def _from_directory(path: Path, processor, tokenizer, name: str) -> Adapter:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path}: no config.json; not a saved model directory")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{cfg_file}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    family = family_of_config(config.get("model_type"), config.get("architectures"))
+    config = read_json(cfg_file, "a model config (a JSON object)")
+    check_directory(path)
+    architectures = config.get("architectures")
+    if architectures is not None and (
+        not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures)
+    ):
+        raise InputError(f"{cfg_file}: architectures must be a list of class names")
+    family = family_of_config(config.get("model_type"), architectures)
     if family is None:
         raise InputError(
             f"{cfg_file}: model_type {config.get('model_type')!r} is not a supported family "
             f"(architectures: {config.get('architectures')}); "
             f"supported families: {sorted(FAMILIES)}"
         )
+    if family not in OWN_FORMATS:
+        check_model_size(estimate_parameters(config, cfg_file), cfg_file)
+        check_transformers_config(cfg_file)
     return adapter_class(family).from_pretrained(str(path), processor, tokenizer, name=name)
 
 
@@ -181,11 +195,13 @@ def _from_hub(model_id: str, processor, tokenizer) -> Adapter:
     if not HUB_ID.match(model_id):
         raise _unknown(model_id, "hub ids look like owner/name")
     with _offline_unless_reachable():
+        _check_cached(model_id)
         try:
-            config = AutoConfig.from_pretrained(model_id)
+            with quiet_loading():
+                config = AutoConfig.from_pretrained(model_id, trust_remote_code=False)
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if _hub_offline():
+            if _hub_offline() and isinstance(e, OSError):
                 first = "offline: the hub cannot be reached and it is not in the local cache"
             raise _unknown(model_id, first) from None
         family = family_of_config(config.model_type, getattr(config, "architectures", None))
@@ -195,6 +211,20 @@ def _from_hub(model_id: str, processor, tokenizer) -> Adapter:
                 f"supported families: {sorted(FAMILIES)}"
             )
         return adapter_class(family).from_pretrained(model_id, processor, tokenizer, name=model_id)
+
+
+def _check_cached(model_id: str) -> None:
+    """The checks of a saved folder (`check_directory`, the model's size) on the hub id's
+    downloaded files."""
+    from transformers.utils import cached_file
+
+    try:
+        cfg_file = Path(cached_file(model_id, "config.json"))
+    except (OSError, ValueError):
+        return  # nothing cached to check; the loaders pass trust_remote_code=False
+    check_directory(cfg_file.parent)
+    config = read_json(cfg_file, "a model config (a JSON object)")
+    check_model_size(estimate_parameters(config, cfg_file), cfg_file)
 
 
 def _hub_offline() -> bool:

@@ -97,7 +97,9 @@ class FlavaAdapter(Adapter):
         FlavaModel; eager attention, and the saved processor and tokenizer."""
         import transformers
 
-        config = transformers.AutoConfig.from_pretrained(source)
+        from groundcam.model_files import pretrained
+
+        config = pretrained(transformers.AutoConfig, source)
         arch = "FlavaForPreTraining"
         if arch not in (getattr(config, "architectures", None) or []):
             arch = "FlavaModel"

@@ -14,6 +14,7 @@ from torch import nn
 from groundcam.adapters.base import ensure_eager
 from groundcam.errors import GroundcamWarning, InputError
 from groundcam.io import to_rgb
+from groundcam.model_files import pretrained
 
 
 def image_processor_of(processor):
@@ -178,7 +179,7 @@ def token_strings(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tens
 def load_pretrained(model_class, source: str, processor=None, **kwargs):
     """A transformers model with eager attention (sdpa returns no weights), in eval mode, and
     its processor (AutoProcessor, else AutoImageProcessor) when none is given."""
-    model = model_class.from_pretrained(source, attn_implementation="eager", **kwargs)
+    model = pretrained(model_class, source, attn_implementation="eager", **kwargs)
     model.eval()
     if processor is None:
         processor = auto_processor(source)
@@ -192,13 +193,13 @@ def auto_processor(source: str):
     from transformers.image_processing_base import ImageProcessingMixin
 
     try:
-        proc = AutoProcessor.from_pretrained(source)
+        proc = pretrained(AutoProcessor, source)
     except (OSError, ValueError, TypeError, KeyError):
         proc = None
     if hasattr(proc, "image_processor") or isinstance(proc, ImageProcessingMixin):
         return proc
     try:
-        return AutoImageProcessor.from_pretrained(source)
+        return pretrained(AutoImageProcessor, source)
     except (OSError, ValueError):
         return proc
 
@@ -315,7 +316,7 @@ def tokenizer_from_directory(directory: Path):
     if (directory / "tokenizer.json").is_file():
         from transformers import PreTrainedTokenizerFast
 
-        return PreTrainedTokenizerFast.from_pretrained(str(directory))
+        return pretrained(PreTrainedTokenizerFast, directory)
     if (directory / "vocab.txt").is_file():
         from transformers import BertTokenizer
 
@@ -331,7 +332,7 @@ def load_tokenizer(source: str, processor, tokenizer):
         from transformers import AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = pretrained(AutoTokenizer, source)
         except (OSError, ValueError, TypeError, KeyError):
             tokenizer = None
     return tokenizer

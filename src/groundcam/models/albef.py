@@ -53,7 +53,25 @@ class AlbefConfig:
         return self.image_size // self.patch_size
 
     def validate(self) -> None:
-        """Raise ValueError on sizes that cannot form a model (heads not dividing widths, ...)."""
+        """Raise ValueError on sizes that cannot form a model (a size that is not a positive
+        whole number, heads not dividing widths, ...)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int":
+                least = 0 if f.name in ("fusion_layer", "pad_token_id") else 1
+                if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                    raise ValueError(
+                        f"{f.name} must be a whole number of at least {least}, got {value!r}"
+                    )
+            elif isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{f.name} must be a number, got {value!r}")
+            elif not math.isfinite(value):
+                raise ValueError(f"{f.name} must be finite, got {value!r}")
+        for name in ("vision_eps", "text_eps", "temp"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
         if self.vision_width % self.vision_heads:
             raise ValueError(
                 f"vision width {self.vision_width} is not divisible by {self.vision_heads} heads"
@@ -71,6 +89,22 @@ class AlbefConfig:
 
     def to_dict(self) -> dict:
         return {"model_type": "albef", **asdict(self)}
+
+    def parameters(self) -> int:
+        """The number of parameters `AlbefModel(self)` has, from the sizes alone (nothing is
+        built), so that a config too large for the machine is refused before allocating."""
+        w, h, g = self.vision_width, self.hidden_size, self.grid
+        block = 4 * w + 4 * w * w + 4 * w + 2 * w * self.vision_mlp + self.vision_mlp + w
+        vision = self.in_chans * self.patch_size**2 * w + w + (g * g + 2) * w
+        vision += self.vision_depth * block + 2 * w
+        rows = self.vocab_size + self.max_position_embeddings + self.type_vocab_size
+        layer = 4 * h * h + 4 * h + 2 * h + 2 * h * self.intermediate_size
+        layer += self.intermediate_size + h + 2 * h
+        cross = 2 * h * h + 2 * h + 2 * w * h + 2 * h + 2 * h
+        fused = self.text_layers - self.fusion_layer
+        text = rows * h + 2 * h + self.text_layers * layer + fused * cross
+        heads = (w + h + 2) * self.embed_dim + 2 * h + 2 + 1
+        return vision + text + heads
 
     @classmethod
     def from_dict(cls, d: dict) -> AlbefConfig:
@@ -394,8 +428,29 @@ class AlbefModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> AlbefModel:
+        """A saved model; a config that cannot form a model, one larger than this machine's
+        memory (`groundcam.model_files.check_model_size`) or weights that do not fit it are
+        refused in one line naming the file."""
+        from groundcam.errors import InputError
+        from groundcam.model_files import check_model_size, check_safetensors, read_json
+
         directory = Path(directory)
-        cfg = AlbefConfig.from_dict(json.loads((directory / "config.json").read_text()))
+        cfg_file, weights = directory / "config.json", directory / "model.safetensors"
+        try:
+            cfg = AlbefConfig.from_dict(read_json(cfg_file))
+            cfg.validate()
+        except InputError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise InputError(f"{cfg_file}: {e}") from None
+        check_model_size(cfg.parameters(), cfg_file)
+        if not weights.is_file():
+            raise InputError(f"{directory}: no model.safetensors beside config.json")
+        check_safetensors(weights)
         model = cls(cfg)
-        model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=True)
+        try:
+            model.load_state_dict(load_file(str(weights)), strict=True)
+        except RuntimeError as e:
+            first = " ".join(str(e).split())[:300]
+            raise InputError(f"{weights} does not fit {cfg_file}: {first}") from None
         return model.eval()

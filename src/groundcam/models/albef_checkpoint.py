@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from groundcam.errors import InputError
+from groundcam.model_files import check_model_size, one_line
 from groundcam.models.albef import AlbefConfig, AlbefModel
 
 _UNUSED = [
@@ -27,7 +29,7 @@ _UNUSED = [
 ]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be read as ALBEF; the message names the file and the key."""
 
 
@@ -56,7 +58,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any reader failure becomes one clear line
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {one_line(e)}") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -160,6 +162,8 @@ def load_official(
             state["visual_encoder.pos_embed"], grid
         )
         cfg.image_size = image_size
+    # key counts set the depths: a file of a few tensors must not describe a model beyond memory
+    check_model_size(cfg.parameters(), path)
     model = AlbefModel(cfg)
     expected = model.state_dict()
     report = LoadReport(path=str(path), layout=layout)

@@ -46,6 +46,16 @@ RESNET_TINY = {
 }
 
 
+SIZE_FIELDS = (
+    "vocab_size",
+    "image_size",
+    "embed_dim",
+    "attention_dim",
+    "decoder_dim",
+    "max_length",
+)
+
+
 @dataclass
 class CaptionerConfig:
     """Everything needed to rebuild the model without the hub: the encoder's own config travels
@@ -82,7 +92,32 @@ class CaptionerConfig:
         for k in ("image_mean", "image_std"):
             if k in d:
                 d[k] = tuple(d[k])
-        return cls(**d)
+        cfg = cls(**d)
+        cfg.check(where)
+        return cfg
+
+    def check(self, where: str) -> None:
+        """Raise ValueError naming `where` and the key when a size is not a positive whole
+        number (the encoder's `embedding_size`, `hidden_sizes` and `depths` included)."""
+        enc = self.encoder_config if isinstance(self.encoder_config, dict) else {}
+        sizes = {k: [getattr(self, k)] for k in SIZE_FIELDS}
+        sizes |= {k: enc[k] for k in ("embedding_size", "hidden_sizes", "depths") if k in enc}
+        for key, values in sizes.items():
+            values = values if isinstance(values, list) else [values]
+            if not values or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values
+            ):
+                raise ValueError(f"{where}: {key} must be positive whole numbers, got {values!r}")
+
+    def parameters(self) -> int:
+        """About how many parameters the model has (the ResNet's 3x3 convolutions, the LSTM,
+        the attention and the word layers), from the sizes alone."""
+        enc = self.encoder_config or RESNET_TINY
+        widths, depths = enc.get("hidden_sizes", [2048]), enc.get("depths", [1])
+        encoder = sum(2 * 9 * w * w * n for w, n in zip(widths, depths, strict=False))
+        f, e, h, a = widths[-1], self.embed_dim, self.decoder_dim, self.attention_dim
+        decoder = 2 * self.vocab_size * e + 4 * h * (e + f + h) + a * (f + h) + 3 * h * f
+        return encoder + decoder + e * (h + f)
 
 
 def build_encoder(source: str, config: dict | None = None) -> tuple[nn.Module, dict]:
@@ -90,13 +125,15 @@ def build_encoder(source: str, config: dict | None = None) -> tuple[nn.Module, d
     "resnet-tiny" from our config, else `from_pretrained(source)` (a hub id or a directory)."""
     from transformers import ResNetConfig, ResNetModel
 
+    from groundcam.model_files import pretrained
+
     if config:
         cfg = ResNetConfig(**{k: v for k, v in config.items() if k != "model_type"})
         return ResNetModel(cfg), cfg.to_dict()
     if source == "resnet-tiny":
         cfg = ResNetConfig(**RESNET_TINY)
         return ResNetModel(cfg), cfg.to_dict()
-    model = ResNetModel.from_pretrained(source)
+    model = pretrained(ResNetModel, source)
     return model, model.config.to_dict()
 
 
@@ -364,23 +401,24 @@ class ShowAttendTell(nn.Module):
         """A saved captioner; a vocabulary that does not fit the weights is a one-line error."""
         from safetensors.torch import load_file
 
+        from groundcam.model_files import check_model_size, check_safetensors, read_json
+
         directory = Path(directory)
         cfg_file, vocab_file = directory / "config.json", directory / "vocab.json"
         weights = directory / "model.safetensors"
         for f in (cfg_file, vocab_file, weights):
             if not f.is_file():
                 raise FileNotFoundError(f"{directory}: no {f.name}; not a saved captioner")
-        try:
-            cfg = CaptionerConfig.from_dict(json.loads(cfg_file.read_text()), str(cfg_file))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_file}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        cfg = CaptionerConfig.from_dict(read_json(cfg_file), str(cfg_file))
         vocab = Vocabulary.load(vocab_file)
         if len(vocab) != cfg.vocab_size:
             raise ValueError(
                 f"{vocab_file} has {len(vocab)} words but {cfg_file} says vocab_size "
                 f"{cfg.vocab_size}: the vocabulary does not belong to this checkpoint"
             )
+        check_model_size(cfg.parameters(), cfg_file)
         model = cls(cfg, vocab)
+        check_safetensors(weights)
         state = load_file(str(weights))
         rows = state.get("decoder.embed.weight")
         if rows is not None and rows.shape[0] != len(vocab):

@@ -352,7 +352,9 @@ def build(cfg: AMCConfig, device: torch.device | None = None) -> AMCTrainer:
     if cfg.tokenizer:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+        from groundcam.model_files import pretrained
+
+        tokenizer = pretrained(AutoTokenizer, cfg.tokenizer)
     explainer = gc.load(
         cfg.model,
         tokenizer=tokenizer,
