@@ -188,9 +188,9 @@ class VlmAdapter(Adapter):
         import transformers
 
         from groundcam.adapters.vlm_compat import load_processor
+        from groundcam.model_files import pretrained
 
-        model_class = getattr(transformers, cls.architectures[0])
-        model = model_class.from_pretrained(source, trust_remote_code=False)
+        model = pretrained(getattr(transformers, cls.architectures[0]), source)
         processor = processor if processor is not None else load_processor(source)
         return cls(model, tokenizer=tokenizer, processor=processor, name=name or source)
 
