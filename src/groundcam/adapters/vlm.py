@@ -1,7 +1,9 @@
 """Shared plumbing for generative VLMs (transformers image-text-to-text models: an image encoder
-whose tokens are spliced into a decoder language model's sequence). A family subclasses
-`VlmAdapter` and declares its template, the side inputs `generate()` extends per token and where
-its image tokens sit (`image_tokens`, read through `token_layout`); everything else is here.
+whose tokens are spliced into a decoder language model's sequence). A new family is one module
+subclassing `VlmAdapter` (`family`, `architectures`, `template` for processors without a chat
+template, `per_token_inputs` that `generate()` extends per token, `default_depth`, and
+`image_tokens`: where its image tokens sit, read through `token_layout`) plus one registry entry
+in `adapters/__init__.py` (see `adapters/llava.py`); everything else is here.
 
 - Inputs: images and the prompt through the processor. The prompt is written into the
   processor's chat template when it has one, else into the family's `template`; a prompt that
