@@ -426,3 +426,27 @@ def test_the_chat_template_places_the_image_when_the_processor_has_one():
     with pytest.warns(GroundcamWarning, match="unknown"):  # "</s>" is read as words here
         empty = ex.explain_generation(picture(), prompt=PROMPT, method="gradcam", text="</s>")
     assert empty.tokens == [] and empty.maps.shape == (0, 4, 4) and empty.word_maps is None
+
+
+def test_attention_that_cannot_be_recorded_says_which_methods_still_work(sdpa_twin):
+    """An attention module whose model code has no eager function: one line naming the methods
+    that read no attention; nothing switched."""
+    from groundcam.adapters.vlm import eager_only
+
+    model, processor = sdpa_twin
+
+    class Opaque(torch.nn.Module):  # defined here: this module has no eager_attention_forward
+        pass
+
+    before = attention_implementations(model)
+    with pytest.raises(InputError) as e, eager_only(model.get_decoder(), [Opaque()]):
+        pass
+    assert "gradcam and logit-lens still work" in one_line(e)
+    assert attention_implementations(model) == before and not _EAGER
+
+
+def test_a_model_without_its_processor_is_one_line(tiny):
+    model, _ = tiny
+    with pytest.raises(InputError) as e:
+        gc.load(model)
+    assert "processor=" in one_line(e)
