@@ -252,3 +252,35 @@ def test_a_recorder_on_a_model_part_holds_the_models_lock(albef):
     t.start()
     t.join(timeout=60)
     assert free == [False, True]
+
+
+def test_first_loads_from_several_threads_all_succeed(tmp_path):
+    """A fresh process whose threads all load at once (transformers' lazy imports resolved on
+    first use by every thread together): every load succeeds, with the same weights."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import threading
+        import groundcam as gc
+        names = ["albef-tiny-shapes", "trocr-tiny-glyphs", "captioner-tiny-shapes"] * 2
+        out, errors = {}, []
+        def run(i, name):
+            try:
+                out[i] = sum(float(p.sum()) for p in gc.load(name).model.parameters())
+            except Exception as e:
+                errors.append(repr(e))
+        threads = [threading.Thread(target=run, args=(i, n)) for i, n in enumerate(names)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert not errors, errors
+        assert out[0] == out[3] and out[1] == out[4] and out[2] == out[5], out
+        print("ok", len(out))
+        """
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert r.returncode == 0 and "ok 6" in r.stdout, r.stderr[-2000:]

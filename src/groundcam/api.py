@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
+import threading
 import warnings
 from pathlib import Path
 from urllib.parse import urlparse
@@ -41,6 +42,11 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
 HUB_PROBE_SECONDS = 3.0
 
 
+# Loads run one at a time: transformers resolves its lazy imports on first use, and threads that
+# first load at once can see a half-imported module ("cannot import name 'AutoConfig'").
+_LOADING = threading.RLock()
+
+
 def load(
     model: str | Path | nn.Module,
     processor=None,
@@ -53,15 +59,18 @@ def load(
     checkpoint file (`num_heads`/`text_num_heads` give its head counts), or a model instance
     (with its `processor`/`tokenizer`; an image processor that follows from the config is built
     when none is given)."""
-    if isinstance(model, nn.Module):
-        adapter = _from_instance(model, processor, tokenizer, type(model).__name__)
-    elif isinstance(model, str | Path) and str(model).strip():
-        adapter = _from_name(str(model), processor, tokenizer, num_heads, text_num_heads)
-    else:
+    if not isinstance(model, nn.Module) and not (
+        isinstance(model, str | Path) and str(model).strip()
+    ):
         raise InputError(
             f"gc.load(model): expected a built-in name {sorted(BUILTIN)}, a hub id, a directory, "
             f"a checkpoint file or a model instance, got {model!r}"
         )
+    with _LOADING:
+        if isinstance(model, nn.Module):
+            adapter = _from_instance(model, processor, tokenizer, type(model).__name__)
+        else:
+            adapter = _from_name(str(model), processor, tokenizer, num_heads, text_num_heads)
     adapter.model.eval()
     if device is not None:
         adapter.model.to(_device(device))

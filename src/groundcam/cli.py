@@ -248,7 +248,13 @@ def train_albef(
 @click.option("--images", type=click.Path(), help="Image directory of --data.")
 @click.option("--split", default="train", show_default=True, help="Split to train on.")
 @click.option("--tokenizer", default=None, help="Tokenizer for an official .pth (dir or hub id).")
-@click.option("--steps", default=1000, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--steps",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Total steps; run again with more to extend a finished run.",
+)
 @click.option(
     "--batch-size",
     default=32,

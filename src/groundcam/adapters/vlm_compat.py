@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import re
+from pathlib import Path
 
 from groundcam.errors import InputError
 
@@ -66,15 +67,22 @@ def load_processor(source, **kwargs):
     is a one-line `InputError` naming it."""
     from transformers import AutoProcessor
 
-    kwargs["trust_remote_code"] = False
+    from groundcam.model_files import check_no_remote_code
+
+    if Path(source).is_dir():
+        check_no_remote_code(Path(source))  # a folder's auto_map is refused before transformers
+    kwargs.pop("trust_remote_code", None)
     try:
         try:
-            return AutoProcessor.from_pretrained(source, **kwargs)
+            return AutoProcessor.from_pretrained(source, trust_remote_code=False, **kwargs)
         except ValueError as exc:
             if "torchvision" not in str(exc) or importlib.util.find_spec("torchvision"):
                 raise
         return AutoProcessor.from_pretrained(
-            source, video_processor=image_only_video_processor(), **kwargs
+            source,
+            trust_remote_code=False,
+            video_processor=image_only_video_processor(),
+            **kwargs,
         )
     except ImportError as exc:
         package = _package(exc)

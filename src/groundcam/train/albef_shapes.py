@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from groundcam.adapters.albef import AlbefAdapter
 from groundcam.data.shapes import generate_scene, vocabulary
@@ -79,35 +78,50 @@ class TrainConfig:
 
 
 class Pool:
-    """Training scenes pre-rendered at the model's input resolution (float16, normalised)."""
+    """The training scenes `0..pool-1`, each rendered at the model's input resolution (float16,
+    normalised) the first time a batch draws it and kept: a run renders only what it uses."""
 
     def __init__(self, adapter: AlbefAdapter, cfg: TrainConfig):
-        self.pixels, self.phrases, self.objects = [], [], []
-        chunk = 256
-        for start in tqdm(range(0, cfg.pool, chunk), desc="rendering scenes", leave=False):
-            samples = [
-                generate_scene("train", i, cfg.seed, cfg.scene_size)
-                for i in range(start, min(start + chunk, cfg.pool))
-            ]
-            self.pixels.append(adapter.prepare_images([s.image for s in samples]).half())
-            self.phrases += [s.phrases for s in samples]
-            self.objects += [s.meta["objects"] for s in samples]
-        self.pixels = torch.cat(self.pixels)
+        self.adapter, self.size = adapter, cfg.pool
+        self.seed, self.scene_size = cfg.seed, cfg.scene_size
+        self.scenes: dict[int, tuple[torch.Tensor, list, list]] = {}
+
+    def __len__(self) -> int:
+        return self.size
+
+    def scene(self, i: int) -> tuple[torch.Tensor, list, list]:
+        """Scene `i`: its pixels, phrases and objects."""
+        if i not in self.scenes:
+            s = generate_scene("train", i, self.seed, self.scene_size)
+            pixels = self.adapter.prepare_images([s.image]).half()[0]
+            self.scenes[i] = (pixels, s.phrases, s.meta["objects"])
+        return self.scenes[i]
+
+    def phrases(self, i: int) -> list:
+        """Scene `i`'s phrases (generated again, not prepared, when it was never drawn)."""
+        if i in self.scenes:
+            return self.scenes[i][1]
+        return generate_scene("train", i, self.seed, self.scene_size).phrases
+
+
+def draw_scenes(pool_size: int, rng: np.random.Generator, size: int) -> np.ndarray:
+    """The `size` distinct pool scenes of a batch (the first draw from the step's `rng`)."""
+    return rng.choice(pool_size, size=size, replace=False)
 
 
 def _batch(pool: Pool, rng: np.random.Generator, size: int):
     """`size` scenes; every phrase of each is an ITM positive with its own swapped negative, and
     one phrase per scene (the first of a random order) is its ITC text."""
-    idx = rng.choice(len(pool.phrases), size=size, replace=False)
+    scenes = [pool.scene(int(i)) for i in draw_scenes(len(pool), rng, size)]
     phrases, owner = [], []
-    for row, i in enumerate(idx):
-        for k in rng.permutation(len(pool.phrases[i])):
-            phrases.append(pool.phrases[i][k])
+    for row, (_, scene_phrases, _) in enumerate(scenes):
+        for k in rng.permutation(len(scene_phrases)):
+            phrases.append(scene_phrases[k])
             owner.append(row)
-    objects = [pool.objects[i] for i in idx]
+    objects = [s[2] for s in scenes]
     swaps = [swap_negative(p, objects[o], rng) for p, o in zip(phrases, owner, strict=True)]
     first = np.unique(owner, return_index=True)[1]
-    return pool.pixels[torch.from_numpy(idx)].float(), phrases, owner, first, objects, swaps
+    return torch.stack([s[0] for s in scenes]).float(), phrases, owner, first, objects, swaps
 
 
 def _sample_negatives(weights: torch.Tensor, allowed: torch.Tensor, gen: torch.Generator):

@@ -274,8 +274,8 @@ class AMCTrainer:
         from groundcam.train.loop import shard
 
         cfg = self.cfg
-        rng = np.random.default_rng([cfg.seed, step, 0])
-        gen_seed = int(rng.integers(2**31)) + 7919 * (micro * world + rank)
+        rng, seed = self._step_rng(step)
+        gen_seed = seed + 7919 * (micro * world + rank)
         if self.pool is not None:
             from groundcam.train.albef_shapes import _batch
 
@@ -301,6 +301,26 @@ class AMCTrainer:
         picked = self.pairs.pick(rng, cfg.batch_size)
         mine = shard(shard(picked, micro, cfg.grad_accum), rank, world)
         return self.pairs.load(mine) | {"gen_seed": gen_seed}
+
+    def _step_rng(self, step: int) -> tuple[np.random.Generator, int]:
+        """The step's generator (seeded by (seed, step) alone) and its negatives' base seed."""
+        rng = np.random.default_rng([self.cfg.seed, step, 0])
+        return rng, int(rng.integers(2**31))
+
+    def boxes(self) -> dict[str, int]:
+        """The box counts the card reports: over the data's (image, phrase) rows, or for the
+        shapes pool over the scenes the run's steps draw (replayed from (seed, step), so a
+        resumed or extended run counts the same as an uninterrupted one)."""
+        if self.pairs is not None:
+            return self.pairs.boxes
+        from groundcam.train.albef_shapes import draw_scenes
+
+        drawn = set()
+        for step in range(self.cfg.steps):
+            rng, _ = self._step_rng(step)
+            drawn.update(draw_scenes(len(self.pool), rng, self.cfg.batch_size).tolist())
+        size = (self.cfg.scene_size, self.cfg.scene_size)
+        return box_counts((p.boxes, size) for i in sorted(drawn) for p in self.pool.phrases(i))
 
     def losses(self, model, batch: dict, step: int) -> dict[str, torch.Tensor]:
         """ITC + ITM (+ the AMC term on the positives' maps unless this is the control)."""
@@ -388,6 +408,11 @@ def build(cfg: AMCConfig, device: torch.device | None = None) -> AMCTrainer:
     if cfg.data == "shapes" and explainer.family == "albef":
         from groundcam.train.albef_shapes import Pool
 
+        if cfg.batch_size > cfg.pool:
+            raise InputError(
+                f"--batch-size {cfg.batch_size} is more than the --pool of {cfg.pool} scenes "
+                "(a batch draws distinct scenes)"
+            )
         trainer.pool = Pool(explainer.adapter, cfg)
     elif cfg.data == "shapes":  # other families: (scene, phrase) pairs of the same scenes
         from groundcam.data.shapes import generate_scene
@@ -435,7 +460,7 @@ def save_model(trainer: AMCTrainer, model, directory: Path, extra: dict | None =
         "command": " ".join(["groundcam", *sys.argv[1:]]) if sys.argv else "",
         "config": cfg.fingerprint(),
         "layer": trainer.layer,
-        "boxes": trainer.pairs.boxes if trainer.pairs is not None else None,
+        "boxes": trainer.boxes(),
         "python": platform.python_version(),
         "torch": torch.__version__,
     } | (extra or {})
@@ -443,22 +468,14 @@ def save_model(trainer: AMCTrainer, model, directory: Path, extra: dict | None =
 
 
 def train(cfg: AMCConfig, threads: int | None = None, stop_at: int | None = None) -> Path:
-    """Run (or resume) AMC fine-tuning in `cfg.out` on the shared loop; the model (with its
-    card) goes to `out/model`. `stop_at`: end after that step with a checkpoint (for tests)."""
-    from groundcam.train.loop import LoopConfig, fit
+    """Run, resume or extend (a larger `steps`) AMC fine-tuning in `cfg.out` on the shared loop;
+    the model (with its card) goes to `out/model`. The arguments and `out` are checked before
+    anything is loaded. `stop_at`: end after that step with a checkpoint (for tests)."""
+    from groundcam.train.loop import RESUMABLE, LoopConfig, check_out, check_steps, fit
 
-    if threads:
-        torch.set_num_threads(threads)
-    trainer = build(cfg)
-    if trainer.pairs is not None:
-        b = trainer.pairs.boxes
-        print(
-            f"{len(trainer.pairs)} (image, phrase) pairs with boxes; of {b['boxes']} boxes "
-            f"{b['clipped']} clipped to the image, {b['skipped']} skipped (empty or inverted)",
-            flush=True,
-        )
-    model = trainer.model
-    model.train()
+    cfg.check()
+    check_out(Path(cfg.out), cfg.fingerprint(), RESUMABLE | {"steps"})
+    check_steps(Path(cfg.out), cfg.steps)
     loop = LoopConfig(
         out=cfg.out,
         steps=cfg.steps,
@@ -474,6 +491,18 @@ def train(cfg: AMCConfig, threads: int | None = None, stop_at: int | None = None
         eval_every=cfg.eval_every if cfg.data == "shapes" else 0,
         threads=threads,
     )
+    if threads:
+        torch.set_num_threads(threads)
+    trainer = build(cfg)
+    if trainer.pairs is not None:
+        b = trainer.pairs.boxes
+        print(
+            f"{len(trainer.pairs)} (image, phrase) pairs with boxes; of {b['boxes']} boxes "
+            f"{b['clipped']} clipped to the image, {b['skipped']} skipped (empty or inverted)",
+            flush=True,
+        )
+    model = trainer.model
+    model.train()
 
     def evaluate(model, step: int) -> dict:
         if cfg.data != "shapes":
@@ -496,4 +525,5 @@ def train(cfg: AMCConfig, threads: int | None = None, stop_at: int | None = None
         evaluate=evaluate if cfg.data == "shapes" else None,
         after_step=clamp_temperature,
         stop_at=stop_at,
+        extendable=True,
     )

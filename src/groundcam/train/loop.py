@@ -26,6 +26,14 @@ logged step: step, lr, every term averaged over processes, micro-batches and the
 last line, elapsed_s, and `val` where `evaluate` ran), `checkpoint/` (Accelerate's `save_state`:
 safetensors weights, optimizer, RNG states, plus `state.json`), `state.json` (the step done),
 and `model/` at the end.
+
+Reproducibility: on the CPU a run is bit-identical to a rerun (and a killed run to the
+uninterrupted one) at the same thread count, any count: `fit` trains under
+`torch.use_deterministic_algorithms` (warn-only: an op without a deterministic kernel warns and
+runs), which makes the CPU kernels that race with more than one thread, the accumulating
+`index_put_` (the backward of `tensor[index]`) and `put_`, run serially. Another thread count
+splits sums differently (weights agree to float rounding, not to the bit); so do GPUs, where `fit`
+leaves the setting alone (CUDA's atomic adds).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +52,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from groundcam.errors import InputError
+from groundcam.errors import GroundcamWarning, InputError
 
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
 BatchFn = Callable[[int, int, int, int], Any]
@@ -87,6 +96,14 @@ class LoopConfig:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise InputError(f"LoopConfig: bad {bad[0]}={getattr(self, bad[0])!r}")
+        if self.steps < self.warmup:
+            warnings.warn(
+                f"--steps {self.steps} is below the warmup of {self.warmup} steps: the run ends "
+                f"inside its warmup at lr {lr_at(self, self.steps - 1):.3g}, never reaching lr "
+                f"{self.lr:.3g} nor its cosine decay",
+                GroundcamWarning,
+                stacklevel=3,
+            )
 
 
 def lr_at(cfg: LoopConfig, step: int) -> float:
@@ -170,8 +187,9 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def check_out(out: Path, fingerprint: dict) -> None:
-    """Refuse (one-line ValueError) a run directory written with another fingerprint."""
+def check_out(out: Path, fingerprint: dict, resumable: frozenset = RESUMABLE) -> None:
+    """Refuse (one-line ValueError) a run directory written with another fingerprint (keys in
+    `resumable` may differ)."""
     saved_path = out / "config.json"
     if saved_path.exists():
         try:
@@ -181,7 +199,7 @@ def check_out(out: Path, fingerprint: dict) -> None:
         if not isinstance(saved, dict):
             raise InputError(f"{saved_path} is not a training configuration; use a new --out")
         now = json.loads(json.dumps(fingerprint))
-        keys = sorted((set(saved) | set(now)) - RESUMABLE)
+        keys = sorted((set(saved) | set(now)) - resumable)
         missing = "(none)"
         diff = [
             f"{k} was {_short(saved.get(k, missing))}, now {_short(now.get(k, missing))}"
@@ -197,6 +215,24 @@ def check_out(out: Path, fingerprint: dict) -> None:
         raise InputError(
             f"{out} holds a checkpoint without its config.json (another configuration, or an "
             "older groundcam); use a new --out or delete it to start fresh"
+        )
+
+
+def steps_done(out: Path) -> int:
+    """The step of the checkpoint in `out` that a run resumes from (0 without one)."""
+    try:
+        return int(json.loads((out / "checkpoint" / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def check_steps(out: Path, steps: int) -> None:
+    """Refuse (one line) a total of `steps` below the steps the run in `out` has done."""
+    done = steps_done(out)
+    if steps < done:
+        raise InputError(
+            f"--steps {steps}: {out} has done {done} steps already; give --steps {done} or more "
+            "to resume or extend it, or use a new --out"
         )
 
 
@@ -267,6 +303,7 @@ def fit(
     after_step: Callable[[nn.Module, int], None] | None = None,
     stop_at: int | None = None,
     progress: bool = True,
+    extendable: bool = False,
 ) -> Path:
     """Train (or resume) `model` in `cfg.out`; returns `out/model`, or `out` when `stop_at` ended it.
 
@@ -274,12 +311,17 @@ def fit(
     end; its result is the log line's `val`. `after_step(model, step)` runs under no_grad after
     each optimizer step (e.g. to clamp a temperature). `stop_at` ends the run after that step
     with a checkpoint, as a crash right after one would, without writing the model.
+    `extendable`: a resume may change `cfg.steps` (not below the steps done), so a finished run
+    trains on to a larger total; the steps done keep the schedule they had, the rest follow
+    `lr_at` of the new total.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, send_to_device, set_seed
 
     out = Path(cfg.out)
-    check_out(out, fingerprint)
+    check_out(out, fingerprint, RESUMABLE | {"steps"} if extendable else RESUMABLE)
+    if extendable:
+        check_steps(out, cfg.steps)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     accelerator = Accelerator(
@@ -324,6 +366,10 @@ def fit(
         disable=not (progress and main),
     )
     objective.train()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if accelerator.device.type == "cpu" and not deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         while step < last:
             lr = lr_at(cfg, step)
@@ -381,6 +427,7 @@ def fit(
             "use a smaller --batch-size or a larger --grad-accum"
         ) from e
     finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         bar.close()
         if log is not None:
             log.close()
