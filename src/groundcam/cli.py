@@ -729,6 +729,11 @@ def _phrase_marks(ex, i: int) -> str:
     help="Beam width (1: greedy).",
 )
 @click.option(
+    "--prompt",
+    default=None,
+    help="Text before the answer, for models that take one (generative VLMs, BLIP captioning).",
+)
+@click.option(
     "--out",
     default="groundcam-caption",
     show_default=True,
@@ -738,7 +743,19 @@ def _phrase_marks(ex, i: int) -> str:
 @_output_options
 @_guard
 def caption(
-    image, model, method, layer, max_new_tokens, text, beam, out, cmap, alpha, device, as_json
+    image,
+    model,
+    method,
+    layer,
+    max_new_tokens,
+    text,
+    beam,
+    prompt,
+    out,
+    cmap,
+    alpha,
+    device,
+    as_json,
 ):
     """Generate text for IMAGE and write one map per generated token (tokens.png + overlays).
 
@@ -755,6 +772,7 @@ def caption(
     explainer = load(model, device=device)
     kwargs = {"layer": layer, "text": text}
     kwargs |= {"beam": beam} if beam > 1 else {}
+    kwargs |= {"prompt": prompt} if prompt is not None else {}
     kwargs |= {"method": method} if method else {}
     kwargs |= {"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}
     results = []

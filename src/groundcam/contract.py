@@ -29,7 +29,22 @@ VISION_TOKENS = "tokens"
 ATTENTION_GRAPH = "attention_graph"
 """Every attention of the model in forward order, with how they connect (relevance)."""
 
-SOURCE_KINDS = (TEXT_TO_IMAGE, VISION_ATTENTION, VISION_TOKENS, ATTENTION_GRAPH)
+LM_TOKENS = "lm_tokens"
+"""A generative VLM's language-model hidden states at a decoder layer, [B, T, C], read at the
+image-token columns (Grad-CAM on the LM)."""
+
+TOKEN_LOGITS = "token_logits"
+"""Per explained token y_k, its logit read at every position from the LM's last hidden state
+(after the final norm, through the LM head's row for y_k: the logit lens), [B, T]."""
+
+SOURCE_KINDS = (
+    TEXT_TO_IMAGE,
+    VISION_ATTENTION,
+    VISION_TOKENS,
+    ATTENTION_GRAPH,
+    LM_TOKENS,
+    TOKEN_LOGITS,
+)
 
 
 def source_label(kind: str) -> str:

@@ -19,7 +19,7 @@ from groundcam.explainer import Explainer
 from groundcam.viz.html import png_bytes, write_report
 from groundcam.zoo import BUILTIN, ZOO
 
-# Every method of groundcam.methods.METHODS (a test keeps them equal), in the page's order; a
+# Every method of the phrase families (ALBEF's; a test keeps them equal), in the page's order; a
 # model's own default method comes first and is the badge.
 DEMO_METHODS = ("attn-gradcam", "gradcam", "attention", "rollout", "relevance")
 CAPTIONER = "captioner-tiny-shapes"

@@ -372,7 +372,8 @@ class Explainer:
         """Generate text for an image (or take `text` as if generated), then one map per generated
         token, from one teacher-forced forward and a batched backward. `prompt` leads the text
         where the family takes one (BLIP captioning); a list of images is for families that read
-        several. `method` defaults to the family's (`attention` for OCR models);
+        several. On generative VLMs `layer` may be a range, `(first, last)` or "first-last": the
+        mean of those layers' maps. `method` defaults to the family's (`attention` for OCR models);
         `max_new_tokens=None` lets the model's own `generation_config` decide the length; `beam`
         > 1 decodes with beam search. `image=` is the first argument's older name."""
         if image is not None and image_or_images is not None:

@@ -137,12 +137,20 @@ class GenerationExplanation:
     raw_maps: torch.Tensor
     scores: torch.Tensor
     method: str
-    layer: int | None
+    layer: int | tuple[int, ...] | None  # a tuple: the layers whose maps were averaged
     model: str
     image: Image.Image | None = None
     text_conditioned: bool = True
     score_kind: ScoreKind | None = None  # what `scores` are (the family's declaration)
     unknown_words: list[str] = field(default_factory=list)  # of a given text, words read as unk
+    # generative VLMs: sub-word tokens grouped into words (`groundcam.generation.group_words`),
+    # each word's map the mean of its tokens' raw maps, normalised; per image maps where several
+    words: list[str] = field(default_factory=list)
+    word_tokens: list[list[int]] = field(default_factory=list)  # per word, its token indices
+    word_maps: torch.Tensor | None = None
+    image_maps: list[torch.Tensor] | None = None  # per image, [K, h_i, w_i] normalised
+    prompt: str | None = None  # the text the model read before its answer
+    notes: dict[str, str] = field(default_factory=dict)  # e.g. how attention was recorded
 
     @property
     def token_maps(self) -> torch.Tensor:
@@ -219,6 +227,9 @@ class GenerationExplanation:
             "text_conditioned": self.text_conditioned,
             "grid": list(self.maps.shape[-2:]),
             "versions": versions(),
+            **({"words": self.words, "word_tokens": self.word_tokens} if self.words else {}),
+            **({"prompt": self.prompt} if self.prompt is not None else {}),
+            **({"notes": self.notes} if self.notes else {}),
         }
 
     def save(

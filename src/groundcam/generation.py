@@ -5,6 +5,7 @@ token; `Explainer.explain_generation` is the public entry and holds the model's 
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
@@ -15,10 +16,12 @@ from PIL import Image
 
 from groundcam.adapters.base import Adapter
 from groundcam.adapters.hf import unknown_words_message
-from groundcam.contract import Scores
+from groundcam.contract import TEXT_TO_IMAGE, TOKEN_LOGITS, RecordSpec, Scores, TokenLayout
 from groundcam.errors import GroundcamWarning, InputError
 from groundcam.explanation import GenerationExplanation, normalize_maps
+from groundcam.geometry import Geometry
 from groundcam.gradients import HeadRows, record
+from groundcam.placement import place
 
 if TYPE_CHECKING:
     from groundcam.explainer import Explainer
@@ -86,6 +89,8 @@ def explain_generation(
         raise InputError(f"text= must be a non-empty string to explain, got {text!r}")
     images = check_images(a, image_or_images)
     extra = check_prompt(a, prompt)
+    if getattr(a, "vlm", False):
+        return explain_vlm(explainer, images, prompt, method, layer, max_new_tokens, text, beam)
     method_obj, source, target, layer = explainer.resolve(method, layer, "token")
     method = method_obj.name
     pixel_values = explainer.prepare_images(images)
@@ -181,3 +186,171 @@ def explain_generation(
         score_kind=a.score_kind("token"),
         unknown_words=unknown,
     )
+
+
+def explain_vlm(
+    explainer: Explainer,
+    images: list[Image.Image],
+    prompt: str | None,
+    method: str | None,
+    layer: int | str | tuple[int, int] | list[int] | range | None,
+    max_new_tokens: int | None,
+    text: str | None,
+    beam: int,
+) -> GenerationExplanation:
+    """`explain_generation` on a generative VLM (`adapters.vlm`): the prompt and images through
+    the processor, `generate()` under no_grad (or `text` teacher-forced), then one teacher-forced
+    forward and a batched backward for every generated token; each token's values over the
+    image-token columns are placed on every image through the family's `TokenLayout`."""
+    from groundcam.io import check_image
+
+    a = explainer.adapter
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"image must be a PIL.Image, got {type(image).__name__}")
+        check_image(image, f"image {i}")
+    wanted = layer_range(layer)
+    method_obj, source, _, first_layer = explainer.resolve(method, wanted[0], "token")
+    layers = [first_layer] + [explainer.resolve(method, n, "token").layer for n in wanted[1:]]
+    layer = first_layer if len(layers) == 1 else tuple(layers)
+    inputs = a.inputs(images, prompt)
+    unknown: list[str] = []
+    if text is None:
+        with torch.no_grad():
+            ids, first = a.generate(inputs, max_new_tokens, beam)
+    else:
+        ids, first = a.teacher_ids(inputs, text)
+        limit = a.max_positions()
+        if limit is not None and ids.shape[1] > limit:
+            raise InputError(
+                f"text= is {ids.shape[1]} tokens with the prompt and image tokens; this model "
+                f"reads at most {limit}: {text[:60]!r}"
+            )
+        unknown = a.unknown_words([text])[0]
+        if unknown:
+            warnings.warn(
+                unknown_words_message(text, unknown, getattr(a.tokenizer, "unk_token", None)),
+                GroundcamWarning,
+                stacklevel=3,
+            )
+    layout = a.token_layout(inputs, ids, [(im.height, im.width) for im in images])
+    columns = TokenLayout(
+        torch.arange(len(layout.positions)),
+        layout.tile,
+        layout.row,
+        layout.col,
+        layout.tiles,
+        layout.sizes,
+    )  # the same cells, indexed by image-token column rather than sequence position
+    skip = a.special_ids()
+    positions = [k for k in range(first, ids.shape[1]) if int(ids[0, k]) not in skip]
+    id_list = ids[0].tolist()
+    prompt_text = a.prompt_text(prompt, len(images))  # as templated, before expansion
+    notes: dict[str, str] = {}
+    k = len(positions)
+    if k:
+        pos = torch.tensor(positions, device=ids.device)
+        token_ids = ids[0, pos]
+        specs = [a.record_spec(source, n, "token") for n in layers]
+        spec = RecordSpec([p for one in specs for p in one.points], first_layer)
+        full = a.teacher_inputs(inputs, ids)
+        picked = HeadRows(a.output_head(), pos - 1)
+
+        def run() -> Scores:
+            with picked, a.recording(spec) as note:
+                logits = a.model(**full, use_cache=False).logits[0]
+            if any(p.module in a.attn for p in spec.points):
+                notes["attention"] = note
+            chosen = logits.float().log_softmax(-1).gather(-1, token_ids[:, None])[:, 0]
+            if source == TOKEN_LOGITS:
+                a.lens(picked.x.detach(), token_ids)  # recorded by the spec's hook
+            return Scores(chosen, chosen.detach().exp())
+
+        zeros = torch.zeros(k, dtype=torch.long, device=ids.device)
+        scores, recorded, grads = record(
+            method_obj, spec, run, k, zeros, explainer.grad_chunk, root=picked
+        )
+        if source == TEXT_TO_IMAGE:  # only the row that scored each token
+            rows = a.scored_rows(pos).to(recorded[0].device)
+            pick = torch.arange(k, device=rows.device)
+            recorded = [t[pick, :, rows][:, :, None] for t in recorded]
+            grads = None if grads is None else [g[pick, :, rows][:, :, None] for g in grads]
+        geometry = Geometry(1, len(layout.positions), 0, columns=layout.positions)
+        mask = torch.ones(k, 1, dtype=torch.long, device=ids.device)
+        values = 0
+        for i in range(len(layers)):  # a layer range: the mean of its layers' maps
+            out = method_obj.compute(
+                source, recorded[i : i + 1], None if grads is None else grads[i : i + 1],
+                geometry, mask, spec.graph,
+            )  # fmt: skip
+            one = out.raw_maps if out.raw_token_maps is None else out.raw_token_maps[:, 0]
+            values = values + one.detach().float().cpu().reshape(k, -1) / len(layers)
+        reported = scores.reported.detach().float().cpu()
+    else:  # nothing but special tokens: an empty explanation, not an error
+        values, reported = torch.zeros(0, len(layout.positions)), torch.zeros(0)
+    placed = place(values, columns)
+    words, word_tokens = group_words(a.tokenizer, [id_list[p] for p in positions])
+    word_raw = torch.stack([placed[0][t].mean(0) for t in word_tokens]) if words else None
+    return GenerationExplanation(
+        text=a.decode(id_list[first:]),
+        tokens=a.token_strings(ids[:, positions], torch.ones(1, k, dtype=torch.long))[0],
+        token_ids=[id_list[p] for p in positions],
+        positions=positions,
+        maps=normalize_maps(placed[0]),
+        raw_maps=placed[0],
+        scores=reported,
+        method=method_obj.name,
+        layer=layer,
+        model=explainer.name,
+        image=images[0],
+        score_kind=a.score_kind("token"),
+        unknown_words=unknown,
+        words=words,
+        word_tokens=word_tokens,
+        word_maps=None if word_raw is None else normalize_maps(word_raw),
+        image_maps=[normalize_maps(m) for m in placed],
+        prompt=prompt_text,
+        notes=notes,
+    )
+
+
+def layer_range(layer: int | str | tuple | list | range | None) -> list:
+    """The layers asked for: one (an int, a string of digits, None for the default), or a range
+    (`(first, last)`, a list, a `range`, or "first-last", both ends included)."""
+    if isinstance(layer, range):
+        layer = list(layer)
+    if isinstance(layer, str) and re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", layer):
+        lo, hi = (int(x) for x in layer.split("-"))
+        layer = list(range(lo, hi + 1))
+        if not layer:
+            raise InputError(f"layer range {lo}-{hi} is empty: write first-last with first <= last")
+    ends = isinstance(layer, tuple) and len(layer) == 2
+    if ends and all(isinstance(n, int) and not isinstance(n, bool) for n in layer):
+        layer = list(range(layer[0], layer[1] + 1))
+    if isinstance(layer, list | tuple):
+        if not layer:
+            raise InputError("layer: an empty range of layers (write first-last, first <= last)")
+        return list(dict.fromkeys(layer))
+    return [layer]
+
+
+def group_words(tokenizer, token_ids: list[int]) -> tuple[list[str], list[list[int]]]:
+    """Sub-word tokens grouped into words. Rule: decode the tokens one by one (each decode of
+    the tokens so far); a token whose new text starts with whitespace, or the first token,
+    begins a word, any other token continues the word before it; a token that adds no text
+    (a special token) belongs to the word before it, or starts the first. Returns each word's
+    text (stripped) and its token indices."""
+    words: list[str] = []
+    groups: list[list[int]] = []
+    text = ""
+    for i in range(len(token_ids)):
+        now = tokenizer.decode(token_ids[: i + 1], skip_special_tokens=True)
+        new = now[len(text) :] if now.startswith(text) else " " + tokenizer.decode([token_ids[i]])
+        text = now
+        if not groups or (new[:1].isspace() and new.strip()):
+            words.append(new.strip())
+            groups.append([i])
+        else:
+            words[-1] += new.strip()
+            groups[-1].append(i)
+    return words, groups

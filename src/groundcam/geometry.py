@@ -13,12 +13,15 @@ class Geometry:
     registers, or a whole text segment in single-stream models). They are stored row-major,
     unless `cells` [B, M] names the grid cell (`row * grid_w + col`) of each of the M image
     tokens of sample b (ViLT shuffles and may subsample its patches); cells with no token stay 0.
+    `columns` [N]: the image tokens are these sequence positions, in this order (a generative
+    VLM's image tokens, placed afterwards through its `TokenLayout`); the grid is then 1 x N.
     """
 
     grid_h: int
     grid_w: int
     prefix: int = 1
     cells: torch.Tensor | None = None
+    columns: torch.Tensor | None = None
 
     @property
     def num_patches(self) -> int:
@@ -26,6 +29,9 @@ class Geometry:
 
     def patches(self, tokens: torch.Tensor) -> torch.Tensor:
         """The image-token slice of the last axis, placed on the grid: [..., grid_h, grid_w]."""
+        if self.columns is not None:
+            cut = tokens.index_select(-1, self.columns.to(tokens.device))
+            return cut.reshape(*cut.shape[:-1], self.grid_h, self.grid_w)
         if self.cells is None:
             cut = tokens[..., self.prefix : self.prefix + self.num_patches]
             return cut.reshape(*cut.shape[:-1], self.grid_h, self.grid_w)

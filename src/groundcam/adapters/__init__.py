@@ -53,6 +53,9 @@ FAMILIES: dict[str, Family] = {
         ("VisionEncoderDecoderModel",),
         ("vision-encoder-decoder",),
     ),
+    "llava": Family(
+        "groundcam.adapters.llava", "LlavaAdapter", ("LlavaForConditionalGeneration",), ("llava",)
+    ),
     "captioner": Family(
         "groundcam.adapters.captioner",
         "CaptionerAdapter",

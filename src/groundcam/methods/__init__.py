@@ -18,11 +18,12 @@ from groundcam.methods.base import (
     MethodOutput,
 )
 from groundcam.methods.gradcam import GradCAM
+from groundcam.methods.logit_lens import LogitLens
 from groundcam.methods.relevance import Relevance
 from groundcam.methods.rollout import Rollout
 
 METHODS: dict[str, Method] = {
-    m.name: m for m in (Attention(), Rollout(), GradCAM(), AttnGradCAM(), Relevance())
+    m.name: m for m in (Attention(), Rollout(), GradCAM(), AttnGradCAM(), Relevance(), LogitLens())
 }
 
 

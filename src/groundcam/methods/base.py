@@ -8,7 +8,9 @@ import torch
 
 from groundcam.contract import (
     ATTENTION_GRAPH,
+    LM_TOKENS,
     TEXT_TO_IMAGE,
+    TOKEN_LOGITS,
     VISION_ATTENTION,
     VISION_TOKENS,
     AttentionGraph,
@@ -21,6 +23,8 @@ __all__ = [
     "AttentionGraph",
     "AttentionStep",
     "CROSS_ATTENTION",
+    "LM_TOKENS",
+    "TOKEN_LOGITS",
     "Method",
     "MethodOutput",
     "SELF_ATTENTION",
