@@ -169,6 +169,8 @@ def test_default_demo_shows_amc_beside_its_baseline(tmp_path):
             f"pointing accuracy {m:>12}: {h / n:6.1%} ({h}/{n} phrases); {BASELINE}: " in r.stdout
         )
     assert f"{LEAD}, beside {BASELINE}" in r.stdout and "AMC fine-tuning" in html
+    # image-only maps are marked on their figures, not warned about once per scene
+    assert "does not read the text" not in r.stderr and "rollout - image only" in html
     assert summary["captioner-tiny-shapes"]["attention"]["n"] > 0  # the captioner stays
 
 
