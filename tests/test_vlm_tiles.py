@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import tiny_vlm
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
 import groundcam as gc
 from groundcam.adapters.vlm import _EAGER, attention_implementations
+from groundcam.cli import main
 from groundcam.contract import TokenLayout
 from groundcam.errors import InputError
 from groundcam.placement import place
@@ -320,6 +322,49 @@ def test_batched_per_token_maps_equal_the_naive_recipe(tiny, name, method):
     assert torch.allclose(gen.raw_maps, want, atol=1e-5 * scale, rtol=1e-4)
 
 
+def test_known_answer_a_text_token_attending_to_one_tile_cell():
+    """Layer 0's queries read channel 0 (large in every text embedding), its keys channel 1,
+    which only the image token of cell (1, 0) of tile (0, 1) carries: every text row attends
+    there alone, and the placed map is 1/2 (that cell, averaged with the global image's ~0)
+    on that cell's pixel of the right half, ~0 elsewhere."""
+    model, processor = tiny_vlm.idefics3(seed=2)
+    dec = model.get_decoder()
+    attn = dec.layers[0].self_attn
+    hd = attn.head_dim
+    slow = hd // 2 - 1  # the rotary pair that barely turns over a few dozen positions
+    with torch.no_grad():
+        attn.q_proj.weight.zero_()
+        attn.k_proj.weight.zero_()
+        for h in range(attn.q_proj.out_features // hd):
+            attn.q_proj.weight[h * hd + slow, 0] = 5.0
+        for h in range(attn.k_proj.out_features // hd):
+            attn.k_proj.weight[h * hd + slow, 1] = 5.0
+        model.get_input_embeddings().weight[:, 0] = 10.0
+        model.get_input_embeddings().weight[:, 1] = 0.0
+    ex = gc.load(model, processor=processor)
+    inputs = ex.adapter.inputs([picture()], PROMPT)
+    layout = ex.adapter.token_layout(inputs, inputs["input_ids"], [(32, 64)])
+    (m,) = torch.nonzero((layout.tile == 1) & (layout.row == 1) & (layout.col == 0))[:, 0]
+    cell = int(layout.positions[m])
+
+    def mark(module, args, kwargs):
+        x = kwargs["inputs_embeds"].clone()
+        x[:, :, 1] = 0.0
+        x[:, cell, 1] = 10.0
+        return args, {**kwargs, "inputs_embeds": x}
+
+    handle = dec.register_forward_pre_hook(mark, with_kwargs=True)
+    try:
+        gen = ex.explain_generation(picture(), prompt=PROMPT, method="attention", text=TEXT)
+    finally:
+        handle.remove()
+    raw = gen.raw_maps
+    assert raw.shape == (4, 2, 4) and (raw[:, 1, 2] > 0.49).all()
+    others = raw.clone()
+    others[:, 1, 2] = 0
+    assert (others < 1e-3).all()
+
+
 @pytest.fixture(scope="module")
 def sdpa_twins(tiny):
     twins = {}
@@ -402,3 +447,17 @@ def test_bad_input_is_one_line(tiny, name):
     with pytest.raises(InputError) as e:
         ex.explain(picture(), ["a dog"])
     one_line(e)
+
+
+def test_cli_refuses_a_prompt_with_too_many_placeholders(tmp_path):
+    model, processor = tiny_vlm.internvl()
+    path = tiny_vlm.save(model, processor, tmp_path / "internvl")
+    image = tmp_path / "pic.png"
+    picture().save(image)
+    args = ["caption", str(image), "--model", str(path), "--method", "gradcam"]
+    args += ["--max-new-tokens", "2", "--out", str(tmp_path / "out")]
+    ok = CliRunner().invoke(main, [*args, "--prompt", "where is the cat"])
+    assert ok.exit_code == 0, ok.output
+    bad = CliRunner().invoke(main, [*args, "--prompt", "<IMG_CONTEXT> <IMG_CONTEXT> what"])
+    assert bad.exit_code == 2 and "placeholder" in bad.output
+    assert "Traceback" not in bad.output and len(bad.output.strip().splitlines()) == 1
