@@ -107,6 +107,10 @@ def test_idefics3_tiles_cover_their_share_of_a_non_square_image(w, h, grid):
     assert layout.tiles[-1].box == (0, 0, 1, 1) and layout.sizes == ((h, w),)
     assert layout.row[:8].tolist() == [0, 0, 1, 1] * 2 and layout.col[:4].tolist() == [0, 1, 0, 1]
     assert_boxes_hold_their_pixels(processor, inputs, layout, [image])
+    with pytest.raises(ValueError, match="form 1 image"):
+        a.token_layout(inputs, ids, [(h, w), (h, w)])
+    with pytest.raises(ValueError, match="a tile of this idefics3 model takes 2x2"):
+        a.token_layout(inputs, ids[:, :-8], [(h, w)])  # the global image cut short
 
 
 def test_an_image_that_fits_one_tile_has_only_the_global_image():
@@ -132,6 +136,8 @@ def test_internvl_tiles_and_thumbnail_cover_their_share(w, h, grid):
     if tiles > 1:
         assert layout.tiles[cols].box == pytest.approx((0, 1 / rows, 1 / cols, 2 / rows))
     assert_boxes_hold_their_pixels(processor, inputs, layout, [image])
+    with pytest.raises(ValueError, match="1 runs of image tokens for 2 image"):
+        a.token_layout(inputs, inputs["input_ids"], [(h, w), (h, w)])
 
 
 @pytest.mark.parametrize("name", ["idefics3", "internvl"])

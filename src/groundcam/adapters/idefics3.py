@@ -58,8 +58,8 @@ class Idefics3Adapter(VlmAdapter):
             start = int(run[0])
             if len(run) != s * s:
                 raise ValueError(
-                    f"a run of {len(run)} image tokens at position {start}; an {self.family} "
-                    f"tile takes {s}x{s}"
+                    f"a run of {len(run)} image tokens at position {start}; a tile of this "
+                    f"{self.family} model takes {s}x{s}"
                 )
             before = ids[0, max(end, start - 16) : start].tolist()
             marker = _MARKER.search(self.tokenizer.decode(before, skip_special_tokens=False))
