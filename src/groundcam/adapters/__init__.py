@@ -56,6 +56,24 @@ FAMILIES: dict[str, Family] = {
     "llava": Family(
         "groundcam.adapters.llava", "LlavaAdapter", ("LlavaForConditionalGeneration",), ("llava",)
     ),
+    "idefics3": Family(
+        "groundcam.adapters.idefics3",
+        "Idefics3Adapter",
+        ("Idefics3ForConditionalGeneration",),
+        ("idefics3",),
+    ),
+    "smolvlm": Family(
+        "groundcam.adapters.idefics3",
+        "SmolVlmAdapter",
+        ("SmolVLMForConditionalGeneration",),
+        ("smolvlm",),
+    ),
+    "internvl": Family(
+        "groundcam.adapters.internvl",
+        "InternVLAdapter",
+        ("InternVLForConditionalGeneration",),
+        ("internvl",),
+    ),
     "captioner": Family(
         "groundcam.adapters.captioner",
         "CaptionerAdapter",
