@@ -373,3 +373,21 @@ def test_bad_input_is_one_line(tiny):
     with pytest.raises(InputError) as e:  # a bare image token: the processor's count refuses
         ex.explain_generation(picture(), prompt=f"<|image_pad|> {IMAGE} what")
     assert "processor refused" in one_line(e)
+
+
+def test_the_chat_template_wraps_each_image_in_vision_tokens():
+    """A Qwen-style chat template (the real one writes each image as vision start, image pad,
+    vision end): the prompt goes through it, and the default prompt is "Describe the image."."""
+    model, processor = tiny_vlm.qwen2_vl()
+    processor.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    ex = gc.load(model, processor=processor)
+    want = f"<|im_start|>user\n{IMAGE}{IMAGE}what is it<|im_end|>\n<|im_start|>assistant\n"
+    assert ex.adapter.prompt_text("what is it", 2) == want
+    assert "Describe the image." in ex.adapter.prompt_text(None, 1)
+    gen = ex.explain_generation([picture(), picture(64, 32)], prompt="what is it", text=TEXT)
+    assert gen.prompt == want and gen.method == "attn-gradcam" and len(gen.image_maps) == 2
