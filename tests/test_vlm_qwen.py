@@ -391,3 +391,12 @@ def test_the_chat_template_wraps_each_image_in_vision_tokens():
     assert "Describe the image." in ex.adapter.prompt_text(None, 1)
     gen = ex.explain_generation([picture(), picture(64, 32)], prompt="what is it", text=TEXT)
     assert gen.prompt == want and gen.method == "attn-gradcam" and len(gen.image_maps) == 2
+
+
+def test_an_image_smart_resize_cannot_take_is_one_line(tiny):
+    model, processor = tiny
+    with pytest.raises(InputError) as e:
+        gc.load(model, processor=processor).explain_generation(
+            Image.new("RGB", (450, 2)), prompt=PROMPT, max_new_tokens=2
+        )
+    assert "aspect ratio must be smaller than 200" in one_line(e)
