@@ -180,6 +180,8 @@ def test_video_steps_are_one_map_each_after_the_images_before_them():
     assert merged_grids(torch.tensor([[2, 4, 6]]), 2) == [(2, 2, 3)]
     with pytest.raises(ValueError, match="13 tokens of id"):
         a.token_layout(inputs, torch.cat([ids, torch.tensor([[vid]])], 1), [(20, 40), (30, 45)])
+    with pytest.raises(ValueError, match="1 sizes for 2 images and videos"):
+        a.token_layout(inputs, ids, [(20, 40)])
     with pytest.raises(ValueError, match="merge size 2"):
         merged_grids(torch.tensor([[1, 3, 4]]), 2)
 

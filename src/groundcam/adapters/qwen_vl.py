@@ -68,37 +68,33 @@ class QwenVlAdapter(VlmAdapter):
         map per temporal step), in sequence order; `sizes`: one (H, W) per image, then one per
         video."""
         merge = int(self.model.config.vision_config.spatial_merge_size)
-        runs = []  # (first position, positions, (steps, rows, cols), size)
-        key_ids = (("image_grid_thw", self.image_token_id), ("video_grid_thw", self.video_id()))
-        given = iter(sizes)
-        for key, token in key_ids:
-            grids = inputs.get(key)
-            found = torch.nonzero(ids[0] == token)[:, 0].cpu() if token is not None else []
-            grids = [] if grids is None else merged_grids(grids, merge)
-            need = sum(t * h * w for t, h, w in grids)
-            if len(found) != need:
+        runs = []  # (token positions, (steps, rows, cols)): the images, then the videos
+        for key, token in (
+            ("image_grid_thw", self.image_token_id),
+            ("video_grid_thw", self.video_id()),
+        ):
+            grids = [] if inputs.get(key) is None else merged_grids(inputs[key], merge)
+            found = torch.nonzero(ids[0] == token)[:, 0].cpu() if token is not None else ids[0, :0]
+            counts = [t * h * w for t, h, w in grids]
+            if len(found) != sum(counts):
                 raise ValueError(
                     f"{len(found)} tokens of id {token} for {key} {[list(g) for g in grids]} "
-                    f"(merge {merge}): {need} expected"
+                    f"(merge {merge}): {sum(counts)} expected"
                 )
-            start = 0
-            for grid in grids:
-                n = grid[0] * grid[1] * grid[2]
-                run = found[start : start + n]
-                runs.append((int(run[0]), run, grid, next(given, None)))
-                start += n
+            runs += list(zip(found.split(counts), grids, strict=True))
         if not runs:
             raise ValueError("no image or video tokens in the sequence")
-        if any(size is None for *_, size in runs) or next(given, None) is not None:
+        if len(sizes) != len(runs):
             raise ValueError(f"{len(sizes)} sizes for {len(runs)} images and videos")
-        runs.sort(key=lambda r: r[0])
-        tiles, frame_sizes = [], []
-        for _, _, (steps, rows, cols), size in runs:
+        tiles, frame_sizes, positions = [], [], []
+        for (run, (steps, rows, cols)), size in sorted(
+            zip(runs, sizes, strict=True), key=lambda r: int(r[0][0][0])
+        ):
             for _ in range(steps):
                 tiles.append(Tile(len(tiles), 0, rows, cols))
                 frame_sizes.append(tuple(size))
-        positions = torch.cat([run for _, run, _, _ in runs])
-        return TokenLayout.from_tiles(positions, tiles, tuple(frame_sizes))
+            positions.append(run)
+        return TokenLayout.from_tiles(torch.cat(positions), tiles, tuple(frame_sizes))
 
     def video_id(self) -> int | None:
         """The video token's id (config.video_token_id), if the model has one."""
