@@ -402,3 +402,41 @@ def test_an_image_smart_resize_cannot_take_is_one_line(tiny):
             Image.new("RGB", (450, 2)), prompt=PROMPT, max_new_tokens=2
         )
     assert "aspect ratio must be smaller than 200" in one_line(e)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_video_steps_laid_out_as_the_model_reads_them(family):
+    """Constructed video inputs (2 steps of 2 x 3 tokens) through the model itself: changing the
+    frames of step 1 changes the language model's inputs at the layout's step-1 columns only,
+    so the steps are where the layout puts them (Qwen3-VL writes each step in its own run)."""
+    model, processor = tiny_vlm.BUILDERS[family]()
+    cfg = model.config
+    start, end, vid = cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.video_token_id
+    steps = [[start, *[vid] * 6, end] for _ in range(2)]
+    body = steps[0] + [7] + steps[1] if family == "qwen3_vl" else [start, *[vid] * 12, end]
+    ids = torch.tensor([[5, *body, 9]])
+    grid = torch.tensor([[2, 4, 6]])
+    layout = gc.load(model, processor=processor).adapter.token_layout(
+        {"video_grid_thw": grid}, ids, [(30, 45)]
+    )
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randn(2 * 4 * 6, 3 * 2 * 8 * 8, generator=g)
+    changed = frames.clone()
+    changed[24:] += 1.0  # the patches of step 1 (t-major)
+
+    def lm_inputs(pixels: torch.Tensor) -> torch.Tensor:
+        out = model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            mm_token_type_ids=(ids == vid).long() * 2,
+            pixel_values_videos=pixels,
+            video_grid_thw=grid,
+            output_hidden_states=True,
+        )
+        return out.hidden_states[0][0]
+
+    with torch.no_grad():
+        diff = (lm_inputs(frames) - lm_inputs(changed)).abs().amax(-1)
+    step = layout.tile[layout.has_cell]
+    assert (diff[layout.positions[step == 0]] == 0).all()
+    assert (diff[layout.positions[step == 1]] > 1e-4).all()
