@@ -440,3 +440,49 @@ def test_video_steps_laid_out_as_the_model_reads_them(family):
     step = layout.tile[layout.has_cell]
     assert (diff[layout.positions[step == 0]] == 0).all()
     assert (diff[layout.positions[step == 1]] > 1e-4).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_known_answer_a_text_token_attending_to_one_image_token(family):
+    """Layer 0's queries read channel 0 (large in every embedding), its keys channel 1, which
+    only the image token of cell (1, 2) carries: every text row attends there alone (the
+    slowest rotary pair, so positions barely matter)."""
+    model, processor = tiny_vlm.BUILDERS[family](seed=2)
+    dec = model.get_decoder()
+    attn = dec.layers[0].self_attn
+    hd = attn.head_dim
+    slow = hd // 2 - 1
+    with torch.no_grad():
+        for proj in (attn.q_proj, attn.k_proj):
+            proj.weight.zero_()
+            if proj.bias is not None:
+                proj.bias.zero_()
+        for h in range(attn.q_proj.out_features // hd):
+            attn.q_proj.weight[h * hd + slow, 0] = 5.0
+        for h in range(attn.k_proj.out_features // hd):
+            attn.k_proj.weight[h * hd + slow, 1] = 5.0
+        for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):
+            if norm is not None:  # Qwen3's per-head RMS norms would undo the scale of 5
+                norm.weight.fill_(10.0)
+        model.get_input_embeddings().weight[:, 0] = 10.0
+        model.get_input_embeddings().weight[:, 1] = 0.0
+    ex = gc.load(model, processor=processor)
+    inputs = ex.adapter.inputs([picture()], PROMPT)
+    cell = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id)[1 * 3 + 2, 0]
+
+    def mark(module, args, kwargs):
+        x = kwargs["inputs_embeds"].clone()
+        x[:, :, 1] = 0.0
+        x[:, cell, 1] = 10.0
+        return args, {**kwargs, "inputs_embeds": x}
+
+    handle = dec.register_forward_pre_hook(mark, with_kwargs=True)
+    try:
+        gen = ex.explain_generation(picture(), prompt=PROMPT, method="attention", text=TEXT)
+    finally:
+        handle.remove()
+    raw = gen.raw_maps
+    assert raw.shape == (4, 2, 3) and (raw[:, 1, 2] > 0.99).all()
+    others = raw.clone()
+    others[:, 1, 2] = 0
+    assert (others < 1e-3).all()
