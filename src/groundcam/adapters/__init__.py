@@ -56,6 +56,18 @@ FAMILIES: dict[str, Family] = {
     "llava": Family(
         "groundcam.adapters.llava", "LlavaAdapter", ("LlavaForConditionalGeneration",), ("llava",)
     ),
+    "llava-next": Family(
+        "groundcam.adapters.llava_next",
+        "LlavaNextAdapter",
+        ("LlavaNextForConditionalGeneration",),
+        ("llava_next",),
+    ),
+    "llava-onevision": Family(
+        "groundcam.adapters.llava_next",
+        "LlavaOnevisionAdapter",
+        ("LlavaOnevisionForConditionalGeneration",),
+        ("llava_onevision",),
+    ),
     "captioner": Family(
         "groundcam.adapters.captioner",
         "CaptionerAdapter",
