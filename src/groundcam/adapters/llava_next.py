@@ -27,6 +27,7 @@ import torch
 from groundcam.adapters import hf
 from groundcam.adapters.vlm import VlmAdapter
 from groundcam.contract import Tile, TokenLayout
+from groundcam.errors import InputError
 
 
 class LlavaNextAdapter(VlmAdapter):
@@ -49,7 +50,10 @@ class LlavaNextAdapter(VlmAdapter):
             get_patch_output_size,
             select_best_resolution,
         )
-        from transformers.models.llava_next.modeling_llava_next import unpad_image
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+            unpad_image,
+        )
 
         h, w = size
         pinpoints = hf.image_processor_of(self.processor).image_grid_pinpoints
@@ -58,7 +62,15 @@ class LlavaNextAdapter(VlmAdapter):
             np.empty((0, h, w)), (canvas_h, canvas_w), "channels_first"
         )
         top, left = (canvas_h - new_h) // 2, (canvas_w - new_w) // 2
-        grid_h, grid_w = canvas_h // side * cells, canvas_w // side * cells
+        rows, cols = get_anyres_image_grid_shape(
+            (h, w), self.model.config.image_grid_pinpoints, side
+        )
+        if (rows * side, cols * side) != (canvas_h, canvas_w):
+            raise InputError(
+                f"the processor puts a {h}x{w} image on a {canvas_h}x{canvas_w} canvas, the model "
+                f"reads {rows}x{cols} tiles of {side} px: their image_grid_pinpoints differ"
+            )
+        grid_h, grid_w = rows * cells, cols * cells
         index = torch.stack(
             torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
         )
@@ -71,8 +83,7 @@ class LlavaNextAdapter(VlmAdapter):
             (c1 * canvas_w / grid_w - left) / new_w,
             (r1 * canvas_h / grid_h - top) / new_h,
         )
-        rows, cols = self.shrunk(r1 - r0, c1 - c0, cells)
-        return Tile(image, 1, rows, cols, box, newline=True)
+        return Tile(image, 1, *self.shrunk(r1 - r0, c1 - c0, cells), box, newline=True)
 
     def patched(self, inputs, images: int) -> list[bool]:
         """Per image, whether the model reads its hi-res tiles (always, on LLaVA-NeXT)."""
@@ -106,9 +117,10 @@ class LlavaNextAdapter(VlmAdapter):
             tiles += one
         need = sum(len(p.positions) + e for p, e in zip(parts, ends, strict=True))
         if need != len(positions):
-            raise ValueError(
+            raise InputError(
                 f"{len(positions)} image tokens where the {self.family} geometry of "
-                f"{len(sizes)} image(s) gives {need}"
+                f"{len(sizes)} image(s) gives {need}: the processor does not match the model "
+                "(image_grid_pinpoints, tile or patch size)"
             )
         tile, row, col = [], [], []
         for k, (part, end) in enumerate(zip(parts, ends, strict=True)):
