@@ -332,3 +332,49 @@ def test_bad_input_is_one_line(tiny):
     with pytest.raises(InputError) as e:
         gc.load(model, processor=other).explain_generation(picture(64, 32), text=TEXT)
     assert "image_grid_pinpoints" in one_line(e)
+
+
+@pytest.mark.parametrize("builder", FAMILIES)
+def test_known_answer_a_text_token_attending_to_one_hires_cell(builder):
+    """Layer 0's queries read channel 0 (large in every text embedding), its keys channel 1,
+    which only the token of hi-res cell (5, 2) carries: every text row attends there alone. On a
+    64 x 64 image (2 x 2 tiles, an 8 x 8 grid, no padding) the map is 0.5 on that cell (its mean
+    with the base tile's cell, which gets nothing) and 0 elsewhere."""
+    model, processor = getattr(tiny_vlm, builder)(seed=2)
+    dec = model.get_decoder()
+    attn = dec.layers[0].self_attn
+    hd = attn.head_dim
+    slow = hd // 2 - 1  # the rotary pair that barely turns over a few hundred positions
+    with torch.no_grad():
+        for proj, channel in ((attn.q_proj, 0), (attn.k_proj, 1)):
+            proj.weight.zero_()
+            if proj.bias is not None:
+                proj.bias.zero_()
+            for h in range(proj.out_features // hd):
+                proj.weight[h * hd + slow, channel] = 5.0
+        model.get_input_embeddings().weight[:, 0] = 10.0
+        model.get_input_embeddings().weight[:, 1] = 0.0
+    ex = gc.load(model, processor=processor)
+    image = picture(64, 64)
+    inputs = ex.adapter.inputs([image], PROMPT)
+    layout = ex.adapter.token_layout(inputs, inputs["input_ids"], [(64, 64)])
+    assert (layout.tiles[1].grid_h, layout.tiles[1].grid_w) == (8, 8)
+    cell = layout.positions[(layout.tile == 1) & (layout.row == 5) & (layout.col == 2)]
+
+    def mark(module, args, kwargs):
+        x = kwargs["inputs_embeds"].clone()
+        x[:, :, 1] = 0.0
+        x[:, cell, 1] = 10.0
+        return args, {**kwargs, "inputs_embeds": x}
+
+    handle = dec.register_forward_pre_hook(mark, with_kwargs=True)
+    try:
+        gen = ex.explain_generation(image, prompt=PROMPT, method="attention", text=TEXT)
+    finally:
+        handle.remove()
+    raw = gen.raw_maps
+    assert raw.shape == (4, 8, 8)
+    assert ((raw[:, 5, 2] - 0.5).abs() < 5e-3).all()
+    others = raw.clone()
+    others[:, 5, 2] = 0
+    assert (others < 1e-3).all()
