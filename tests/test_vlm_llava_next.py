@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import tiny_vlm
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
 import groundcam as gc
 from groundcam.adapters.vlm import _EAGER, attention_implementations
+from groundcam.cli import main
 from groundcam.contract import TokenLayout
 from groundcam.errors import InputError
 from groundcam.explanation import normalize_maps
@@ -378,3 +381,19 @@ def test_known_answer_a_text_token_attending_to_one_hires_cell(builder):
     others = raw.clone()
     others[:, 5, 2] = 0
     assert (others < 1e-3).all()
+
+
+def test_cli_caption_of_a_wide_image(tmp_path):
+    model, processor = tiny_vlm.llava_onevision()
+    path = tiny_vlm.save(model, processor, tmp_path / "onevision")
+    image = tmp_path / "wide.png"
+    picture(101, 48).save(image)
+    args = ["caption", str(image), "--model", str(path), "--prompt", "where is the cat"]
+    args += ["--method", "gradcam", "--text", TEXT, "--out", str(tmp_path / "out"), "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "where is the cat" in result.output
+    maps = np.load(tmp_path / "out" / "maps.npz")
+    assert any(maps[k].shape == (4, 4, 8) for k in maps.files)  # the 4 x 8 hi-res grid's size
+    bad = CliRunner().invoke(main, [*args[:5], "<image> <image> what", *args[6:]])
+    assert bad.exit_code == 2 and "placeholder" in bad.output and "Traceback" not in bad.output
