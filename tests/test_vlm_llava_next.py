@@ -397,3 +397,17 @@ def test_cli_caption_of_a_wide_image(tmp_path):
     assert any(maps[k].shape == (4, 4, 8) for k in maps.files)  # the 4 x 8 hi-res grid's size
     bad = CliRunner().invoke(main, [*args[:5], "<image> <image> what", *args[6:]])
     assert bad.exit_code == 2 and "placeholder" in bad.output and "Traceback" not in bad.output
+
+
+def test_a_padded_grid_reaching_past_the_image_is_placed_as_it_lies():
+    """A tile whose box reaches past the image (its outer cells half padding): each pixel reads
+    the cell over its centre; a box that misses the image, or is inverted, is refused."""
+    from groundcam.contract import Tile
+
+    tile = Tile(0, 0, 1, 2, (-0.5, 0.0, 1.5, 1.0))
+    layout = TokenLayout.from_tiles(torch.arange(2), (tile,))
+    (placed,) = place(torch.tensor([[1.0, 2.0]]), layout, [(1, 4)])
+    assert placed[0].tolist() == [[1.0, 1.0, 2.0, 2.0]]
+    for box in ((1.0, 0.0, 2.0, 1.0), (0.0, -1.0, 1.0, 0.0), (0.6, 0.0, 0.4, 1.0)):
+        with pytest.raises(ValueError, match="tile box"):
+            Tile(0, 0, 1, 2, box)
