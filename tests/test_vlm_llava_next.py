@@ -411,3 +411,12 @@ def test_a_padded_grid_reaching_past_the_image_is_placed_as_it_lies():
     for box in ((1.0, 0.0, 2.0, 1.0), (0.0, -1.0, 1.0, 0.0), (0.6, 0.0, 0.4, 1.0)):
         with pytest.raises(ValueError, match="tile box"):
             Tile(0, 0, 1, 2, box)
+
+
+def test_onevision_with_a_clip_tower_drops_the_cls_token_as_the_model_does():
+    model, processor = tiny_vlm.llava_onevision(vision="clip")
+    a = gc.load(model, processor=processor).adapter
+    inputs = a.inputs([picture(40, 90)], PROMPT)
+    layout = a.token_layout(inputs, inputs["input_ids"], [(90, 40)])
+    assert [(t.grid_h, t.grid_w) for t in layout.tiles] == [(4, 4), (8, 4)]
+    assert torch.equal(newline_columns(model, inputs, layout), ~layout.has_cell)
