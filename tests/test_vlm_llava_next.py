@@ -420,3 +420,31 @@ def test_onevision_with_a_clip_tower_drops_the_cls_token_as_the_model_does():
     layout = a.token_layout(inputs, inputs["input_ids"], [(90, 40)])
     assert [(t.grid_h, t.grid_w) for t in layout.tiles] == [(4, 4), (8, 4)]
     assert torch.equal(newline_columns(model, inputs, layout), ~layout.has_cell)
+
+
+def test_onevision_video_frames_each_get_a_pooled_grid_and_the_video_one_newline():
+    """Video needs torchvision's video processor (absent here): the frames' pixel values are
+    given directly, the prompt holds the video tokens; the layout gives frame f a 2 x 2 grid
+    (4 x 4 cells pooled), in frame order, then one newline, as the model writes them."""
+    model, processor = tiny_vlm.llava_onevision()
+    a = gc.load(model, processor=processor).adapter
+    frames = 3
+    video = model.config.video_token_id
+    prompt = processor.tokenizer("what is the sign", return_tensors="pt")["input_ids"]
+    ids = torch.cat([torch.full((1, frames * 4 + 1), video), prompt], 1)
+    layout = a.video_tokens(ids, frames)
+    assert layout.images == frames and layout.positions.tolist() == list(range(frames * 4 + 1))
+    assert layout.image.tolist() == [f for f in range(frames) for _ in range(4)] + [frames - 1]
+    pixels = torch.randn(1, frames, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = embeds_of(model, {"input_ids": ids, "pixel_values_videos": pixels})[layout.positions]
+    with torch.no_grad():
+        want = model.model.get_video_features(pixel_values_videos=pixels).pooler_output[0]
+    assert torch.allclose(x, want, atol=1e-6)
+    assert torch.equal(
+        torch.isclose(x, model.model.image_newline.detach(), atol=1e-6).all(-1), ~layout.has_cell
+    )
+    with pytest.raises(InputError) as e:
+        a.video_tokens(ids, frames + 1)
+    assert "video tokens" in one_line(e)
+    with pytest.raises(ValueError, match="videos need torchvision"):
+        processor.video_processor(videos=[pixels[0]])

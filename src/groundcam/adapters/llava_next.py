@@ -13,7 +13,8 @@ past the image by the part of a cell that held padding. OneVision shrinks a grid
 `anyres_max_N` tiles' worth of cells bilinearly (same box, fewer cells), and an image of a
 multi-image sample (`batch_num_images` > 1) is its base tile and one newline. Both families take
 several images per prompt, one map per image (base and hi-res cells averaged where both cover a
-pixel, `placement.place`). OneVision's video frames are not read: groundcam explains images."""
+pixel, `placement.place`). OneVision's video tokens are laid out frame by frame (`video_tokens`),
+but `explain_generation` reads images only."""
 
 from __future__ import annotations
 
@@ -159,3 +160,26 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         if counts is None:
             return [True] * images
         return [int(n) == 1 for n in counts for _ in range(int(n))]
+
+    def video_tokens(self, ids: torch.Tensor, frames: int) -> TokenLayout:
+        """Where a video's tokens (`config.video_token_id`) sit: per frame the tile's cell grid
+        pooled bilinearly to ceil(g/2) x ceil(g/2) over the whole (squashed) frame, frames in
+        order, then one newline; frame f is image f of the layout. For the video path to come:
+        `explain_generation` reads images only (videos also need torchvision's video processor)."""
+        positions = torch.nonzero(ids[0] == int(self.model.config.video_token_id))[:, 0].cpu()
+        vision = self.model.config.vision_config
+        side = math.ceil(int(vision.image_size) // hf.patch_size(vision)[0] / 2)
+        if len(positions) != frames * side * side + 1:
+            raise InputError(
+                f"{len(positions)} video tokens where {frames} frame(s) of {side}x{side} cells "
+                f"and one newline give {frames * side * side + 1}"
+            )
+        tiles = tuple(Tile(f, 0, side, side) for f in range(frames))
+        cells = TokenLayout.from_tiles(positions[:-1], tiles)
+        return TokenLayout(
+            positions,
+            torch.cat([cells.tile, torch.tensor([frames - 1])]),
+            torch.cat([cells.row, torch.tensor([-1])]),
+            torch.cat([cells.col, torch.tensor([-1])]),
+            tiles,
+        )
