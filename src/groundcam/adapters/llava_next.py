@@ -103,31 +103,28 @@ class LlavaNextAdapter(VlmAdapter):
                 f"the {self.family} layout needs the processor's image_sizes per image"
             )
         tiles: list[Tile] = []
-        parts: list[TokenLayout] = []
-        ends: list[bool] = []  # whether one newline column follows the part
+        tile, row, col = [], [], []  # per column: its tile's index and its cell (or -1)
         for i, patched in enumerate(self.patched(inputs, len(sizes))):
             size = tuple(int(v) for v in image_sizes[i])
             one = [Tile(i, 0, cells, cells)]
-            if patched:
-                one.append(self.hires_tile(i, size, side, cells))
-            for tile in one:
-                alone = replace(tile, image=0)  # its cells in order, as a layout of its own
-                parts.append(TokenLayout.from_tiles(torch.arange(tile.columns), (alone,)))
-                ends.append(False)
-            ends[-1] = not patched
-            tiles += one
-        need = sum(len(p.positions) + e for p, e in zip(parts, ends, strict=True))
+            one += [self.hires_tile(i, size, side, cells)] if patched else []
+            for t in one:
+                alone = TokenLayout.from_tiles(torch.arange(t.columns), (replace(t, image=0),))
+                tile.append(torch.full_like(alone.tile, len(tiles)))
+                row.append(alone.row)
+                col.append(alone.col)
+                tiles.append(t)
+            if not patched:  # OneVision's multi-image samples: one newline after the base tile
+                tile.append(torch.tensor([len(tiles) - 1]))
+                row.append(torch.tensor([-1]))
+                col.append(torch.tensor([-1]))
+        need = sum(len(t) for t in tile)
         if need != len(positions):
             raise InputError(
                 f"{len(positions)} image tokens where the {self.family} geometry of "
                 f"{len(sizes)} image(s) gives {need}: the processor does not match the model "
                 "(image_grid_pinpoints, tile or patch size)"
             )
-        tile, row, col = [], [], []
-        for k, (part, end) in enumerate(zip(parts, ends, strict=True)):
-            tile += [torch.full_like(part.tile, k)] + [torch.tensor([k])] * end
-            row += [part.row] + [torch.tensor([-1])] * end
-            col += [part.col] + [torch.tensor([-1])] * end
         return TokenLayout(
             positions,
             torch.cat(tile),
