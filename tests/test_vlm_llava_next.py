@@ -448,3 +448,26 @@ def test_onevision_video_frames_each_get_a_pooled_grid_and_the_video_one_newline
     assert "video tokens" in one_line(e)
     with pytest.raises(ValueError, match="videos need torchvision"):
         processor.video_processor(videos=[pixels[0]])
+
+
+@pytest.mark.parametrize("builder", FAMILIES)
+@pytest.mark.parametrize(
+    "options, width, height",
+    [
+        (dict(image_size=48, patch_size=8), 130, 70),  # 6 x 6 cells per tile
+        (dict(image_size=48, patch_size=16, pinpoints=[[48, 144], [144, 48], [96, 96]]), 33, 97),
+        (dict(image_size=32, patch_size=8, pinpoints=[[32, 96], [64, 64]]), 150, 41),
+    ],
+)
+def test_other_tile_sizes_and_canvases_are_laid_out_as_the_model_writes_them(
+    builder, options, width, height
+):
+    model, processor = getattr(tiny_vlm, builder)(**options)
+    a = gc.load(model, processor=processor).adapter
+    inputs = a.inputs([picture(width, height)], PROMPT)
+    layout = a.token_layout(inputs, inputs["input_ids"], [(height, width)])
+    g = options["image_size"] // options["patch_size"]
+    assert (layout.tiles[0].grid_h, layout.tiles[0].grid_w) == (g, g)
+    assert torch.equal(newline_columns(model, inputs, layout), ~layout.has_cell)
+    x0, y0, x1, y1 = layout.tiles[1].box
+    assert x0 <= 0 < 1 <= x1 + 1e-9 or y0 <= 0 < 1 <= y1 + 1e-9  # one axis is filled
