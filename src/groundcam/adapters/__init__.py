@@ -84,6 +84,18 @@ FAMILIES: dict[str, Family] = {
         ),
         ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
     ),
+    "llava-next": Family(
+        "groundcam.adapters.llava_next",
+        "LlavaNextAdapter",
+        ("LlavaNextForConditionalGeneration",),
+        ("llava_next",),
+    ),
+    "llava-onevision": Family(
+        "groundcam.adapters.llava_next",
+        "LlavaOnevisionAdapter",
+        ("LlavaOnevisionForConditionalGeneration",),
+        ("llava_onevision",),
+    ),
     "captioner": Family(
         "groundcam.adapters.captioner",
         "CaptionerAdapter",
