@@ -59,6 +59,7 @@ FAMILIES: dict[str, Family] = {
         ("ShowAttendTell",),
         ("groundcam-captioner",),
     ),
+    "scan": Family("groundcam.adapters.scan", "ScanAdapter", ("SCAN",), ("groundcam-scan",)),
 }
 
 
