@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -27,9 +28,10 @@ from groundcam.contract import (
     Source,
 )
 from groundcam.data.caption_text import tokenize
+from groundcam.data.regions import RegionFeatures, paint
 from groundcam.errors import GroundcamWarning, InputError
 from groundcam.geometry import RegionGeometry
-from groundcam.models.scan import SCAN
+from groundcam.models.scan import SCAN, pair_similarity
 
 
 class ScanAdapter(Adapter):
@@ -143,4 +145,27 @@ class ScanAdapter(Adapter):
         return Scores(sim, sim.detach(), geometry)
 
 
-__all__ = ["ScanAdapter"]
+def region_word_maps(
+    model: SCAN, item: RegionFeatures, text: str, size: tuple[int, int] | None = None
+) -> tuple[list[str], torch.Tensor, float]:
+    """For a SCAN model on detector features: `text`'s words, each word's attention over the
+    regions painted on an (H, W) image (default: the item's size, else 100 x 100), and the
+    similarity. Features without boxes are one line naming their file and row."""
+    boxes = item.require_boxes()
+    if size is None:
+        size = (item.size[1], item.size[0]) if item.size else (100, 100)
+    device = next(model.parameters()).device
+    features = torch.tensor(np.array(item.features, dtype=np.float32), device=device)[None]
+    with torch.no_grad():
+        regions = model.encode_regions(features)
+        ids, lengths = model.encode_texts([text])
+        sim, attn = pair_similarity(
+            regions, model.encode_words(ids, lengths), lengths, "t2i", model.config.lambda_softmax
+        )
+        if model.config.direction != "t2i":
+            sim = model.similarity(regions, model.encode_words(ids, lengths), lengths)
+    words = [model.vocab.words[i] for i in ids[0, : int(lengths[0])].tolist()]
+    return words, paint(attn[0, : len(words)].cpu(), boxes, size), float(sim[0])
+
+
+__all__ = ["ScanAdapter", "region_word_maps"]
