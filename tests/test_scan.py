@@ -285,11 +285,11 @@ def test_a_killed_run_resumes_to_identical_weights(tmp_path, monkeypatch):
     straight = scan_train.train(_config(tmp_path / "a"), threads=1)
     real, calls = scan_train.loss_terms, {"n": 0}
 
-    def crash_on_fourth(model, batch):
+    def crash_on_fourth(model, batch, hardest=True):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
-        return real(model, batch)
+        return real(model, batch, hardest)
 
     monkeypatch.setattr(scan_train, "loss_terms", crash_on_fourth)
     with pytest.raises(KeyboardInterrupt):

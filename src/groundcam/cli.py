@@ -451,6 +451,13 @@ def train_captioner(threads, **opts) -> None:
 @click.option("--eval-every", default=500, show_default=True, type=click.IntRange(1))
 @click.option("--save-every", default=200, show_default=True, type=click.IntRange(1))
 @click.option(
+    "--all-negatives-steps",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="First steps sum the hinge over every negative (a warm start), then the hardest.",
+)
+@click.option(
     "--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores)."
 )
 @_loop_options

@@ -41,6 +41,9 @@ class TrainConfig:
     embed_size: int = 128
     region_cnn: tuple[int, ...] = (32, 64, 64)
     caption_share: float = 0.5  # chance a scene's text is its caption rather than a phrase
+    all_negatives_steps: int = (
+        0  # first steps sum every negative (VSE++'s warm start), then hardest
+    )
     save_every: int = 200
     eval_every: int = 500
     eval_scenes: int = 50
@@ -95,8 +98,9 @@ def draw_batch(pool: Pool, model: SCAN, cfg: TrainConfig, step: int):
     return pixels, boxes, texts, true
 
 
-def loss_terms(model: SCAN, batch) -> dict[str, torch.Tensor]:
-    """SCAN's loss on a batch, known-true off-diagonal pairs left out of the negatives."""
+def loss_terms(model: SCAN, batch, hardest: bool = True) -> dict[str, torch.Tensor]:
+    """SCAN's loss on a batch, known-true off-diagonal pairs left out of the negatives; every
+    negative summed instead of the hardest when `hardest` is False."""
     pixels, boxes, texts, true = batch
     regions = model.encode_regions(pixels, boxes)
     ids, lengths = model.encode_texts(texts)
@@ -105,7 +109,7 @@ def loss_terms(model: SCAN, batch) -> dict[str, torch.Tensor]:
     eye = torch.eye(len(texts), dtype=torch.bool, device=scores.device)
     negatives = scores.masked_fill(true.to(scores.device) & ~eye, -1e4)
     cfg = model.config
-    loss = contrastive_loss(negatives, cfg.margin, cfg.max_violation)
+    loss = contrastive_loss(negatives, cfg.margin, cfg.max_violation and hardest)
     with torch.no_grad():
         diagonal = scores.diagonal()
         r1_i2t = (negatives.argmax(1) == torch.arange(len(texts), device=scores.device)).float()
@@ -183,7 +187,7 @@ def train(cfg: TrainConfig, threads: int | None = None, stop_at: int | None = No
         model,
         loop,
         batch_fn,
-        lambda model, batch, step: loss_terms(model, batch),
+        lambda model, batch, step: loss_terms(model, batch, step >= cfg.all_negatives_steps),
         fingerprint=fingerprint,
         save_model=lambda model, path: model.save_pretrained(path),
         evaluate=lambda model, step: evaluate(model, cfg),
