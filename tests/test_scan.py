@@ -260,9 +260,27 @@ def test_explain_on_a_tiny_scan_gives_maps_that_point(tmp_path):
     assert best[0] - 2 <= x <= best[2] + 2 and best[1] - 2 <= y <= best[3] + 2
     hit = gc.pointing_game(ex.maps[0], [best.tolist()], protocol="amc", image_size=(128, 128))
     assert hit.hit
-    grad = model.explain(scene.image, phrases[:2], method="gradcam")
-    assert torch.isfinite(grad.maps).all() and any(m.max() > m.min() for m in grad.maps)
+    for method in ("gradcam", "attn-gradcam"):  # region features; the alignments' gradients
+        grad = model.explain(scene.image, phrases[:2], method=method)
+        assert torch.isfinite(grad.maps).all() and any(m.max() > m.min() for m in grad.maps)
+        assert grad.maps.shape == (2, 64, 64)
     assert ex.overlay(0).size == scene.image.size
+
+
+def test_an_i2t_model_still_draws_its_word_alignments(tmp_path):
+    vocab = Vocabulary(vocabulary())
+    torch.manual_seed(1)
+    cfg = ScanConfig(
+        len(vocab), word_dim=16, embed_size=32, region_cnn=(8, 16), image_size=64,
+        direction="i2t", lambda_softmax=4.0,
+    )  # fmt: skip
+    SCAN(cfg, vocab).save_pretrained(tmp_path / "i2t")
+    model = gc.load(str(tmp_path / "i2t"))
+    scene = generate_scene("test", 2)
+    ex = model.explain(scene.image, ["the red circle"], method="attention")
+    assert torch.isfinite(ex.maps).all() and ex.maps[0].max() > ex.maps[0].min()
+    with pytest.raises(ValueError, match="image-to-text"):
+        model.explain(scene.image, ["the red circle"], method="attn-gradcam")
 
 
 def _config(out):

@@ -56,6 +56,11 @@ class ScanAdapter(Adapter):
                 "this SCAN model reads detector features, not images; score it with "
                 "groundcam.models.scan on features read by groundcam.data.regions"
             )
+        if model.config.direction != "t2i":  # its score never reads the t2i alignments
+            self.NO_GRADIENT_SOURCES = {
+                TEXT_TO_IMAGE: "this SCAN model scores image-to-text, so gradients of its score "
+                "do not reach the word->region attention; use `attention` or `gradcam`"
+            }
 
     @classmethod
     def from_pretrained(cls, source, processor=None, tokenizer=None, name=""):

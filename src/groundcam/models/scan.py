@@ -32,6 +32,7 @@ A model is a directory: `config.json`, `model.safetensors`, `vocab.json` (`gc.lo
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -122,10 +123,12 @@ def func_attention(
     lambda_softmax: float,
     query_mask: torch.Tensor | None = None,
     context_mask: torch.Tensor | None = None,
+    hook: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query item attends the context items: query [n, q, d], context [n, m, d] ->
     (attended vectors [n, q, d], attention [n, q, m]). Scores are clipped (LeakyReLU 0.1) and
-    l2-normalised across the query items; masked items (False) take no part."""
+    l2-normalised across the query items; masked items (False) take no part. `hook` sees (and
+    may replace) the attention before it weighs the context (where explanations record it)."""
     scores = torch.bmm(context, query.transpose(1, 2))  # [n, m, q]
     scores = F.leaky_relu(scores, 0.1)
     if query_mask is not None:
@@ -135,6 +138,8 @@ def func_attention(
     if context_mask is not None:
         logits = logits.masked_fill(~context_mask[:, None, :], float("-inf"))
     attn = logits.softmax(-1)
+    if hook is not None:
+        attn = hook(attn)
     return torch.bmm(attn, context), attn
 
 
@@ -161,20 +166,23 @@ def pair_similarity(
     lambda_softmax: float = 9.0,
     lambda_lse: float = 6.0,
     agg: str = "LogSumExp",
+    hook: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row b of `regions` [n, k, d] against row b of `words` [n, L, d] (its first
     `word_lengths[b]` words): (similarity [n], attention) with attention [n, L, k] word->region
-    for t2i, [n, k, L] region->word for i2t."""
+    for t2i, [n, k, L] region->word for i2t (`hook`: as `func_attention`'s)."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     lengths = torch.as_tensor(word_lengths, device=words.device)
     word_mask = torch.arange(words.shape[1], device=words.device)[None] < lengths[:, None]
     words = words * word_mask[..., None].to(words.dtype)
     if direction == "t2i":
-        attended, attn = func_attention(words, regions, lambda_softmax, query_mask=word_mask)
+        attended, attn = func_attention(words, regions, lambda_softmax, word_mask, hook=hook)
         relevance = cosine(words, attended)
         return pool(relevance, word_mask, agg, lambda_lse), attn
-    attended, attn = func_attention(regions, words, lambda_softmax, context_mask=word_mask)
+    attended, attn = func_attention(
+        regions, words, lambda_softmax, context_mask=word_mask, hook=hook
+    )
     relevance = cosine(regions, attended)
     all_regions = torch.ones(relevance.shape, dtype=torch.bool, device=relevance.device)
     return pool(relevance, all_regions, agg, lambda_lse), attn
@@ -431,16 +439,20 @@ class SCAN(nn.Module):
         self, regions: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor
     ) -> torch.Tensor:
         """Similarity of matched rows (embedded regions and words) with the model's settings;
-        the t2i word->region attention is recorded whatever the direction."""
+        the t2i word->region attention passes through `word_region_attention` (on the score's
+        path for t2i models; an i2t model computes it beside its score)."""
         cfg = self.config
-        sim, attn = pair_similarity(
-            regions, words, lengths, cfg.direction, cfg.lambda_softmax, cfg.lambda_lse, cfg.agg
-        )
-        if cfg.direction == "t2i":
-            self.word_region_attention(attn[:, None])
-        else:
-            _, t2i = pair_similarity(regions, words, lengths, "t2i", cfg.lambda_softmax)
-            self.word_region_attention(t2i[:, None])
+
+        def record(attn: torch.Tensor) -> torch.Tensor:
+            return self.word_region_attention(attn[:, None])[:, 0]
+
+        t2i = cfg.direction == "t2i"
+        sim, _ = pair_similarity(
+            regions, words, lengths, cfg.direction, cfg.lambda_softmax, cfg.lambda_lse, cfg.agg,
+            hook=record if t2i else None,
+        )  # fmt: skip
+        if not t2i:
+            pair_similarity(regions, words, lengths, "t2i", cfg.lambda_softmax, hook=record)
         return sim
 
     def score_matrix(
