@@ -324,3 +324,28 @@ def test_a_killed_run_resumes_to_identical_weights(tmp_path, monkeypatch):
     assert set(log[-1]["val"]) == {"attention", "gradcam", "i2t_r1", "t2i_r1"}
     reloaded = gc.load(str(resumed))
     assert reloaded.adapter.family == "scan"
+
+
+def test_the_page_explains_a_region_model_like_the_api(tmp_path):
+    from groundcam.io import read_image
+    from groundcam.web import handlers as h
+    from groundcam.web.limits import Limits
+    from groundcam.web.models import ModelCache
+
+    _tiny(tmp_path)
+    path = tmp_path / "scene.png"
+    generate_scene("test", 4).image.save(path)
+    name = str(tmp_path / "scan")
+    cache = ModelCache([name], builtins=False)
+    res = h.explain_phrases(
+        cache,
+        h.Workspace(tmp_path / "ws"),
+        Limits(),
+        name,
+        str(path),
+        "the red circle",
+        "attention",
+    )
+    direct = gc.load(name).explain(read_image(path), ["the red circle"], method="attention")
+    assert torch.allclose(res.explanation.maps, direct.maps)
+    assert "000_the-red-circle.png" in [f.name for f in h.saved_files(res.folder)]
