@@ -349,3 +349,17 @@ def test_the_page_explains_a_region_model_like_the_api(tmp_path):
     direct = gc.load(name).explain(read_image(path), ["the red circle"], method="attention")
     assert torch.allclose(res.explanation.maps, direct.maps)
     assert "000_the-red-circle.png" in [f.name for f in h.saved_files(res.folder)]
+
+
+def test_saved_models_that_do_not_fit_are_one_line(tmp_path):
+    vocab = Vocabulary(["red", "circle"])
+    SCAN(ScanConfig(len(vocab), img_dim=4, word_dim=8, embed_size=8), vocab).save_pretrained(
+        tmp_path / "features"
+    )
+    with pytest.raises(InputError, match="reads detector features, not images"):
+        gc.load(str(tmp_path / "features"))
+    _tiny(tmp_path)
+    Vocabulary(["red"]).save(tmp_path / "scan" / "vocab.json")
+    with pytest.raises(InputError, match="does not belong to this checkpoint") as e:
+        gc.load(str(tmp_path / "scan"))
+    assert "\n" not in str(e.value)

@@ -427,7 +427,7 @@ class SCAN(nn.Module):
     def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Word ids [B, L] (unknown words <UNK>, no start or end token) and lengths [B]."""
         rows = [[self.vocab.index.get(w, self.vocab.unk_id) for w in tokenize(t)] for t in texts]
-        width = max(1, *(len(r) for r in rows))
+        width = max([1, *(len(r) for r in rows)])
         ids = torch.full((len(rows), width), self.vocab.pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
