@@ -3,8 +3,9 @@ regions. Its image tokens are regions, so its geometry is a `RegionGeometry`: ev
 on the image, each region's box with its weight (the maximum where boxes overlap).
 
 `attention` is the text-to-image alignment: per word, its softmax over the regions (the paper's
-figure); a phrase's map is the mean over its words. `gradcam` weighs the projected region
-features by the gradient of the pair's similarity. The explained and reported score is SCAN's
+figure); a phrase's map is the mean over its words. `attn-gradcam` (the default: on shapes it
+points far better, since function words attend the background) weighs those weights by their
+gradient; `gradcam` weighs the projected region features by the gradient of the similarity. The explained and reported score is SCAN's
 similarity of the image and the phrase (LogSumExp of word relevances by default)."""
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class ScanAdapter(Adapter):
     default_target = "similarity"
     architectures = ("SCAN",)
     SOURCES = (TEXT_TO_IMAGE, VISION_TOKENS)
-    default_methods = {"similarity": "attention"}
+    default_methods = {"similarity": "attn-gradcam"}  # the built-in's card: 53% vs 31%
     SCORES = {
         "similarity": ScoreKind(
             "scan_similarity",
