@@ -288,6 +288,7 @@ def _config(out):
     return scan_train.TrainConfig(
         out=str(out),
         steps=4,
+        all_negatives_steps=2,  # the resume crosses the switch to the hardest negatives
         batch_size=4,
         pool=8,
         word_dim=8,

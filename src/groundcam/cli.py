@@ -441,9 +441,15 @@ def train_captioner(threads, **opts) -> None:
 
 @train.command("scan")
 @click.option("--out", required=True, type=OutDir(), help="Run directory (resumes).")
-@click.option("--steps", default=3000, show_default=True, type=click.IntRange(1))
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(2))
-@click.option("--lr", default=2e-4, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--steps", default=1500, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(2))
+@click.option(
+    "--lr",
+    default=5e-4,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="The built-in's; the paper used 2e-4 for its full-size model.",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option(
     "--pool", default=5000, show_default=True, type=click.IntRange(2), help="Scenes rendered."
@@ -452,7 +458,7 @@ def train_captioner(threads, **opts) -> None:
 @click.option("--save-every", default=200, show_default=True, type=click.IntRange(1))
 @click.option(
     "--all-negatives-steps",
-    default=0,
+    default=500,
     show_default=True,
     type=click.IntRange(0),
     help="First steps sum the hinge over every negative (a warm start), then the hardest.",

@@ -5,7 +5,9 @@ Each scene of a step's batch is paired with one text drawn by the step's generat
 (every object, left to right) or one of its attribute phrases ("the small red circle"). Regions
 are the model's own proposals (blob boxes, jittered copies, a background grid; see
 `groundcam.models.scan`). The loss is SCAN's hinge triplet loss with the hardest in-batch
-negative; a scene whose objects make another scene's phrase certainly true is no negative for it.
+negative, after `all_negatives_steps` steps that sum it over every negative (from step 0 the tiny
+model collapsed to positives equal to their hardest negatives); a scene whose objects make
+another scene's phrase certainly true is no negative for it.
 The paper's step decay (x0.1 at half of training) is the loop's cosine from `lr` to `lr / 10`."""
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from groundcam.train.shapes_negatives import certainly_true
 @dataclass
 class TrainConfig:
     out: str
-    steps: int = 3000
-    batch_size: int = 64
-    lr: float = 2e-4
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 5e-4  # the built-in's (the paper: 2e-4 for its full-size model)
     grad_clip: float = 2.0
     seed: int = 0
     pool: int = 5000  # training scenes rendered once and sampled from
@@ -41,9 +43,8 @@ class TrainConfig:
     embed_size: int = 128
     region_cnn: tuple[int, ...] = (32, 64, 64)
     caption_share: float = 0.5  # chance a scene's text is its caption rather than a phrase
-    all_negatives_steps: int = (
-        0  # first steps sum every negative (VSE++'s warm start), then hardest
-    )
+    # first steps sum every negative, then the hardest (from step 0 the tiny model collapsed)
+    all_negatives_steps: int = 500
     save_every: int = 200
     eval_every: int = 500
     eval_scenes: int = 50
