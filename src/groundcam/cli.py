@@ -445,6 +445,45 @@ def train_captioner(threads, **opts) -> None:
     _model_written(run(TrainConfig(**opts), threads=threads))
 
 
+@train.command("scan")
+@click.option("--out", required=True, type=OutDir(), help="Run directory (resumes).")
+@click.option("--steps", default=1500, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(2))
+@click.option(
+    "--lr",
+    default=5e-4,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="The built-in's; the paper used 2e-4 for its full-size model.",
+)
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--pool", default=5000, show_default=True, type=click.IntRange(2), help="Scenes rendered."
+)
+@click.option("--eval-every", default=500, show_default=True, type=click.IntRange(1))
+@click.option("--save-every", default=200, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--all-negatives-steps",
+    default=500,
+    show_default=True,
+    type=click.IntRange(0),
+    help="First steps sum the hinge over every negative (a warm start), then the hardest.",
+)
+@click.option(
+    "--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores)."
+)
+@_loop_options
+@_guard
+def train_scan(threads, **opts) -> None:
+    """SCAN (stacked cross attention) on shapes scenes: its own region proposals pooled from a
+    small CNN, hinge loss with the hardest negatives. Resumes from --out."""
+    from groundcam.train.scan import TrainConfig
+    from groundcam.train.scan import train as run
+
+    opts["out"] = str(opts["out"])
+    _model_written(run(TrainConfig(**opts), threads=threads))
+
+
 @main.group("data")
 def data_() -> None:
     """Write groundcam's synthetic datasets to disk."""

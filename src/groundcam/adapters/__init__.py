@@ -102,6 +102,7 @@ FAMILIES: dict[str, Family] = {
         ("ShowAttendTell",),
         ("groundcam-captioner",),
     ),
+    "scan": Family("groundcam.adapters.scan", "ScanAdapter", ("SCAN",), ("groundcam-scan",)),
 }
 
 
