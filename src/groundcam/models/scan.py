@@ -43,6 +43,7 @@ from PIL import Image
 from torch import nn
 
 from groundcam.data.caption_text import Vocabulary, tokenize
+from groundcam.errors import InputError
 
 MODEL_TYPE = "groundcam-scan"
 ARCHITECTURE = "SCAN"
@@ -75,6 +76,21 @@ class ScanConfig:
     background_grid: int = 3  # background boxes: a grid x grid tiling of the image
 
     def __post_init__(self) -> None:
+        sizes = ("vocab_size", "img_dim", "word_dim", "embed_size", "num_layers", "image_size")
+        for name in sizes + ("object_slots",):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+        if not isinstance(self.background_grid, int) or isinstance(self.background_grid, bool):
+            raise ValueError(
+                f"background_grid must be a whole number, got {self.background_grid!r}"
+            )
+        if self.background_grid < 0 or not isinstance(self.region_cnn, list | tuple):
+            raise ValueError("background_grid must be >= 0 and region_cnn a list of channels")
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in self.region_cnn):
+            raise ValueError(
+                f"region_cnn must list positive channel counts, got {self.region_cnn!r}"
+            )
         if self.direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
         if self.agg not in AGGREGATIONS:
@@ -82,6 +98,19 @@ class ScanConfig:
         self.region_cnn = tuple(self.region_cnn)
         if self.region_cnn:
             self.img_dim = 2 * self.region_cnn[-1] + 5
+
+    def parameters(self) -> int:
+        """How many parameters this configuration builds (checked against memory before building)."""
+        e, w = self.embed_size, self.word_dim
+        gru, width = 0, w
+        for _ in range(self.num_layers):
+            gru += (2 if self.bi_gru else 1) * 3 * (width * e + e * e + 2 * e)
+            width = e * (2 if self.bi_gru else 1)
+        cnn, width = 0, 3
+        for c in self.region_cnn:
+            cnn += width * c * 9 + c
+            width = c
+        return self.vocab_size * w + gru + self.img_dim * e + e + cnn
 
     @property
     def regions(self) -> int:
@@ -101,7 +130,10 @@ class ScanConfig:
             raise ValueError(f"{where}: unknown SCAN settings {unknown}")
         if "vocab_size" not in d:
             raise ValueError(f"{where}: no vocab_size")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except (TypeError, ValueError) as e:
+            raise InputError(f"{where}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- the equations
@@ -487,6 +519,8 @@ class SCAN(nn.Module):
         """A saved SCAN directory; files that do not fit each other are a one-line error."""
         from safetensors.torch import load_file
 
+        from groundcam.model_files import check_model_size, check_safetensors
+
         directory = Path(directory)
         cfg_file, vocab_file = directory / "config.json", directory / "vocab.json"
         weights = directory / "model.safetensors"
@@ -503,7 +537,9 @@ class SCAN(nn.Module):
                 f"{vocab_file} has {len(vocab)} words but {cfg_file} says vocab_size "
                 f"{cfg.vocab_size}: the vocabulary does not belong to this checkpoint"
             )
+        check_model_size(cfg.parameters(), cfg_file)
         model = cls(cfg, vocab)
+        check_safetensors(weights)
         state = load_file(str(weights))
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
