@@ -11,10 +11,12 @@ import copy
 import pytest
 import tiny_vlm
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
 import groundcam as gc
 from groundcam.adapters.vlm import _EAGER, attention_implementations
+from groundcam.cli import main
 from groundcam.errors import InputError
 
 METHODS = ("attention", "attn-gradcam", "gradcam", "logit-lens")
@@ -286,3 +288,25 @@ def test_generation_and_the_template(tiny):
     gen = ex.explain_generation(picture(), prompt=PROMPT, method="gradcam", max_new_tokens=3)
     assert gen.prompt == expected and len(gen.tokens) <= 3
     assert gen.raw_maps.shape == (len(gen.tokens), 4, 4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_load_from_a_saved_directory_and_the_cli(family, tmp_path):
+    model, processor = getattr(tiny_vlm, family)()
+    path = tiny_vlm.save(strong(model), processor, tmp_path / family)
+    ex = gc.load(str(path))
+    assert ex.family == family
+    gen = ex.explain_generation(picture(), prompt=PROMPT, method="attention", text=TEXT)
+    want = gc.load(model, processor=processor).explain_generation(
+        picture(), prompt=PROMPT, method="attention", text=TEXT
+    )
+    assert torch.allclose(gen.raw_maps, want.raw_maps, atol=1e-6)
+    image = tmp_path / "pic.png"
+    picture().save(image)
+    args = ["caption", str(image), "--model", str(path), "--prompt", PROMPT, "--method"]
+    args += ["gradcam", "--max-new-tokens", "2", "--out", str(tmp_path / "out"), "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    bad = CliRunner().invoke(main, [*args[:5], "<image> what", *args[6:]])
+    assert bad.exit_code == 2 and "leave it out" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1
