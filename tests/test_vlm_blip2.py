@@ -316,3 +316,17 @@ def test_load_from_a_saved_directory_and_the_cli(family, tmp_path):
     bad = CliRunner().invoke(main, [*args[:5], "<image> what", *args[6:]])
     assert bad.exit_code == 2 and "leave it out" in bad.output
     assert len(bad.output.strip().splitlines()) == 1
+
+
+def test_an_encoder_decoder_language_model_is_one_line():
+    """BLIP-2 with Flan-T5: refused by name, not an AttributeError from inside the model."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    _, processor = tiny_vlm.blip2()
+    tok = processor.tokenizer
+    text = dict(model_type="t5", vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=1)
+    config = Blip2Config(text_config=text, **tiny_vlm._blip2_configs(tok, 32, 8, 4))
+    model = Blip2ForConditionalGeneration._from_config(config).eval()
+    with pytest.raises(InputError) as e:
+        gc.load(model, processor=processor)
+    assert "t5" in one_line(e) and "decoder-only" in one_line(e)

@@ -1,7 +1,8 @@
 """BLIP-2 (`Blip2ForConditionalGeneration`) and InstructBLIP
 (`InstructBlipForConditionalGeneration`): a ViT, a Q-Former whose `num_query_tokens` learned
-queries read the ViT's patches through cross-attention, and a decoder language model (OPT, Llama,
-Flan-T5 is not supported) that reads the queries as a run of `<image>` tokens before BOS.
+queries read the ViT's patches through cross-attention, and a decoder-only language model (OPT,
+Llama; Flan-T5 is refused in one line) that reads the queries as a run of `<image>` tokens
+before BOS.
 
 The language model's image columns are the queries, which have no place on the image. Every method
 (attention, attn-gradcam, gradcam, logit-lens) is computed over the query columns exactly as for
@@ -38,6 +39,12 @@ class Blip2Adapter(VlmAdapter):
 
     def language_decoder(self, model: nn.Module) -> nn.Module:
         """The LM's decoder: `language_model.model.decoder` (OPT) or `language_model.model`."""
+        if not model.config.use_decoder_only_language_model:
+            raise InputError(
+                f"{type(model).__name__} with an encoder-decoder language model "
+                f"({model.config.text_config.model_type}): groundcam explains BLIP-2 and "
+                "InstructBLIP with a decoder-only language model (OPT, Llama, Vicuna) only"
+            )
         inner = model.language_model.model
         return getattr(inner, "decoder", inner)
 
