@@ -288,8 +288,8 @@ def explain_vlm(
             values = values + one.detach().float().cpu().reshape(k, -1) / len(layers)
         reported = scores.reported.detach().float().cpu()
     else:  # nothing but special tokens: an empty explanation, not an error
-        values, reported = torch.zeros(0, len(read)), torch.zeros(0)
-    composed = a.composition(inputs)
+        values, reported = torch.zeros(0, len(layout.positions)), torch.zeros(0)
+    composed = a.composition(inputs) if k else None
     if composed is not None:  # LM columns that are not cells (BLIP-2's queries) -> cells
         values = values @ composed[0].detach().float().cpu()
         notes["composition"] = composed[1]
