@@ -330,3 +330,17 @@ def test_an_encoder_decoder_language_model_is_one_line():
     with pytest.raises(InputError) as e:
         gc.load(model, processor=processor)
     assert "t5" in one_line(e) and "decoder-only" in one_line(e)
+
+
+def test_instructblip_composition_reads_the_prompt_and_blip2s_does_not(tiny):
+    """InstructBLIP's Q-Former reads the prompt beside the queries, BLIP-2's only the image."""
+    model, processor = tiny
+    a = gc.load(model, processor=processor).adapter
+    one = a.composition(a.inputs([picture()], PROMPT))[0]
+    two = a.composition(a.inputs([picture()], "red cat"))[0]
+    other = a.composition(a.inputs([picture(seed=9)], PROMPT))[0]
+    assert not torch.allclose(one, other, atol=1e-4)
+    if a.family == "instructblip":
+        assert not torch.allclose(one, two, atol=1e-4)
+    else:
+        assert torch.equal(one, two)
