@@ -141,9 +141,15 @@ def test_registered_and_the_layout_is_the_patch_grid_and_the_queries(tiny):
 @pytest.mark.parametrize("method", METHODS)
 def test_maps_are_finite_and_not_flat_at_the_default_layer(tiny, method):
     model, processor = tiny
-    gen = gc.load(model, processor=processor).explain_generation(
-        picture(), prompt=PROMPT, method=method, text=TEXT
-    )
+    calls = []
+    handle = model.vision_model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        gen = gc.load(model, processor=processor).explain_generation(
+            picture(), prompt=PROMPT, method=method, text=TEXT
+        )
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # the composition is kept from the one teacher-forced forward
     assert gen.tokens == TEXT.split() and gen.raw_maps.shape == (4, 4, 4)
     assert torch.isfinite(gen.raw_maps).all()
     flat = gen.raw_maps.flatten(1)

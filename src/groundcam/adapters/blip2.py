@@ -9,10 +9,10 @@ The language model's image columns are the queries, which have no place on the i
 the other families, then composed down to the patches with the Q-Former's cross-attention:
 `map_k = values_k @ C`, where `C[q, p]` is the cross-attention probability from query q to patch
 p, the mean over heads and over every cross-attention layer (every `cross_attention_frequency`
-layers), the CLS column dropped and rows not renormalised. `C` is recorded by hooks in one
-image-only pass of the vision tower and Q-Former (`model(...)` never returns it), with eager
-attention switched on for the cross-attention modules only and restored afterwards; it carries no
-gradient (attn-gradcam weights the language model's attention only). So `gradcam` is Grad-CAM on
+layers), the CLS column dropped and rows not renormalised. `C` is kept by hooks on those modules
+during the same teacher-forced forward (`model(...)` never returns it), with eager attention
+switched on for the cross-attention modules only and restored afterwards; it carries no gradient
+(attn-gradcam weights the language model's attention only). So `gradcam` is Grad-CAM on
 the Q-Former output as the language model holds it (its hidden states at the query positions),
 and `logit-lens` the token's logit at each query, both composed with `C`.
 
@@ -23,12 +23,14 @@ InstructBLIP; the processor puts the query tokens before it itself."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
 from groundcam.adapters import hf
 from groundcam.adapters.vlm import DEFAULT_PROMPT, VlmAdapter, eager_only
-from groundcam.contract import Tile, TokenLayout
+from groundcam.contract import RecordSpec, Tile, TokenLayout
 from groundcam.errors import InputError
 
 
@@ -89,23 +91,44 @@ class Blip2Adapter(VlmAdapter):
             layout.positions, layout.tile, layout.row, layout.col, (tile,), (tuple(sizes[0]),)
         )
 
-    def composition(self, inputs) -> tuple[torch.Tensor, str]:
-        """`C` [queries, patches] (module docstring), from one image-only pass with hooks."""
+    @contextmanager
+    def _cross_attention(self):
+        """While open, the Q-Former's cross-attention weights are kept as each module runs
+        (eager in those modules only); on a clean exit they become `composition`'s."""
         modules = self.cross_attentions()
         seen: list[torch.Tensor] = []
 
         def keep(module, args, output):
-            seen.append(output[1].detach())
+            seen.append(output[1].detach() if output[1] is not None else None)
 
         handles = [m.register_forward_hook(keep) for m in modules]
-        keys = ("pixel_values", "qformer_input_ids", "qformer_attention_mask")
         try:
-            with torch.no_grad(), eager_only(self.model.qformer, modules) as note:
-                self.model.get_image_features(**{k: inputs[k] for k in keys if k in inputs})
+            with eager_only(self.model.qformer, modules) as note:
+                yield
         finally:
             for h in handles:
                 h.remove()
-        if len(seen) != len(modules) or any(a is None for a in seen):
+        self._kept = (seen[-len(modules) :], note)
+
+    @contextmanager
+    def recording(self, spec: RecordSpec):
+        """The LM's recording scope, the Q-Former's cross-attention kept in the same forward."""
+        self._kept = None
+        with self._cross_attention(), super().recording(spec) as note:
+            yield note
+
+    def composition(self, inputs) -> tuple[torch.Tensor, str]:
+        """`C` [queries, patches] (module docstring): kept by the last recorded forward, else
+        from one image-only pass of the vision tower and Q-Former."""
+        kept, self._kept = getattr(self, "_kept", None), None
+        if kept is None:
+            keys = ("pixel_values", "qformer_input_ids", "qformer_attention_mask")
+            with torch.no_grad(), self._cross_attention():
+                self.model.get_image_features(**{k: inputs[k] for k in keys if k in inputs})
+            kept, self._kept = self._kept, None
+        seen, note = kept
+        n = len(self.cross_attentions())
+        if len(seen) != n or any(a is None for a in seen):
             raise InputError(
                 f"{type(self.model).__name__}: the Q-Former's cross-attention weights could not "
                 "be recorded, so no map can reach the patches"
@@ -113,7 +136,7 @@ class Blip2Adapter(VlmAdapter):
         mix = torch.stack([a[0].float() for a in seen]).mean((0, 1))[:, 1:]  # CLS dropped
         return mix, (
             f"query columns composed to patches by the Q-Former cross-attention (mean over heads "
-            f"and {len(modules)} cross-attention layers, CLS dropped; {note})"
+            f"and {n} cross-attention layers, CLS dropped; {note})"
         )
 
     def methods_note(self) -> str:
