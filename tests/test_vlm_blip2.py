@@ -350,3 +350,14 @@ def test_instructblip_composition_reads_the_prompt_and_blip2s_does_not(tiny):
         assert not torch.allclose(one, two, atol=1e-4)
     else:
         assert torch.equal(one, two)
+
+
+def test_a_processor_that_does_not_expand_the_queries_is_one_line():
+    model, processor = tiny_vlm.blip2()
+    processor = copy.deepcopy(processor)
+    processor.num_query_tokens = 2  # an old or mismatched processor: 2 image tokens for 4 queries
+    with pytest.raises(InputError) as e:
+        gc.load(model, processor=processor).explain_generation(
+            picture(), prompt=PROMPT, method="gradcam", text=TEXT
+        )
+    assert "2 image tokens" in one_line(e) and "num_query_tokens = 4" in one_line(e)

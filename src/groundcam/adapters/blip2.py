@@ -75,8 +75,9 @@ class Blip2Adapter(VlmAdapter):
         queries = self.model.config.num_query_tokens
         if len(positions) != queries:
             raise InputError(
-                f"{len(positions)} image tokens in the prompt for {queries} queries: write the "
-                "prompt without the image placeholder"
+                f"{len(positions)} image tokens in the input for {queries} queries: the "
+                "processor must put num_query_tokens image tokens before the prompt (set "
+                f"processor.num_query_tokens = {queries})"
             )
         return positions
 
