@@ -17,7 +17,7 @@ the Q-Former output as the language model holds it (its hidden states at the que
 and `logit-lens` the token's logit at each query, both composed with `C`.
 
 Geometry: the image processor squashes the image to `size`; the patches are a g x g row-major
-grid over the whole image (vision positions 1..g², CLS at 0). Without a chat template the prompt is
+grid over the whole image (vision positions 1..g², CLS at 0). The prompt is always
 written `Question: {prompt} Answer:` for BLIP-2 (its documented VQA format) and as given for
 InstructBLIP; the processor puts the query tokens before it itself."""
 
