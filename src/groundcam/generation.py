@@ -242,6 +242,7 @@ def explain_vlm(
         layout.tiles,
         layout.sizes,
     )  # the same cells, indexed by image-token column rather than sequence position
+    read = a.lm_columns(ids, layout)  # the LM columns whose values are composed into the cells
     skip = a.special_ids()
     positions = [k for k in range(first, ids.shape[1]) if int(ids[0, k]) not in skip]
     id_list = ids[0].tolist()
@@ -275,7 +276,7 @@ def explain_vlm(
             pick = torch.arange(k, device=rows.device)
             recorded = [t[pick, :, rows][:, :, None] for t in recorded]
             grads = None if grads is None else [g[pick, :, rows][:, :, None] for g in grads]
-        geometry = Geometry(1, len(layout.positions), 0, columns=layout.positions)
+        geometry = Geometry(1, len(read), 0, columns=read)
         mask = torch.ones(k, 1, dtype=torch.long, device=ids.device)
         values = 0
         for i in range(len(layers)):  # a layer range: the mean of its layers' maps
@@ -288,6 +289,10 @@ def explain_vlm(
         reported = scores.reported.detach().float().cpu()
     else:  # nothing but special tokens: an empty explanation, not an error
         values, reported = torch.zeros(0, len(layout.positions)), torch.zeros(0)
+    composed = a.composition(inputs) if k else None
+    if composed is not None:  # LM columns that are not cells (BLIP-2's queries) -> cells
+        values = values @ composed[0].detach().float().cpu()
+        notes["composition"] = composed[1]
     placed = place(values, columns)
     words, word_tokens = group_words(a.tokenizer, [id_list[p] for p in positions])
     word_raw = torch.stack([placed[0][t].mean(0) for t in word_tokens]) if words else None

@@ -96,6 +96,18 @@ FAMILIES: dict[str, Family] = {
         ("LlavaOnevisionForConditionalGeneration",),
         ("llava_onevision",),
     ),
+    "blip2": Family(
+        "groundcam.adapters.blip2",
+        "Blip2Adapter",
+        ("Blip2ForConditionalGeneration",),
+        ("blip-2",),
+    ),
+    "instructblip": Family(
+        "groundcam.adapters.blip2",
+        "InstructBlipAdapter",
+        ("InstructBlipForConditionalGeneration",),
+        ("instructblip",),
+    ),
     "captioner": Family(
         "groundcam.adapters.captioner",
         "CaptionerAdapter",

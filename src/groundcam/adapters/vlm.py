@@ -172,7 +172,7 @@ class VlmAdapter(Adapter):
                 f"{type(model).__name__}: pass processor= (the model's AutoProcessor) to gc.load"
             )
         super().__init__(model.eval(), hf.tokenizer_of(processor, tokenizer), name, processor)
-        self.decoder = model.get_decoder()
+        self.decoder = self.language_decoder(model)
         self.lm_layers = self.decoder.layers
         self.attn = [layer.self_attn for layer in self.lm_layers]
         head = model.get_output_embeddings()
@@ -183,6 +183,10 @@ class VlmAdapter(Adapter):
         if image_id is None:
             raise ValueError(f"{type(model).__name__}: its config names no image_token_id")
         self.image_token_id = int(image_id)
+
+    def language_decoder(self, model: nn.Module) -> nn.Module:
+        """The language model's decoder (the module holding `layers`), found by structure."""
+        return model.get_decoder()
 
     @classmethod
     def from_pretrained(cls, source, processor=None, tokenizer=None, name=""):
@@ -202,8 +206,8 @@ class VlmAdapter(Adapter):
     # ------------------------------------------------------------------ inputs
     def placeholder(self) -> str:
         """The text the processor expands into a run of image tokens."""
-        text = getattr(self.processor, "image_token", None)
-        return text or self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        text = getattr(self.processor, "image_token", None)  # may be an AddedToken
+        return str(text) if text else self.tokenizer.convert_ids_to_tokens(self.image_token_id)
 
     def prompt_text(self, prompt: str | None, images: int) -> str:
         """The text the processor reads: `prompt` (default `DEFAULT_PROMPT`) in the chat
@@ -320,6 +324,17 @@ class VlmAdapter(Adapter):
     ) -> TokenLayout:
         """`token_layout` of one family (with its arguments checked): what a family declares."""
         raise NotImplementedError
+
+    def lm_columns(self, ids: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """The LM sequence positions whose values make the maps: by default the layout's own
+        (its cells are LM tokens); a family whose LM reads queries says which positions."""
+        return layout.positions
+
+    def composition(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, str] | None:
+        """How values over `lm_columns` reach the layout's cells: a `[columns, cells]` matrix and
+        a note saying what it is, or None where the columns are the cells (every family whose
+        image tokens sit on the image)."""
+        return None
 
     def special_ids(self) -> set[int]:
         ids = set(super().special_ids())
