@@ -283,6 +283,8 @@ class Explainer:
         target = check_target(target or a.default_target, list(a.targets))
         method_obj = get_method(method or a.default_method(target))
         source = next((s for s in method_obj.sources if s in a.sources()), None)
+        if getattr(method_obj, "vlm_only", False) and not getattr(a, "vlm", False):
+            source = None
         if source is None:
             raise InputError(
                 f"method {method_obj.name!r} is not defined for the {a.family} family; "
@@ -468,4 +470,5 @@ def supported_methods(adapter: Adapter | type[Adapter]) -> list[str]:
         n
         for n, m in METHODS.items()
         if any(s in have and not (m.needs_grad and s in blind) for s in m.sources)
+        and (getattr(adapter, "vlm", False) or not getattr(m, "vlm_only", False))
     )

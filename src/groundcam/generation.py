@@ -21,6 +21,8 @@ from groundcam.errors import GroundcamWarning, InputError
 from groundcam.explanation import GenerationExplanation, normalize_maps
 from groundcam.geometry import Geometry
 from groundcam.gradients import HeadRows, record
+from groundcam.methods.relative_attention import GENERIC_PROMPT, relative
+from groundcam.methods.tam import tam_maps
 from groundcam.placement import place
 
 if TYPE_CHECKING:
@@ -197,11 +199,13 @@ def explain_vlm(
     max_new_tokens: int | None,
     text: str | None,
     beam: int,
-) -> GenerationExplanation:
+    columns_only: bool = False,
+) -> GenerationExplanation | torch.Tensor:
     """`explain_generation` on a generative VLM (`adapters.vlm`): the prompt and images through
     the processor, `generate()` under no_grad (or `text` teacher-forced), then one teacher-forced
     forward and a batched backward for every generated token; each token's values over the
-    image-token columns are placed on every image through the family's `TokenLayout`."""
+    image-token columns are placed on every image through the family's `TokenLayout`
+    (`columns_only`: the per-token values over the image-token columns, [K, N], unplaced)."""
     from groundcam.io import check_image
 
     a = explainer.adapter
@@ -255,6 +259,7 @@ def explain_vlm(
         spec = RecordSpec([p for one in specs for p in one.points], first_layer)
         full = a.teacher_inputs(inputs, ids)
         picked = HeadRows(a.output_head(), pos - 1)
+        hidden: list[torch.Tensor] = []  # the LM head's input: the last hidden state
 
         def run() -> Scores:
             with picked, a.recording(spec) as note:
@@ -262,6 +267,7 @@ def explain_vlm(
             if any(p.module in a.attn for p in spec.points):
                 notes["attention"] = note
             chosen = logits.float().log_softmax(-1).gather(-1, token_ids[:, None])[:, 0]
+            hidden.append(picked.x.detach())
             if source == TOKEN_LOGITS:
                 a.lens(picked.x.detach(), token_ids)  # recorded by the spec's hook
             return Scores(chosen, chosen.detach().exp())
@@ -286,8 +292,17 @@ def explain_vlm(
             one = out.raw_maps if out.raw_token_maps is None else out.raw_token_maps[:, 0]
             values = values + one.detach().float().cpu().reshape(k, -1) / len(layers)
         reported = scores.reported.detach().float().cpu()
+        if getattr(method_obj, "whole_sequence", False):  # tam reads every position
+            values = sequence_tam(a, hidden[-1], ids, layout, columns, pos)
+        if getattr(method_obj, "relative", False):
+            values = relative_to_generic(explainer, images, layer, id_list[first:], values)
+            notes["relative-attention"] = (
+                f"divided by the attention of the generic prompt {GENERIC_PROMPT!r}"
+            )
     else:  # nothing but special tokens: an empty explanation, not an error
         values, reported = torch.zeros(0, len(layout.positions)), torch.zeros(0)
+    if columns_only:
+        return values
     placed = place(values, columns)
     words, word_tokens = group_words(a.tokenizer, [id_list[p] for p in positions])
     word_raw = torch.stack([placed[0][t].mean(0) for t in word_tokens]) if words else None
@@ -312,6 +327,52 @@ def explain_vlm(
         prompt=prompt_text,
         notes=notes,
     )
+
+
+def sequence_tam(
+    a: Adapter,
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    layout: TokenLayout,
+    columns: TokenLayout,
+    pos: torch.Tensor,
+) -> torch.Tensor:
+    """TAM (`methods.tam`) of the tokens at `pos` from the last hidden state [1, T, C]: the
+    logit lens of every text token's class and of the explained ones, at every position."""
+    seq = ids[0].cpu()
+    skip = a.special_ids()
+    is_image = torch.zeros(len(seq), dtype=torch.bool)
+    is_image[layout.positions] = True
+    text = torch.tensor(
+        [j for j in range(len(seq)) if not is_image[j] and int(seq[j]) not in skip],
+        dtype=torch.long,
+    )
+    classes = torch.unique(torch.cat([seq[text], seq[pos.cpu()]]))
+    with torch.no_grad():
+        lens = a.lens(hidden, classes.to(hidden.device)).cpu()
+    return tam_maps(lens, classes, seq, layout.positions, text, pos.cpu(), columns)
+
+
+def relative_to_generic(
+    explainer: Explainer,
+    images: list[Image.Image],
+    layer: int | tuple,
+    text_ids: list[int],
+    values: torch.Tensor,
+) -> torch.Tensor:
+    """`values` [K, N] (attention rows) divided by the last prompt token's row for
+    `GENERIC_PROMPT` on the same images, at the same layers (`methods.relative_attention`)."""
+    text = explainer.adapter.decode(text_ids)
+    layers = list(layer) if isinstance(layer, tuple) else layer
+    generic = explain_vlm(
+        explainer, images, GENERIC_PROMPT, "attention", layers, None, text or " ", 1, True
+    )
+    if not len(generic):
+        raise InputError(
+            f"relative-attention: the text {text[:60]!r} left no token to read the generic "
+            "prompt's attention row from"
+        )
+    return relative(values, generic[0])
 
 
 def layer_range(layer: int | str | tuple | list | range | None) -> list:
