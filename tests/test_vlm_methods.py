@@ -1,0 +1,187 @@
+"""Methods for generative VLMs beyond the per-token basics (issue 18 items 3 and 4): `tam`
+against an independent loop over generation rounds, its rank Gaussian filter against a
+hand-computed example, `relative-attention` of a prompt against itself, and a given phrase
+explained through `explain` as on ALBEF."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import tiny_vlm
+import torch
+from test_vlm_llava import picture, strong
+
+import groundcam as gc
+from groundcam.adapters.vlm import attention_implementations
+from groundcam.methods.relative_attention import GENERIC_PROMPT
+from groundcam.methods.tam import rank_gaussian_filter
+
+PROMPT = "what is the sign"
+TEXT = "red cat the dog red"  # "red" twice: a repeat is left out of its own interference
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = tiny_vlm.llava()
+    return strong(model), processor
+
+
+# ----------------------------------------------------------------------------- rank Gaussian filter
+
+
+def test_rank_gaussian_filter_on_a_hand_computed_3x3_example():
+    grid = torch.tensor([[1.0, 2, 3], [4, 5, 6], [7, 8, 9]])
+    out = rank_gaussian_filter(grid)
+    # the centre window is 1..9: symmetric ranks around 5 give exactly 5
+    assert out[1, 1].item() == pytest.approx(5.0, abs=1e-9)
+    # corner (0, 0), reflect padding: rows (1, 0, 1) x cols (1, 0, 1) of the grid
+    window = sorted([5, 4, 5, 2, 1, 2, 5, 4, 5])
+    assert window == [1, 2, 2, 4, 4, 5, 5, 5, 5]
+    mean = 33 / 9
+    std = math.sqrt(sum((v - mean) ** 2 for v in window) / 9)  # 20/9 variance
+    assert std == pytest.approx(math.sqrt(20 / 9))
+    sigma = std / mean
+    kernel = [math.exp(-(x**2) / (2 * sigma**2)) for x in range(-4, 5)]
+    value = sum(v * k for v, k in zip(window, kernel, strict=True)) / sum(kernel)
+    assert value == pytest.approx(4.0443, abs=1e-4)
+    assert out[0, 0].item() == pytest.approx(value, rel=1e-6)  # float32 grid
+    # a window whose mean is 0 gives 0; a constant window keeps its value
+    assert rank_gaussian_filter(torch.zeros(3, 3)).abs().max() == 0
+    assert torch.allclose(rank_gaussian_filter(torch.full((3, 4), 0.25)), torch.tensor(0.25))
+
+
+def authors_filter(img: np.ndarray) -> np.ndarray:
+    """The rank Gaussian filter as a plain loop over cells (DESIGN §12)."""
+    out = np.zeros_like(img)
+    padded = np.pad(img, 1, mode="reflect")
+    x = np.arange(9) - 4
+    for i in range(img.shape[0]):
+        for j in range(img.shape[1]):
+            window = np.sort(padded[i : i + 3, j : j + 3].flatten())
+            mean = window.mean()
+            if mean <= 0:
+                continue
+            sigma = window.std() / mean
+            kernel = np.exp(-(x**2) / (2 * sigma**2))
+            out[i, j] = (window * kernel / kernel.sum()).sum()
+    return out
+
+
+def test_rank_gaussian_filter_equals_a_loop_on_a_random_grid():
+    g = torch.rand(5, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g[0, 0] = 0
+    want = authors_filter(g.numpy())
+    assert np.allclose(rank_gaussian_filter(g).numpy(), want, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- tam
+
+
+def rounds_tam(model, processor, ex, image, eci: bool = True) -> torch.Tensor:
+    """TAM written from the paper's formulas as a loop over generation rounds: round r runs the
+    model on the sequence up to the explained token and reads the full LM head there."""
+    a = ex.adapter
+    enc = processor(
+        images=[image], text=[f"USER: <image>\n{PROMPT} ASSISTANT:"], return_tensors="pt"
+    )
+    body = processor.tokenizer(TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.cat([enc["input_ids"], body], 1)
+    first = enc["input_ids"].shape[1]
+    seq = ids[0].tolist()
+    image_pos = [j for j, t in enumerate(seq) if t == model.config.image_token_index]
+    special = a.special_ids()
+    text_pos = [j for j, t in enumerate(seq) if j not in image_pos and t not in special]
+    maps = []
+    for p in range(first, len(seq)):
+        with torch.no_grad():
+            out = model(
+                input_ids=ids[:, :p],
+                attention_mask=torch.ones(1, p, dtype=torch.long),
+                pixel_values=enc["pixel_values"],
+                output_hidden_states=True,
+            )
+            logits = model.get_output_embeddings()(out.hidden_states[-1])[0].double().numpy()
+        y = seq[p]
+        s = np.clip(logits[:, y], 0, None)
+        img = s[image_pos]
+        ctx = [j for j in text_pos if j < p and seq[j] != y]
+        if eci and ctx:
+            w = s[ctx] / (s[ctx].sum() + 1e-8)
+            m = sum(
+                w_j * np.clip(logits[image_pos, seq[j]], 0, None)
+                for w_j, j in zip(w, ctx, strict=True)
+            )
+            scale = np.linalg.lstsq(m[:, None], img, rcond=None)[0][0]
+            img = np.clip(img - scale * m, 0, None)
+        text = s[[j for j in text_pos if j < p - 1]]
+        both = np.concatenate([img, text])
+        img = (img - both.min()) / (both.max() - both.min())
+        grid = authors_filter(img.reshape(4, 4))
+        maps.append((grid * 255).astype(np.uint8))
+    return torch.tensor(np.stack(maps), dtype=torch.float32)
+
+
+def test_tam_equals_an_independent_loop_over_generation_rounds(tiny):
+    model, processor = tiny
+    image = picture(seed=3)
+    ex = gc.load(model, processor=processor)
+    gen = ex.explain_generation(image, prompt=PROMPT, method="tam", text=TEXT)
+    want = rounds_tam(model, processor, ex, image)
+    assert gen.tokens == TEXT.split()
+    assert gen.raw_maps.shape == want.shape == (5, 4, 4)
+    assert (gen.raw_maps - want).abs().max() <= 1  # uint8 values, rounding at the edge
+    assert (gen.raw_maps.amax((1, 2)) > gen.raw_maps.amin((1, 2))).all()
+    # the estimated causal inference changed the maps (the loop without it differs)
+    plain = rounds_tam(model, processor, ex, image, eci=False)
+    assert (plain - want).abs().max() > 2
+
+
+def test_tam_under_sdpa_equals_eager_and_sdpa_stays(tiny):
+    model, processor = tiny
+    twin = copy.deepcopy(model)
+    twin.set_attn_implementation("sdpa")
+    image = picture(seed=5)
+    eager = gc.load(model, processor=processor).explain_generation(
+        image, prompt=PROMPT, method="tam", text=TEXT
+    )
+    sdpa = gc.load(twin, processor=processor).explain_generation(
+        image, prompt=PROMPT, method="tam", text=TEXT
+    )
+    assert (eager.raw_maps - sdpa.raw_maps).abs().max() <= 1
+    assert set(attention_implementations(twin)) == {"sdpa"}
+
+
+# ----------------------------------------------------------------------------- relative attention
+
+
+def test_relative_attention_of_a_prompt_against_itself_is_uniform(tiny):
+    model, processor = tiny
+    ex = gc.load(model, processor=processor)
+    image = picture(seed=6)
+    rel = ex.explain_generation(
+        image, prompt=GENERIC_PROMPT, method="relative-attention", text=TEXT
+    )
+    assert torch.equal(rel.raw_maps[0], torch.ones(4, 4))  # row k-1 of token 0: the prompt's last
+    assert "relative-attention" in rel.notes
+
+
+def test_relative_attention_is_each_token_row_over_the_generic_prompt_row(tiny):
+    model, processor = tiny
+    ex = gc.load(model, processor=processor)
+    image = picture(seed=7)
+    rel = ex.explain_generation(image, prompt=PROMPT, method="relative-attention", text=TEXT)
+    att = ex.explain_generation(image, prompt=PROMPT, method="attention", text=TEXT)
+    generic = ex.explain_generation(image, prompt=GENERIC_PROMPT, method="attention", text=TEXT)
+    assert torch.allclose(rel.raw_maps * generic.raw_maps[0], att.raw_maps, rtol=1e-5, atol=0)
+    assert not torch.allclose(rel.raw_maps[0], torch.ones(4, 4))
+    assert attention_implementations(model) == attention_implementations(copy.deepcopy(model))
+
+
+def test_relative_attention_is_refused_on_a_phrase_family(tiny_model_dir):
+    ex = gc.load(str(tiny_model_dir))
+    assert "relative-attention" not in gc.families()["albef"]
+    with pytest.raises(gc.errors.InputError, match="relative-attention.*not defined"):
+        ex.resolve("relative-attention")
