@@ -322,8 +322,6 @@ def test_bad_input_is_one_line(tiny):
         bare.explain_generation(picture(), prompt=PROMPT)
     assert "placeholder '<image>'" in one_line(e)
     with pytest.raises(InputError) as e:
-        ex.explain(picture(), ["a dog"])  # phrases are not this family's yet
-    with pytest.raises(InputError) as e:
         ex.explain_generation(picture(), prompt=PROMPT, method="rollout")
     assert "rollout" in one_line(e)
 

@@ -185,3 +185,57 @@ def test_relative_attention_is_refused_on_a_phrase_family(tiny_model_dir):
     assert "relative-attention" not in gc.families()["albef"]
     with pytest.raises(gc.errors.InputError, match="relative-attention.*not defined"):
         ex.resolve("relative-attention")
+
+
+# ----------------------------------------------------------------------------- a phrase you give
+
+
+def test_a_given_phrase_map_is_the_mean_of_its_token_maps(tiny):
+    model, processor = tiny
+    ex = gc.load(model, processor=processor)
+    image = picture(seed=8)
+    for method in ("gradcam", "attention", "tam"):
+        out = ex.explain(image, ["red cat", "the dog"], method=method)
+        for p, phrase in enumerate(["red cat", "the dog"]):
+            gen = ex.explain_generation(image, method=method, text=phrase)
+            assert out.tokens[p] == gen.tokens == phrase.split()
+            assert torch.allclose(out.raw_maps[p], gen.raw_maps.mean(0), rtol=1e-5, atol=1e-7)
+            assert torch.allclose(out.raw_token_maps[p], gen.raw_maps)
+            assert out.scores[p].item() == pytest.approx(gen.scores.log().sum().item(), rel=1e-5)
+        assert out.scores.max() < 0 and out.target == "phrase" and out.method == method
+        assert out.score_kind.name == "phrase_log_likelihood"
+    # the default prompt is the documented one, and prompt= changes what the phrase follows
+    same = ex.explain(image, ["red cat"], method="gradcam", prompt="Describe the image.")
+    other = ex.explain(image, ["red cat"], method="gradcam", prompt=PROMPT)
+    assert torch.equal(same.raw_maps[0], out_gradcam(ex, image))
+    assert not torch.allclose(other.raw_maps, same.raw_maps)
+
+
+def out_gradcam(ex, image) -> torch.Tensor:
+    return ex.explain(image, ["red cat"], method="gradcam").raw_maps[0]
+
+
+def test_the_pointing_game_runs_on_a_phrase_map(tiny):
+    model, processor = tiny
+    ex = gc.load(model, processor=processor)
+    image = picture(48, 32, seed=9)
+    out = ex.explain(image, "red cat", method="logit-lens")
+    h, w = out.maps.shape[1:]
+    assert (h, w) == (4, 6)  # the centre crop's 4 x 4 cells, the cropped sides empty
+    c = int(out.maps[0].flatten().argmax()) % w
+    column = [c * 8, 0, (c + 1) * 8, 32]  # the peak's column of cells (1/6 of the image)
+    assert gc.pointing_game(out.maps[0], [column], image_size=(32, 48)).hit
+    other = [((c + 2) % w) * 8, 0, ((c + 2) % w + 1) * 8, 32]
+    assert not gc.pointing_game(out.maps[0], [other], image_size=(32, 48)).hit
+
+
+def test_bad_phrases_and_prompts_are_one_line(tiny, tiny_model_dir):
+    model, processor = tiny
+    ex = gc.load(model, processor=processor)
+    special = processor.tokenizer.eos_token
+    with pytest.raises(gc.errors.InputError, match="tokenizes to nothing"):
+        ex.explain(picture(), [special])
+    with pytest.raises(gc.errors.InputError, match="non-empty strings"):
+        ex.explain(picture(), ["  "])
+    with pytest.raises(gc.errors.InputError, match="prompt= is for generative VLMs"):
+        gc.load(str(tiny_model_dir)).explain(picture(), ["a cat"], prompt="look")

@@ -142,11 +142,15 @@ class Explainer:
         method: str | None = None,
         layer: int | None = None,
         target: str | None = None,
+        prompt: str | None = None,
     ) -> Explanation:
         """Maps for every phrase over one image; the image is encoded once for all phrases.
-        `method`, `layer` and `target` default to the family's (`default_method()`)."""
+        `method`, `layer` and `target` default to the family's (`default_method()`). On a
+        generative VLM each phrase is read after `prompt` (`generation.explain_phrases`)."""
         phrases = [phrases] if isinstance(phrases, str) else list(phrases)
-        return self.explain_many([image], [phrases], method=method, layer=layer, target=target)
+        return self.explain_many(
+            [image], [phrases], method=method, layer=layer, target=target, prompt=prompt
+        )
 
     @serialised
     def explain_many(
@@ -156,9 +160,11 @@ class Explainer:
         method: str | None = None,
         layer: int | None = None,
         target: str | None = None,
+        prompt: str | None = None,
     ) -> Explanation:
         """Maps for many images with their own phrases in one batch (`phrases[i]` belong to
-        `images[i]`); each image is encoded once. Rows follow the phrases in order."""
+        `images[i]`); each image is encoded once. Rows follow the phrases in order. `prompt`:
+        generative VLMs only (the text the phrases are read after)."""
         if isinstance(images, Image.Image) or isinstance(phrases, str):
             raise InputError(
                 "explain_many takes a list of images and one list of phrases per image "
@@ -172,6 +178,13 @@ class Explainer:
             raise InputError("no phrases given: pass at least one phrase to explain")
         if 0 in counts:
             raise InputError(f"image {counts.index(0)} has no phrases")
+        if prompt is not None and not getattr(self.adapter, "vlm", False):
+            raise InputError(
+                f"prompt= is for generative VLMs; the {self.adapter.family} family reads the "
+                "phrases alone (leave prompt out)"
+            )
+        if getattr(self.adapter, "vlm", False):
+            return generation.explain_phrases(self, images, phrases, method, layer, prompt)
         self.resolve(method, layer, target)  # a bad method or layer is refused before any warning
         pixel_values, input_ids, mask = self.prepare(list(images), flat)
         index = torch.repeat_interleave(torch.arange(len(images)), torch.tensor(counts))

@@ -18,7 +18,7 @@ from groundcam.adapters.base import Adapter
 from groundcam.adapters.hf import unknown_words_message
 from groundcam.contract import TEXT_TO_IMAGE, TOKEN_LOGITS, RecordSpec, Scores, TokenLayout
 from groundcam.errors import GroundcamWarning, InputError
-from groundcam.explanation import GenerationExplanation, normalize_maps
+from groundcam.explanation import Explanation, GenerationExplanation, normalize_maps
 from groundcam.geometry import Geometry
 from groundcam.gradients import HeadRows, record
 from groundcam.methods.relative_attention import GENERIC_PROMPT, relative
@@ -373,6 +373,66 @@ def relative_to_generic(
             "prompt's attention row from"
         )
     return relative(values, generic[0])
+
+
+def explain_phrases(
+    explainer: Explainer,
+    images: Sequence[Image.Image],
+    phrases: Sequence[str | Sequence[str]],
+    method: str | None,
+    layer: int | str | tuple | list | range | None,
+    prompt: str | None,
+) -> Explanation:
+    """Given phrases on a generative VLM (`Explainer.explain_many`): each phrase teacher-forced
+    after `prompt` in the family's template (`prompt=None`: `vlm.DEFAULT_PROMPT`); its map is
+    the mean of its tokens' maps (`explain_vlm`), its score the sum of its tokens'
+    log-probabilities (`phrase_log_likelihood`). Maps of one call share one size: images of
+    other shapes go in separate calls."""
+    a = explainer.adapter
+    rows, scores, tokens, token_maps, flat, index = [], [], [], [], [], []
+    for i, (image, group) in enumerate(zip(images, phrases, strict=True)):
+        for phrase in [group] if isinstance(group, str) else group:
+            if not isinstance(phrase, str) or not phrase.strip():
+                raise InputError(f"phrases must be non-empty strings, got {phrase!r}")
+            gen = explain_vlm(explainer, [image], prompt, method, layer, None, phrase, 1)
+            if not gen.tokens:
+                raise InputError(
+                    f"phrase {phrase!r} tokenizes to nothing the {a.family} model writes "
+                    "(special tokens only): give words"
+                )
+            if rows and gen.raw_maps.shape[1:] != rows[0].shape:
+                raise InputError(
+                    f"image {i} gives {tuple(gen.raw_maps.shape[1:])} maps, image 0 "
+                    f"{tuple(rows[0].shape)}: explain images of other shapes in separate calls"
+                )
+            rows.append(gen.raw_maps.mean(0))
+            scores.append(gen.scores.double().log().sum().float())
+            tokens.append(gen.tokens)
+            token_maps.append(gen.raw_maps)
+            flat.append(phrase)
+            index.append(i)
+            used = gen
+    longest = max(len(t) for t in tokens)
+    padded = torch.zeros(len(rows), longest, *rows[0].shape)
+    for p, m in enumerate(token_maps):
+        padded[p, : len(m)] = m
+    raw = torch.stack(rows)
+    return Explanation(
+        maps=normalize_maps(raw),
+        raw_maps=raw,
+        scores=torch.stack(scores),
+        phrases=flat,
+        tokens=tokens,
+        method=used.method,
+        layer=used.layer,
+        target="phrase",
+        model=explainer.name,
+        raw_token_maps=padded,
+        images=list(images),
+        image_index=index,
+        score_kind=a.score_kind("phrase"),
+        unknown_words=a.unknown_words(flat),
+    )
 
 
 def layer_range(layer: int | str | tuple | list | range | None) -> list:

@@ -35,6 +35,7 @@ from groundcam.adapters import hf
 from groundcam.adapters.base import Adapter
 from groundcam.contract import (
     LM_TOKENS,
+    PHRASE_LOG_LIKELIHOOD,
     TEXT_TO_IMAGE,
     TOKEN_LOGITS,
     TOKEN_PROBABILITY,
@@ -156,7 +157,7 @@ class VlmAdapter(Adapter):
 
     targets = ("token",)
     default_target = "token"
-    SCORES = {"token": TOKEN_PROBABILITY}
+    SCORES = {"token": TOKEN_PROBABILITY, "phrase": PHRASE_LOG_LIKELIHOOD}
     SOURCES = (TEXT_TO_IMAGE, LM_TOKENS, TOKEN_LOGITS)
     default_methods = {"token": "attn-gradcam"}
     takes_prompt = True
