@@ -59,7 +59,7 @@ def test_llava_is_a_registered_family_with_its_methods(tiny):
     model, processor = tiny
     ex = gc.load(model, processor=processor)
     assert ex.family == "llava"
-    assert gc.families()["llava"] == sorted(METHODS + ("relative-attention", "tam"))
+    assert gc.families()["llava"] == sorted(METHODS + ("relative-attention", "relevance", "tam"))
     assert ex.layers("attention") == [0, 1] and ex.layers("logit-lens") == [1]
     assert ex.resolve("attention").layer == 0  # 14/32 of 2 layers, never the last
 

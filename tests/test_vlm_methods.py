@@ -239,3 +239,62 @@ def test_bad_phrases_and_prompts_are_one_line(tiny, tiny_model_dir):
         ex.explain(picture(), ["  "])
     with pytest.raises(gc.errors.InputError, match="prompt= is for generative VLMs"):
         gc.load(str(tiny_model_dir)).explain(picture(), ["a cat"], prompt="look")
+
+
+# ----------------------------------------------------------------------------- relevance
+
+
+def naive_relevance(model, processor, image) -> torch.Tensor:
+    """Chefer's rule with every layer's attention and gradient kept: one forward and backward
+    per token, R = I, R += mean_heads relu(grad * A) @ R per layer, row t-1 at the image."""
+    enc = processor(
+        images=[image], text=[f"USER: <image>\n{PROMPT} ASSISTANT:"], return_tensors="pt"
+    )
+    body = processor.tokenizer(TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.cat([enc["input_ids"], body], 1)
+    first = enc["input_ids"].shape[1]
+    image_cols = torch.nonzero(ids[0] == model.config.image_token_index)[:, 0]
+    maps = []
+    for t in range(first, ids.shape[1]):
+        out = model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=enc["pixel_values"],
+            output_attentions=True,
+        )
+        logp = out.logits[0, t - 1].log_softmax(-1)[ids[0, t]]
+        grads = torch.autograd.grad(logp, out.attentions)
+        r = torch.eye(ids.shape[1])
+        for a, g in zip(out.attentions, grads, strict=True):
+            r = r + (g[0] * a[0]).clamp(min=0).mean(0) @ r
+        maps.append(r[t - 1, image_cols].detach().reshape(4, 4))
+    return torch.stack(maps)
+
+
+def test_relevance_equals_chefer_with_every_layer_kept(tiny):
+    model, processor = tiny
+    image = picture(seed=10)
+    ex = gc.load(model, processor=processor)
+    assert ex.layers("relevance") == []  # every layer at once
+    gen = ex.explain_generation(image, prompt=PROMPT, method="relevance", text=TEXT)
+    want = naive_relevance(model, processor, image)
+    assert gen.raw_maps.shape == want.shape == (5, 4, 4)
+    assert want.abs().amax() > 0 and (want.amax((1, 2)) > want.amin((1, 2))).all()
+    assert torch.allclose(gen.raw_maps, want, rtol=1e-4, atol=1e-6 * want.abs().amax())
+    assert torch.isfinite(gen.scores).all() and (gen.scores > 0).all()
+
+
+def test_relevance_under_sdpa_switches_back_and_matches_eager(tiny):
+    model, processor = tiny
+    twin = copy.deepcopy(model)
+    twin.set_attn_implementation("sdpa")
+    image = picture(seed=11)
+    eager = gc.load(model, processor=processor).explain_generation(
+        image, prompt=PROMPT, method="relevance", text=TEXT
+    )
+    sdpa = gc.load(twin, processor=processor).explain_generation(
+        image, prompt=PROMPT, method="relevance", text=TEXT
+    )
+    assert torch.allclose(eager.raw_maps, sdpa.raw_maps, rtol=1e-4, atol=1e-6)
+    assert set(attention_implementations(twin)) == {"sdpa"}
+    assert "eager" in sdpa.notes["attention"]

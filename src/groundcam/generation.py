@@ -16,11 +16,19 @@ from PIL import Image
 
 from groundcam.adapters.base import Adapter
 from groundcam.adapters.hf import unknown_words_message
-from groundcam.contract import TEXT_TO_IMAGE, TOKEN_LOGITS, RecordSpec, Scores, TokenLayout
+from groundcam.contract import (
+    ATTENTION_GRAPH,
+    TEXT_TO_IMAGE,
+    TOKEN_LOGITS,
+    RecordSpec,
+    Scores,
+    TokenLayout,
+)
 from groundcam.errors import GroundcamWarning, InputError
 from groundcam.explanation import Explanation, GenerationExplanation, normalize_maps
 from groundcam.geometry import Geometry
 from groundcam.gradients import HeadRows, record
+from groundcam.methods.lm_relevance import lm_relevance
 from groundcam.methods.relative_attention import GENERIC_PROMPT, relative
 from groundcam.methods.tam import tam_maps
 from groundcam.placement import place
@@ -252,7 +260,12 @@ def explain_vlm(
     prompt_text = a.prompt_text(prompt, len(images))  # as templated, before expansion
     notes: dict[str, str] = {}
     k = len(positions)
-    if k:
+    if k and source == ATTENTION_GRAPH:  # relevance: every layer, row by row in the backward
+        pos = torch.tensor(positions, device=ids.device)
+        full = a.teacher_inputs(inputs, ids)
+        values, logp, notes["attention"] = lm_relevance(a, full, layout.positions, pos, ids[0, pos])
+        reported = logp.exp()
+    elif k:
         pos = torch.tensor(positions, device=ids.device)
         token_ids = ids[0, pos]
         specs = [a.record_spec(source, n, "token") for n in layers]
