@@ -298,3 +298,44 @@ def test_relevance_under_sdpa_switches_back_and_matches_eager(tiny):
     assert torch.allclose(eager.raw_maps, sdpa.raw_maps, rtol=1e-4, atol=1e-6)
     assert set(attention_implementations(twin)) == {"sdpa"}
     assert "eager" in sdpa.notes["attention"]
+
+
+# ----------------------------------------------------------------------------- visual sinks
+
+
+def test_sink_rule_on_constructed_hidden_states():
+    from groundcam.methods.sinks import sink_tokens
+
+    h = torch.ones(6, 1024)
+    h[0, 3] = 1000  # the begin-of-sequence token: massive in dimension 3 (|h|/rms ~ 32)
+    h[2, 3] = -1000  # an image token massive in the same dimension: a sink
+    h[3, 7] = 1000  # massive in another dimension: not a sink
+    image = torch.tensor([1, 2, 3, 4])
+    assert sink_tokens(h, image).tolist() == [False, True, False, False]
+    assert sink_tokens(h, image, threshold=40).tolist() == [False] * 4  # 1000/rms is ~32
+    h[0, 3] = 1  # no sink dimension at the first text token: no sinks
+    assert not sink_tokens(h, image).any()
+
+
+def test_sinks_drop_zeroes_the_sink_columns_and_says_so(tiny, monkeypatch):
+    import groundcam.generation as generation
+
+    model, processor = tiny
+    ex = gc.load(model, processor=processor)
+    image = picture(seed=12)
+    plain = ex.explain_generation(image, prompt=PROMPT, method="attention", text=TEXT)
+    kept = ex.explain_generation(image, prompt=PROMPT, method="attention", text=TEXT, sinks="drop")
+    assert torch.equal(kept.raw_maps, plain.raw_maps)  # tiny hidden states have no sinks
+    assert "dropped 0 visual sink" in kept.notes["sinks"] and "sinks" not in plain.notes
+    fake = torch.zeros(16, dtype=torch.bool)
+    fake[[0, 5]] = True
+    monkeypatch.setattr(generation, "sink_tokens", lambda h, image: fake)
+    dropped = ex.explain_generation(image, prompt=PROMPT, method="gradcam", text=TEXT, sinks="drop")
+    ref = ex.explain_generation(image, prompt=PROMPT, method="gradcam", text=TEXT)
+    cells = dropped.raw_maps.reshape(5, 16)
+    assert (cells[:, [0, 5]] == 0).all() and (ref.raw_maps.reshape(5, 16)[:, [0, 5]] > 0).any()
+    keep = [c for c in range(16) if c not in (0, 5)]
+    assert torch.equal(cells[:, keep], ref.raw_maps.reshape(5, 16)[:, keep])
+    assert "image columns [0, 5]" in dropped.notes["sinks"]
+    with pytest.raises(gc.errors.InputError, match="sinks must be"):
+        ex.explain_generation(image, prompt=PROMPT, text=TEXT, sinks="yes")

@@ -383,6 +383,7 @@ class Explainer:
         beam: int = 1,
         *,
         image: Image.Image | None = None,
+        sinks: str | None = None,
     ) -> GenerationExplanation:
         """Generate text for an image (or take `text` as if generated), then one map per generated
         token, from one teacher-forced forward and a batched backward. `prompt` leads the text
@@ -390,7 +391,8 @@ class Explainer:
         several. On generative VLMs `layer` may be a range, `(first, last)` or "first-last": the
         mean of those layers' maps. `method` defaults to the family's (`attention` for OCR models);
         `max_new_tokens=None` lets the model's own `generation_config` decide the length; `beam`
-        > 1 decodes with beam search. `image=` is the first argument's older name."""
+        > 1 decodes with beam search. `image=` is the first argument's older name. `sinks="drop"`
+        (generative VLMs): visual sink tokens read 0 in every map (`methods.sinks`)."""
         if image is not None and image_or_images is not None:
             raise InputError("pass the image once: as the first argument or as image=")
         if image is None and image_or_images is None:
@@ -404,6 +406,7 @@ class Explainer:
             max_new_tokens,
             text,
             beam,
+            sinks,
         )
 
 

@@ -30,6 +30,7 @@ from groundcam.geometry import Geometry
 from groundcam.gradients import HeadRows, record
 from groundcam.methods.lm_relevance import lm_relevance
 from groundcam.methods.relative_attention import GENERIC_PROMPT, relative
+from groundcam.methods.sinks import SINK_THRESHOLD, sink_tokens
 from groundcam.methods.tam import tam_maps
 from groundcam.placement import place
 
@@ -79,6 +80,7 @@ def explain_generation(
     max_new_tokens: int | None = None,
     text: str | None = None,
     beam: int = 1,
+    sinks: str | None = None,
 ) -> GenerationExplanation:
     """`Explainer.explain_generation` (which see), run by the caller under the model's lock."""
     a = explainer.adapter
@@ -100,7 +102,11 @@ def explain_generation(
     images = check_images(a, image_or_images)
     extra = check_prompt(a, prompt)
     if getattr(a, "vlm", False):
-        return explain_vlm(explainer, images, prompt, method, layer, max_new_tokens, text, beam)
+        return explain_vlm(
+            explainer, images, prompt, method, layer, max_new_tokens, text, beam, sinks=sinks
+        )
+    if sinks is not None:
+        raise InputError(f"sinks= is for generative VLMs; the {a.family} family has no sinks rule")
     method_obj, source, target, layer = explainer.resolve(method, layer, "token")
     method = method_obj.name
     pixel_values = explainer.prepare_images(images)
@@ -208,15 +214,19 @@ def explain_vlm(
     text: str | None,
     beam: int,
     columns_only: bool = False,
+    sinks: str | None = None,
 ) -> GenerationExplanation | torch.Tensor:
     """`explain_generation` on a generative VLM (`adapters.vlm`): the prompt and images through
     the processor, `generate()` under no_grad (or `text` teacher-forced), then one teacher-forced
     forward and a batched backward for every generated token; each token's values over the
     image-token columns are placed on every image through the family's `TokenLayout`
-    (`columns_only`: the per-token values over the image-token columns, [K, N], unplaced)."""
+    (`columns_only`: the per-token values over the image-token columns, [K, N], unplaced;
+    `sinks="drop"`: visual sink tokens read 0, `methods.sinks`)."""
     from groundcam.io import check_image
 
     a = explainer.adapter
+    if sinks not in (None, "drop"):
+        raise InputError(f'sinks must be None or "drop", got {sinks!r}')
     for i, image in enumerate(images):
         if not isinstance(image, Image.Image):
             raise TypeError(f"image must be a PIL.Image, got {type(image).__name__}")
@@ -314,6 +324,8 @@ def explain_vlm(
             )
     else:  # nothing but special tokens: an empty explanation, not an error
         values, reported = torch.zeros(0, len(layout.positions)), torch.zeros(0)
+    if sinks == "drop" and k:
+        values = drop_sinks(a, inputs, ids, layout, layers, values, notes)
     if columns_only:
         return values
     placed = place(values, columns)
@@ -364,6 +376,31 @@ def sequence_tam(
     with torch.no_grad():
         lens = a.lens(hidden, classes.to(hidden.device)).cpu()
     return tam_maps(lens, classes, seq, layout.positions, text, pos.cpu(), columns)
+
+
+def drop_sinks(
+    a: Adapter,
+    inputs: dict[str, torch.Tensor],
+    ids: torch.Tensor,
+    layout: TokenLayout,
+    layers: list,
+    values: torch.Tensor,
+    notes: dict[str, str],
+) -> torch.Tensor:
+    """`values` [K, N] with the columns of visual sink tokens (`methods.sinks`, at the hidden
+    state entering each explained layer; every-layer methods: the default layer) set to 0."""
+    chosen = [n for n in layers if isinstance(n, int)] or [a.default_lm_layer()]
+    with torch.no_grad():
+        out = a.model(**a.teacher_inputs(inputs, ids), use_cache=False, output_hidden_states=True)
+    found = torch.zeros(len(layout.positions), dtype=torch.bool)
+    for n in chosen:
+        found |= sink_tokens(out.hidden_states[n][0], layout.positions)
+    cols = torch.nonzero(found)[:, 0].tolist()
+    notes["sinks"] = (
+        f"dropped {len(cols)} visual sink token(s) (image columns {cols}; |h|/rms(h) >= "
+        f"{SINK_THRESHOLD:g} in the begin-of-sequence sink dimensions, layer(s) {chosen})"
+    )
+    return values.masked_fill(found, 0)
 
 
 def relative_to_generic(
