@@ -339,3 +339,36 @@ def test_sinks_drop_zeroes_the_sink_columns_and_says_so(tiny, monkeypatch):
     assert "image columns [0, 5]" in dropped.notes["sinks"]
     with pytest.raises(gc.errors.InputError, match="sinks must be"):
         ex.explain_generation(image, prompt=PROMPT, text=TEXT, sinks="yes")
+
+
+# ----------------------------------------------------------------------------- the eval runner
+
+
+def test_the_eval_runner_scores_a_generative_vlm_as_explain_does(tiny, tmp_path):
+    import json
+
+    import torch.nn.functional as F
+    from flickr_like import write_flickr_like
+    from PIL import Image
+
+    from groundcam.data.text import pre_caption
+    from groundcam.eval.datasets import open_units
+    from groundcam.eval.runner import EvalConfig, run_eval
+
+    model, processor = tiny
+    ex = gc.load(model, processor=processor)
+    root = write_flickr_like(tmp_path / "flickr30k", 2)
+    units = open_units("flickr30k-entities", ["test"], root)
+    cfg = EvalConfig("flickr30k-entities", ("test",), "tiny-llava", method="gradcam")
+    result = run_eval(cfg, units, ex, tmp_path / "out", progress=False)
+    records = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert result.summary["n"] == len(records) > 0
+    assert result.summary["config"]["score"] == "phrase_log_likelihood"
+    for rec in records[:3]:
+        image = Image.open(root / "flickr30k_images" / f"{rec['image_id']}.jpg").convert("RGB")
+        one = ex.explain(image, [pre_caption(rec["phrase"])], method="gradcam")
+        h, w = image.height, image.width
+        up = F.interpolate(one.maps[None], (h, w), mode="bicubic", align_corners=False)[0, 0]
+        flat = int(torch.argmax(up))
+        assert rec["point"] == [flat % w, flat // w]
+        assert rec["score"] == pytest.approx(float(one.scores[0]), abs=1e-4)

@@ -163,6 +163,7 @@ class VlmAdapter(Adapter):
     default_methods = {"token": "attn-gradcam"}
     takes_prompt = True
     images_per_generation = 1
+    batch_images = 1  # an evaluation's phrase maps are placed on each image's own shape
     vlm = True  # generation runs through `groundcam.generation`'s VLM path
     template: str | None = None  # "{image}" and "{prompt}"; used when no chat template
     per_token_inputs: Mapping[str, int] = {}  # side inputs generate() extends: key -> pad value
