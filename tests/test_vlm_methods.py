@@ -372,3 +372,23 @@ def test_the_eval_runner_scores_a_generative_vlm_as_explain_does(tiny, tmp_path)
         flat = int(torch.argmax(up))
         assert rec["point"] == [flat % w, flat // w]
         assert rec["score"] == pytest.approx(float(one.scores[0]), abs=1e-4)
+
+
+def test_faithfulness_curves_on_a_generative_vlm(tiny):
+    from groundcam.eval.faithfulness import faithfulness
+
+    model, processor = tiny
+    ex = gc.load(model, processor=processor)
+    image = picture(48, 32, seed=13)
+    out = ex.explain(image, ["red cat"], method="gradcam")
+    (curves,) = faithfulness(ex, image, ["red cat"], out.maps, steps=4)
+    assert len(curves.deletion) == len(curves.insertion) == 5
+    # nothing removed / everything inserted: the explanation's own score
+    assert curves.deletion[0] == pytest.approx(float(out.scores[0]), abs=1e-4)
+    assert curves.insertion[-1] == pytest.approx(float(out.scores[0]), abs=1e-4)
+    # everything removed / nothing inserted: the same all-mean-colour image
+    assert curves.deletion[-1] == pytest.approx(curves.insertion[0], abs=1e-5)
+    assert curves.deletion[-1] != pytest.approx(curves.deletion[0], abs=1e-4)
+    assert curves.deletion_auc == pytest.approx(
+        sum((a + b) / 2 for a, b in zip(curves.deletion[:-1], curves.deletion[1:], strict=True)) / 4
+    )

@@ -485,6 +485,22 @@ def explain_phrases(
     )
 
 
+def phrase_log_likelihood(
+    explainer: Explainer, image: Image.Image, phrase: str, prompt: str | None = None
+) -> float:
+    """The log-probability of `phrase` after `prompt` on `image` (forward only): the score
+    `explain_phrases` reports, for deletion and insertion curves."""
+    a = explainer.adapter
+    inputs = a.inputs([image], prompt)
+    ids, first = a.teacher_ids(inputs, phrase)
+    skip = a.special_ids()
+    pos = torch.tensor([k for k in range(first, ids.shape[1]) if int(ids[0, k]) not in skip])
+    with torch.no_grad():
+        logits = a.model(**a.teacher_inputs(inputs, ids), use_cache=False).logits[0]
+    logp = logits[pos - 1].float().log_softmax(-1).gather(-1, ids[0, pos][:, None])
+    return float(logp.sum())
+
+
 def layer_range(layer: int | str | tuple | list | range | None) -> list:
     """The layers asked for: one (an int, a string of digits, None for the default), or a range
     (`(first, last)`, a list, a `range`, or "first-last", both ends included)."""
