@@ -107,7 +107,7 @@ def rounds_tam(model, processor, ex, image, eci: bool = True) -> torch.Tensor:
         y = seq[p]
         s = np.clip(logits[:, y], 0, None)
         img = s[image_pos]
-        ctx = [j for j in text_pos if j < p and seq[j] != y]
+        ctx = [j for j in text_pos if j < p - 1 and seq[j] != y]
         if eci and ctx:
             w = s[ctx] / (s[ctx].sum() + 1e-8)
             m = sum(

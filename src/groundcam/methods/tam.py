@@ -4,22 +4,24 @@ Multimodal LLMs") on a generative VLM, from one teacher-forced forward.
 For the token at sequence position k (class y_k), in this order:
 
 1. `s = relu(W_U[y_k] · H^L)` at every position before k (the logit lens over image and text).
-2. Estimated causal inference: the context is every text position j < k (prompt text and earlier
-   answer tokens; image tokens and special tokens are not text) whose token id differs from y_k.
+2. Estimated causal inference: the context is every text position j < k - 1 (prompt text and
+   earlier answer tokens; image tokens and special tokens are not text; row k-1, which predicts
+   token k, holds the token's own score and is never context) whose token id differs from y_k.
    Weights `w_j = s_j / (Σ s_j + 1e-8)`; interference `m = Σ_j w_j · map_j`, where `map_j` is
    token j's own raw logit-lens image map `relu(W_U[ids_j] · H^L[I])`; scale
    `a = <map_k, m> / <m, m>` (the least-squares minimiser of `||map_k - a·m||²`, which the
    authors find with `scipy.optimize.minimize_scalar`); `map_k = relu(map_k - a·m)`.
 3. Min-max normalisation over the image scores and the text scores at every text position
-   before k together, without the token's own score (row k-1, which predicts it); then the rank
+   j < k - 1 together (repeats included; not the token's own score at row k-1); then the rank
    Gaussian filter (`rank_gaussian_filter`) on each tile's grid, then `× 255` as uint8.
 
 Where the authors' code (`xmed-lab/TAM`, `tam.py`) differs from the paper we follow the paper:
 their round 0 ends with a map whose class is the last prompt token (`tokens[P - 1]`, not the
 first generated token its comment names), their first prompt token uses the argmax class at its
-position, and their weights for answer tokens are read one row before the token (prompt tokens
-at the token's own row). Here every context token j is weighted by `s_j` at its own position and
-explained by its own class, and every answer token k by its own class."""
+position, and they pair an answer token's map with the score one row before it (a prompt
+token's with the score at its own row). Here every context token j is weighted by `s_j` at its
+own position and mapped by its own class `ids_j`, and every answer token k is explained by its
+own class. The scores they read are the same set: the text rows before k-1."""
 
 from __future__ import annotations
 
@@ -84,7 +86,7 @@ def tam_maps(
         y = int(ids[p])
         s = s_all[row[y]]
         own = s[image]
-        ctx = [j for j in text.tolist() if j < p and int(ids[j]) != y]
+        ctx = [j for j in text.tolist() if j < p - 1 and int(ids[j]) != y]
         if ctx:
             w = s[ctx] / (s[ctx].sum() + 1e-8)
             maps = s_all[[row[int(ids[j])] for j in ctx]][:, image]
