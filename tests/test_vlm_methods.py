@@ -392,3 +392,22 @@ def test_faithfulness_curves_on_a_generative_vlm(tiny):
     assert curves.deletion_auc == pytest.approx(
         sum((a + b) / 2 for a, b in zip(curves.deletion[:-1], curves.deletion[1:], strict=True)) / 4
     )
+
+
+def test_cli_explains_phrases_on_a_vlm_and_refuses_an_empty_one_in_one_line(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from groundcam.cli import main
+
+    model, processor = tiny
+    path = tiny_vlm.save(model, processor, tmp_path / "llava")
+    image = tmp_path / "pic.png"
+    picture().save(image)
+    args = ["explain", str(image), "red cat", "--model", str(path), "--method", "tam"]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert "phrase_log_likelihood" in r.output and "red cat" in r.output
+    bad = processor.tokenizer.eos_token
+    r = CliRunner().invoke(main, ["explain", str(image), bad, "--model", str(path)])
+    assert r.exit_code == 2
+    assert "tokenizes to nothing" in r.output and "Traceback" not in r.output
