@@ -411,3 +411,25 @@ def test_cli_explains_phrases_on_a_vlm_and_refuses_an_empty_one_in_one_line(tiny
     r = CliRunner().invoke(main, ["explain", str(image), bad, "--model", str(path)])
     assert r.exit_code == 2
     assert "tokenizes to nothing" in r.output and "Traceback" not in r.output
+
+
+def test_relevance_leaves_no_hook_or_switched_attention_after_an_error(tiny):
+    from test_vlm_llava import hooks
+
+    model, processor = tiny
+    twin = copy.deepcopy(model)
+    twin.set_attn_implementation("sdpa")
+    ex = gc.load(twin, processor=processor)
+    ex.explain_generation(picture(), prompt=PROMPT, method="relevance", text=TEXT)
+    before, count = attention_implementations(twin), hooks(twin)  # transformers' own, once run
+
+    def boom(module, args, output):
+        raise RuntimeError("boom")
+
+    handle = twin.get_decoder().layers[-1].register_forward_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        ex.explain_generation(picture(), prompt=PROMPT, method="relevance", text=TEXT)
+    handle.remove()
+    assert attention_implementations(twin) == before and hooks(twin) == count
+    ex.explain_generation(picture(), prompt=PROMPT, method="relevance", text=TEXT)
+    assert attention_implementations(twin) == before and hooks(twin) == count
