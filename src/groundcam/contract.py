@@ -132,6 +132,11 @@ TOKEN_PROBABILITY = ScoreKind(
     "token_probability",
     "the model's probability of each generated token given the image and the tokens before it",
 )
+PHRASE_LOG_LIKELIHOOD = ScoreKind(
+    "phrase_log_likelihood",
+    "the log-probability of the phrase written after the prompt, given the image (sum over its "
+    "tokens)",
+)
 
 
 # ----------------------------------------------------------------------------- the adapter's table

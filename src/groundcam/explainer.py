@@ -142,11 +142,15 @@ class Explainer:
         method: str | None = None,
         layer: int | None = None,
         target: str | None = None,
+        prompt: str | None = None,
     ) -> Explanation:
         """Maps for every phrase over one image; the image is encoded once for all phrases.
-        `method`, `layer` and `target` default to the family's (`default_method()`)."""
+        `method`, `layer` and `target` default to the family's (`default_method()`). On a
+        generative VLM each phrase is read after `prompt` (`generation.explain_phrases`)."""
         phrases = [phrases] if isinstance(phrases, str) else list(phrases)
-        return self.explain_many([image], [phrases], method=method, layer=layer, target=target)
+        return self.explain_many(
+            [image], [phrases], method=method, layer=layer, target=target, prompt=prompt
+        )
 
     @serialised
     def explain_many(
@@ -156,9 +160,11 @@ class Explainer:
         method: str | None = None,
         layer: int | None = None,
         target: str | None = None,
+        prompt: str | None = None,
     ) -> Explanation:
         """Maps for many images with their own phrases in one batch (`phrases[i]` belong to
-        `images[i]`); each image is encoded once. Rows follow the phrases in order."""
+        `images[i]`); each image is encoded once. Rows follow the phrases in order. `prompt`:
+        generative VLMs only (the text the phrases are read after)."""
         if isinstance(images, Image.Image) or isinstance(phrases, str):
             raise InputError(
                 "explain_many takes a list of images and one list of phrases per image "
@@ -172,6 +178,13 @@ class Explainer:
             raise InputError("no phrases given: pass at least one phrase to explain")
         if 0 in counts:
             raise InputError(f"image {counts.index(0)} has no phrases")
+        if prompt is not None and not getattr(self.adapter, "vlm", False):
+            raise InputError(
+                f"prompt= is for generative VLMs; the {self.adapter.family} family reads the "
+                "phrases alone (leave prompt out)"
+            )
+        if getattr(self.adapter, "vlm", False):
+            return generation.explain_phrases(self, images, phrases, method, layer, prompt)
         self.resolve(method, layer, target)  # a bad method or layer is refused before any warning
         pixel_values, input_ids, mask = self.prepare(list(images), flat)
         index = torch.repeat_interleave(torch.arange(len(images)), torch.tensor(counts))
@@ -283,6 +296,8 @@ class Explainer:
         target = check_target(target or a.default_target, list(a.targets))
         method_obj = get_method(method or a.default_method(target))
         source = next((s for s in method_obj.sources if s in a.sources()), None)
+        if getattr(method_obj, "vlm_only", False) and not getattr(a, "vlm", False):
+            source = None
         if source is None:
             raise InputError(
                 f"method {method_obj.name!r} is not defined for the {a.family} family; "
@@ -368,6 +383,7 @@ class Explainer:
         beam: int = 1,
         *,
         image: Image.Image | None = None,
+        sinks: str | None = None,
     ) -> GenerationExplanation:
         """Generate text for an image (or take `text` as if generated), then one map per generated
         token, from one teacher-forced forward and a batched backward. `prompt` leads the text
@@ -375,7 +391,8 @@ class Explainer:
         several. On generative VLMs `layer` may be a range, `(first, last)` or "first-last": the
         mean of those layers' maps. `method` defaults to the family's (`attention` for OCR models);
         `max_new_tokens=None` lets the model's own `generation_config` decide the length; `beam`
-        > 1 decodes with beam search. `image=` is the first argument's older name."""
+        > 1 decodes with beam search. `image=` is the first argument's older name. `sinks="drop"`
+        (generative VLMs): visual sink tokens read 0 in every map (`methods.sinks`)."""
         if image is not None and image_or_images is not None:
             raise InputError("pass the image once: as the first argument or as image=")
         if image is None and image_or_images is None:
@@ -389,6 +406,7 @@ class Explainer:
             max_new_tokens,
             text,
             beam,
+            sinks,
         )
 
 
@@ -468,4 +486,5 @@ def supported_methods(adapter: Adapter | type[Adapter]) -> list[str]:
         n
         for n, m in METHODS.items()
         if any(s in have and not (m.needs_grad and s in blind) for s in m.sources)
+        and (getattr(adapter, "vlm", False) or not getattr(m, "vlm_only", False))
     )

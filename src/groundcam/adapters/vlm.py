@@ -34,7 +34,9 @@ from torch import nn
 from groundcam.adapters import hf
 from groundcam.adapters.base import Adapter
 from groundcam.contract import (
+    ATTENTION_GRAPH,
     LM_TOKENS,
+    PHRASE_LOG_LIKELIHOOD,
     TEXT_TO_IMAGE,
     TOKEN_LOGITS,
     TOKEN_PROBABILITY,
@@ -156,11 +158,12 @@ class VlmAdapter(Adapter):
 
     targets = ("token",)
     default_target = "token"
-    SCORES = {"token": TOKEN_PROBABILITY}
-    SOURCES = (TEXT_TO_IMAGE, LM_TOKENS, TOKEN_LOGITS)
+    SCORES = {"token": TOKEN_PROBABILITY, "phrase": PHRASE_LOG_LIKELIHOOD}
+    SOURCES = (TEXT_TO_IMAGE, LM_TOKENS, TOKEN_LOGITS, ATTENTION_GRAPH)
     default_methods = {"token": "attn-gradcam"}
     takes_prompt = True
     images_per_generation = 1
+    batch_images = 1  # an evaluation's phrase maps are placed on each image's own shape
     vlm = True  # generation runs through `groundcam.generation`'s VLM path
     template: str | None = None  # "{image}" and "{prompt}"; used when no chat template
     per_token_inputs: Mapping[str, int] = {}  # side inputs generate() extends: key -> pad value
@@ -358,6 +361,7 @@ class VlmAdapter(Adapter):
             Source(TEXT_TO_IMAGE, self._attention_spec, layers, mid),
             Source(LM_TOKENS, self._tokens_spec, layers, mid),
             Source(TOKEN_LOGITS, self._lens_spec, layers[-1:], layers[-1]),
+            Source(ATTENTION_GRAPH, self._graph_spec),  # relevance: methods/lm_relevance.py
         )
 
     def _attention_spec(self, layer: int, target: str) -> RecordSpec:
@@ -369,6 +373,9 @@ class VlmAdapter(Adapter):
 
     def _lens_spec(self, layer: int, target: str) -> RecordSpec:
         return RecordSpec([HookPoint("lm.lens", self.lens)], layer)
+
+    def _graph_spec(self, layer: int | None, target: str) -> RecordSpec:
+        return RecordSpec([HookPoint(f"lm.{i}.attn", m, 1) for i, m in enumerate(self.attn)], None)
 
     def recording(self, spec: RecordSpec):
         """The scope a forward recording `spec` runs in: eager attention for the recorded
