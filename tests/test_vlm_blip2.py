@@ -361,3 +361,21 @@ def test_a_processor_that_does_not_expand_the_queries_is_one_line():
             picture(), prompt=PROMPT, method="gradcam", text=TEXT
         )
     assert "2 image tokens" in one_line(e) and "num_query_tokens = 4" in one_line(e)
+
+
+@pytest.mark.parametrize("family", ["blip2", "instructblip"])
+def test_methods_the_query_bridge_cannot_carry_are_refused_with_the_reason(family):
+    """relevance and tam need an image grid in the LM (or the Q-Former's own relevance);
+    InstructBLIP's prompt-dependent Q-Former rules out relative attention: each refused in one
+    line saying why, and absent from the family's method list."""
+    methods = gc.families()[family]
+    assert {"attention", "attn-gradcam", "gradcam", "logit-lens"} <= set(methods)
+    assert "relevance" not in methods and "tam" not in methods
+    assert ("relative-attention" in methods) == (family == "blip2")
+    model, processor = tiny_vlm.BUILDERS[family]()
+    ex = gc.load(model, processor=processor)
+    with pytest.raises(InputError, match="no grid") as e:
+        ex.resolve("tam", None, "token")
+    assert "\n" not in str(e.value) and str(methods) in str(e.value)
+    with pytest.raises(InputError, match="Q-Former cross-attention's own relevance"):
+        ex.resolve("relevance", None, "token")

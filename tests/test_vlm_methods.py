@@ -239,6 +239,9 @@ def test_bad_phrases_and_prompts_are_one_line(tiny, tiny_model_dir):
         ex.explain(picture(), ["  "])
     with pytest.raises(gc.errors.InputError, match="prompt= is for generative VLMs"):
         gc.load(str(tiny_model_dir)).explain(picture(), ["a cat"], prompt="look")
+    with pytest.raises(gc.errors.InputError, match="target 'itm'.*target 'phrase'"):
+        ex.explain(picture(), ["a red circle"], target="itm")
+    assert ex.explain(picture(), ["a red circle"], target="phrase").target == "phrase"
 
 
 # ----------------------------------------------------------------------------- relevance

@@ -184,6 +184,11 @@ class Explainer:
                 "phrases alone (leave prompt out)"
             )
         if getattr(self.adapter, "vlm", False):
+            if target not in (None, "phrase"):
+                raise InputError(
+                    f"target {target!r}: a phrase on a generative VLM is explained by its "
+                    "log-likelihood after the prompt (target 'phrase', the default)"
+                )
             return generation.explain_phrases(self, images, phrases, method, layer, prompt)
         self.resolve(method, layer, target)  # a bad method or layer is refused before any warning
         pixel_values, input_ids, mask = self.prepare(list(images), flat)
@@ -298,9 +303,11 @@ class Explainer:
         source = next((s for s in method_obj.sources if s in a.sources()), None)
         if getattr(method_obj, "vlm_only", False) and not getattr(a, "vlm", False):
             source = None
-        if source is None:
+        refused = a.REFUSED_METHODS.get(method_obj.name)
+        if source is None or refused:
+            why = f" ({refused})" if refused else ""
             raise InputError(
-                f"method {method_obj.name!r} is not defined for the {a.family} family; "
+                f"method {method_obj.name!r} is not defined for the {a.family} family{why}; "
                 f"its methods are {supported_methods(a)}"
             )
         a.check(source, target, method_obj.needs_grad)
@@ -487,4 +494,5 @@ def supported_methods(adapter: Adapter | type[Adapter]) -> list[str]:
         for n, m in METHODS.items()
         if any(s in have and not (m.needs_grad and s in blind) for s in m.sources)
         and (getattr(adapter, "vlm", False) or not getattr(m, "vlm_only", False))
+        and n not in adapter.REFUSED_METHODS
     )

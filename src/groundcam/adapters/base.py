@@ -27,6 +27,8 @@ class Adapter:
     missing_targets: Mapping[str, str] = {}  # target -> why this model cannot explain it
     # source -> why no score's gradient reaches its tensors (gradient methods refuse it)
     NO_GRADIENT_SOURCES: Mapping[str, str] = {}
+    # method -> why this family cannot run it although it has the method's source
+    REFUSED_METHODS: Mapping[str, str] = {}
     token_rows_shift: int = 1  # generation: the decoder row that predicted token k is k - shift
     takes_prompt: bool = False  # generation: whether a text prompt can lead the generated text
     images_per_generation: int = 1  # generation: how many images one generation can read

@@ -37,6 +37,12 @@ from groundcam.errors import InputError
 class Blip2Adapter(VlmAdapter):
     family = "blip2"
     architectures = ("Blip2ForConditionalGeneration",)
+    REFUSED_METHODS = {
+        "relevance": "its rule composes the LM's relevance over the queries with the Q-Former "
+        "cross-attention's own relevance (DESIGN §12), which groundcam does not compute yet",
+        "tam": "TAM filters maps on the LM's image grid, and this LM reads queries, which have "
+        "no grid",
+    }
     template = "Question: {prompt} Answer:"
 
     def language_decoder(self, model: nn.Module) -> nn.Module:
@@ -151,4 +157,9 @@ class Blip2Adapter(VlmAdapter):
 class InstructBlipAdapter(Blip2Adapter):
     family = "instructblip"
     architectures = ("InstructBlipForConditionalGeneration",)
+    REFUSED_METHODS = {
+        **Blip2Adapter.REFUSED_METHODS,
+        "relative-attention": "its Q-Former reads the prompt, so the generic prompt's forward "
+        "would compose the ratio with another prompt's cross-attention",
+    }
     template = "{prompt}"

@@ -156,11 +156,11 @@ class LogitLens(nn.Module):
 class VlmAdapter(Adapter):
     """A generative VLM: prompt + images in, text out, one map per generated token."""
 
-    targets = ("token",)
+    targets = ("token", "phrase")  # each generated token; a given phrase's log-likelihood
     default_target = "token"
     SCORES = {"token": TOKEN_PROBABILITY, "phrase": PHRASE_LOG_LIKELIHOOD}
     SOURCES = (TEXT_TO_IMAGE, LM_TOKENS, TOKEN_LOGITS, ATTENTION_GRAPH)
-    default_methods = {"token": "attn-gradcam"}
+    default_methods = {"token": "attn-gradcam", "phrase": "attn-gradcam"}
     takes_prompt = True
     images_per_generation = 1
     batch_images = 1  # an evaluation's phrase maps are placed on each image's own shape
