@@ -56,6 +56,15 @@ FAMILIES: dict[str, Family] = {
     "llava": Family(
         "groundcam.adapters.llava", "LlavaAdapter", ("LlavaForConditionalGeneration",), ("llava",)
     ),
+    "paligemma": Family(
+        "groundcam.adapters.paligemma",
+        "PaliGemmaAdapter",
+        ("PaliGemmaForConditionalGeneration",),
+        ("paligemma",),
+    ),
+    "gemma3": Family(
+        "groundcam.adapters.gemma3", "Gemma3Adapter", ("Gemma3ForConditionalGeneration",), ("gemma3",)
+    ),
     "captioner": Family(
         "groundcam.adapters.captioner",
         "CaptionerAdapter",

@@ -268,6 +268,8 @@ class VlmAdapter(Adapter):
         if max_new_tokens is not None:
             config.max_length, config.max_new_tokens = None, max_new_tokens
         config.do_sample, config.num_beams = False, beam
+        # an image token in the answer would take image features in the teacher-forced forward
+        config.suppress_tokens = [*(config.suppress_tokens or []), self.image_token_id]
         ids = self.model.generate(**inputs, generation_config=config)
         return ids[:1], inputs["input_ids"].shape[1]
 
