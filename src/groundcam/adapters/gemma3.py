@@ -8,7 +8,8 @@ tokens). Several images per prompt, one map per image.
 Geometry: each image is squashed to `size` (no crop, no pad); its p x p patch grid is pooled in
 k x k blocks, k = p // s, so token (r, c) covers patches [r·k, (r+1)·k) x [c·k, (c+1)·k) and the
 s x s grid covers the first s·k of the p patches per side (all of them when s divides p).
-Pan-and-scan crops (`do_pan_and_scan=True`) are not placed: refused in one line."""
+The processor is called without pan-and-scan (its default; an image processor's own
+`do_pan_and_scan` does not turn it on); crops that arrive anyway are refused in one line."""
 
 from __future__ import annotations
 
