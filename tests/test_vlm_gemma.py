@@ -425,3 +425,63 @@ def test_cli_caption_on_paligemma(built, tmp_path):
     bad = CliRunner().invoke(main, [*args[:5], "<image><image> what", *args[6:]])
     assert bad.exit_code == 2 and "placeholder" in bad.output
     assert len(bad.output.strip().splitlines()) == 1
+
+
+def paligemma2() -> tuple:
+    """PaliGemma 2: the same class over a Gemma 2 decoder, whose layer 0 attends within a
+    sliding window (8 tokens) shorter than the sequence; Gemma 2 runs eager attention only."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    _, processor = tiny_vlm.paligemma()
+    tok = processor.tokenizer
+    base = tiny_vlm.paligemma()[0].config
+    text = dict(tiny_vlm._lm(tok), model_type="gemma2", head_dim=8, query_pre_attn_scalar=8)
+    config = PaliGemmaConfig(
+        vision_config=base.vision_config.to_dict(),
+        text_config=dict(text, sliding_window=8),
+        image_token_index=base.image_token_id,
+        vocab_size=len(tok),
+        projection_dim=32,
+        hidden_size=32,
+    )
+    torch.manual_seed(1)
+    model = PaliGemmaForConditionalGeneration._from_config(config, attn_implementation="eager")
+    assert model.config.text_config.layer_types[0] == "sliding_attention"
+    return tiny_vlm.sharpen(model.eval()), processor
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_paligemma2_sliding_window_layer_equals_the_naive_recipe(method):
+    model, processor = paligemma2()
+    images = images_of("paligemma", seed=7)
+    ex = gc.load(model, processor=processor)
+    gen = ex.explain_generation(images, prompt=PROMPT, method=method, text=TEXT)
+    want = naive_maps(
+        "paligemma", model, processor, images, method, 1 if method == "logit-lens" else 0
+    )[0]
+    scale = want.abs().amax()
+    assert scale > 0 and gen.layer == (1 if method == "logit-lens" else 0)
+    assert torch.allclose(gen.raw_maps, want, atol=1e-5 * scale, rtol=1e-4)
+
+
+def test_generation_never_writes_an_image_token():
+    """This random Gemma 3 writes its image token second when left alone; an image token in the
+    answer would take image features in the teacher-forced forward, so generation suppresses
+    it (and only it: the rest of the answer is the model's greedy choice)."""
+    model, processor = tiny_vlm.sharpen(tiny_vlm.gemma3()[0]), tiny_vlm.gemma3()[1]
+    images = [picture(48, 32), picture(48, 32).transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    image_id = model.config.image_token_id
+    ex = gc.load(model, processor=processor)
+    inputs = ex.adapter.inputs(images, PROMPT)
+    first = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        free = model.generate(**inputs, max_new_tokens=3, do_sample=False)[0, first:].tolist()
+    assert free[1] == image_id
+    gen = ex.explain_generation(images, prompt=PROMPT, method="logit-lens", max_new_tokens=3)
+    assert image_id not in gen.token_ids and gen.token_ids[0] == free[0]
+    ids = torch.cat([inputs["input_ids"], torch.tensor([free[:1]])], 1)
+    with torch.no_grad():
+        logits = model(**ex.adapter.teacher_inputs(inputs, ids)).logits[0, -1]
+    assert int(logits.argmax()) == image_id
+    logits[image_id] = -float("inf")
+    assert gen.token_ids[1] == int(logits.argmax())
