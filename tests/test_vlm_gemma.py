@@ -34,9 +34,7 @@ def picture(w: int = 32, h: int = 32, seed: int = 0) -> Image.Image:
 
 
 def images_of(family: str, seed: int = 0) -> list[Image.Image]:
-    """One image for PaliGemma, two for Gemma 3 (it reads several)."""
-    if family == "paligemma":
-        return [picture(seed=seed)]
+    """Two images: both families read several, one map each."""
     return [picture(seed=seed), picture(seed=seed + 10)]
 
 
@@ -119,6 +117,15 @@ def test_paligemma_image_first_then_bos_and_the_whole_squashed_image(built):
     (placed,) = place(values, layout, [(24, 64)])
     assert placed.shape == (1, 24, 64)
     assert placed[0, 0, 0] == 0 and placed[0, 23, 63] == 15 and placed[0, 6, 16] == 5
+    # two images: two runs of 16 before BOS, the second image's grid from column 16 on
+    two = a.inputs([image, coded(24, 40)], PROMPT)
+    both = a.token_layout(two, two["input_ids"], [(24, 64), (40, 24)])
+    assert both.positions.tolist() == list(range(32)) and both.images == 2
+    assert both.image.tolist() == [0] * 16 + [1] * 16 and both.col[16:20].tolist() == [0, 1, 2, 3]
+    assert int(two["input_ids"][0, 32]) == processor.tokenizer.bos_token_id
+    assert torch.allclose(
+        cell_centres(two, processor, 1, 4, 32)[..., 1], centres[..., 1], atol=0.04
+    )
 
 
 def test_gemma3_several_images_each_a_pooled_grid_in_prompt_order(built):
@@ -199,7 +206,7 @@ def naive_maps(family, model, processor, images, method, layer, pad=None) -> lis
     (the family's as generate() does: PaliGemma 1, Gemma 3 0); per image, its s² image-token
     columns as an s x s grid (square images: the grid covers each whole image)."""
     if family == "paligemma":
-        text, pad = "<image>" + PROMPT, 1 if pad is None else pad
+        text, pad = "<image>" * len(images) + PROMPT, 1 if pad is None else pad
     else:
         marks = "<start_of_image>" * len(images)
         text = f"<start_of_turn>user\n{marks}{PROMPT}<end_of_turn>\n<start_of_turn>model\n"
@@ -379,8 +386,8 @@ def test_bad_input_is_one_line(built):
     model, processor = built["paligemma"]
     ex = gc.load(model, processor=processor)
     with pytest.raises(InputError) as e:
-        ex.explain_generation([picture(), picture()], prompt=PROMPT)
-    assert "one image" in one_line(e) and "2 images" in one_line(e)
+        ex.explain_generation([picture()] * 33, prompt=PROMPT)
+    assert "at most 32 images" in one_line(e) and "33 images" in one_line(e)
     with pytest.raises(InputError) as e:
         ex.explain_generation(picture(), prompt="<image><image>what")
     assert "2 image placeholder" in one_line(e)
