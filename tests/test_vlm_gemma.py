@@ -492,3 +492,33 @@ def test_generation_never_writes_an_image_token():
     assert int(logits.argmax()) == image_id
     logits[image_id] = -float("inf")
     assert gen.token_ids[1] == int(logits.argmax())
+
+
+def test_a_chat_template_that_writes_bos_gets_one_bos():
+    """Gemma 3's chat template starts with BOS and its tokenizer adds one: the prompt's ids are
+    those of the processor's own `apply_chat_template(tokenize=True)`, a single BOS."""
+    from tokenizers import processors
+
+    model, processor = tiny_vlm.gemma3()
+    tok = processor.tokenizer
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)]
+    )
+    assert tok("what is")["input_ids"][0] == tok.bos_token_id
+    processor.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<start_of_turn>user\n{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}<end_of_turn>\n{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    )
+    a = gc.load(model, processor=processor).adapter
+    ours = a.inputs([picture()], PROMPT)["input_ids"]
+    content = [{"type": "image", "image": picture()}, {"type": "text", "text": PROMPT}]
+    theirs = processor.apply_chat_template(
+        [{"role": "user", "content": content}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )["input_ids"]
+    assert torch.equal(ours, theirs) and (ours[0] == tok.bos_token_id).sum() == 1

@@ -231,9 +231,12 @@ class VlmAdapter(Adapter):
     def inputs(self, images: Sequence[Image.Image], prompt: str | None) -> dict[str, torch.Tensor]:
         """The model inputs of the prompt and images (the processor's own expansion)."""
         text = self.prompt_text(prompt, len(images))
+        bos = getattr(self.tokenizer, "bos_token", None)
+        # a chat template that writes BOS (Gemma 3): the tokenizer must not add a second one
+        extra = {"add_special_tokens": False} if bos and text.startswith(bos) else {}
         try:
             enc = self.processor(
-                images=[to_rgb(im) for im in images], text=[text], return_tensors="pt"
+                images=[to_rgb(im) for im in images], text=[text], return_tensors="pt", **extra
             )
         except (ValueError, TypeError) as e:
             raise InputError(f"the processor refused the prompt and images: {e}") from None
