@@ -522,3 +522,27 @@ def test_a_chat_template_that_writes_bos_gets_one_bos():
         return_tensors="pt",
     )["input_ids"]
     assert torch.equal(ours, theirs) and (ours[0] == tok.bos_token_id).sum() == 1
+
+
+@pytest.mark.parametrize("method", ["attention", "attn-gradcam", "gradcam"])
+def test_gemma3_sliding_window_recorded_under_sdpa_equals_the_naive_recipe(method):
+    """A 14-token sliding window (both layers): the answer's rows see the second image's
+    tokens and at most the end of the first's. Recorded in an sdpa model, the maps equal the
+    eager naive recipe's, 0 where the window ends."""
+    model, processor = tiny_vlm.gemma3(seed=1)
+    tiny_vlm.sharpen(model)
+    model.config.text_config.sliding_window = 14
+    twin = copy.deepcopy(model)
+    twin.set_attn_implementation("sdpa")
+    images = images_of("gemma3", seed=3)
+    gen = gc.load(twin, processor=processor).explain_generation(
+        images, prompt=PROMPT, method=method, text=TEXT
+    )
+    want = naive_maps("gemma3", model, processor, images, method, 0)
+    assert set(attention_implementations(twin)) == {"sdpa"}
+    scale = want[0].abs().amax()
+    assert scale > 0 and torch.allclose(gen.raw_maps, want[0], atol=1e-5 * scale, rtol=1e-4)
+    if method != "gradcam":  # the first image's first token lies outside every answer row's window
+        assert (want[0][:, 0, 0] == 0).all() and (gen.raw_maps[:, 0, 0] == 0).all()
+    assert (want[1].amax((1, 2)) > want[1].amin((1, 2))).all()
+    assert torch.allclose(gen.image_maps[1], normalize_maps(want[1]), atol=1e-4)
