@@ -143,6 +143,7 @@ def test_gemma3_several_images_each_a_pooled_grid_in_prompt_order(built):
     assert int(ids[0, first[0] - 1]) == boi and int(ids[0, first[-1] + 1]) == eoi
     assert int(ids[0, second[0] - 1]) == boi and second[0] > first[-1] + 1
     assert all(t.box == (0.0, 0.0, 1.0, 1.0) and t.grid_h == 2 for t in layout.tiles)
+    assert gc.load(model, processor=processor).grid(inputs["pixel_values"]) == (2, 2)
     for i in range(2):  # 4 x 4 patches pooled in 2 x 2 blocks: each token a quarter
         centres = cell_centres(inputs, processor, i, 2, 32)
         want = torch.tensor([0.25, 0.75])

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from groundcam.adapters import hf
 from groundcam.adapters.vlm import VlmAdapter
 from groundcam.contract import Tile, TokenLayout
 from groundcam.errors import InputError
+from groundcam.geometry import Geometry
 
 
 class Gemma3Adapter(VlmAdapter):
@@ -28,6 +31,11 @@ class Gemma3Adapter(VlmAdapter):
     template = "<start_of_turn>user\n{image}{prompt}<end_of_turn>\n<start_of_turn>model\n"
     per_token_inputs = {"token_type_ids": 0}
     images_per_generation = 32  # a bound of this library (256 tokens each); the processor has none
+
+    def geometry(self, pixel_values: torch.Tensor) -> Geometry:
+        """The s x s grid of pooled tokens (not the patch grid the vision tower sees)."""
+        s = math.isqrt(int(self.model.config.mm_tokens_per_image))
+        return Geometry(s, s, 0)
 
     def image_tokens(self, inputs, ids, sizes) -> TokenLayout:
         """Per image, one s x s grid over the part of the squashed image its pooled patches
