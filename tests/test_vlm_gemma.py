@@ -547,3 +547,36 @@ def test_gemma3_sliding_window_recorded_under_sdpa_equals_the_naive_recipe(metho
         assert (want[0][:, 0, 0] == 0).all() and (gen.raw_maps[:, 0, 0] == 0).all()
     assert (want[1].amax((1, 2)) > want[1].amin((1, 2))).all()
     assert torch.allclose(gen.image_maps[1], normalize_maps(want[1]), atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_changing_one_cell_of_the_image_changes_the_token_the_layout_names(family):
+    """A probe of the model itself: with the vision tower's attention silenced (each patch
+    encoded on its own), a block painted inside one cell of the second (non-square) image
+    changes the layer-0 states of exactly the image token the layout gives that cell."""
+    model, processor = tiny_vlm.BUILDERS[family]()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if "vision" in name and name.endswith("self_attn.out_proj"):
+                module.weight.zero_()
+                module.bias.zero_()
+    a = gc.load(model, processor=processor).adapter
+    sizes = [(32, 32), (30, 60)]
+    side = 4 if family == "paligemma" else 2
+    row, col = 1, side - 1
+    before = [picture(), picture(60, 30, seed=1)]
+    after = [before[0], before[1].copy()]
+    h, w = sizes[1]
+    cy, cx = int((row + 0.5) * h / side), int((col + 0.5) * w / side)
+    after[1].paste((255, 255, 255), (cx - 3, cy - 2, cx + 3, cy + 2))
+    states = []
+    for images in (before, after):
+        inputs = a.inputs(images, PROMPT)
+        layout = a.token_layout(inputs, inputs["input_ids"], sizes)
+        with torch.no_grad():
+            hidden = model(**inputs, output_hidden_states=True).hidden_states[0][0]
+        states.append(hidden[layout.positions])
+    change = (states[1] - states[0]).abs().amax(-1)
+    mine = (layout.image == 1) & (layout.row == row) & (layout.col == col)
+    assert int(mine.sum()) == 1
+    assert change[mine].item() > 0 and (change[~mine] < 1e-6 * change[mine]).all()
