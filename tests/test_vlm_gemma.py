@@ -580,3 +580,23 @@ def test_changing_one_cell_of_the_image_changes_the_token_the_layout_names(famil
     mine = (layout.image == 1) & (layout.row == row) & (layout.col == col)
     assert int(mine.sum()) == 1
     assert change[mine].item() > 0 and (change[~mine] < 1e-6 * change[mine]).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_under_sdpa_gives_the_float32_maps(built, family):
+    """The deployed form (bf16, sdpa): every method runs and its maps match float32 eager's
+    (correlation over all tokens and cells; bf16 keeps about 3 significant digits)."""
+    model, processor = built[family]
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    half.set_attn_implementation("sdpa")
+    for method in METHODS:
+        x, y = (
+            gc.load(m, processor=processor).explain_generation(
+                images_of(family, seed=8), prompt=PROMPT, method=method, text=TEXT
+            )
+            for m in (model, half)
+        )
+        assert y.raw_maps.dtype == torch.float32 and torch.isfinite(y.raw_maps).all()
+        pair = torch.stack([x.raw_maps.flatten(), y.raw_maps.flatten()])
+        assert torch.corrcoef(pair)[0, 1] > 0.99, method
+    assert set(attention_implementations(half)) == {"sdpa"}
