@@ -123,6 +123,7 @@ def test_paligemma_image_first_then_bos_and_the_whole_squashed_image(built):
     assert both.positions.tolist() == list(range(32)) and both.images == 2
     assert both.image.tolist() == [0] * 16 + [1] * 16 and both.col[16:20].tolist() == [0, 1, 2, 3]
     assert int(two["input_ids"][0, 32]) == processor.tokenizer.bos_token_id
+    assert a.prompt_text(None, 1) == "<image>caption en"  # its task prefix, not a question
     assert torch.allclose(
         cell_centres(two, processor, 1, 4, 32)[..., 1], centres[..., 1], atol=0.04
     )

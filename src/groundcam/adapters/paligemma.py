@@ -25,6 +25,7 @@ class PaliGemmaAdapter(VlmAdapter):
     architectures = ("PaliGemmaForConditionalGeneration",)
     template = "{image}{prompt}"  # the processor adds BOS after the image tokens and the newline
     per_token_inputs = {"token_type_ids": 1}
+    default_prompt = "caption en"  # PaliGemma's task prefixes ("caption en", "ocr", ...)
     images_per_generation = 32  # a bound of this library; the processor has none
 
     def inputs(self, images: Sequence[Image.Image], prompt: str | None) -> dict[str, torch.Tensor]:

@@ -7,8 +7,8 @@ in `adapters/__init__.py` (see `adapters/llava.py`); everything else is here.
 
 - Inputs: images and the prompt through the processor. The prompt is written into the
   processor's chat template when it has one, else into the family's `template`; a prompt that
-  already holds the image placeholder (one per image) is used as it is. `prompt=None` is
-  `DEFAULT_PROMPT`.
+  already holds the image placeholder (one per image) is used as it is. `prompt=None` is the
+  family's `default_prompt` (`DEFAULT_PROMPT` unless it knows better).
 - Image tokens: the positions holding `config.image_token_id` (never a constant).
 - Layers by structure: `model.get_decoder().layers[i].self_attn`, the LM head
   `model.get_output_embeddings()`; token k is scored by the logits at row k-1.
@@ -165,6 +165,7 @@ class VlmAdapter(Adapter):
     template: str | None = None  # "{image}" and "{prompt}"; used when no chat template
     per_token_inputs: Mapping[str, int] = {}  # side inputs generate() extends: key -> pad value
     default_depth = 0.5  # default layer as a fraction of the LM's depth (the evidence's)
+    default_prompt = DEFAULT_PROMPT  # the prompt when none is given (a family may know better)
 
     def __init__(self, model: nn.Module, tokenizer=None, name: str = "", processor=None):
         if processor is None:
@@ -203,9 +204,9 @@ class VlmAdapter(Adapter):
         return text or self.tokenizer.convert_ids_to_tokens(self.image_token_id)
 
     def prompt_text(self, prompt: str | None, images: int) -> str:
-        """The text the processor reads: `prompt` (default `DEFAULT_PROMPT`) in the chat
+        """The text the processor reads: `prompt` (default `default_prompt`) in the chat
         template or the family's template, or as given when it holds the image placeholders."""
-        prompt = DEFAULT_PROMPT if prompt is None else prompt
+        prompt = self.default_prompt if prompt is None else prompt
         mark = self.placeholder()
         given = prompt.count(mark)
         if given:
