@@ -108,6 +108,18 @@ FAMILIES: dict[str, Family] = {
         ("InstructBlipForConditionalGeneration",),
         ("instructblip",),
     ),
+    "paligemma": Family(
+        "groundcam.adapters.paligemma",
+        "PaliGemmaAdapter",
+        ("PaliGemmaForConditionalGeneration",),
+        ("paligemma",),
+    ),
+    "gemma3": Family(
+        "groundcam.adapters.gemma3",
+        "Gemma3Adapter",
+        ("Gemma3ForConditionalGeneration",),
+        ("gemma3",),
+    ),
     "captioner": Family(
         "groundcam.adapters.captioner",
         "CaptionerAdapter",

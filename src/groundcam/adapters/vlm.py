@@ -7,8 +7,8 @@ in `adapters/__init__.py` (see `adapters/llava.py`); everything else is here.
 
 - Inputs: images and the prompt through the processor. The prompt is written into the
   processor's chat template when it has one, else into the family's `template`; a prompt that
-  already holds the image placeholder (one per image) is used as it is. `prompt=None` is
-  `DEFAULT_PROMPT`.
+  already holds the image placeholder (one per image) is used as it is. `prompt=None` is the
+  family's `default_prompt` (`DEFAULT_PROMPT` unless it knows better).
 - Image tokens: the positions holding `config.image_token_id` (never a constant).
 - Layers by structure: `model.get_decoder().layers[i].self_attn`, the LM head
   `model.get_output_embeddings()`; token k is scored by the logits at row k-1.
@@ -168,6 +168,7 @@ class VlmAdapter(Adapter):
     template: str | None = None  # "{image}" and "{prompt}"; used when no chat template
     per_token_inputs: Mapping[str, int] = {}  # side inputs generate() extends: key -> pad value
     default_depth = 0.5  # default layer as a fraction of the LM's depth (the evidence's)
+    default_prompt = DEFAULT_PROMPT  # the prompt when none is given (a family may know better)
 
     def __init__(self, model: nn.Module, tokenizer=None, name: str = "", processor=None):
         if processor is None:
@@ -213,9 +214,9 @@ class VlmAdapter(Adapter):
         return str(text) if text else self.tokenizer.convert_ids_to_tokens(self.image_token_id)
 
     def prompt_text(self, prompt: str | None, images: int) -> str:
-        """The text the processor reads: `prompt` (default `DEFAULT_PROMPT`) in the chat
+        """The text the processor reads: `prompt` (default `default_prompt`) in the chat
         template or the family's template, or as given when it holds the image placeholders."""
-        prompt = DEFAULT_PROMPT if prompt is None else prompt
+        prompt = self.default_prompt if prompt is None else prompt
         mark = self.placeholder()
         given = prompt.count(mark)
         if given:
@@ -241,9 +242,12 @@ class VlmAdapter(Adapter):
     def inputs(self, images: Sequence[Image.Image], prompt: str | None) -> dict[str, torch.Tensor]:
         """The model inputs of the prompt and images (the processor's own expansion)."""
         text = self.prompt_text(prompt, len(images))
+        bos = getattr(self.tokenizer, "bos_token", None)
+        # a chat template that writes BOS (Gemma 3): the tokenizer must not add a second one
+        extra = {"add_special_tokens": False} if bos and text.startswith(bos) else {}
         try:
             enc = self.processor(
-                images=[to_rgb(im) for im in images], text=[text], return_tensors="pt"
+                images=[to_rgb(im) for im in images], text=[text], return_tensors="pt", **extra
             )
         except (ValueError, TypeError) as e:
             raise InputError(f"the processor refused the prompt and images: {e}") from None
@@ -278,6 +282,8 @@ class VlmAdapter(Adapter):
         if max_new_tokens is not None:
             config.max_length, config.max_new_tokens = None, max_new_tokens
         config.do_sample, config.num_beams = False, beam
+        # an image token in the answer would take image features in the teacher-forced forward
+        config.suppress_tokens = [*(config.suppress_tokens or []), self.image_token_id]
         ids = self.model.generate(**inputs, generation_config=config)
         return ids[:1], inputs["input_ids"].shape[1]
 
