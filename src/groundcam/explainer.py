@@ -123,6 +123,23 @@ class Explainer:
         """Images per forward the family supports in an evaluation (ViLT pads: 1)."""
         return self.adapter.batch_images
 
+    def pixel_mean_std(self) -> tuple[list[float], list[float]]:
+        """The image processor's per-channel normalisation mean and std (0.5 where it has none):
+        what a removed patch is filled with in deletion and insertion curves."""
+        ip = getattr(self.adapter.processor, "image_processor", None) or self.adapter.processor
+        mean = list(getattr(ip, "image_mean", None) or [0.5, 0.5, 0.5])
+        return mean, list(getattr(ip, "image_std", None) or [0.5, 0.5, 0.5])
+
+    @serialised
+    def phrase_log_likelihood(
+        self, image: Image.Image, phrase: str, prompt: str | None = None
+    ) -> float:
+        """A generative VLM's log-probability of `phrase` after `prompt` on `image` (forward
+        only): the score a phrase explanation reports."""
+        if not getattr(self.adapter, "vlm", False):
+            raise InputError(f"the {self.family} family has no phrase log-likelihood")
+        return generation.phrase_log_likelihood(self, image, phrase, prompt)
+
     def default_method(self, target: str | None = None) -> str:
         """The method the evidence supports on this family for `target` (default: the family's)."""
         return self.adapter.default_method(target or self.adapter.default_target)

@@ -238,13 +238,8 @@ def vlm_curves(
     original image (the grid of `Explanation.maps`, placed on the image), removed cells take the
     processor's mean colour plus `baseline` standard deviations (0: its mean, as on the other
     families), and every masked image is scored by the phrase's log-likelihood after the
-    default prompt (`generation.phrase_log_likelihood`), one forward each."""
-    from groundcam.adapters.hf import image_processor_of
-    from groundcam.generation import phrase_log_likelihood
-
-    ip = image_processor_of(explainer.adapter.processor)
-    mean = torch.tensor(getattr(ip, "image_mean", None) or [0.5, 0.5, 0.5], dtype=torch.float32)
-    std = torch.tensor(getattr(ip, "image_std", None) or [0.5, 0.5, 0.5], dtype=torch.float32)
+    default prompt (`Explainer.phrase_log_likelihood`), one forward each."""
+    mean, std = (torch.tensor(v, dtype=torch.float32) for v in explainer.pixel_mean_std())
     fill = ((mean + baseline * std) * 255).clamp(0, 255)[:, None, None]
     pixels = torch.from_numpy(np.asarray(image.convert("RGB"))).float()
     pixels = pixels.permute(2, 0, 1)[None]
@@ -256,8 +251,8 @@ def vlm_curves(
         for m in metrics:
             masked = masked_images(pixels, patch_order(maps[p]), gh, gw, counts, m, fill)
             values = [
-                phrase_log_likelihood(
-                    explainer, Image.fromarray(x.round().byte().permute(1, 2, 0).numpy()), phrase
+                explainer.phrase_log_likelihood(
+                    Image.fromarray(x.round().byte().permute(1, 2, 0).numpy()), phrase
                 )
                 for x in masked
             ]
