@@ -7,11 +7,13 @@ import click
 MARKER = "<!-- cli-reference -->"
 
 
-def _commands(cmd: click.Command, path: list[str]):
-    """Every command under `cmd`, depth first, with its full name."""
-    yield path, cmd
-    for name in sorted(getattr(cmd, "commands", {})):
-        yield from _commands(cmd.commands[name], [*path, name])
+def _commands(cmd: click.Command, name: str, parent: click.Context | None = None):
+    """Every command under `cmd`, depth first, each with its context (its parents' settings)."""
+    settings = {"terminal_width": 100, "max_content_width": 100, **cmd.context_settings}
+    ctx = click.Context(cmd, info_name=name, parent=parent, **settings)
+    yield ctx
+    for sub in sorted(getattr(cmd, "commands", {})):
+        yield from _commands(cmd.commands[sub], sub, ctx)
 
 
 def render() -> str:
@@ -19,11 +21,8 @@ def render() -> str:
     from groundcam.cli import main
 
     parts = []
-    for path, cmd in _commands(main, ["groundcam"]):
-        ctx = click.Context(
-            cmd, info_name=" ".join(path), terminal_width=100, max_content_width=100
-        )
-        parts.append(f"## `{' '.join(path)}`\n\n```text\n{cmd.get_help(ctx)}\n```\n")
+    for ctx in _commands(main, "groundcam"):
+        parts.append(f"## `{ctx.command_path}`\n\n```text\n{ctx.get_help()}\n```\n")
     return "\n".join(parts)
 
 
