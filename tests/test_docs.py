@@ -38,16 +38,11 @@ def test_tutorial_runs(page, tmp_path, monkeypatch, one_thread):
 
 
 def test_cli_reference_covers_every_verb():
-    sys.path.insert(0, str(ROOT / "docs" / "hooks"))
-    try:
-        import cli_reference
-    finally:
-        sys.path.remove(str(ROOT / "docs" / "hooks"))
     import click
 
     from groundcam.cli import main
 
-    text = cli_reference.render()
+    text = hook("cli_reference").render()
     expected = []
 
     def walk(cmd: click.Command, path: list[str]) -> None:
@@ -61,3 +56,48 @@ def test_cli_reference_covers_every_verb():
     for verb in expected:
         assert f"## `{verb}`" in text, verb
     assert "Usage: groundcam explain" in text
+
+
+def hook(name: str):
+    """A module of docs/hooks, imported by path (the hooks are not a package)."""
+    sys.path.insert(0, str(ROOT / "docs" / "hooks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "docs" / "hooks"))
+
+
+def test_families_table_marks_each_family_s_methods():
+    import groundcam as gc
+
+    rows = hook("families_table").render().splitlines()
+    methods = gc.methods()
+    assert len(rows) == 2 + len(gc.families())
+    for row in rows[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        family = cells[0].strip("`")
+        marked = {m for m, c in zip(methods, cells[1:], strict=True) if c == "✓"}
+        assert marked == set(gc.families()[family]), family
+    page = "x\n<!-- families-matrix -->\ny"
+    assert "| `albef` |" in hook("families_table").on_page_markdown(page)
+
+
+def test_nav_lists_every_page_and_only_pages_that_exist():
+    import yaml
+
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+
+    def pages(entries) -> list[str]:
+        out = []
+        for entry in entries:
+            value = next(iter(entry.values())) if isinstance(entry, dict) else entry
+            out += pages(value) if isinstance(value, list) else [value]
+        return out
+
+    nav = pages(config["nav"])
+    on_disk = sorted(
+        str(p.relative_to(ROOT / "docs"))
+        for p in (ROOT / "docs").rglob("*.md")
+        if "hooks" not in p.parts
+    )
+    assert sorted(nav) == on_disk
