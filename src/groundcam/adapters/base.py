@@ -163,6 +163,16 @@ class Adapter:
     ) -> Scores:
         raise NotImplementedError
 
+    # Families with a `similarity` target also embed images and texts on their own, so that
+    # every image can be compared with every text (retrieval) without a forward per pair.
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings [N, D] whose dot products are the similarity's cosine."""
+        raise NotImplementedError
+
+    def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text embeddings [T, D] in the space of `embed_images`."""
+        raise NotImplementedError
+
     # Generation families (target "token") also implement these two; a family that
     # `takes_prompt` also accepts `prompt=` (the text before the generated text) in both
     # `generate` and `teacher_ids`.
