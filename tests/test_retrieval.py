@@ -263,3 +263,36 @@ def test_bad_split_files_are_one_line_and_exit_2(clip_dir, tmp_path):
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
     assert f"{path}:images[1]: image b.jpg of split 'test' has no caption" in r.output
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_two_processes_share_the_work_and_give_one_result(albef, tmp_path):
+    import threading
+
+    from groundcam.eval.runner import Processes
+
+    data = shapes_set("test", 5, 0, 64)
+    one = run_retrieval(albef, data, tmp_path / "one", {"model": "tiny"}, k_test=2, progress=False)
+    wait = threading.Barrier(2).wait
+    results = [None, None]
+
+    def process(rank: int) -> None:
+        procs = Processes(rank=rank, world=2, barrier=wait)
+        results[rank] = run_retrieval(
+            albef, data, tmp_path / "two", {"model": "tiny"}, k_test=2, procs=procs, progress=False
+        )
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[1] is None and results[0] == one
+    lines = [
+        len((tmp_path / "two" / "parts" / f"itm_rank{r}.jsonl").read_text().splitlines())
+        for r in (0, 1)
+    ]
+    assert lines == [5, 5]  # 10 queries, each computed once
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "two" / "similarity_t2i_itm.npy"),
+        np.load(tmp_path / "one" / "similarity_t2i_itm.npy"),
+    )

@@ -404,6 +404,7 @@ def _rerank_itm(explainer, data, itc, k, out, procs, progress, batch):
     queries = [("i2t", q) for q in range(itc.shape[0])] + [("t2i", q) for q in range(itc.shape[1])]
     done = _itm_done(out)
     todo = [q for q in queries if q not in done]
+    procs.barrier()  # nobody writes until every process has read what is done
     pixels: dict[int, torch.Tensor] = {}
 
     def image(i: int) -> torch.Tensor:
