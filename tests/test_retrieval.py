@@ -161,16 +161,15 @@ class DiesAfter:
 def test_a_resumed_run_gives_the_uninterrupted_result(albef, tmp_path):
     data = shapes_set("test", 6, 0, 64)
     cfg = {"model": "tiny"}
-    whole = run_retrieval(albef, data, tmp_path / "whole", cfg, k_test=3, progress=False)
-    with pytest.raises(Killed):
-        run_retrieval(DiesAfter(albef, 5), data, tmp_path / "cut", cfg, k_test=3, progress=False)
+    args = dict(k_test=3, batch=4, progress=False)  # 18 pairs per group of 6 queries: 5 forwards
+    whole = run_retrieval(albef, data, tmp_path / "whole", cfg, **args)
+    with pytest.raises(Killed):  # killed in the second group's second forward
+        run_retrieval(DiesAfter(albef, 7), data, tmp_path / "cut", cfg, **args)
     part = tmp_path / "cut" / "parts" / "itm_rank0.jsonl"
-    assert len(part.read_text().splitlines()) == 5
+    assert len(part.read_text().splitlines()) == 6
     with part.open("a") as f:
         f.write('{"dir": "t2i", "q": 0, "cand')  # a torn line, as a kill mid-write leaves
-    resumed = run_retrieval(
-        DiesAfter(albef, 7), data, tmp_path / "cut", cfg, k_test=3, progress=False
-    )  # 12 queries, 5 done: 7 forwards are enough
+    resumed = run_retrieval(DiesAfter(albef, 5), data, tmp_path / "cut", cfg, **args)
     assert resumed == whole | {"config": resumed["config"]}
     for name in ("similarity_itc", "similarity_i2t_itm", "similarity_t2i_itm"):
         np.testing.assert_array_equal(

@@ -37,6 +37,7 @@ K_TEST = {"flickr30k": 128, "coco": 256, "shapes": 128}  # ALBEF's and BLIP's re
 FOLD = 1000  # images per COCO 1K fold
 OUTSIDE = -100.0  # the references' score for candidates outside the top k
 _CHUNK = 1024  # queries ranked at once (bounds memory on 25,000 captions)
+GROUP = 8  # ITM queries of one direction scored together (their pairs share image encodings)
 
 
 # ----------------------------------------------------------------------------- ranking
@@ -397,13 +398,19 @@ def run_retrieval(
 
 def _rerank_itm(explainer, data, itc, k, out, procs, progress, batch):
     """ITM scores of every query's top `k` candidates, recorded per query in `parts/`; returns
-    the two re-ranked matrices (on every process, after all of them finished)."""
+    the two re-ranked matrices (on every process, after all of them finished). Queries are
+    scored in fixed groups of `GROUP` of one direction, their pairs ordered by image so that a
+    forward of `batch` pairs encodes few images; a record never depends on what ran before."""
     from tqdm import tqdm
 
-    i2t_top, t2i_top = top_candidates(itc, k)
-    queries = [("i2t", q) for q in range(itc.shape[0])] + [("t2i", q) for q in range(itc.shape[1])]
+    top = dict(zip(("i2t", "t2i"), top_candidates(itc, k), strict=True))
+    groups = [
+        [(d, q) for q in range(s, min(s + GROUP, len(top[d])))]
+        for d in ("i2t", "t2i")
+        for s in range(0, len(top[d]), GROUP)
+    ]
     done = _itm_done(out)
-    todo = [q for q in queries if q not in done]
+    todo = [g for g in groups if any(q not in done for q in g)]
     procs.barrier()  # nobody writes until every process has read what is done
     pixels: dict[int, torch.Tensor] = {}
 
@@ -413,37 +420,45 @@ def _rerank_itm(explainer, data, itc, k, out, procs, progress, batch):
         return pixels[i]
 
     with _open_part(out / "parts" / f"itm_rank{procs.rank}.jsonl") as part:
-        for direction, q in tqdm(todo[procs.rank :: procs.world], desc="itm", disable=not progress):
-            if direction == "i2t":
-                cands = i2t_top[q].tolist()
-                pv, texts, index = image(q), [data.texts[c] for c in cands], [0] * len(cands)
-            else:
-                cands = t2i_top[q].tolist()
-                pv = torch.cat([image(c) for c in cands])
-                texts, index = [data.texts[q]] * len(cands), list(range(len(cands)))
-            scores = []
-            for s in range(0, len(cands), batch):
-                ids, mask = explainer.prepare_texts(texts[s : s + batch])
-                sub = torch.tensor(index[s : s + batch])
-                used = sorted(set(sub.tolist()))
-                remap = torch.tensor([used.index(i) for i in sub.tolist()])
-                got = explainer.score_tensors(pv[used], ids, mask, remap, target="itm")
-                scores += got.explained.float().cpu().tolist()
-            rec = {
-                "dir": direction,
-                "q": q,
-                "candidates": cands,
-                "itm": scores,
-                "_seq": time.time_ns(),
-            }
-            part.write(json.dumps(rec) + "\n")
+        for group in tqdm(todo[procs.rank :: procs.world], desc="itm", disable=not progress):
+            cands = {(d, q): top[d][q].tolist() for d, q in group}
+            scores = {query: [0.0] * len(c) for query, c in cands.items()}
+            pairs = sorted(  # (image, text, query, candidate position)
+                ((q, c) if d == "i2t" else (c, q)) + ((d, q), j)
+                for d, q in group
+                for j, c in enumerate(cands[(d, q)])
+            )
+            for s in range(0, len(pairs), batch):
+                chunk = pairs[s : s + batch]
+                used = sorted({p[0] for p in chunk})
+                ids, mask = explainer.prepare_texts([data.texts[p[1]] for p in chunk])
+                index = torch.tensor([used.index(p[0]) for p in chunk])
+                pv = torch.cat([image(i) for i in used])
+                got = explainer.score_tensors(pv, ids, mask, index, target="itm").explained
+                for p, value in zip(chunk, got.float().cpu().tolist(), strict=True):
+                    scores[p[2]][p[3]] = value
+            seq = time.time_ns()
+            part.write(
+                "".join(
+                    json.dumps(
+                        {"dir": d, "q": q, "candidates": top[d][q].tolist()}
+                        | {"itm": scores[(d, q)], "_seq": seq}
+                    )
+                    + "\n"
+                    for d, q in group
+                )
+            )
             part.flush()
     procs.barrier()
     done = _itm_done(out)
     i2t_itm = torch.tensor([done[("i2t", q)] for q in range(itc.shape[0])], dtype=torch.float64)
     t2i_itm = torch.tensor([done[("t2i", q)] for q in range(itc.shape[1])], dtype=torch.float64)
     return reranked(
-        itc, i2t_top, i2t_itm.reshape(i2t_top.shape), t2i_top, t2i_itm.reshape(t2i_top.shape)
+        itc,
+        top["i2t"],
+        i2t_itm.reshape(top["i2t"].shape),
+        top["t2i"],
+        t2i_itm.reshape(top["t2i"].shape),
     )
 
 
