@@ -39,16 +39,17 @@ SIM = np.array(
 OWNER = [0, 0, 1, 1, 2, 2]
 
 
-def reference(sim: np.ndarray, owner: list[int], ks) -> dict:
-    """SCAN's evaluation.py loops, transcribed with a stable argsort (the documented tie rule)."""
-    owner = np.asarray(owner)
+def reference(sim: np.ndarray, owner: list[int], ks, cols: np.ndarray | None = None) -> dict:
+    """SCAN's evaluation.py loops, transcribed with a stable argsort (the documented tie rule);
+    `cols` the matrix text->image reads (ALBEF's score_matrix_t2i.T), default `sim`."""
+    owner, cols = np.asarray(owner), sim if cols is None else cols
     i2t = []
     for i in range(sim.shape[0]):
         inds = np.argsort(sim[i], kind="stable")[::-1]
         i2t.append(min(int(np.where(inds == t)[0][0]) for t in np.nonzero(owner == i)[0]))
     t2i = []
     for t in range(sim.shape[1]):
-        inds = np.argsort(sim[:, t], kind="stable")[::-1]
+        inds = np.argsort(cols[:, t], kind="stable")[::-1]
         t2i.append(int(np.where(inds == owner[t])[0][0]))
     return {
         "i2t": {f"R@{k}": 100 * np.mean(np.array(i2t) < k) for k in ks},
@@ -185,10 +186,11 @@ def run(*args):
     return CliRunner().invoke(main, ["eval", "retrieval", *map(str, args)])
 
 
-def recomputed(out) -> dict:
+def recomputed(out, i2t: str = "itc", t2i: str = "itc") -> dict:
     """Recalls recomputed from the saved matrices by the transcribed reference."""
     owner = list(np.load(out / "image_of_text.npy"))
-    return reference(np.load(out / "similarity_itc.npy").astype(np.float64), owner, (1, 5, 10))
+    rows, cols = (np.load(out / f"similarity_{n}.npy").astype(np.float64) for n in (i2t, t2i))
+    return reference(rows, owner, (1, 5, 10), cols)
 
 
 def test_cli_on_tiny_albef_and_clip(tiny_model_dir, clip_dir, tmp_path):
@@ -202,6 +204,10 @@ def test_cli_on_tiny_albef_and_clip(tiny_model_dir, clip_dir, tmp_path):
         want = recomputed(out)
         assert summary["itc"]["i2t"] == pytest.approx(want["i2t"], abs=1e-6)
         assert summary["itc"]["t2i"] == pytest.approx(want["t2i"], abs=1e-6)
+        if reranks:
+            want = recomputed(out, "i2t_itm", "t2i_itm")
+            assert summary["itm"]["i2t"] == pytest.approx(want["i2t"], abs=1e-6)
+            assert summary["itm"]["t2i"] == pytest.approx(want["t2i"], abs=1e-6)
         sim = np.load(out / "similarity_itc.npy")
         assert sim.shape == (5, 5) and np.all(np.abs(sim) <= 1 + 1e-5)  # cosines
         again = run(

@@ -377,6 +377,8 @@ def run_retrieval(
         i2t, t2i = _rerank_itm(explainer, data, itc, k, out, procs, progress, batch)
     if not procs.is_main:
         return None
+    if i2t is not None:  # the figures are those of the saved float32 matrices (ITC already is)
+        i2t, t2i = i2t.float().double(), t2i.float().double()
     np.save(out / "similarity_itc.npy", itc.float().numpy())
     np.save(out / "image_of_text.npy", owner.numpy())
     (out / "texts.json").write_text(
