@@ -56,7 +56,7 @@ class Explainer:
 
     Safe to share between threads: every entry that runs the model or its tokenizer (explain,
     explain_many, explain_tensors, explain_generation, scores, score_tensors, embed_images,
-    embed_texts, prepare_texts)
+    embed_texts, similarity_matrix, prepare_texts)
     holds `lock`, the re-entrant lock of the model (`groundcam.threads.model_lock`, shared by
     every Explainer of that model instance), so calls on one model run one at a time and give
     the maps a single thread gives; different model instances run in parallel, and image
@@ -261,6 +261,23 @@ class Explainer:
         check_tensors(pixel_values, rows, rows, None)  # shape, dtype, finite pixels
         with torch.no_grad():
             return self.adapter.embed_images(pixel_values)
+
+    @property
+    def embeds_apart(self) -> bool:
+        """Whether images and texts embed apart (`embed_images`, `embed_texts`), so that a
+        retrieval can encode each once; otherwise use `similarity_matrix` block by block."""
+        return "similarity" in self.targets and self.adapter.embeds_apart
+
+    @serialised
+    def similarity_matrix(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The model's similarity [N, T] of every prepared image with every prepared text (the
+        `similarity` target's cosine for dual encoders), no graph kept."""
+        self._check_embeds()
+        check_tensors(pixel_values, input_ids, attention_mask, torch.zeros(len(input_ids)).long())
+        with torch.no_grad():
+            return self.adapter.similarity_matrix(pixel_values, input_ids, attention_mask)
 
     @serialised
     def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

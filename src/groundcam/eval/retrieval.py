@@ -348,17 +348,26 @@ def run_retrieval(
         (out / "config.json").write_text(json.dumps(fp, indent=1) + "\n")
     procs.barrier()
 
-    # ITC: embeddings in fixed chunks, each process its share, saved as they are made
+    # ITC: embeddings (or, for a similarity that is no dot product, rows of the matrix) in
+    # fixed chunks, each process its share, saved as they are made
     n, t = len(data.image_ids), len(data.texts)
-    jobs = [("images", s, min(s + batch, n)) for s in range(0, n, batch)]
-    jobs += [("texts", s, min(s + 4 * batch, t)) for s in range(0, t, 4 * batch)]
+    apart = explainer.embeds_apart
+    jobs = [("images" if apart else "rows", s, min(s + batch, n)) for s in range(0, n, batch)]
+    texts = [(s, min(s + 4 * batch, t)) for s in range(0, t, 4 * batch)]
+    jobs += [("texts", a, b) for a, b in texts] if apart else []
 
     def embed(kind: str, a: int, b: int) -> torch.Tensor:
+        if kind == "texts":
+            ids, mask = explainer.prepare_texts(data.texts[a:b])
+            return explainer.embed_texts(ids, mask).float().cpu()
+        pixels = _load_images(data, explainer, range(a, b))
         if kind == "images":
-            pixels = _load_images(data, explainer, range(a, b))
             return explainer.embed_images(pixels).float().cpu()
-        ids, mask = explainer.prepare_texts(data.texts[a:b])
-        return explainer.embed_texts(ids, mask).float().cpu()
+        blocks = []
+        for c, d in texts:
+            ids, mask = explainer.prepare_texts(data.texts[c:d])
+            blocks.append(explainer.similarity_matrix(pixels, ids, mask).float().cpu())
+        return torch.cat(blocks, dim=1)
 
     def cached(job: tuple[str, int, int]) -> torch.Tensor:
         return _cached(out / "embeddings" / f"{job[0]}_{job[1]:07d}.pt", embed, *job)
@@ -366,10 +375,11 @@ def run_retrieval(
     for job in tqdm(jobs[procs.rank :: procs.world], desc="embed", disable=not progress):
         cached(job)
     procs.barrier()
-    parts = {
-        kind: torch.cat([cached(j) for j in jobs if j[0] == kind]) for kind in ("images", "texts")
-    }
-    itc = (parts["images"] @ parts["texts"].T).double()
+    parts = {kind: [cached(j) for j in jobs if j[0] == kind] for kind in ("images", "texts")}
+    if apart:
+        itc = (torch.cat(parts["images"]) @ torch.cat(parts["texts"]).T).double()
+    else:
+        itc = torch.cat([cached(j) for j in jobs]).double()
     owner = torch.tensor(data.image_of_text, dtype=torch.long)
 
     i2t = t2i = None
