@@ -350,3 +350,41 @@ def test_a_similarity_without_embeddings_is_computed_block_by_block(albef, tmp_p
         atol=1e-6,
     )
     assert blocks["itc"] == apart["itc"]
+
+
+def families(tokenizer, tiny_model_dir):
+    """A tiny model of every family with a similarity target, loaded as users load them."""
+    from test_blip import make_processor, tiny
+    from test_siglip import processor_for as siglip_processor
+    from test_siglip import tiny_siglip
+    from transformers import BlipForImageTextRetrieval
+
+    yield "albef", gc.load(tiny_model_dir)
+    yield "clip", gc.load(tiny_clip(len(tokenizer), 1), processor=clip_processor(tokenizer))
+    blip = tiny(BlipForImageTextRetrieval, tokenizer)
+    yield "blip", gc.load(blip, processor=make_processor(tokenizer))
+    siglip = tiny_siglip(len(tokenizer), 1)
+    yield "siglip", gc.load(siglip, processor=siglip_processor(tokenizer))
+
+
+def test_every_family_ranks_pairs_as_its_similarity_target_scores_them(tokenizer, tiny_model_dir):
+    images = noise_images(3, 64, 64, seed=4)
+    phrases = ["the red circle", "a small blue square", "green", "blue star"]
+    for family, model in families(tokenizer, tiny_model_dir):
+        pixels = model.prepare_images(images)
+        ids, mask = model.prepare_texts(phrases)
+        sim = model.similarity_matrix(pixels, ids, mask)
+        assert sim.shape == (3, 4) and model.embeds_apart
+        rows = torch.arange(3).repeat_interleave(4)
+        pairs = model.score_tensors(pixels, ids.repeat(3, 1), mask.repeat(3, 1), rows, "similarity")
+        # the target's logit is an increasing function of the cosine (scale > 0, SigLIP's bias)
+        logits = pairs.explained.reshape(3, 4).double()
+        scale = (logits[0, 0] - logits[0, 1]) / (sim[0, 0] - sim[0, 1])
+        assert scale > 0, family
+        torch.testing.assert_close(
+            logits,
+            scale * sim.double() + (logits[0, 0] - scale * sim[0, 0]),
+            rtol=1e-4,
+            atol=1e-4,
+            msg=family,
+        )
