@@ -388,3 +388,10 @@ def test_every_family_ranks_pairs_as_its_similarity_target_scores_them(tokenizer
             atol=1e-4,
             msg=family,
         )
+
+
+def test_a_model_without_a_similarity_is_refused_before_writing(tmp_path):
+    r = run("--model", "captioner-tiny-shapes", "--dataset", "shapes", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
+    assert "captioner model has no similarity target" in r.output
+    assert not (tmp_path / "o").exists()

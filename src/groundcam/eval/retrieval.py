@@ -333,6 +333,11 @@ def run_retrieval(
 
     procs = procs or Processes()
     out = Path(out)
+    if "similarity" not in explainer.targets:
+        raise InputError(
+            f"a {explainer.family} model has no similarity target: retrieval needs a model that "
+            "scores image-text pairs (CLIP, SigLIP, ALBEF, BLIP ITM)"
+        )
     rerank_itm = "itm" in explainer.targets
     k = k_test or K_TEST.get(dataset, 128)
     fp = dict(config) | {
