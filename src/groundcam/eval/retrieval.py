@@ -46,8 +46,11 @@ GROUP = 8  # ITM queries of one direction scored together (their pairs share ima
 def _checked(similarity, image_of_text) -> tuple[torch.Tensor, torch.Tensor]:
     """The similarity as a float64 tensor [images, texts] and `image_of_text` as longs, or an
     InputError saying what is wrong."""
-    sim = torch.as_tensor(np.asarray(similarity), dtype=torch.float64)
-    owner = torch.as_tensor(np.asarray(image_of_text))
+
+    def tensor(x) -> torch.Tensor:
+        return x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+
+    sim, owner = tensor(similarity).double(), tensor(image_of_text)
     if sim.dim() != 2:
         raise InputError(f"similarity must be [images, texts], got shape {tuple(sim.shape)}")
     n, t = sim.shape
@@ -115,7 +118,9 @@ def recall_at_k(
     """Image->text and text->image R@K (percent) and rsum of a similarity [images, texts] where
     text t describes image `image_of_text[t]`. `t2i_similarity` (default: `similarity`) is the
     matrix the text->image ranks read, for re-ranked results that keep one matrix per direction.
-    Returns {"i2t": {"R@1": ..}, "t2i": {..}, "rsum", "images", "texts"}."""
+    Ties rank as the references' `np.argsort(scores)[::-1]` with a stable sort: among equal
+    scores the higher index first. Returns {"i2t": {"R@1": ..}, "t2i": {..}, "rsum", "images",
+    "texts"}."""
     sim, owner = _checked(similarity, image_of_text)
     cols = sim if t2i_similarity is None else _checked(t2i_similarity, owner)[0]
     if cols.shape != sim.shape:
