@@ -238,6 +238,7 @@ def karpathy_set(path: str | Path, images: str | Path, split: str, limit: int | 
     present: set[str] = set()
     order: list[str] = []
     dropped: list[str] = []
+    seen: set[str] = set()
     for i, entry in enumerate(entries):
         entry_split = str(entry.get("split", "")).strip().lower() if isinstance(entry, dict) else ""
         present.add(entry_split or "(none)")
@@ -249,8 +250,9 @@ def karpathy_set(path: str | Path, images: str | Path, split: str, limit: int | 
                 f"{path}:images[{i}]: image {name or '(no filename)'} of split {split!r} has no "
                 "caption; every image of a retrieval set needs at least one"
             )
-        if name in order or name in dropped:
+        if name in seen:
             continue
+        seen.add(name)
         if _image_path(images, name).is_file():
             order.append(name)
         else:
