@@ -305,7 +305,7 @@ def test_two_processes_share_the_work_and_give_one_result(albef, tmp_path):
 
 @pytest.mark.parametrize("name", ["albef-tiny-shapes", "albef-tiny-shapes-amc"])
 def test_builtins_retrieve_far_above_chance_and_their_cards_say_how(name):
-    """Recomputed by ITC on 40 val scenes (the cards' figures are on 200 test scenes): R@5 in
+    """Recomputed by ITC on 40 val scenes (the cards' figures are on 1,000 test scenes): R@5 in
     both directions far above its 12.5% chance."""
     from groundcam.zoo import ZOO
 
