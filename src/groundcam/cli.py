@@ -1377,6 +1377,107 @@ def _maybe(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
+@eval_.command("retrieval", short_help="Image-text retrieval R@1/5/10 and rsum, as published.")
+@click.option("--model", required=True, help=_MODEL_HELP)
+@click.option(
+    "--dataset",
+    required=True,
+    type=click.Choice(["flickr30k", "coco", "shapes"]),
+    help="flickr30k (1K test) or coco (5K test and 1K five folds) from a Karpathy split file; "
+    "shapes: scenes generated from --seed, each with its generator caption.",
+)
+@click.option(
+    "--captions", type=click.Path(), help="Karpathy split file (dataset_flickr30k.json, ...)."
+)
+@click.option("--images", type=click.Path(), help="Image folder of the split file.")
+@click.option("--split", default="test", show_default=True, help="Split of the file or scenes.")
+@click.option("--limit", type=click.IntRange(1), help="First N images of the split.")
+@click.option("--scenes", default=200, show_default=True, type=click.IntRange(2))
+@click.option("--seed", default=0, show_default=True, help="Scene seed (shapes).")
+@click.option("--image-size", default=128, show_default=True, type=click.IntRange(48))
+@click.option(
+    "--k-test",
+    default=None,
+    type=click.IntRange(1),
+    help="Candidates per query re-ranked by ITM (default as ALBEF/BLIP: 128 flickr30k and "
+    "shapes, 256 coco).",
+)
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads per process.")
+@_device_option("cuda when there is one, else cpu; under accelerate, its own")
+@click.option("--out", required=True, type=OutDir(), help="Results directory (resumes).")
+@_guard
+def eval_retrieval(
+    model,
+    dataset,
+    captions,
+    images,
+    split,
+    limit,
+    scenes,
+    seed,
+    image_size,
+    k_test,
+    batch,
+    threads,
+    device,
+    out,
+) -> None:
+    """Image->text and text->image retrieval, R@1/5/10 and rsum, as SCAN's and ALBEF's/BLIP's
+    evaluations compute them: every image against every caption by the model's similarity
+    (CLIP, SigLIP: their cosine; ALBEF, BLIP: ITC), then, for models with an ITM head, each
+    query's top --k-test re-ranked by ITM logit + ITC (both reported). Writes summary.json and
+    the similarity matrices (.npy) to --out as it goes; a rerun resumes; runs sharded under
+    `accelerate launch -m groundcam eval retrieval ...`."""
+    import torch
+
+    from groundcam.api import load
+    from groundcam.eval.retrieval import karpathy_set, run_retrieval, shapes_set
+    from groundcam.eval.runner import Processes
+
+    if threads:
+        torch.set_num_threads(threads)
+    if dataset == "shapes":
+        data = shapes_set(split, scenes, seed, image_size)
+    else:
+        if not captions or not images:
+            raise UserError(
+                f"--dataset {dataset} needs --captions dataset_{dataset}.json and --images DIR"
+            )
+        data = karpathy_set(captions, images, split, limit)
+    procs = Processes.from_environment()
+    if device:
+        procs.device = torch.device(device)
+    explainer = load(model, device=procs.device)
+    config = {"model": model, "dataset": dataset, "split": split, "set": data.name}
+    config |= (
+        {"scenes": scenes, "seed": seed, "image_size": image_size}
+        if dataset == "shapes"
+        else {"limit": limit}
+    )
+    summary = run_retrieval(
+        explainer, data, out, config, k_test, batch, procs, procs.is_main, dataset
+    )
+    if summary is None:
+        return
+    for name in ("itc", "itm", "itc_1k_5fold", "itm_1k_5fold"):
+        if name in summary:
+            click.echo(f"{name}: {_recall_line(summary[name])}")
+    if summary["dropped_images"]:
+        click.echo(
+            f"{len(summary['dropped_images'])} image(s) left out, e.g. "
+            f"{summary['dropped_images'][0]} (summary.json 'dropped_images')",
+            err=True,
+        )
+    click.echo(f"wrote {Path(out) / 'summary.json'} and the similarity matrices")
+
+
+def _recall_line(r: dict) -> str:
+    i2t = " ".join(f"{k} {v:.1f}" for k, v in r["i2t"].items())
+    t2i = " ".join(f"{k} {v:.1f}" for k, v in r["t2i"].items())
+    return f"i2t {i2t} | t2i {t2i} | rsum {r['rsum']:.1f} ({r['images']} images)"
+
+
 def _resume(out: Path, run: dict) -> dict[str, dict]:
     """Records of an earlier run of the same evaluation in `out` (by image id); another
     evaluation's directory is refused."""

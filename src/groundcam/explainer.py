@@ -55,7 +55,8 @@ class Explainer:
     """A loaded model with its family adapter; `explain` answers where it finds each phrase.
 
     Safe to share between threads: every entry that runs the model or its tokenizer (explain,
-    explain_many, explain_tensors, explain_generation, scores, score_tensors, prepare_texts)
+    explain_many, explain_tensors, explain_generation, scores, score_tensors, embed_images,
+    embed_texts, similarity_matrix, prepare_texts)
     holds `lock`, the re-entrant lock of the model (`groundcam.threads.model_lock`, shared by
     every Explainer of that model instance), so calls on one model run one at a time and give
     the maps a single thread gives; different model instances run in parallel, and image
@@ -278,6 +279,47 @@ class Explainer:
             raise InputError(a.missing_targets[target])
         with torch.no_grad():
             return a.forward(pixel_values, input_ids, attention_mask, image_index, target)
+
+    def _check_embeds(self) -> None:
+        if "similarity" not in self.targets:
+            raise InputError(
+                f"a {self.family} model has no similarity target: it does not embed images and "
+                "texts apart (retrieval needs one that does: CLIP, SigLIP, ALBEF, BLIP ITM)"
+            )
+
+    @serialised
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings [N, D] of prepared images, no graph kept: with
+        `embed_texts`, every image against every text (the `similarity` target's cosine)."""
+        self._check_embeds()
+        rows = torch.zeros(len(pixel_values), 1, dtype=torch.long)
+        check_tensors(pixel_values, rows, rows, None)  # shape, dtype, finite pixels
+        with torch.no_grad():
+            return self.adapter.embed_images(pixel_values)
+
+    @property
+    def embeds_apart(self) -> bool:
+        """Whether images and texts embed apart (`embed_images`, `embed_texts`), so that a
+        retrieval can encode each once; otherwise use `similarity_matrix` block by block."""
+        return "similarity" in self.targets and self.adapter.embeds_apart
+
+    @serialised
+    def similarity_matrix(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The model's similarity [N, T] of every prepared image with every prepared text (the
+        `similarity` target's cosine for dual encoders), no graph kept."""
+        self._check_embeds()
+        check_tensors(pixel_values, input_ids, attention_mask, torch.zeros(len(input_ids)).long())
+        with torch.no_grad():
+            return self.adapter.similarity_matrix(pixel_values, input_ids, attention_mask)
+
+    @serialised
+    def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text embeddings [T, D] of prepared texts, in the space of `embed_images`."""
+        self._check_embeds()
+        with torch.no_grad():
+            return self.adapter.embed_texts(input_ids, attention_mask)
 
     def prepare(self, images: Sequence[Image.Image], phrases: Sequence[str]) -> Batch:
         """Checked model inputs: pixel values per image, token ids and mask per phrase."""
