@@ -150,6 +150,16 @@ class ScanAdapter(Adapter):
         geometry = RegionGeometry(size, size, 0, boxes=boxes.index_select(0, image_index))
         return Scores(sim, sim.detach(), geometry)
 
+    def similarity_matrix(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """SCAN's own [images, captions] similarity (words and regions read together, so a
+        retrieval computes it block by block rather than from separate embeddings)."""
+        m = self.model
+        regions = m.encode_regions(pixel_values, m.propose_boxes(pixel_values))
+        lengths = attention_mask.sum(1)
+        return m.score_matrix(regions, m.encode_words(input_ids, lengths), lengths)
+
 
 def region_word_maps(
     model: SCAN, item: RegionFeatures, text: str, size: tuple[int, int] | None = None
