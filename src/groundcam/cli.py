@@ -946,6 +946,7 @@ def _phrase_marks(ex, i: int) -> str:
     type=OutDir(),
     help="Output directory; with several images, one subfolder per image (its file name).",
 )
+@_figure_options
 @_output_options
 @_guard
 def caption(
@@ -958,6 +959,10 @@ def caption(
     beam,
     prompt,
     out,
+    fmt,
+    dpi,
+    style,
+    full_res,
     cmap,
     alpha,
     device,
@@ -984,9 +989,15 @@ def caption(
     results = []
     for path, picture in pictures:
         gen = explainer.explain_generation(picture, **kwargs)
-        written = gen.save(out / path.stem if many else out, **_save_kwargs(cmap, alpha))
+        save = _save_kwargs(cmap, alpha) | {"full_res": full_res}
+        written = gen.save(out / path.stem if many else out, **save)
         meta = json.loads((Path(written) / "meta.json").read_text())
         files = _written(Path(written), len(gen), grid=True)
+        if fmt or style != "heat":
+            from groundcam.viz.figures import save_figure
+
+            fig = gen.figure(style=style, **_save_kwargs(cmap, alpha))
+            files.append(str(save_figure(fig, Path(written) / f"figure.{fmt or 'png'}", dpi)))
         results.append({"image": str(path), "out": str(written), "files": files} | meta)
         if as_json:
             continue
