@@ -68,7 +68,7 @@ def check_format(fmt: str) -> str:
     """`fmt` lower-cased if it is one of `FORMATS`, else an `InputError` naming them."""
     value = str(fmt).lower().lstrip(".")
     if value not in FORMATS:
-        raise InputError(f"figure format {fmt!r}: expected one of {', '.join(FORMATS)}")
+        raise InputError(f"figure format {value!r}: expected one of {', '.join(FORMATS)}")
     return value
 
 
