@@ -236,3 +236,84 @@ def test_bad_figure_options_are_one_line(tiny_model_dir, image_file, tmp_path, a
     assert r.exit_code == 2
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("groundcam: error: ") and message in lines[0]
+
+
+def test_word_grid_holds_the_text_model_and_method_above_titled_panels(tmp_path):
+    maps = torch.stack([_half_map(), _half_map().flip(1), torch.zeros(6, 8)])
+    fig = figures.word_grid_figure(
+        _red_image(),
+        maps,
+        ["a", " red", "square"],
+        [0.99, 0.5, 0.25],
+        text="a red square",
+        subtitle="tiny-captioner · attention · layer 0",
+        columns=2,
+    )
+    pixels = _pixels(fig, tmp_path, 100)
+    heading = fig.get_suptitle()
+    assert heading == "“a red square”\ntiny-captioner · attention · layer 0"
+    shown = [ax.get_title() for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    assert shown == ["a  p=0.99", "red  p=0.50", "square  p=0.25"]
+    # the heading is drawn in the band above the first row of panels
+    top = fig.bbox.height - max(ax.get_window_extent().y1 for ax in fig.axes[:3])
+    assert (pixels[: int(top)] < 100).all(axis=2).sum() > 50
+    # the fourth cell of the 2x2 grid is empty, not a blank panel with a frame
+    assert sum(ax.get_visible() for ax in fig.axes) == 3 + 1  # three panels and the colour bar
+
+
+def test_triptych_is_image_heatmap_and_overlay_per_phrase(one_thread, tokenizer):
+    explainer = Explainer(AlbefAdapter(tiny_albef(len(tokenizer)), tokenizer, name="tiny"))
+    ex = explainer.explain(noise_images(1, 48, 64)[0], ["red", "a star"], method="gradcam", layer=1)
+    fig = figures.explanation_figure({"gradcam": ex}, triptych=True, boxes=[[4, 4, 30, 30]])
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 2 * 3
+    assert [ax.get_title() for ax in panels[:3]] == [
+        "image",
+        "gradcam: heatmap",
+        "gradcam: overlay",
+    ]
+    assert panels[0].get_ylabel().startswith("red\n")
+    # only the overlay is scored: its label says hit or miss under the protocol
+    assert panels[1].get_xlabel() == "" and panels[2].get_xlabel() in ("hit (amc)", "miss (amc)")
+
+
+def test_caption_cli_writes_the_word_grid_figure_and_full_res_maps(tmp_path):
+    from groundcam.data.shapes import generate_scene
+
+    image = tmp_path / "scene.png"
+    generate_scene("test", 0, image_size=96).image.save(image)
+    out = tmp_path / "out"
+    r = _run(
+        "caption",
+        image,
+        "--model",
+        "captioner-tiny-shapes",
+        "--text",
+        "a red square",
+        "--format",
+        "pdf",
+        "--dpi",
+        "72",
+        "--full-res",
+        "--out",
+        out,
+        "--json",
+    )
+    assert r.exit_code == 0, r.output
+    files = json.loads(r.stdout.splitlines()[-1])["results"][0]["files"]
+    assert str(out / "figure.pdf") in files
+    assert (out / "figure.pdf").read_bytes().startswith(b"%PDF-")
+    arrays = np.load(out / "maps.npz")
+    assert arrays["full_res_maps"].shape == (arrays["maps"].shape[0], 96, 96)
+
+
+def test_generation_shows_its_word_grid_in_a_notebook():
+    from groundcam.api import load
+    from groundcam.data.shapes import generate_scene
+
+    gen = load("captioner-tiny-shapes").explain_generation(generate_scene("test", 1).image)
+    fig = gen.figure()
+    *text, subtitle = fig.get_suptitle().split("\n")  # the text wrapped to the grid's width
+    assert " ".join(text) == f"“{gen.text}”"
+    assert subtitle == f"captioner-tiny-shapes · {gen.method} · layer {gen.layer}"
+    assert gen._repr_png_().startswith(b"\x89PNG") and "<img src=" in gen._repr_html_()
