@@ -866,7 +866,7 @@ def explain(
         where = out / path.stem if many else out
         found = _explanations(explainer, picture, list(phrases), method, layer, target)
         ex = next(iter(found.values()))
-        save = _save_kwargs(cmap, alpha) | {"full_res": full_res}
+        save = _save_kwargs(cmap, alpha) | ({"full_res": True} if full_res else {})
         folders = [where / label.replace(" ", "-") for label in found] if compare else [where]
         written = [each.save(f, **save) for each, f in zip(found.values(), folders, strict=True)][0]
         figure = None
@@ -989,7 +989,7 @@ def caption(
     results = []
     for path, picture in pictures:
         gen = explainer.explain_generation(picture, **kwargs)
-        save = _save_kwargs(cmap, alpha) | {"full_res": full_res}
+        save = _save_kwargs(cmap, alpha) | ({"full_res": True} if full_res else {})
         written = gen.save(out / path.stem if many else out, **save)
         meta = json.loads((Path(written) / "meta.json").read_text())
         files = _written(Path(written), len(gen), grid=True)
