@@ -894,7 +894,8 @@ def explain(
             click.echo(f"score: {ex.score_kind.name} - {ex.score_kind.description}")
         for i, (phrase, score) in enumerate(zip(ex.phrases, ex.scores.tolist(), strict=True)):
             click.echo(f"{score:.3f}  {phrase}{_phrase_marks(ex, i)}")
-        click.echo(f"wrote {len(ex)} overlays, maps.npz and meta.json to {written}")
+        into = f"each of {len(found)} folders under {where}" if compare else written
+        click.echo(f"wrote {len(ex)} overlays, maps.npz and meta.json to {into}")
     _finish(model, out, results, failed, len(paths), as_json)
 
 

@@ -5,7 +5,7 @@ as PNG, PDF or SVG at a chosen DPI.
 Heat is drawn as `groundcam.viz.overlay.overlay` draws it (opacity ``alpha * value``, so a pixel
 where the map is 0 keeps the photo's colour). Over red or yellow objects inferno's orange-yellow
 high end can vanish: ``style="contour"`` draws the map as iso-lines at 0.25, 0.5 and 0.75 instead,
-white with a black edge (visible on any colour), and 'viridis' or 'cividis' (blue to yellow-green)
+in the colour map's colours with a black edge (visible on any colour), and 'viridis' or 'cividis' (blue to yellow-green)
 keep heat apart from red. Boxes and the pointed pixel are white lines with a black edge, the
 marker filled green for a hit and red for a miss, so they stay visible on any photo and any map.
 """
@@ -119,8 +119,8 @@ def draw_map(
         ax.imshow(np.asarray(base), extent=extent)
         values = upsample(as_2d_tensor(heatmap), (height, width)).clamp(0, 1).numpy()
         colours = colormap(cmap)(np.asarray(CONTOUR_LEVELS))
-        lines = ax.contour(values, levels=CONTOUR_LEVELS, colors=colours, linewidths=1.4)
-        lines.set_path_effects(_EDGE)
+        lines = ax.contour(values, levels=CONTOUR_LEVELS, colors=colours, linewidths=1.0)
+        lines.set_path_effects([effects.withStroke(linewidth=2.2, foreground="black")])
     ax.set_xlim(-0.5, width - 0.5)
     ax.set_ylim(height - 0.5, -0.5)
 
@@ -166,7 +166,8 @@ def compare_figure(
     alpha, colours = check_alpha(alpha), colormap(cmap)
     rows, columns = len(phrases), len(panels) + 1
     aspect = image.height / image.width
-    fig = _figure(columns, rows, aspect, title)
+    scored = any(panel.results for panel in panels)
+    fig = _figure(columns, rows, aspect, title, below=0.2 if scored else 0)
     axes = np.atleast_2d(fig.subplots(rows, columns, squeeze=False))
     for r, phrase in enumerate(phrases):
         first = axes[r, 0]
@@ -208,7 +209,7 @@ def map_figure(
     """One map over its image, titled (e.g. with the phrase and its score), with the box, the
     pointed pixel and a colour bar as tall as the picture."""
     colours = colormap(cmap)
-    fig = _figure(1, 1, image.height / image.width, None, width=3.2)
+    fig = _figure(1, 1, image.height / image.width, None, width=3.2, below=0.15)
     ax = fig.subplots()
     draw_map(ax, image, heatmap, cmap=colours, alpha=check_alpha(alpha), style=style)
     mark(ax, boxes, point, hit)
@@ -241,7 +242,7 @@ def word_grid_figure(
     columns = max(1, min(columns, count))
     rows = (count + columns - 1) // columns
     heading = "\n".join(filter(None, [_wrap(f"“{text}”", 18 * columns) if text else "", subtitle]))
-    fig = _figure(columns, rows, image.height / image.width, heading or None)
+    fig = _figure(columns, rows, image.height / image.width, heading or None, below=0.22)
     axes = np.atleast_2d(fig.subplots(rows, columns, squeeze=False))
     for k, ax in enumerate(axes.flat):
         if k >= len(labels):
@@ -257,11 +258,14 @@ def word_grid_figure(
     return fig
 
 
-def _figure(columns: int, rows: int, aspect: float, title: str | None, width: float = 0):
-    """A constrained-layout figure sized for `columns` x `rows` panels of `aspect` (h/w)."""
+def _figure(
+    columns: int, rows: int, aspect: float, title: str | None, width: float = 0, below: float = 0
+):
+    """A constrained-layout figure sized for `columns` x `rows` panels of `aspect` (h/w), each
+    with `below` inches of labels (a title above or a verdict under it)."""
     width = width or CELL_INCHES * columns + 0.6
-    panel = (width - 0.6) / columns
-    height = rows * (panel * min(max(aspect, 0.3), 3.0) + 0.35) + (0.4 if title else 0.1)
+    panel = (width - 1.3) / columns  # the colour bar and the row labels take ~1.3 in
+    height = rows * (panel * min(max(aspect, 0.3), 3.0) + below) + 0.35 + (0.3 if title else 0)
     fig = Figure(figsize=(width, height), layout="constrained")
     fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.02, hspace=0.02)
     if title:
