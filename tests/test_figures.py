@@ -317,3 +317,17 @@ def test_generation_shows_its_word_grid_in_a_notebook():
     assert " ".join(text) == f"“{gen.text}”"
     assert subtitle == f"captioner-tiny-shapes · {gen.method} · layer {gen.layer}"
     assert gen._repr_png_().startswith(b"\x89PNG") and "<img src=" in gen._repr_html_()
+
+
+def test_each_row_shows_its_own_image_when_phrases_come_from_several(one_thread, tokenizer):
+    explainer = Explainer(AlbefAdapter(tiny_albef(len(tokenizer)), tokenizer, name="tiny"))
+    wide, tall = noise_images(1, 48, 64)[0], noise_images(1, 40, 32, seed=1)[0]
+    ex = explainer.explain_many([wide, tall], [["red"], ["a star"]], method="gradcam", layer=1)
+    fig = ex.figure(boxes=[[2, 2, 20, 20]])
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 2 * 2
+    assert panels[0].images[0].get_extent() == [-0.5, 63.5, 47.5, -0.5]
+    assert panels[2].images[0].get_extent() == [-0.5, 31.5, 39.5, -0.5]
+    # the pointed pixel of the second row lies inside the second image
+    x, y = panels[3].lines[0].get_xydata()[0]
+    assert 0 <= x < 32 and 0 <= y < 40

@@ -149,7 +149,7 @@ def mark(ax, boxes=None, point: tuple[float, float] | None = None, hit: bool | N
 
 
 def compare_figure(
-    image: Image.Image,
+    image: Image.Image | Sequence[Image.Image],
     phrases: Sequence[str],
     panels: Sequence[Panel],
     *,
@@ -161,15 +161,16 @@ def compare_figure(
     style: str = "heat",
 ) -> Figure:
     """The image, then one column per panel (method, layer, or heatmap and overlay for the
-    triptych), one row per phrase; a cell with a pointing result shows its point and says hit
-    or miss; one colour bar as tall as the grid."""
+    triptych), one row per phrase (`image` may be one image per row); a cell with a pointing
+    result shows its point and says hit or miss; one colour bar as tall as the grid."""
     alpha, colours = check_alpha(alpha), colormap(cmap)
     rows, columns = len(phrases), len(panels) + 1
-    aspect = image.height / image.width
+    pictures = [image] * rows if isinstance(image, Image.Image) else list(image)
+    aspect = pictures[0].height / pictures[0].width
     scored = any(panel.results for panel in panels)
     fig = _figure(columns, rows, aspect, title, below=0.2 if scored else 0)
     axes = np.atleast_2d(fig.subplots(rows, columns, squeeze=False))
-    for r, phrase in enumerate(phrases):
+    for r, (phrase, image) in enumerate(zip(phrases, pictures, strict=True)):
         first = axes[r, 0]
         first.imshow(np.asarray(_panel_photo(image)), extent=_extent(image))
         mark(first, boxes)
@@ -326,13 +327,15 @@ def explanation_figure(
     from groundcam.eval.pointing import pointing_game
 
     first = next(iter(explanations.values()))
-    image = first.image(0)
-    size = (image.height, image.width)
+    images = [first.image(i) for i in range(len(first))]
     panels = []
     for label, ex in explanations.items():
         results = None
         if boxes is not None:
-            results = [pointing_game(m, boxes, protocol, image_size=size) for m in ex.maps]
+            results = [
+                pointing_game(m, boxes, protocol, image_size=(picture.height, picture.width))
+                for m, picture in zip(ex.maps, images, strict=True)
+            ]
         if triptych:
             panels.append(Panel(f"{label}: heatmap", list(ex.maps), "heatmap"))
         name = f"{label}: overlay" if triptych else label
@@ -340,7 +343,7 @@ def explanation_figure(
     kind = first.score_kind.name if first.score_kind else "score"
     notes = [f"{kind} {s:.3f}" for s in first.scores.tolist()]
     return compare_figure(
-        image,
+        images,
         first.phrases,
         panels,
         row_notes=notes,
