@@ -780,7 +780,11 @@ def _explanations(explainer, picture, phrases, method, layer, target) -> dict:
 @click.argument("image")
 @click.argument("phrases", nargs=-1)
 @click.option("--model", default="albef-tiny-shapes", show_default=True, help=_MODEL_HELP)
-@click.option("--method", default=None, help=_METHOD_HELP)
+@click.option(
+    "--method",
+    default=None,
+    help=_METHOD_HELP + " 'all': one figure column per method the model supports.",
+)
 @click.option(
     "--layer", default=None, help="Layer (default: the family's); 'all': one figure column each."
 )
@@ -843,7 +847,6 @@ def explain(
     layer's) files go to OUT/<method or layer>/.
     """
     from groundcam.api import load
-    from groundcam.viz.figures import explanation_figure, save_figure
 
     layer = _layer_option(layer)
     compare = method == "all" or layer == "all"
@@ -871,6 +874,8 @@ def explain(
         written = [each.save(f, **save) for each, f in zip(found.values(), folders, strict=True)][0]
         figure = None
         if fmt:
+            from groundcam.viz.figures import explanation_figure, save_figure
+
             fig = explanation_figure(
                 found,
                 boxes=box,
