@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import pickle
 import re
 import sys
@@ -673,12 +674,120 @@ def _save_kwargs(cmap, alpha) -> dict:
     return {k: v for k, v in (("cmap", cmap), ("alpha", alpha)) if v is not None}
 
 
+def _figure_options(fn):
+    """--format, --dpi, --style and --full-res: the paper figure and the maps at image size."""
+    options = [
+        click.option(
+            "--format",
+            "fmt",
+            default=None,
+            type=click.Choice(["png", "pdf", "svg"]),
+            help="Also write the paper figure, figure.FORMAT (default png when another figure "
+            "option asks for one).",
+        ),
+        click.option(
+            "--dpi",
+            default=150,
+            show_default=True,
+            type=click.IntRange(30, 1200),
+            help="Resolution of the figure (PNG records it).",
+        ),
+        click.option(
+            "--style",
+            default="heat",
+            show_default=True,
+            type=click.Choice(["heat", "contour"]),
+            help="The figure's maps as heat over the photo or as outlined contour lines (visible "
+            "over red and yellow objects).",
+        ),
+        click.option(
+            "--full-res",
+            is_flag=True,
+            help="maps.npz also holds the maps at image size, as the pointing game sees them.",
+        ),
+    ]
+    return _apply(fn, options)
+
+
+def _layer_option(value: str | None):
+    """--layer: a layer number, or 'all' (one figure column per layer)."""
+    if value is None or value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"--layer {value!r}: expected a layer number or 'all'") from None
+
+
+def _box(ctx, param, values):
+    """--box x0,y0,x1,y1 (image pixels, x1 > x0 and y1 > y0) as a list of 4 floats each."""
+    boxes = []
+    for value in values:
+        try:
+            box = [float(v) for v in value.split(",")]
+        except ValueError:
+            box = []
+        if (
+            len(box) != 4
+            or not all(map(math.isfinite, box))
+            or box[2] <= box[0]
+            or box[3] <= box[1]
+        ):
+            raise UserError(f"--box {value!r}: expected x0,y0,x1,y1 with x1 > x0 and y1 > y0")
+        boxes.append(box)
+    return boxes or None
+
+
+def _explanations(explainer, picture, phrases, method, layer, target) -> dict:
+    """The explanations the figure compares, by column label: one per supported method
+    (--method all; a method this model cannot run is left out with a warning), one per
+    layer (--layer all), or the one asked for."""
+    from groundcam.explainer import supported_methods
+
+    kwargs = {"target": target}
+    if method == "all":
+        found = {}
+        for name in supported_methods(explainer.adapter):
+            try:
+                found[name] = explainer.explain(
+                    picture, phrases, method=name, layer=layer, **kwargs
+                )
+            except ValueError as e:
+                click.echo(
+                    f"groundcam: warning: method {name} left out: {_one_line_text(str(e))}",
+                    err=True,
+                )
+        if not found:
+            raise UserError(f"--method all: no method runs on {explainer.name}")
+        return found
+    method = method or None
+    if layer == "all":
+        layers = explainer.layers(method, target)
+        if not layers:
+            raise UserError(
+                f"--layer all: method {method or explainer.default_method(target)} "
+                "reads every layer at once"
+            )
+        return {
+            f"layer {n}": explainer.explain(picture, phrases, method=method, layer=n, **kwargs)
+            for n in layers
+        }
+    ex = explainer.explain(picture, phrases, method=method, layer=layer, **kwargs)
+    return {ex.method: ex}
+
+
 @main.command()
 @click.argument("image")
 @click.argument("phrases", nargs=-1)
 @click.option("--model", default="albef-tiny-shapes", show_default=True, help=_MODEL_HELP)
-@click.option("--method", default=None, help=_METHOD_HELP)
-@click.option("--layer", default=None, type=int, help="Layer (default: the family's).")
+@click.option(
+    "--method",
+    default=None,
+    help=_METHOD_HELP + " 'all': one figure column per method the model supports.",
+)
+@click.option(
+    "--layer", default=None, help="Layer (default: the family's); 'all': one figure column each."
+)
 @click.option("--target", default=None, help="itm or similarity (default: the family's).")
 @click.option(
     "--out",
@@ -687,17 +796,61 @@ def _save_kwargs(cmap, alpha) -> dict:
     type=OutDir(),
     help="Output directory; with several images, one subfolder per image (its file name).",
 )
+@click.option(
+    "--box",
+    multiple=True,
+    callback=_box,
+    help="Ground-truth box x0,y0,x1,y1 (image pixels; repeatable): every figure cell is scored "
+    "by the pointing game.",
+)
+@click.option(
+    "--protocol",
+    default="amc",
+    show_default=True,
+    type=click.Choice(["amc", "mg", "torchray"]),
+    help="Pointing-game protocol of --box.",
+)
+@click.option(
+    "--triptych", is_flag=True, help="The figure shows image, heatmap and overlay per phrase."
+)
+@_figure_options
 @_output_options
 @_guard
-def explain(image, phrases, model, method, layer, target, out, cmap, alpha, device, as_json):
+def explain(
+    image,
+    phrases,
+    model,
+    method,
+    layer,
+    target,
+    out,
+    box,
+    protocol,
+    triptych,
+    fmt,
+    dpi,
+    style,
+    full_res,
+    cmap,
+    alpha,
+    device,
+    as_json,
+):
     """Write overlays, maps.npz and meta.json for PHRASES over IMAGE.
 
     IMAGE is a file, a folder of images or a quoted glob ('shots/*.jpg'); with several images
     every phrase is explained on each, the model is loaded once and each image's files go to
     OUT/<image name without extension>/.
+
+    --method all (or --layer all) writes one figure, figure.FORMAT: the image, then one column
+    per method (or layer), one row per phrase, scored when --box is given; each method's (or
+    layer's) files go to OUT/<method or layer>/.
     """
     from groundcam.api import load
 
+    layer = _layer_option(layer)
+    compare = method == "all" or layer == "all"
+    fmt = fmt or ("png" if compare or box or triptych or style != "heat" else None)
     if not phrases:
         raise UserError('no phrases given: groundcam explain IMAGE "a phrase" [...]')
     for phrase in phrases:
@@ -711,23 +864,43 @@ def explain(image, phrases, model, method, layer, target, out, cmap, alpha, devi
     failed: list[dict] = []
     pictures = _images(paths, failed) if many else [(paths[0], _read(paths[0]))]
     explainer = load(model, device=device)
-    kwargs = {"layer": layer, "target": target} | ({"method": method} if method else {})
     results = []
     for path, picture in pictures:
-        ex = explainer.explain(picture, list(phrases), **kwargs)
-        written = ex.save(out / path.stem if many else out, **_save_kwargs(cmap, alpha))
+        where = out / path.stem if many else out
+        found = _explanations(explainer, picture, list(phrases), method, layer, target)
+        ex = next(iter(found.values()))
+        save = _save_kwargs(cmap, alpha) | ({"full_res": True} if full_res else {})
+        folders = [where / label.replace(" ", "-") for label in found] if compare else [where]
+        written = [each.save(f, **save) for each, f in zip(found.values(), folders, strict=True)][0]
+        figure = None
+        if fmt:
+            from groundcam.viz.figures import explanation_figure, save_figure
+
+            fig = explanation_figure(
+                found,
+                boxes=box,
+                protocol=protocol,
+                triptych=triptych,
+                style=style,
+                **_save_kwargs(cmap, alpha),
+            )
+            figure = str(save_figure(fig, Path(where) / f"figure.{fmt}", dpi))
         meta = json.loads((Path(written) / "meta.json").read_text())
         files = _written(Path(written), len(ex))
+        files += [str(f) for f in folders[1:]] + ([figure] if figure else [])
         results.append({"image": str(path), "out": str(written), "files": files} | meta)
         if as_json:
             continue
         if many:
             click.echo(f"{path}:")
+        if figure:
+            click.echo(f"figure: {figure} ({', '.join(found)})")
         if ex.score_kind is not None and len(results) == 1:
             click.echo(f"score: {ex.score_kind.name} - {ex.score_kind.description}")
         for i, (phrase, score) in enumerate(zip(ex.phrases, ex.scores.tolist(), strict=True)):
             click.echo(f"{score:.3f}  {phrase}{_phrase_marks(ex, i)}")
-        click.echo(f"wrote {len(ex)} overlays, maps.npz and meta.json to {written}")
+        into = f"each of {len(found)} folders under {where}" if compare else written
+        click.echo(f"wrote {len(ex)} overlays, maps.npz and meta.json to {into}")
     _finish(model, out, results, failed, len(paths), as_json)
 
 
@@ -779,6 +952,7 @@ def _phrase_marks(ex, i: int) -> str:
     type=OutDir(),
     help="Output directory; with several images, one subfolder per image (its file name).",
 )
+@_figure_options
 @_output_options
 @_guard
 def caption(
@@ -791,6 +965,10 @@ def caption(
     beam,
     prompt,
     out,
+    fmt,
+    dpi,
+    style,
+    full_res,
     cmap,
     alpha,
     device,
@@ -817,9 +995,15 @@ def caption(
     results = []
     for path, picture in pictures:
         gen = explainer.explain_generation(picture, **kwargs)
-        written = gen.save(out / path.stem if many else out, **_save_kwargs(cmap, alpha))
+        save = _save_kwargs(cmap, alpha) | ({"full_res": True} if full_res else {})
+        written = gen.save(out / path.stem if many else out, **save)
         meta = json.loads((Path(written) / "meta.json").read_text())
         files = _written(Path(written), len(gen), grid=True)
+        if fmt or style != "heat":
+            from groundcam.viz.figures import save_figure
+
+            fig = gen.figure(style=style, **_save_kwargs(cmap, alpha))
+            files.append(str(save_figure(fig, Path(written) / f"figure.{fmt or 'png'}", dpi)))
         results.append({"image": str(path), "out": str(written), "files": files} | meta)
         if as_json:
             continue
