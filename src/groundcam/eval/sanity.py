@@ -424,3 +424,54 @@ def table(summary: dict) -> str:
             f"{f['ssim']:>9.3f} {where[:34]:<34} {verdict}"
         )
     return "\n".join(rows)
+
+
+def check_methods(explainer, methods: Sequence[str] | None) -> list[str]:
+    """The methods to check: every one the model supports when None; an unknown one is an
+    InputError naming those it has."""
+    from groundcam.explainer import supported_methods
+
+    have = supported_methods(explainer.adapter)
+    if not methods:
+        return have
+    wrong = [m for m in methods if m not in have and m not in CUSTOM_MAPS]
+    if wrong:
+        raise InputError(
+            f"--methods: {', '.join(wrong)} not available on {explainer.name!r} "
+            f"(it has {', '.join(have)})"
+        )
+    return list(methods)
+
+
+def read_records(path: Path) -> list[dict]:
+    """Every record of a results.jsonl."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_sanity(
+    explainer,
+    samples: Sequence[tuple[str, Image.Image, list[str]]],
+    methods: Sequence[str],
+    out: Path,
+    config: dict,
+    seed: int = 0,
+    variants: Sequence[str] = ("cascading", "independent"),
+    data_model=None,
+    progress: Callable[[Iterator[dict]], Iterator[dict]] = lambda it: it,
+) -> dict:
+    """The whole check into `out`: refuses an `out` written under another `config`, resumes one
+    written under this one, and writes results.jsonl, config.json and summary.json."""
+    from groundcam.eval.runner import check_config
+
+    if not samples:
+        raise InputError("sanity check: no samples to explain")
+    out.mkdir(parents=True, exist_ok=True)
+    check_config(out, config)
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    for _ in progress(sanity_records(explainer, samples, methods, out, seed, variants, data_model)):
+        pass
+    summary = summarize(read_records(out / "results.jsonl"), methods) | {"config": config}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
