@@ -173,3 +173,21 @@ def test_cli_writes_a_table_and_refuses_bad_methods(tokenizer, tmp_path):
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["config"]["methods"] == ["gradcam"]
     assert len(summary["methods"]["gradcam"]["cascading"]) == 8
+
+
+def test_data_randomisation_compares_with_the_other_model(explainer, tokenizer, tmp_path):
+    other = gc.load(tiny_albef(len(tokenizer), seed=4), tokenizer=tokenizer)
+    summary = sanity.run_sanity(
+        explainer,
+        sanity.shapes_samples(2),
+        ["gradcam"],
+        tmp_path,
+        {},
+        variants=[],
+        data_model=other,
+    )
+    data = summary["methods"]["gradcam"]["data"]
+    assert len(data) == 1 and data[0]["n"] > 0
+    assert -1 <= data[0]["spearman"] < 0.9  # another model's map, not the same one
+    records = sanity.read_records(tmp_path / "results.jsonl")
+    assert {r["variant"] for r in records} == {"data"}
