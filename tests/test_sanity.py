@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from PIL import Image
 from tiny import saved, tiny_albef
 
 import groundcam as gc
@@ -191,3 +192,20 @@ def test_data_randomisation_compares_with_the_other_model(explainer, tokenizer, 
     assert -1 <= data[0]["spearman"] < 0.9  # another model's map, not the same one
     records = sanity.read_records(tmp_path / "results.jsonl")
     assert {r["variant"] for r in records} == {"data"}
+
+
+def test_a_failing_sample_is_recorded_and_skipped(explainer, monkeypatch, tmp_path):
+    def picky(ex, image, phrases):
+        if image.size == (5, 5):
+            raise ValueError("image too small for this map")
+        return _edges(ex, image, phrases)
+
+    monkeypatch.setitem(sanity.CUSTOM_MAPS, "picky", picky)
+    samples = sanity.shapes_samples(2) + [("bad", Image.new("RGB", (5, 5)), ["red circle"])]
+    summary = sanity.run_sanity(explainer, samples, ["picky"], tmp_path, {}, variants=["cascading"])
+    entry = summary["methods"]["picky"]
+    assert entry["failed"] == [
+        {"image_id": "bad", "error": "ValueError: image too small for this map"}
+    ]
+    assert entry["errors"] == len(entry["cascading"])  # one per step, that sample only
+    assert entry["flagged"] and entry["cascading"][-1]["n"] > 0

@@ -376,7 +376,9 @@ def summarize(records: Sequence[dict], methods: Sequence[str]) -> dict:
     for method in methods:
         mine = [r for r in records if r["method"] == method]
         errors = [r for r in mine if "error" in r]
+        failed = {(r["image_id"], r["error"]) for r in errors}
         entry: dict = {"errors": len(errors)}
+        entry["failed"] = [{"image_id": i, "error": e} for i, e in sorted(failed)]
         for variant in ("cascading", "independent", "data"):
             rows = [r for r in mine if r["variant"] == variant and "error" not in r]
             if not rows:
