@@ -408,22 +408,32 @@ def summarize(records: Sequence[dict], methods: Sequence[str]) -> dict:
 
 
 def table(summary: dict) -> str:
-    """The summary as a plain-text table, one row per method."""
-    head = f"{'method':<16} {'|rho| full':>10} {'rho full':>9} {'SSIM full':>9} {'breaks at':<34} verdict"
+    """The summary as a plain-text table, one row per method: the cascade's end, where it
+    breaks, the lowest mean |rho| of one layer randomised alone, and the data test's |rho|."""
+
+    def num(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    head = (
+        f"{'method':<14} {'|rho| all':>9} {'rho all':>8} {'SSIM all':>8} {'breaks at':<30} "
+        f"{'indep min':>9} {'data':>6}  verdict"
+    )
     rows = [head, "-" * len(head)]
     for method, e in summary["methods"].items():
-        if "final" not in e:
-            rows.append(
-                f"{method:<16} {'-':>10} {'-':>9} {'-':>9} {'-':<34} no maps ({e['errors']} errors)"
-            )
-            continue
-        f = e["final"]
-        b = e["breaks_at"]
-        where = "never" if b is None else f"step {b['step']} ({b['layer']})"
-        verdict = "FLAGGED: survives randomisation" if e["flagged"] else "passes"
+        f = e.get("final", {})
+        b = e.get("breaks_at")
+        where = "-" if "final" not in e else "never" if b is None else f"{b['step']} {b['layer']}"
+        indep = min((s["spearman_abs"] for s in e.get("independent", [])), default=None)
+        data = e["data"][0]["spearman_abs"] if e.get("data") else None
+        if "flagged" in e:
+            verdict = "FLAGGED: survives randomisation" if e["flagged"] else "passes"
+        else:
+            verdict = "no cascade"
+        if e["errors"]:
+            verdict += f" ({e['errors']} failed)"
         rows.append(
-            f"{method:<16} {f['spearman_abs']:>10.3f} {f['spearman']:>9.3f} "
-            f"{f['ssim']:>9.3f} {where[:34]:<34} {verdict}"
+            f"{method:<14} {num(f.get('spearman_abs')):>9} {num(f.get('spearman')):>8} "
+            f"{num(f.get('ssim')):>8} {where[:30]:<30} {num(indep):>9} {num(data):>6}  {verdict}"
         )
     return "\n".join(rows)
 
