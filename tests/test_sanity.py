@@ -209,3 +209,19 @@ def test_a_failing_sample_is_recorded_and_skipped(explainer, monkeypatch, tmp_pa
     ]
     assert entry["errors"] == len(entry["cascading"])  # one per step, that sample only
     assert entry["flagged"] and entry["cascading"][-1]["n"] > 0
+
+
+def test_summary_break_is_the_last_run_below_the_threshold():
+    rows = [(1, 0.3), (2, 0.7), (3, 0.5), (4, 0.1)]  # dips at 1, recovers at 2, breaks at 3
+    records = [
+        {"variant": "cascading", "step": k, "layer": f"L{k}", "method": "m", "image_id": "a"}
+        | {"phrase": "p", "spearman_abs": v, "spearman": -v, "ssim": v / 2}
+        for k, v in rows
+    ]
+    entry = sanity.summarize(records, ["m"])["methods"]["m"]
+    assert entry["breaks_at"] == {"step": 3, "layer": "L3"}
+    assert entry["final"] == {"spearman_abs": 0.1, "spearman": -0.1, "ssim": 0.05}
+    assert not entry["flagged"]
+    records[-1]["spearman_abs"] = 0.51  # survives: flagged, never breaks
+    entry = sanity.summarize(records, ["m"])["methods"]["m"]
+    assert entry["flagged"] and entry["breaks_at"] is None

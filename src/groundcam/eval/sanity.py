@@ -37,7 +37,7 @@ from torch import nn
 from groundcam.errors import InputError
 
 # A method whose mean |Spearman| with the original map is still above this after every layer is
-# randomised is flagged; a method "breaks" at the first cascading step whose mean falls below it.
+# randomised is flagged; a method "breaks" at the cascading step from which it stays at or below.
 SURVIVES = 0.5
 SSIM_SIZE = 64  # maps are resized (bilinear) to this square before SSIM: the 11 x 11 window fits
 
@@ -370,7 +370,7 @@ def _named_tensors(layer: Layer) -> Iterator[tuple[tuple[int, str], torch.Tensor
 
 def summarize(records: Sequence[dict], methods: Sequence[str]) -> dict:
     """Per method and variant, the mean of each measure at each step; for cascading, the step at
-    which the mean |Spearman| first falls below SURVIVES ("breaks") and whether the map survives
+    from which the mean |Spearman| stays at or below SURVIVES ("breaks") and whether the map survives
     the randomisation of every layer (flagged)."""
     summary: dict = {"threshold": SURVIVES, "methods": {}}
     for method in methods:
@@ -396,7 +396,12 @@ def summarize(records: Sequence[dict], methods: Sequence[str]) -> dict:
             entry[variant] = steps
         cascade = entry.get("cascading")
         if cascade:
-            broke = next((s for s in cascade if s["spearman_abs"] < SURVIVES), None)
+            # a mean can dip and recover: the break is the first step of the last run below
+            broke = None
+            for s in reversed(cascade):
+                if s["spearman_abs"] > SURVIVES:
+                    break
+                broke = s
             entry["breaks_at"] = (
                 None if broke is None else {"step": broke["step"], "layer": broke["layer"]}
             )
