@@ -225,3 +225,21 @@ def test_summary_break_is_the_last_run_below_the_threshold():
     records[-1]["spearman_abs"] = 0.51  # survives: flagged, never breaks
     entry = sanity.summarize(records, ["m"])["methods"]["m"]
     assert entry["flagged"] and entry["breaks_at"] is None
+
+
+def test_a_generative_family_through_the_same_surface(tmp_path):
+    import tiny_vlm
+
+    model, processor = tiny_vlm.llava()
+    ex = gc.load(model, processor=processor)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    summary = sanity.run_sanity(
+        ex, sanity.shapes_samples(1), ["gradcam"], tmp_path, {}, variants=["cascading"]
+    )
+    steps = summary["methods"]["gradcam"]["cascading"]
+    names = [s["layer"] for s in steps]
+    assert names[0] == "model.language_model.norm+lm_head"
+    assert names[1:3] == [f"model.language_model.layers.{i}" for i in (1, 0)]
+    assert names[4:6] == [f"model.vision_tower.encoder.layers.{i}" for i in (1, 0)]
+    assert summary["methods"]["gradcam"]["errors"] == 0 and steps[-1]["n"] > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

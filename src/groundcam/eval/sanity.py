@@ -420,7 +420,7 @@ def table(summary: dict) -> str:
         return "-" if x is None else f"{x:.3f}"
 
     head = (
-        f"{'method':<14} {'|rho| all':>9} {'rho all':>8} {'SSIM all':>8} {'breaks at':<30} "
+        f"{'method':<18} {'|rho| all':>9} {'rho all':>8} {'SSIM all':>8} {'breaks at':<30} "
         f"{'indep min':>9} {'data':>6}  verdict"
     )
     rows = [head, "-" * len(head)]
@@ -437,7 +437,7 @@ def table(summary: dict) -> str:
         if e["errors"]:
             verdict += f" ({e['errors']} failed)"
         rows.append(
-            f"{method:<14} {num(f.get('spearman_abs')):>9} {num(f.get('spearman')):>8} "
+            f"{method:<18} {num(f.get('spearman_abs')):>9} {num(f.get('spearman')):>8} "
             f"{num(f.get('ssim')):>8} {where[:30]:<30} {num(indep):>9} {num(data):>6}  {verdict}"
         )
     return "\n".join(rows)
