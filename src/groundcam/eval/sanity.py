@@ -280,7 +280,7 @@ def _read_done(path: Path) -> set[tuple]:
 
 
 def _key(rec: dict) -> tuple:
-    return (rec["variant"], rec["step"], rec["method"], rec["image_id"])
+    return (rec["variant"], rec["step"], rec["method"], rec["image_id"], rec["index"])
 
 
 def sanity_records(
@@ -292,7 +292,7 @@ def sanity_records(
     variants: Sequence[str] = ("cascading", "independent"),
     data_model=None,
 ) -> Iterator[dict]:
-    """Run the checks, appending one record per (variant, step, method, image, phrase) to
+    """Run the checks, appending one record per (variant, step, method, image, phrase index) to
     `out/results.jsonl` as it goes and skipping those already there (resume); yields new ones.
     A sample whose map fails is recorded with its error and skipped, not the run."""
     out.mkdir(parents=True, exist_ok=True)
@@ -301,53 +301,49 @@ def sanity_records(
     work = copy_explainer(explainer)
     original: dict[tuple[str, str], torch.Tensor | str] = {}
 
-    def maps_of(ex, method, image_id, image, phrases):
+    def maps_of(ex, method, image, phrases):
         try:
             return method_maps(ex, image, phrases, method)
-        except (ValueError, RuntimeError) as e:
+        except ValueError as e:  # this sample's problem (groundcam's bad-input errors)
             return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
-    first_id, first_image, first_phrases = samples[0]
+    first_image, first_phrases = samples[0][1:]
     layers = find_layers(work.model, lambda: work.explain(first_image, first_phrases))
     if not layers:
         raise InputError(f"model {explainer.name!r}: no layer with parameters ran in its forward")
     for image_id, image, phrases in samples:
         for method in methods:
-            original[method, image_id] = maps_of(work, method, image_id, image, phrases)
+            original[method, image_id] = maps_of(work, method, image, phrases)
 
     def step(variant, k, name, ex):
         for image_id, image, phrases in samples:
             for method in methods:
-                base = {
-                    "variant": variant,
-                    "step": k,
-                    "layer": name,
-                    "method": method,
-                    "image_id": image_id,
-                }
-                if _key(base) in done:
+                base = {"variant": variant, "step": k, "layer": name, "method": method}
+                base["image_id"] = image_id
+                if _key(base | {"index": None}) in done:
+                    continue  # an error recorded for the whole image
+                todo = [p for p in range(len(phrases)) if _key(base | {"index": p}) not in done]
+                if not todo:
                     continue
                 orig = original[method, image_id]
-                new = (
-                    orig if isinstance(orig, str) else maps_of(ex, method, image_id, image, phrases)
-                )
-                recs = []
+                new = orig if isinstance(orig, str) else maps_of(ex, method, image, phrases)
                 if isinstance(new, str):
-                    recs.append(base | {"phrase": None, "error": new})
+                    recs = [base | {"index": None, "phrase": None, "error": new}]
                 else:
-                    for p, phrase in enumerate(phrases):
-                        recs.append(base | {"phrase": phrase} | compare(orig[p], new[p]))
+                    recs = [
+                        base | {"index": p, "phrase": phrases[p]} | compare(orig[p], new[p])
+                        for p in todo
+                    ]
                 with path.open("a") as f:
                     f.write("".join(json.dumps(r) + "\n" for r in recs))
                 yield from recs
 
     top_down = list(reversed(layers))
-    state = {k: v.detach().clone() for k, v in work.model.state_dict().items()}
     if "cascading" in variants:
         for k, layer in enumerate(top_down, 1):
             randomise(work.model, layer, seed * 10007 + k)
             yield from step("cascading", k, layer.name, work)
-        work.model.load_state_dict(state)
+        work.model.load_state_dict(explainer.model.state_dict())
     if "independent" in variants:
         for k, layer in enumerate(top_down, 1):
             saved = {n: p.detach().clone() for n, p in _named_tensors(layer)}
