@@ -175,6 +175,9 @@ def test_cli_writes_a_table_and_refuses_bad_methods(tokenizer, tmp_path):
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["config"]["methods"] == ["gradcam"]
     assert len(summary["methods"]["gradcam"]["cascading"]) == 8
+    res = CliRunner().invoke(main, args + ["--seed", "1"])
+    assert res.exit_code == 2 and "different configuration" in res.output
+    assert "seed: 0 there, 1 now" in res.output and "Traceback" not in res.output
 
 
 def test_data_randomisation_compares_with_the_other_model(explainer, tokenizer, tmp_path):
