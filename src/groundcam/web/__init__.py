@@ -123,7 +123,7 @@ PRUNE_SECONDS = 2.0  # how often the server prunes its files besides after each 
 def _prune_every(seconds: float, app, workspace, limits: Limits) -> threading.Event:
     """Prune the page's files every `seconds` in a daemon thread (uploads arrive without any
     request of ours running); set the event returned to stop."""
-    from groundcam.web.store import prune_page_files
+    from groundcam.web.store import prune_page_files, trim_heap
 
     stop = threading.Event()
 
@@ -131,6 +131,7 @@ def _prune_every(seconds: float, app, workspace, limits: Limits) -> threading.Ev
         while not stop.wait(seconds):
             try:
                 prune_page_files(app, workspace.uploads, limits.files_bytes, limits.cache_ttl)
+                trim_heap()
             except Exception:  # noqa: BLE001 - keep pruning; the log says why it failed
                 logging.getLogger("groundcam.web").exception("groundcam serve: pruning failed")
 

@@ -18,7 +18,12 @@ from groundcam.errors import InputError  # noqa: E402
 from groundcam.web import handlers as h  # noqa: E402
 from groundcam.web.limits import Limits, save_data_url  # noqa: E402
 from groundcam.web.models import ModelCache  # noqa: E402
-from groundcam.web.store import ResultStore, nbytes, prune_page_files  # noqa: E402
+from groundcam.web.store import (  # noqa: E402
+    ResultStore,
+    nbytes,
+    prune_page_files,
+    trim_heap,
+)
 
 log = logging.getLogger("groundcam.web")
 
@@ -347,6 +352,7 @@ def build_app(
 
         def _prune() -> None:
             prune_page_files(app, workspace.uploads, limits.files_bytes, limits.cache_ttl)
+            trim_heap()
 
         def _kept(key: str | None) -> h.PhraseResult | h.CaptionResult | None:
             """The result a session's key names (None before any); one dropped is refused. Files

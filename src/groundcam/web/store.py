@@ -150,3 +150,25 @@ def prune_page_files(app: object, uploads: Path, max_bytes: int, max_age: float)
                 folder.rmdir()
             except OSError:
                 pass
+
+
+def _libc_trim():
+    """glibc's `malloc_trim`, or None where the C library has none (musl, macOS, Windows)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _libc_trim()
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the system. A decoded upload (183 MiB at 64 MP) is freed
+    once its request ends, but glibc keeps freed chunks in the arena of the worker thread that
+    allocated them, so each new worker thread could keep one more image resident; trimming after
+    each request keeps the server's resident memory at what it actually holds."""
+    if _TRIM is not None:
+        _TRIM(0)
