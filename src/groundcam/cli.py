@@ -8,6 +8,7 @@ import pickle
 import re
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -126,6 +127,27 @@ class Device(click.ParamType):
         if problem:
             raise UserError(f"--device {text}: {problem}")
         return text
+
+
+class LayerOrRange(click.ParamType):
+    """A layer number, or a range "A-B" (both included: the mean of those layers' maps, for
+    generative VLMs); a range is passed on as the string and checked by the explainer."""
+
+    name = "LAYER"
+
+    def convert(self, value, param, ctx):
+        text = str(value).strip()
+        if re.fullmatch(r"-?\d+", text):
+            return int(text)
+        if re.fullmatch(r"\d+\s*-\s*\d+", text):
+            return text
+        raise UserError(f"--layer {value!r}: expected a layer number or a range A-B (e.g. 10-14)")
+
+
+_LAYER_HELP = (
+    "Layer, or a range A-B on a generative VLM (the mean of its layers' maps); "
+    "default: the family's."
+)
 
 
 def _device_option(help_extra: str = ""):
@@ -639,8 +661,13 @@ def _save_kwargs(cmap, alpha) -> dict:
 @click.argument("phrases", nargs=-1)
 @click.option("--model", default="albef-tiny-shapes", show_default=True, help=_MODEL_HELP)
 @click.option("--method", default=None, help=_METHOD_HELP)
-@click.option("--layer", default=None, type=int, help="Layer (default: the family's).")
+@click.option("--layer", default=None, type=LayerOrRange(), help=_LAYER_HELP)
 @click.option("--target", default=None, help="itm or similarity (default: the family's).")
+@click.option(
+    "--prompt",
+    default=None,
+    help="Generative VLMs: the text each phrase follows (default: the family's template).",
+)
 @click.option(
     "--out",
     default="groundcam-out",
@@ -650,7 +677,9 @@ def _save_kwargs(cmap, alpha) -> dict:
 )
 @_output_options
 @_guard
-def explain(image, phrases, model, method, layer, target, out, cmap, alpha, device, as_json):
+def explain(
+    image, phrases, model, method, layer, target, prompt, out, cmap, alpha, device, as_json
+):
     """Write overlays, maps.npz and meta.json for PHRASES over IMAGE.
 
     IMAGE is a file, a folder of images or a quoted glob ('shots/*.jpg'); with several images
@@ -673,6 +702,8 @@ def explain(image, phrases, model, method, layer, target, out, cmap, alpha, devi
     pictures = _images(paths, failed) if many else [(paths[0], _read(paths[0]))]
     explainer = load(model, device=device)
     kwargs = {"layer": layer, "target": target} | ({"method": method} if method else {})
+    if prompt is not None:
+        kwargs["prompt"] = _phrase_prompt(explainer, prompt)
     results = []
     for path, picture in pictures:
         ex = explainer.explain(picture, list(phrases), **kwargs)
@@ -692,6 +723,18 @@ def explain(image, phrases, model, method, layer, target, out, cmap, alpha, devi
     _finish(model, out, results, failed, len(paths), as_json)
 
 
+def _phrase_prompt(explainer, prompt: str) -> str:
+    """--prompt of explain, or one line where this explainer reads phrases without a prompt."""
+    import inspect
+
+    if "prompt" not in inspect.signature(explainer.explain).parameters:
+        raise UserError(
+            f"--prompt: the {explainer.adapter.family} family explains a phrase without a "
+            "prompt (leave --prompt out)"
+        )
+    return prompt
+
+
 def _phrase_marks(ex, i: int) -> str:
     """What a person must know beside phrase i's score: words the model read as unknown, a map
     that ignores the text (the same for every phrase)."""
@@ -704,12 +747,12 @@ def _phrase_marks(ex, i: int) -> str:
 
 
 @main.command()
-@click.argument("image")
+@click.argument("image", nargs=-1, required=True)
 @click.option(
     "--model", required=True, help="A captioning/OCR model: built-in name, hub id or dir."
 )
 @click.option("--method", default=None, help=_METHOD_HELP)
-@click.option("--layer", default=None, type=int, help="Layer (default: the family's).")
+@click.option("--layer", default=None, type=LayerOrRange(), help=_LAYER_HELP)
 @click.option(
     "--max-new-tokens",
     default=None,
@@ -761,14 +804,20 @@ def caption(
 
     IMAGE is a file, a folder of images or a quoted glob ('lines/*.png'); with several images
     the model is loaded once and each image's files go to OUT/<image name without extension>/.
+    Several IMAGE files are the images of one prompt (generative VLMs that read several):
+    OUT holds the maps over the first, OUT/image2/, OUT/image3/, ... those over the others.
     """
     from groundcam.api import load
 
     if text is not None and not text.strip():
         raise UserError("--text is empty: give the text to explain, or leave --text out")
-    paths, many = _image_paths(image)
     failed: list[dict] = []
-    pictures = _images(paths, failed) if many else [(paths[0], _read(paths[0]))]
+    if len(image) > 1:  # several files: one generation reads them all
+        paths, many = [Path(f) for f in image], False
+        pictures = [(paths[0], [_read(f) for f in paths])]
+    else:
+        paths, many = _image_paths(image[0])
+        pictures = _images(paths, failed) if many else [(paths[0], _read(paths[0]))]
     explainer = load(model, device=device)
     kwargs = {"layer": layer, "text": text}
     kwargs |= {"beam": beam} if beam > 1 else {}
@@ -781,7 +830,13 @@ def caption(
         written = gen.save(out / path.stem if many else out, **_save_kwargs(cmap, alpha))
         meta = json.loads((Path(written) / "meta.json").read_text())
         files = _written(Path(written), len(gen), grid=True)
-        results.append({"image": str(path), "out": str(written), "files": files} | meta)
+        for i, other in enumerate(picture[1:] if isinstance(picture, list) else [], 2):
+            maps = gen.image_maps[i - 1]
+            one = replace(gen, image=other, maps=maps, raw_maps=maps, image_maps=None)
+            folder = one.save(Path(written) / f"image{i}", **_save_kwargs(cmap, alpha))
+            files += _written(folder, len(gen), grid=True)
+        shown = [str(f) for f in paths] if isinstance(picture, list) else str(path)
+        results.append({"image": shown, "out": str(written), "files": files} | meta)
         if as_json:
             continue
         if many:
