@@ -74,6 +74,16 @@ FAMILIES: dict[str, Family] = {
         ("InternVLForConditionalGeneration",),
         ("internvl",),
     ),
+    "qwen-vl": Family(
+        "groundcam.adapters.qwen_vl",
+        "QwenVlAdapter",
+        (
+            "Qwen2VLForConditionalGeneration",
+            "Qwen2_5_VLForConditionalGeneration",
+            "Qwen3VLForConditionalGeneration",
+        ),
+        ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
+    ),
     "captioner": Family(
         "groundcam.adapters.captioner",
         "CaptionerAdapter",

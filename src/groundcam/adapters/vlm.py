@@ -192,7 +192,10 @@ class VlmAdapter(Adapter):
         from groundcam.adapters.vlm_compat import load_processor
         from groundcam.model_files import pretrained
 
-        model = pretrained(getattr(transformers, cls.architectures[0]), source)
+        model_class = getattr(transformers, cls.architectures[0])
+        if len(cls.architectures) > 1:  # a family of several classes: the one the config names
+            model_class = transformers.AutoModelForImageTextToText
+        model = pretrained(model_class, source)
         processor = processor if processor is not None else load_processor(source)
         return cls(model, tokenizer=tokenizer, processor=processor, name=name or source)
 
