@@ -48,8 +48,9 @@ MODELS = ("tiny-llava", "llava-7b", "qwen2.5-vl-7b")
 PROMPT = "describe the image"
 
 
-def build(name: str, device: torch.device, dtype: torch.dtype):
-    """(model, processor) of `name` with random weights, on `device` in `dtype`."""
+def build(name: str, device: torch.device, dtype: torch.dtype, depth: int | None = None):
+    """(model, processor) of `name` with random weights, on `device` in `dtype`; `depth`: the
+    7B shapes with only that many LM and vision layers (to try the script on a small machine)."""
     import transformers
 
     if name == "tiny-llava":
@@ -59,8 +60,18 @@ def build(name: str, device: torch.device, dtype: torch.dtype):
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
         tok = tiny_vlm.word_tokenizer(["<image>"])
-        config = transformers.LlavaConfig(  # vision and text defaults: ViT-L/14-336, Llama 7B
+        config = transformers.LlavaConfig(  # text defaults: Llama 7B
             text_config={"model_type": "llama", "vocab_size": 32064},
+            vision_config=dict(  # CLIP ViT-L/14-336
+                model_type="clip_vision_model",
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=depth or 24,
+                num_attention_heads=16,
+                image_size=336,
+                patch_size=14,
+                projection_dim=768,
+            ),
             image_token_index=tok.convert_tokens_to_ids("<image>"),
             image_seq_length=576,
         )
@@ -68,7 +79,11 @@ def build(name: str, device: torch.device, dtype: torch.dtype):
             size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
         )
         processor = transformers.LlavaProcessor(
-            image_processor=images, tokenizer=tok, patch_size=14, num_additional_image_tokens=1
+            image_processor=images,
+            tokenizer=tok,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
         )
         model_class = transformers.LlavaForConditionalGeneration
     elif name == "qwen2.5-vl-7b":
@@ -80,7 +95,7 @@ def build(name: str, device: torch.device, dtype: torch.dtype):
             text_config=dict(
                 hidden_size=3584,
                 intermediate_size=18944,
-                num_hidden_layers=28,
+                num_hidden_layers=depth or 28,
                 num_attention_heads=28,
                 num_key_value_heads=4,
                 vocab_size=152064,
@@ -88,7 +103,7 @@ def build(name: str, device: torch.device, dtype: torch.dtype):
                     rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24]
                 ),
             ),
-            vision_config=dict(out_hidden_size=3584, intermediate_size=3420),
+            vision_config=dict(out_hidden_size=3584, intermediate_size=3420, depth=depth or 32),
             image_token_id=image_id,
             video_token_id=video_id,
             vision_start_token_id=start,
@@ -108,6 +123,8 @@ def build(name: str, device: torch.device, dtype: torch.dtype):
         model_class = transformers.Qwen2_5_VLForConditionalGeneration
     else:
         raise SystemExit(f"--model {name}: one of {', '.join(MODELS)}")
+    if depth and name == "llava-7b":
+        config.text_config.num_hidden_layers = depth
     torch.manual_seed(0)
     with torch.device(device):  # parameters made (and randomly initialised) in place
         model = model_class._from_config(config, dtype=dtype)
@@ -168,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--clock", choices=["cpu", "wall"], default=None, help="cpu on a CPU")
+    ap.add_argument("--depth", type=int, default=None, help="7B shapes, this many layers")
     ap.add_argument("--profile", default=None, help="a method to profile once (cProfile)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -177,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.clock = args.clock or ("cpu" if device.type == "cpu" else "wall")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     warnings.filterwarnings("ignore", category=GroundcamWarning)
-    model, processor = build(args.model, device, dtype)
+    model, processor = build(args.model, device, dtype, args.depth)
     explainer = gc.load(model, processor=processor, device=str(device))
     a = explainer.adapter
     words = [w for w in tiny_vlm.WORDS if w.islower()]
@@ -198,17 +216,16 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.no_grad():
             return model(**full, use_cache=False).logits[0, -1].float()
 
-    def forward_backward():
-        out = model(**full, use_cache=False).logits[0, first - 1 : -1].float().log_softmax(-1)
-        logp = out.gather(-1, ids[0, first:, None]).sum()
-        logp.backward()
-        model.zero_grad(set_to_none=True)
-        return logp.detach()
+    def forward_backward():  # to the default layer's hidden states, no parameter gradients
+        out = model(**full, use_cache=False, output_hidden_states=True)
+        logp = out.logits[0, first - 1 : -1].float().log_softmax(-1)
+        logp = logp.gather(-1, ids[0, first:, None]).sum()
+        return torch.autograd.grad(logp, out.hidden_states[layer + 1])[0].float().norm()
 
     def maps(method: str):
-        return lambda: explainer.explain_generation(
-            image, prompt=PROMPT, method=method, text=answer
-        ).raw_maps
+        return lambda: (
+            explainer.explain_generation(image, prompt=PROMPT, method=method, text=answer).raw_maps
+        )
 
     methods = args.methods.split(",")
     fns = {"processor": processor_only, "forward": forward, "forward+backward": forward_backward}

@@ -137,3 +137,58 @@ def test_models_lists_the_generative_families_and_their_methods():
         assert marks["logit-lens"] == "+" and marks["gradcam"] == "+"
         assert marks["rollout"] == "-"
     assert dict(zip(header, rows["albef"], strict=True))["logit-lens"] == "-"
+
+
+@pytest.fixture
+def page(saved, tmp_path):
+    """The page's handlers offering the saved LLaVA and TrOCR (no prompt), and a workspace."""
+    from groundcam.web import handlers as h
+    from groundcam.web.models import ModelCache
+
+    paths, _, _ = saved
+    cache = ModelCache([str(paths["llava"]), "trocr-tiny-glyphs"], builtins=False)
+    return h, cache, h.Workspace(tmp_path / "ws")
+
+
+def test_page_caption_mode_takes_a_prompt_and_shows_each_word(page, saved):
+    from groundcam.web.limits import Limits
+
+    h, cache, workspace = page
+    paths, images, _ = saved
+    name = str(paths["llava"])
+    assert cache.info(name).prompt and not cache.info("trocr-tiny-glyphs").prompt
+    text = "red cat the dog"
+    res = h.explain_caption(
+        cache, workspace, Limits(), name, str(images[0]), "gradcam", text=text, prompt="where is"
+    )
+    gen = res.generation
+    want = gc.load(str(paths["llava"])).explain_generation(
+        Image.open(images[0]).convert("RGB"), prompt="where is", method="gradcam", text=text
+    )
+    assert gen.words == want.words == text.split() and gen.prompt == want.prompt
+    assert torch.allclose(gen.word_maps, want.word_maps, atol=1e-6)
+    html = h.caption_html(res, 0.5, None)
+    assert html.count('class="gc-tok"') == len(gen.words)
+    assert html.count("data:image/png;base64,") == len(gen.words)
+    assert "where is" in html and "Hover a word" in html
+    p = float(gen.scores[gen.word_tokens[0]].prod())
+    assert f"{gen.words[0]} p={p:.2f}" in html
+
+
+def test_page_refuses_a_prompt_in_one_line(page, saved):
+    from groundcam.errors import InputError
+    from groundcam.web.limits import Limits
+
+    h, cache, workspace = page
+    _, images, _ = saved
+    with pytest.raises(InputError) as e:
+        h.explain_caption(
+            cache, workspace, Limits(), "trocr-tiny-glyphs", str(images[0]), prompt="what"
+        )
+    assert "takes no prompt" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(InputError) as e:
+        h.explain_caption(
+            cache, workspace, Limits(max_phrase_chars=10), "trocr-tiny-glyphs", str(images[0]),
+            prompt="a prompt longer than ten",
+        )  # fmt: skip
+    assert str(e.value).startswith("the prompt is 24 characters long")
