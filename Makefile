@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup docs clean
 
 $(VENV)/.base: pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,5 +26,13 @@ demo: $(VENV)/.base
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# The documentation site (mkdocs.yml) into site/: the docs extra on top of the base install.
+$(VENV)/.docs: $(VENV)/.base
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) groundcam-demo groundcam-out
+	rm -rf $(VENV) groundcam-demo groundcam-out site

@@ -680,7 +680,7 @@ def test_every_from_pretrained_in_the_source_passes_trust_remote_code_false():
     `from_pretrained` calls are groundcam's own (adapters, AlbefModel, ShowAttendTell)."""
     import ast
 
-    own = {"AlbefModel", "ShowAttendTell", "adapter_class"}
+    own = {"AlbefModel", "ShowAttendTell", "SCAN", "adapter_class"}
     calls = []
     for path in sorted((ROOT / "src" / "groundcam").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -703,3 +703,45 @@ def test_every_from_pretrained_in_the_source_passes_trust_remote_code_false():
                 f"{path}:{node.lineno} calls from_pretrained without trust_remote_code=False"
             )
     assert ("model_files.py", "cls") in {(file, name) for file, _, name in calls}
+
+
+# ------------------------------------------------------------- SCAN's own format
+@pytest.fixture()
+def scan_dir(tmp_path) -> Path:
+    from groundcam.zoo import builtin_path
+
+    return copy(builtin_path("scan-tiny-shapes"), tmp_path, "scan")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("embed_size", "128"), ("word_dim", 0), ("img_dim", -3), ("num_layers", 2.5)],
+)
+def test_a_scan_config_with_impossible_sizes_names_file_and_key(scan_dir, key, value):
+    edit_json(scan_dir / "config.json", **{key: value})
+    refused(scan_dir, str(scan_dir / "config.json"), key)
+
+
+def test_a_huge_scan_is_refused_before_allocating(scan_dir, monkeypatch):
+    from groundcam.models.scan import SCAN
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was allocated")
+
+    monkeypatch.setattr(SCAN, "__init__", refuse)
+    edit_json(scan_dir / "config.json", embed_size=1_000_000, word_dim=1_000_000)
+    refused(scan_dir, str(scan_dir / "config.json"), "refused before allocating")
+
+
+@pytest.mark.parametrize("kind", ["empty", "header length 2^62", "4 TB shape"])
+def test_hostile_scan_weights_are_one_line(scan_dir, kind):
+    weights = scan_dir / "model.safetensors"
+    weights.write_bytes(hostile_weights(weights.read_bytes())[kind])
+    refused(scan_dir, str(weights))
+
+
+def test_scan_parameter_count_is_exact():
+    import groundcam as gc_
+
+    model = gc_.load("scan-tiny-shapes").model
+    assert model.config.parameters() == sum(p.numel() for p in model.parameters())

@@ -106,12 +106,19 @@ def test_a_bad_layer_or_range_is_one_line(saved, tmp_path, layer):
 def test_explain_passes_the_prompt_or_refuses_it_in_one_line(saved, tmp_path):
     paths, images, _ = saved
     out = tmp_path / "out"
-    result = run(
-        "explain", images[0], "a cat", "--model", paths["llava"], "--prompt", "where is it"
-    )
-    assert result.exit_code in (0, 2), result.output
-    if result.exit_code == 2:  # a family that explains no phrase yet says so in one line
-        one_line_error(result)
+    scores = {}
+    for prompt in ("where is the cat", "what is the sign"):
+        args = ["explain", images[0], "red cat", "--model", paths["llava"], "--prompt", prompt]
+        result = run(*args, "--method", "gradcam", "--out", tmp_path / prompt, "--json")
+        assert result.exit_code == 0, result.output
+        (res,) = json.loads(result.output)["results"]
+        scores[prompt] = res["scores"][0]
+    ex = gc.load(str(paths["llava"]))
+    pic = Image.open(images[0]).convert("RGB")
+    for prompt, score in scores.items():  # the phrase was read after the prompt given
+        want = ex.explain(pic, ["red cat"], method="gradcam", prompt=prompt).scores[0]
+        assert score == pytest.approx(float(want), rel=1e-5)
+    assert scores["where is the cat"] != pytest.approx(scores["what is the sign"], rel=1e-6)
     # a family without prompts: the prompt is refused, nothing is written
     albef = ["explain", images[0], "the red circle", "--prompt", "look", "--out", out]
     line = one_line_error(run(*albef))

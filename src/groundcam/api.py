@@ -37,7 +37,11 @@ from groundcam.model_files import (
 )
 from groundcam.zoo import BUILTIN, builtin_path
 
-OWN_FORMATS = ("albef", "captioner")  # families saved in groundcam's formats, checked on load
+OWN_FORMATS = (
+    "albef",
+    "captioner",
+    "scan",
+)  # families saved in groundcam's formats, checked on load
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
 HUB_PROBE_SECONDS = 3.0
 

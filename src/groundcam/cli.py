@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import pickle
 import re
 import sys
@@ -467,6 +468,45 @@ def train_captioner(threads, **opts) -> None:
     _model_written(run(TrainConfig(**opts), threads=threads))
 
 
+@train.command("scan")
+@click.option("--out", required=True, type=OutDir(), help="Run directory (resumes).")
+@click.option("--steps", default=1500, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(2))
+@click.option(
+    "--lr",
+    default=5e-4,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="The built-in's; the paper used 2e-4 for its full-size model.",
+)
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--pool", default=5000, show_default=True, type=click.IntRange(2), help="Scenes rendered."
+)
+@click.option("--eval-every", default=500, show_default=True, type=click.IntRange(1))
+@click.option("--save-every", default=200, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--all-negatives-steps",
+    default=500,
+    show_default=True,
+    type=click.IntRange(0),
+    help="First steps sum the hinge over every negative (a warm start), then the hardest.",
+)
+@click.option(
+    "--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores)."
+)
+@_loop_options
+@_guard
+def train_scan(threads, **opts) -> None:
+    """SCAN (stacked cross attention) on shapes scenes: its own region proposals pooled from a
+    small CNN, hinge loss with the hardest negatives. Resumes from --out."""
+    from groundcam.train.scan import TrainConfig
+    from groundcam.train.scan import train as run
+
+    opts["out"] = str(opts["out"])
+    _model_written(run(TrainConfig(**opts), threads=threads))
+
+
 @main.group("data")
 def data_() -> None:
     """Write groundcam's synthetic datasets to disk."""
@@ -656,12 +696,122 @@ def _save_kwargs(cmap, alpha) -> dict:
     return {k: v for k, v in (("cmap", cmap), ("alpha", alpha)) if v is not None}
 
 
+def _figure_options(fn):
+    """--format, --dpi, --style and --full-res: the paper figure and the maps at image size."""
+    options = [
+        click.option(
+            "--format",
+            "fmt",
+            default=None,
+            type=click.Choice(["png", "pdf", "svg"]),
+            help="Also write the paper figure, figure.FORMAT (default png when another figure "
+            "option asks for one).",
+        ),
+        click.option(
+            "--dpi",
+            default=150,
+            show_default=True,
+            type=click.IntRange(30, 1200),
+            help="Resolution of the figure (PNG records it).",
+        ),
+        click.option(
+            "--style",
+            default="heat",
+            show_default=True,
+            type=click.Choice(["heat", "contour"]),
+            help="The figure's maps as heat over the photo or as outlined contour lines (visible "
+            "over red and yellow objects).",
+        ),
+        click.option(
+            "--full-res",
+            is_flag=True,
+            help="maps.npz also holds the maps at image size, as the pointing game sees them.",
+        ),
+    ]
+    return _apply(fn, options)
+
+
+def _layer_option(value: str | None):
+    """--layer: a layer number, or 'all' (one figure column per layer)."""
+    if value is None or value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"--layer {value!r}: expected a layer number or 'all'") from None
+
+
+def _box(ctx, param, values):
+    """--box x0,y0,x1,y1 (image pixels, x1 > x0 and y1 > y0) as a list of 4 floats each."""
+    boxes = []
+    for value in values:
+        try:
+            box = [float(v) for v in value.split(",")]
+        except ValueError:
+            box = []
+        if (
+            len(box) != 4
+            or not all(map(math.isfinite, box))
+            or box[2] <= box[0]
+            or box[3] <= box[1]
+        ):
+            raise UserError(f"--box {value!r}: expected x0,y0,x1,y1 with x1 > x0 and y1 > y0")
+        boxes.append(box)
+    return boxes or None
+
+
+def _explanations(explainer, picture, phrases, method, layer, target, prompt=None) -> dict:
+    """The explanations the figure compares, by column label: one per supported method
+    (--method all; a method this model cannot run is left out with a warning), one per
+    layer (--layer all), or the one asked for."""
+    from groundcam.explainer import supported_methods
+
+    kwargs = {"target": target}
+    if prompt is not None:  # generative VLMs: the text each phrase follows
+        kwargs["prompt"] = prompt
+    if method == "all":
+        found = {}
+        for name in supported_methods(explainer.adapter):
+            try:
+                found[name] = explainer.explain(
+                    picture, phrases, method=name, layer=layer, **kwargs
+                )
+            except ValueError as e:
+                click.echo(
+                    f"groundcam: warning: method {name} left out: {_one_line_text(str(e))}",
+                    err=True,
+                )
+        if not found:
+            raise UserError(f"--method all: no method runs on {explainer.name}")
+        return found
+    method = method or None
+    if layer == "all":
+        layers = explainer.layers(method, target)
+        if not layers:
+            raise UserError(
+                f"--layer all: method {method or explainer.default_method(target)} "
+                "reads every layer at once"
+            )
+        return {
+            f"layer {n}": explainer.explain(picture, phrases, method=method, layer=n, **kwargs)
+            for n in layers
+        }
+    ex = explainer.explain(picture, phrases, method=method, layer=layer, **kwargs)
+    return {ex.method: ex}
+
+
 @main.command()
 @click.argument("image")
 @click.argument("phrases", nargs=-1)
 @click.option("--model", default="albef-tiny-shapes", show_default=True, help=_MODEL_HELP)
-@click.option("--method", default=None, help=_METHOD_HELP)
-@click.option("--layer", default=None, type=LayerOrRange(), help=_LAYER_HELP)
+@click.option(
+    "--method",
+    default=None,
+    help=_METHOD_HELP + " 'all': one figure column per method the model supports.",
+)
+@click.option(
+    "--layer", default=None, help="Layer (default: the family's); 'all': one figure column each."
+)
 @click.option("--target", default=None, help="itm or similarity (default: the family's).")
 @click.option(
     "--prompt",
@@ -675,19 +825,62 @@ def _save_kwargs(cmap, alpha) -> dict:
     type=OutDir(),
     help="Output directory; with several images, one subfolder per image (its file name).",
 )
+@click.option(
+    "--box",
+    multiple=True,
+    callback=_box,
+    help="Ground-truth box x0,y0,x1,y1 (image pixels; repeatable): every figure cell is scored "
+    "by the pointing game.",
+)
+@click.option(
+    "--protocol",
+    default="amc",
+    show_default=True,
+    type=click.Choice(["amc", "mg", "torchray"]),
+    help="Pointing-game protocol of --box.",
+)
+@click.option(
+    "--triptych", is_flag=True, help="The figure shows image, heatmap and overlay per phrase."
+)
+@_figure_options
 @_output_options
 @_guard
 def explain(
-    image, phrases, model, method, layer, target, prompt, out, cmap, alpha, device, as_json
+    image,
+    phrases,
+    model,
+    method,
+    layer,
+    target,
+    prompt,
+    out,
+    box,
+    protocol,
+    triptych,
+    fmt,
+    dpi,
+    style,
+    full_res,
+    cmap,
+    alpha,
+    device,
+    as_json,
 ):
     """Write overlays, maps.npz and meta.json for PHRASES over IMAGE.
 
     IMAGE is a file, a folder of images or a quoted glob ('shots/*.jpg'); with several images
     every phrase is explained on each, the model is loaded once and each image's files go to
     OUT/<image name without extension>/.
+
+    --method all (or --layer all) writes one figure, figure.FORMAT: the image, then one column
+    per method (or layer), one row per phrase, scored when --box is given; each method's (or
+    layer's) files go to OUT/<method or layer>/.
     """
     from groundcam.api import load
 
+    layer = _layer_option(layer)
+    compare = method == "all" or layer == "all"
+    fmt = fmt or ("png" if compare or box or triptych or style != "heat" else None)
     if not phrases:
         raise UserError('no phrases given: groundcam explain IMAGE "a phrase" [...]')
     for phrase in phrases:
@@ -701,38 +894,44 @@ def explain(
     failed: list[dict] = []
     pictures = _images(paths, failed) if many else [(paths[0], _read(paths[0]))]
     explainer = load(model, device=device)
-    kwargs = {"layer": layer, "target": target} | ({"method": method} if method else {})
-    if prompt is not None:
-        kwargs["prompt"] = _phrase_prompt(explainer, prompt)
     results = []
     for path, picture in pictures:
-        ex = explainer.explain(picture, list(phrases), **kwargs)
-        written = ex.save(out / path.stem if many else out, **_save_kwargs(cmap, alpha))
+        where = out / path.stem if many else out
+        found = _explanations(explainer, picture, list(phrases), method, layer, target, prompt)
+        ex = next(iter(found.values()))
+        save = _save_kwargs(cmap, alpha) | ({"full_res": True} if full_res else {})
+        folders = [where / label.replace(" ", "-") for label in found] if compare else [where]
+        written = [each.save(f, **save) for each, f in zip(found.values(), folders, strict=True)][0]
+        figure = None
+        if fmt:
+            from groundcam.viz.figures import explanation_figure, save_figure
+
+            fig = explanation_figure(
+                found,
+                boxes=box,
+                protocol=protocol,
+                triptych=triptych,
+                style=style,
+                **_save_kwargs(cmap, alpha),
+            )
+            figure = str(save_figure(fig, Path(where) / f"figure.{fmt}", dpi))
         meta = json.loads((Path(written) / "meta.json").read_text())
         files = _written(Path(written), len(ex))
+        files += [str(f) for f in folders[1:]] + ([figure] if figure else [])
         results.append({"image": str(path), "out": str(written), "files": files} | meta)
         if as_json:
             continue
         if many:
             click.echo(f"{path}:")
+        if figure:
+            click.echo(f"figure: {figure} ({', '.join(found)})")
         if ex.score_kind is not None and len(results) == 1:
             click.echo(f"score: {ex.score_kind.name} - {ex.score_kind.description}")
         for i, (phrase, score) in enumerate(zip(ex.phrases, ex.scores.tolist(), strict=True)):
             click.echo(f"{score:.3f}  {phrase}{_phrase_marks(ex, i)}")
-        click.echo(f"wrote {len(ex)} overlays, maps.npz and meta.json to {written}")
+        into = f"each of {len(found)} folders under {where}" if compare else written
+        click.echo(f"wrote {len(ex)} overlays, maps.npz and meta.json to {into}")
     _finish(model, out, results, failed, len(paths), as_json)
-
-
-def _phrase_prompt(explainer, prompt: str) -> str:
-    """--prompt of explain, or one line where this explainer reads phrases without a prompt."""
-    import inspect
-
-    if "prompt" not in inspect.signature(explainer.explain).parameters:
-        raise UserError(
-            f"--prompt: the {explainer.adapter.family} family explains a phrase without a "
-            "prompt (leave --prompt out)"
-        )
-    return prompt
 
 
 def _phrase_marks(ex, i: int) -> str:
@@ -783,6 +982,7 @@ def _phrase_marks(ex, i: int) -> str:
     type=OutDir(),
     help="Output directory; with several images, one subfolder per image (its file name).",
 )
+@_figure_options
 @_output_options
 @_guard
 def caption(
@@ -795,6 +995,10 @@ def caption(
     beam,
     prompt,
     out,
+    fmt,
+    dpi,
+    style,
+    full_res,
     cmap,
     alpha,
     device,
@@ -827,9 +1031,15 @@ def caption(
     results = []
     for path, picture in pictures:
         gen = explainer.explain_generation(picture, **kwargs)
-        written = gen.save(out / path.stem if many else out, **_save_kwargs(cmap, alpha))
+        save = _save_kwargs(cmap, alpha) | ({"full_res": True} if full_res else {})
+        written = gen.save(out / path.stem if many else out, **save)
         meta = json.loads((Path(written) / "meta.json").read_text())
         files = _written(Path(written), len(gen), grid=True)
+        if fmt or style != "heat":
+            from groundcam.viz.figures import save_figure
+
+            fig = gen.figure(style=style, **_save_kwargs(cmap, alpha))
+            files.append(str(save_figure(fig, Path(written) / f"figure.{fmt or 'png'}", dpi)))
         for i, other in enumerate(picture[1:] if isinstance(picture, list) else [], 2):
             maps = gen.image_maps[i - 1]
             one = replace(gen, image=other, maps=maps, raw_maps=maps, image_maps=None)
@@ -1211,6 +1421,58 @@ for _spec in DATASETS.values():
     _make_sweep_command(_spec)
 
 
+@eval_.command("sanity", short_help="Do the maps change when the model is randomised?")
+@click.option("--model", default="albef-tiny-shapes-amc", show_default=True, help=_MODEL_HELP)
+@click.option("--dataset", default="shapes", show_default=True, type=click.Choice(["shapes"]))
+@click.option("--scenes", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, help="Scene and init seed.")
+@click.option("--methods", default=None, help="Comma-separated (default: every one the model has).")
+@click.option(
+    "--variants",
+    default="cascading,independent",
+    show_default=True,
+    help="cascading and/or independent layer randomisation.",
+)
+@click.option("--data-model", default=None, help="The model trained on permuted labels, if any.")
+@_device_option()
+@click.option("--out", required=True, type=OutDir(), help="Results directory (resumes).")
+@_guard
+def eval_sanity(model, dataset, scenes, seed, methods, variants, data_model, device, out) -> None:
+    """Sanity checks (Adebayo et al. 2018): re-initialise the model's layers from the top down
+    (cascading) or one at a time (independent), on a copy, and compare each map with the
+    original by Spearman rank correlation and SSIM. A method whose maps survive the
+    randomisation of every layer (mean |Spearman| > 0.5) is flagged. With --data-model, also
+    the maps of a model trained on permuted labels. Writes results.jsonl as it goes (a rerun
+    resumes), summary.json, and prints the table."""
+    from tqdm import tqdm
+
+    from groundcam.api import load
+    from groundcam.eval import sanity
+
+    asked = [v.strip() for v in variants.split(",") if v.strip()]
+    if not asked or set(asked) - {"cascading", "independent"}:
+        raise UserError(f"--variants {variants!r}: expected cascading and/or independent")
+    explainer = load(model, device=device)
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    names = sanity.check_methods(explainer, names)
+    other = load(data_model, device=device) if data_model else None
+    config = {"model": model, "dataset": dataset, "scenes": scenes, "seed": seed}
+    config |= {"methods": names, "variants": asked, "data_model": data_model}
+    summary = sanity.run_sanity(
+        explainer,
+        sanity.shapes_samples(scenes, seed),
+        names,
+        out,
+        config,
+        seed,
+        asked,
+        other,
+        progress=lambda it: tqdm(it, desc="sanity", unit="map"),
+    )
+    click.echo(sanity.table(summary))
+    click.echo(f"wrote {out / 'summary.json'}")
+
+
 @eval_.command("glyphs", short_help="Character accuracy and token pointing on text lines.")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["val", "test"]))
 @click.option("--lines", default=300, show_default=True, type=click.IntRange(1))
@@ -1393,6 +1655,107 @@ def _maybe(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
+@eval_.command("retrieval", short_help="Image-text retrieval R@1/5/10 and rsum, as published.")
+@click.option("--model", required=True, help=_MODEL_HELP)
+@click.option(
+    "--dataset",
+    required=True,
+    type=click.Choice(["flickr30k", "coco", "shapes"]),
+    help="flickr30k (1K test) or coco (5K test and 1K five folds) from a Karpathy split file; "
+    "shapes: scenes generated from --seed, each with its generator caption.",
+)
+@click.option(
+    "--captions", type=click.Path(), help="Karpathy split file (dataset_flickr30k.json, ...)."
+)
+@click.option("--images", type=click.Path(), help="Image folder of the split file.")
+@click.option("--split", default="test", show_default=True, help="Split of the file or scenes.")
+@click.option("--limit", type=click.IntRange(1), help="First N images of the split.")
+@click.option("--scenes", default=200, show_default=True, type=click.IntRange(2))
+@click.option("--seed", default=0, show_default=True, help="Scene seed (shapes).")
+@click.option("--image-size", default=128, show_default=True, type=click.IntRange(48))
+@click.option(
+    "--k-test",
+    default=None,
+    type=click.IntRange(1),
+    help="Candidates per query re-ranked by ITM (default as ALBEF/BLIP: 128 flickr30k and "
+    "shapes, 256 coco).",
+)
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads per process.")
+@_device_option("cuda when there is one, else cpu; under accelerate, its own")
+@click.option("--out", required=True, type=OutDir(), help="Results directory (resumes).")
+@_guard
+def eval_retrieval(
+    model,
+    dataset,
+    captions,
+    images,
+    split,
+    limit,
+    scenes,
+    seed,
+    image_size,
+    k_test,
+    batch,
+    threads,
+    device,
+    out,
+) -> None:
+    """Image->text and text->image retrieval, R@1/5/10 and rsum, as SCAN's and ALBEF's/BLIP's
+    evaluations compute them: every image against every caption by the model's similarity
+    (CLIP, SigLIP: their cosine; ALBEF, BLIP: ITC), then, for models with an ITM head, each
+    query's top --k-test re-ranked by ITM logit + ITC (both reported). Writes summary.json and
+    the similarity matrices (.npy) to --out as it goes; a rerun resumes; runs sharded under
+    `accelerate launch -m groundcam eval retrieval ...`."""
+    import torch
+
+    from groundcam.api import load
+    from groundcam.eval.retrieval import karpathy_set, run_retrieval, shapes_set
+    from groundcam.eval.runner import Processes
+
+    if threads:
+        torch.set_num_threads(threads)
+    if dataset == "shapes":
+        data = shapes_set(split, scenes, seed, image_size)
+    else:
+        if not captions or not images:
+            raise UserError(
+                f"--dataset {dataset} needs --captions dataset_{dataset}.json and --images DIR"
+            )
+        data = karpathy_set(captions, images, split, limit)
+    procs = Processes.from_environment()
+    if device:
+        procs.device = torch.device(device)
+    explainer = load(model, device=procs.device)
+    config = {"model": model, "dataset": dataset, "split": split, "set": data.name}
+    config |= (
+        {"scenes": scenes, "seed": seed, "image_size": image_size}
+        if dataset == "shapes"
+        else {"limit": limit}
+    )
+    summary = run_retrieval(
+        explainer, data, out, config, k_test, batch, procs, procs.is_main, dataset
+    )
+    if summary is None:
+        return
+    for name in ("itc", "itm", "itc_1k_5fold", "itm_1k_5fold"):
+        if name in summary:
+            click.echo(f"{name}: {_recall_line(summary[name])}")
+    if summary["dropped_images"]:
+        click.echo(
+            f"{len(summary['dropped_images'])} image(s) left out, e.g. "
+            f"{summary['dropped_images'][0]} (summary.json 'dropped_images')",
+            err=True,
+        )
+    click.echo(f"wrote {Path(out) / 'summary.json'} and the similarity matrices")
+
+
+def _recall_line(r: dict) -> str:
+    i2t = " ".join(f"{k} {v:.1f}" for k, v in r["i2t"].items())
+    t2i = " ".join(f"{k} {v:.1f}" for k, v in r["t2i"].items())
+    return f"i2t {i2t} | t2i {t2i} | rsum {r['rsum']:.1f} ({r['images']} images)"
+
+
 def _resume(out: Path, run: dict) -> dict[str, dict]:
     """Records of an earlier run of the same evaluation in `out` (by image id); another
     evaluation's directory is refused."""
@@ -1543,9 +1906,10 @@ def models() -> None:
     matrix = families()
     names = sorted(METHODS)
     click.echo("families x methods (+ supported, - not defined for the family):")
-    click.echo(f"  {'':<24}" + "".join(f"{n:>14}" for n in names))
+    width = max(14, *(len(n) + 2 for n in names))  # columns stay apart (relative-attention)
+    click.echo(f"  {'':<24}" + "".join(f"{n:>{width}}" for n in names))
     for family, supported in matrix.items():
-        marks = "".join(f"{'+' if n in supported else '-':>14}" for n in names)
+        marks = "".join(f"{'+' if n in supported else '-':>{width}}" for n in names)
         click.echo(f"  {family:<24}{marks}")
     from groundcam.api import score_kinds
 

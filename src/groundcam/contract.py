@@ -132,6 +132,11 @@ TOKEN_PROBABILITY = ScoreKind(
     "token_probability",
     "the model's probability of each generated token given the image and the tokens before it",
 )
+PHRASE_LOG_LIKELIHOOD = ScoreKind(
+    "phrase_log_likelihood",
+    "the log-probability of the phrase written after the prompt, given the image (sum over its "
+    "tokens)",
+)
 
 
 # ----------------------------------------------------------------------------- the adapter's table
@@ -171,7 +176,9 @@ class Tile:
     """One grid of image tokens: tile (or frame) `index` of image `image`, `grid_h` x `grid_w`
     cells read row-major, over `box` = (x0, y0, x1, y1) of the original image in fractions of its
     width and height (a global or thumbnail tile: the whole image; a centre crop: part of it).
-    `newline`: every row of cells is followed by one token with no cell (LLaVA-NeXT)."""
+    `newline`: every row of cells is followed by one token with no cell (LLaVA-NeXT). A grid cut
+    from a padded canvas may reach past the image's edges (LLaVA-NeXT's unpadded grid keeps part of
+    a padded cell): its box then extends beyond 0 or 1, and pixels sample it as they lie."""
 
     image: int
     index: int
@@ -184,8 +191,11 @@ class Tile:
         x0, y0, x1, y1 = self.box
         if self.grid_h < 1 or self.grid_w < 1:
             raise ValueError(f"tile grid must be at least 1x1, got {self.grid_h}x{self.grid_w}")
-        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
-            raise ValueError(f"tile box must lie inside (0, 0, 1, 1) with x0<x1, y0<y1: {self.box}")
+        if not (x0 < x1 and y0 < y1 and x0 < 1 and y0 < 1 and x1 > 0 and y1 > 0):
+            raise ValueError(
+                f"tile box must lie inside (0, 0, 1, 1) (or overlap it, reaching past it by a "
+                f"padded margin) with x0<x1, y0<y1: {self.box}"
+            )
 
     @property
     def columns(self) -> int:

@@ -222,6 +222,7 @@ def _caption_sections(
     from groundcam.data.caption_text import tokenize
     from groundcam.data.shapes_captions import ground_generated
     from groundcam.eval.caption_pointing import word_maps
+    from groundcam.viz.figures import figure_png
 
     methods = demo_methods(explainer, "token")
     hits = {m: [0, 0] for m in methods}
@@ -230,7 +231,8 @@ def _caption_sections(
         image = sample.image
         gens = {m: explainer.explain_generation(image, method=m) for m in methods}
         first = gens[methods[0]]
-        figure = _save(first.grid(), out / "overlays" / f"scene{index}_captioner_words.png")
+        figure = figure_png(first.figure(), dpi=110)  # the paper's per-word grid, readable
+        (out / "overlays" / f"scene{index}_captioner_words.png").write_bytes(figure)
         grid = {"label": f"{methods[0]} per word", "image": figure, "wide": True}
         rows = [{"phrase": "every word", "score": None, "hit": None, "cells": [grid]}]
         words, row_of = word_maps(first, explainer)

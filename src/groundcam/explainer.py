@@ -55,7 +55,8 @@ class Explainer:
     """A loaded model with its family adapter; `explain` answers where it finds each phrase.
 
     Safe to share between threads: every entry that runs the model or its tokenizer (explain,
-    explain_many, explain_tensors, explain_generation, scores, score_tensors, prepare_texts)
+    explain_many, explain_tensors, explain_generation, scores, score_tensors, embed_images,
+    embed_texts, similarity_matrix, prepare_texts)
     holds `lock`, the re-entrant lock of the model (`groundcam.threads.model_lock`, shared by
     every Explainer of that model instance), so calls on one model run one at a time and give
     the maps a single thread gives; different model instances run in parallel, and image
@@ -123,6 +124,23 @@ class Explainer:
         """Images per forward the family supports in an evaluation (ViLT pads: 1)."""
         return self.adapter.batch_images
 
+    def pixel_mean_std(self) -> tuple[list[float], list[float]]:
+        """The image processor's per-channel normalisation mean and std (0.5 where it has none):
+        what a removed patch is filled with in deletion and insertion curves."""
+        ip = getattr(self.adapter.processor, "image_processor", None) or self.adapter.processor
+        mean = list(getattr(ip, "image_mean", None) or [0.5, 0.5, 0.5])
+        return mean, list(getattr(ip, "image_std", None) or [0.5, 0.5, 0.5])
+
+    @serialised
+    def phrase_log_likelihood(
+        self, image: Image.Image, phrase: str, prompt: str | None = None
+    ) -> float:
+        """A generative VLM's log-probability of `phrase` after `prompt` on `image` (forward
+        only): the score a phrase explanation reports."""
+        if not getattr(self.adapter, "vlm", False):
+            raise InputError(f"the {self.family} family has no phrase log-likelihood")
+        return generation.phrase_log_likelihood(self, image, phrase, prompt)
+
     def default_method(self, target: str | None = None) -> str:
         """The method the evidence supports on this family for `target` (default: the family's)."""
         return self.adapter.default_method(target or self.adapter.default_target)
@@ -142,11 +160,15 @@ class Explainer:
         method: str | None = None,
         layer: int | None = None,
         target: str | None = None,
+        prompt: str | None = None,
     ) -> Explanation:
         """Maps for every phrase over one image; the image is encoded once for all phrases.
-        `method`, `layer` and `target` default to the family's (`default_method()`)."""
+        `method`, `layer` and `target` default to the family's (`default_method()`). On a
+        generative VLM each phrase is read after `prompt` (`generation.explain_phrases`)."""
         phrases = [phrases] if isinstance(phrases, str) else list(phrases)
-        return self.explain_many([image], [phrases], method=method, layer=layer, target=target)
+        return self.explain_many(
+            [image], [phrases], method=method, layer=layer, target=target, prompt=prompt
+        )
 
     @serialised
     def explain_many(
@@ -156,9 +178,11 @@ class Explainer:
         method: str | None = None,
         layer: int | None = None,
         target: str | None = None,
+        prompt: str | None = None,
     ) -> Explanation:
         """Maps for many images with their own phrases in one batch (`phrases[i]` belong to
-        `images[i]`); each image is encoded once. Rows follow the phrases in order."""
+        `images[i]`); each image is encoded once. Rows follow the phrases in order. `prompt`:
+        generative VLMs only (the text the phrases are read after)."""
         if isinstance(images, Image.Image) or isinstance(phrases, str):
             raise InputError(
                 "explain_many takes a list of images and one list of phrases per image "
@@ -172,6 +196,18 @@ class Explainer:
             raise InputError("no phrases given: pass at least one phrase to explain")
         if 0 in counts:
             raise InputError(f"image {counts.index(0)} has no phrases")
+        if prompt is not None and not getattr(self.adapter, "vlm", False):
+            raise InputError(
+                f"prompt= is for generative VLMs; the {self.adapter.family} family reads the "
+                "phrases alone (leave prompt out)"
+            )
+        if getattr(self.adapter, "vlm", False):
+            if target not in (None, "phrase"):
+                raise InputError(
+                    f"target {target!r}: a phrase on a generative VLM is explained by its "
+                    "log-likelihood after the prompt (target 'phrase', the default)"
+                )
+            return generation.explain_phrases(self, images, phrases, method, layer, prompt)
         self.resolve(method, layer, target)  # a bad method or layer is refused before any warning
         pixel_values, input_ids, mask = self.prepare(list(images), flat)
         index = torch.repeat_interleave(torch.arange(len(images)), torch.tensor(counts))
@@ -244,6 +280,47 @@ class Explainer:
         with torch.no_grad():
             return a.forward(pixel_values, input_ids, attention_mask, image_index, target)
 
+    def _check_embeds(self) -> None:
+        if "similarity" not in self.targets:
+            raise InputError(
+                f"a {self.family} model has no similarity target: it does not embed images and "
+                "texts apart (retrieval needs one that does: CLIP, SigLIP, ALBEF, BLIP ITM)"
+            )
+
+    @serialised
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings [N, D] of prepared images, no graph kept: with
+        `embed_texts`, every image against every text (the `similarity` target's cosine)."""
+        self._check_embeds()
+        rows = torch.zeros(len(pixel_values), 1, dtype=torch.long)
+        check_tensors(pixel_values, rows, rows, None)  # shape, dtype, finite pixels
+        with torch.no_grad():
+            return self.adapter.embed_images(pixel_values)
+
+    @property
+    def embeds_apart(self) -> bool:
+        """Whether images and texts embed apart (`embed_images`, `embed_texts`), so that a
+        retrieval can encode each once; otherwise use `similarity_matrix` block by block."""
+        return "similarity" in self.targets and self.adapter.embeds_apart
+
+    @serialised
+    def similarity_matrix(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The model's similarity [N, T] of every prepared image with every prepared text (the
+        `similarity` target's cosine for dual encoders), no graph kept."""
+        self._check_embeds()
+        check_tensors(pixel_values, input_ids, attention_mask, torch.zeros(len(input_ids)).long())
+        with torch.no_grad():
+            return self.adapter.similarity_matrix(pixel_values, input_ids, attention_mask)
+
+    @serialised
+    def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text embeddings [T, D] of prepared texts, in the space of `embed_images`."""
+        self._check_embeds()
+        with torch.no_grad():
+            return self.adapter.embed_texts(input_ids, attention_mask)
+
     def prepare(self, images: Sequence[Image.Image], phrases: Sequence[str]) -> Batch:
         """Checked model inputs: pixel values per image, token ids and mask per phrase."""
         phrases = list(phrases)
@@ -283,9 +360,13 @@ class Explainer:
         target = check_target(target or a.default_target, list(a.targets))
         method_obj = get_method(method or a.default_method(target))
         source = next((s for s in method_obj.sources if s in a.sources()), None)
-        if source is None:
+        if getattr(method_obj, "vlm_only", False) and not getattr(a, "vlm", False):
+            source = None
+        refused = a.REFUSED_METHODS.get(method_obj.name)
+        if source is None or refused:
+            why = f" ({refused})" if refused else ""
             raise InputError(
-                f"method {method_obj.name!r} is not defined for the {a.family} family; "
+                f"method {method_obj.name!r} is not defined for the {a.family} family{why}; "
                 f"its methods are {supported_methods(a)}"
             )
         a.check(source, target, method_obj.needs_grad)
@@ -368,6 +449,7 @@ class Explainer:
         beam: int = 1,
         *,
         image: Image.Image | None = None,
+        sinks: str | None = None,
     ) -> GenerationExplanation:
         """Generate text for an image (or take `text` as if generated), then one map per generated
         token, from one teacher-forced forward and a batched backward. `prompt` leads the text
@@ -375,7 +457,8 @@ class Explainer:
         several. On generative VLMs `layer` may be a range, `(first, last)` or "first-last": the
         mean of those layers' maps. `method` defaults to the family's (`attention` for OCR models);
         `max_new_tokens=None` lets the model's own `generation_config` decide the length; `beam`
-        > 1 decodes with beam search. `image=` is the first argument's older name."""
+        > 1 decodes with beam search. `image=` is the first argument's older name. `sinks="drop"`
+        (generative VLMs): visual sink tokens read 0 in every map (`methods.sinks`)."""
         if image is not None and image_or_images is not None:
             raise InputError("pass the image once: as the first argument or as image=")
         if image is None and image_or_images is None:
@@ -389,6 +472,7 @@ class Explainer:
             max_new_tokens,
             text,
             beam,
+            sinks,
         )
 
 
@@ -468,4 +552,6 @@ def supported_methods(adapter: Adapter | type[Adapter]) -> list[str]:
         n
         for n, m in METHODS.items()
         if any(s in have and not (m.needs_grad and s in blind) for s in m.sources)
+        and (getattr(adapter, "vlm", False) or not getattr(m, "vlm_only", False))
+        and n not in adapter.REFUSED_METHODS
     )

@@ -80,6 +80,22 @@ class Explanation:
         kwargs.setdefault("note", image_only_note(self.method, self.text_conditioned))
         return overlay(self.image(i), self.maps[i], **_style(cmap, alpha), **kwargs)
 
+    def figure(self, **kwargs: Any):
+        """A paper figure of every phrase (`groundcam.viz.figures.explanation_figure`: boxes,
+        protocol, triptych, cmap, alpha, style), as a matplotlib Figure."""
+        from groundcam.viz.figures import explanation_figure
+
+        if not self.images:
+            raise ValueError("this explanation was made from tensors and holds no image")
+        return explanation_figure({self.method: self}, **kwargs)
+
+    def _repr_png_(self) -> bytes | None:
+        """What a notebook shows: the figure of every phrase (nothing without an image)."""
+        return _png(self.figure()) if self.images else None
+
+    def _repr_html_(self) -> str:
+        return _html(repr(self), self._repr_png_())
+
     def meta(self) -> dict[str, Any]:
         return {
             "method": self.method,
@@ -103,18 +119,23 @@ class Explanation:
         cmap: str | None = None,
         alpha: float | None = None,
         colorbar: bool = True,
+        full_res: bool = False,
     ) -> Path:
         """Overlay PNGs ``NNN_<phrase>.png`` (when images are held; with a colour bar unless
         ``colorbar=False``, in `cmap` at `alpha` as `overlay`), `maps.npz` and `meta.json`
         under `directory` (created). Overlay PNGs an earlier save left there (``NNN_slug.png``
         and ``tokens.png``, nothing else) are removed first, so the folder holds this result
-        only. A `directory` that is an existing file is an `InputError`."""
+        only. A `directory` that is an existing file is an `InputError`. ``full_res=True`` adds
+        each map at its image's size as the pointing game sees it (`full_res_arrays`)."""
         style = _style(cmap, alpha)
         out = _output_directory(directory)
         _remove_old_overlays(out)
         arrays = {"maps": self.maps.numpy(), "raw_maps": self.raw_maps.numpy()}
         if self.raw_token_maps is not None:
             arrays["raw_token_maps"] = self.raw_token_maps.numpy()
+        if full_res:
+            pictures = [self.image(i) for i in range(len(self))]
+            arrays |= full_res_arrays(self.maps, [(p.height, p.width) for p in pictures])
         np.savez_compressed(out / "maps.npz", **arrays)
         (out / "meta.json").write_text(json.dumps(self.meta(), indent=1))
         if self.images:
@@ -211,6 +232,40 @@ class GenerationExplanation:
 
         return add_note(sheet, note)
 
+    def figure(self, columns: int = 6, **kwargs: Any):
+        """The paper's per-word grid (`groundcam.viz.figures.word_grid_figure`): each word (or
+        token, for models without words) over the image with its probability, the generated
+        text, model, method and layer above; a matplotlib Figure."""
+        from groundcam.viz.figures import word_grid_figure
+
+        if self.image is None:
+            raise ValueError("this explanation holds no image")
+        maps, labels, scores = self.maps, self.tokens, self.scores.tolist()
+        if self.words and self.word_maps is not None:
+            maps, labels = self.word_maps, self.words
+            scores = [float(np.prod([scores[t] for t in ts])) for ts in self.word_tokens]
+        layer = f" · layer {self.layer}" if self.layer is not None else ""
+        subtitle = f"{self.model} · {self.method}{layer}"
+        note = image_only_note(self.method, self.text_conditioned)
+        subtitle += f" · {note}" if note else ""
+        return word_grid_figure(
+            self.image,
+            maps,
+            labels,
+            scores,
+            text=self.text,
+            subtitle=subtitle,
+            columns=columns,
+            **kwargs,
+        )
+
+    def _repr_png_(self) -> bytes | None:
+        """What a notebook shows: the per-word grid (nothing without an image)."""
+        return _png(self.figure()) if self.image is not None else None
+
+    def _repr_html_(self) -> str:
+        return _html(repr(self), self._repr_png_())
+
     def meta(self) -> dict[str, Any]:
         return {
             "text": self.text,
@@ -239,16 +294,23 @@ class GenerationExplanation:
         cmap: str | None = None,
         alpha: float | None = None,
         colorbar: bool = True,
+        full_res: bool = False,
     ) -> Path:
         """`tokens.png` (the grid), one overlay PNG ``NNN_<token>.png`` per token (both with a
         colour bar unless ``colorbar=False``), `maps.npz` and `meta.json`; overlay PNGs an
-        earlier save left in `directory` are removed first (as `Explanation.save`)."""
+        earlier save left in `directory` are removed first (as `Explanation.save`).
+        ``full_res=True`` adds the maps at the image's size (as `Explanation.save`)."""
         style = _style(cmap, alpha)
         out = _output_directory(directory)
         _remove_old_overlays(out)
-        np.savez_compressed(
-            out / "maps.npz", maps=self.maps.numpy(), raw_maps=self.raw_maps.numpy()
-        )
+        arrays = {"maps": self.maps.numpy(), "raw_maps": self.raw_maps.numpy()}
+        if full_res:
+            if self.image is None:
+                raise InputError("full_res needs the image: this explanation holds none")
+            arrays |= full_res_arrays(
+                self.maps, [(self.image.height, self.image.width)] * len(self)
+            )
+        np.savez_compressed(out / "maps.npz", **arrays)
         (out / "meta.json").write_text(json.dumps(self.meta(), indent=1))
         if self.image is not None:
             self.grid(colorbar=colorbar, **style).save(out / "tokens.png")
@@ -256,6 +318,39 @@ class GenerationExplanation:
                 picture = self.overlay(k, colorbar=colorbar, **style)
                 picture.save(out / f"{k:03d}_{_slug(token)}.png")
         return out
+
+
+def full_res_arrays(
+    maps: torch.Tensor, sizes: list[tuple[int, int]], mode: str = "bicubic"
+) -> dict[str, np.ndarray]:
+    """The maps at their images' (H, W), resized as the pointing game's 'amc' protocol does
+    (bicubic, unclamped): `full_res_maps` [N, H, W] when all sizes agree, else one
+    `full_res_maps_NNN` per map."""
+    from groundcam.maps import upsample, upsample_many
+
+    if not sizes:
+        return {}
+    if len(set(sizes)) == 1:
+        return {"full_res_maps": upsample_many(maps, sizes[0], mode=mode).numpy()}
+    return {
+        f"full_res_maps_{i:03d}": upsample(m, size, mode=mode).numpy()
+        for i, (m, size) in enumerate(zip(maps, sizes, strict=True))
+    }
+
+
+def _png(fig) -> bytes:
+    from groundcam.viz.figures import figure_png
+
+    return figure_png(fig)
+
+
+def _html(title: str, png: bytes | None) -> str:
+    """A notebook's rich view: the one-line summary, then the figure inline."""
+    import base64
+    import html
+
+    picture = f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}">' if png else ""
+    return f"<div><code>{html.escape(title)}</code><br>{picture}</div>"
 
 
 def _cut_text(text: str, width: int = 40) -> str:

@@ -16,11 +16,22 @@ from PIL import Image
 
 from groundcam.adapters.base import Adapter
 from groundcam.adapters.hf import unknown_words_message
-from groundcam.contract import TEXT_TO_IMAGE, TOKEN_LOGITS, RecordSpec, Scores, TokenLayout
+from groundcam.contract import (
+    ATTENTION_GRAPH,
+    TEXT_TO_IMAGE,
+    TOKEN_LOGITS,
+    RecordSpec,
+    Scores,
+    TokenLayout,
+)
 from groundcam.errors import GroundcamWarning, InputError
-from groundcam.explanation import GenerationExplanation, normalize_maps
+from groundcam.explanation import Explanation, GenerationExplanation, normalize_maps
 from groundcam.geometry import Geometry
 from groundcam.gradients import HeadRows, record
+from groundcam.methods.lm_relevance import lm_relevance
+from groundcam.methods.relative_attention import GENERIC_PROMPT, relative
+from groundcam.methods.sinks import SINK_THRESHOLD, sink_tokens
+from groundcam.methods.tam import tam_maps
 from groundcam.placement import place
 
 if TYPE_CHECKING:
@@ -69,6 +80,7 @@ def explain_generation(
     max_new_tokens: int | None = None,
     text: str | None = None,
     beam: int = 1,
+    sinks: str | None = None,
 ) -> GenerationExplanation:
     """`Explainer.explain_generation` (which see), run by the caller under the model's lock."""
     a = explainer.adapter
@@ -90,7 +102,11 @@ def explain_generation(
     images = check_images(a, image_or_images)
     extra = check_prompt(a, prompt)
     if getattr(a, "vlm", False):
-        return explain_vlm(explainer, images, prompt, method, layer, max_new_tokens, text, beam)
+        return explain_vlm(
+            explainer, images, prompt, method, layer, max_new_tokens, text, beam, sinks=sinks
+        )
+    if sinks is not None:
+        raise InputError(f"sinks= is for generative VLMs; the {a.family} family has no sinks rule")
     method_obj, source, target, layer = explainer.resolve(method, layer, "token")
     method = method_obj.name
     pixel_values = explainer.prepare_images(images)
@@ -197,14 +213,20 @@ def explain_vlm(
     max_new_tokens: int | None,
     text: str | None,
     beam: int,
-) -> GenerationExplanation:
+    columns_only: bool = False,
+    sinks: str | None = None,
+) -> GenerationExplanation | torch.Tensor:
     """`explain_generation` on a generative VLM (`adapters.vlm`): the prompt and images through
     the processor, `generate()` under no_grad (or `text` teacher-forced), then one teacher-forced
     forward and a batched backward for every generated token; each token's values over the
-    image-token columns are placed on every image through the family's `TokenLayout`."""
+    image-token columns are placed on every image through the family's `TokenLayout`
+    (`columns_only`: the per-token values over the image-token columns, [K, N], unplaced;
+    `sinks="drop"`: visual sink tokens read 0, `methods.sinks`)."""
     from groundcam.io import check_image
 
     a = explainer.adapter
+    if sinks not in (None, "drop"):
+        raise InputError(f'sinks must be None or "drop", got {sinks!r}')
     for i, image in enumerate(images):
         if not isinstance(image, Image.Image):
             raise TypeError(f"image must be a PIL.Image, got {type(image).__name__}")
@@ -242,19 +264,26 @@ def explain_vlm(
         layout.tiles,
         layout.sizes,
     )  # the same cells, indexed by image-token column rather than sequence position
+    read = a.lm_columns(ids, layout)  # the LM columns whose values are composed into the cells
     skip = a.special_ids()
     positions = [k for k in range(first, ids.shape[1]) if int(ids[0, k]) not in skip]
     id_list = ids[0].tolist()
     prompt_text = a.prompt_text(prompt, len(images))  # as templated, before expansion
     notes: dict[str, str] = {}
     k = len(positions)
-    if k:
+    if k and source == ATTENTION_GRAPH:  # relevance: every layer, row by row in the backward
+        pos = torch.tensor(positions, device=ids.device)
+        full = a.teacher_inputs(inputs, ids)
+        values, logp, notes["attention"] = lm_relevance(a, full, layout.positions, pos, ids[0, pos])
+        reported = logp.exp()
+    elif k:
         pos = torch.tensor(positions, device=ids.device)
         token_ids = ids[0, pos]
         specs = [a.record_spec(source, n, "token") for n in layers]
         spec = RecordSpec([p for one in specs for p in one.points], first_layer)
         full = a.teacher_inputs(inputs, ids)
         picked = HeadRows(a.output_head(), pos - 1)
+        hidden: list[torch.Tensor] = []  # the LM head's input: the last hidden state
 
         def run() -> Scores:
             with picked, a.recording(spec) as note:
@@ -262,6 +291,7 @@ def explain_vlm(
             if any(p.module in a.attn for p in spec.points):
                 notes["attention"] = note
             chosen = logits.float().log_softmax(-1).gather(-1, token_ids[:, None])[:, 0]
+            hidden.append(picked.x.detach())
             if source == TOKEN_LOGITS:
                 a.lens(picked.x.detach(), token_ids)  # recorded by the spec's hook
             return Scores(chosen, chosen.detach().exp())
@@ -275,7 +305,7 @@ def explain_vlm(
             pick = torch.arange(k, device=rows.device)
             recorded = [t[pick, :, rows][:, :, None] for t in recorded]
             grads = None if grads is None else [g[pick, :, rows][:, :, None] for g in grads]
-        geometry = Geometry(1, len(layout.positions), 0, columns=layout.positions)
+        geometry = Geometry(1, len(read), 0, columns=read)
         mask = torch.ones(k, 1, dtype=torch.long, device=ids.device)
         values = 0
         for i in range(len(layers)):  # a layer range: the mean of its layers' maps
@@ -286,8 +316,23 @@ def explain_vlm(
             one = out.raw_maps if out.raw_token_maps is None else out.raw_token_maps[:, 0]
             values = values + one.detach().float().cpu().reshape(k, -1) / len(layers)
         reported = scores.reported.detach().float().cpu()
+        if getattr(method_obj, "whole_sequence", False):  # tam reads every position
+            values = sequence_tam(a, hidden[-1], ids, layout, columns, pos)
+        if getattr(method_obj, "relative", False):
+            values = relative_to_generic(explainer, images, layer, id_list[first:], values)
+            notes["relative-attention"] = (
+                f"divided by the attention of the generic prompt {GENERIC_PROMPT!r}"
+            )
     else:  # nothing but special tokens: an empty explanation, not an error
         values, reported = torch.zeros(0, len(layout.positions)), torch.zeros(0)
+    if sinks == "drop" and k:
+        values = drop_sinks(a, inputs, ids, layout, layers, values, notes)
+    if columns_only:
+        return values
+    composed = a.composition(inputs) if k else None
+    if composed is not None:  # LM columns that are not cells (BLIP-2's queries) -> cells
+        values = values @ composed[0].detach().float().cpu()
+        notes["composition"] = composed[1]
     placed = place(values, columns)
     words, word_tokens = group_words(a.tokenizer, [id_list[p] for p in positions])
     word_raw = torch.stack([placed[0][t].mean(0) for t in word_tokens]) if words else None
@@ -312,6 +357,153 @@ def explain_vlm(
         prompt=prompt_text,
         notes=notes,
     )
+
+
+def sequence_tam(
+    a: Adapter,
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    layout: TokenLayout,
+    columns: TokenLayout,
+    pos: torch.Tensor,
+) -> torch.Tensor:
+    """TAM (`methods.tam`) of the tokens at `pos` from the last hidden state [1, T, C]: the
+    logit lens of every text token's class and of the explained ones, at every position."""
+    seq = ids[0].cpu()
+    skip = a.special_ids()
+    is_image = torch.zeros(len(seq), dtype=torch.bool)
+    is_image[layout.positions] = True
+    text = torch.tensor(
+        [j for j in range(len(seq)) if not is_image[j] and int(seq[j]) not in skip],
+        dtype=torch.long,
+    )
+    classes = torch.unique(torch.cat([seq[text], seq[pos.cpu()]]))
+    with torch.no_grad():
+        lens = a.lens(hidden, classes.to(hidden.device)).cpu()
+    return tam_maps(lens, classes, seq, layout.positions, text, pos.cpu(), columns)
+
+
+def drop_sinks(
+    a: Adapter,
+    inputs: dict[str, torch.Tensor],
+    ids: torch.Tensor,
+    layout: TokenLayout,
+    layers: list,
+    values: torch.Tensor,
+    notes: dict[str, str],
+) -> torch.Tensor:
+    """`values` [K, N] with the columns of visual sink tokens (`methods.sinks`, at the hidden
+    state entering each explained layer; every-layer methods: the default layer) set to 0."""
+    chosen = [n for n in layers if isinstance(n, int)] or [a.default_lm_layer()]
+    with torch.no_grad():
+        out = a.model(**a.teacher_inputs(inputs, ids), use_cache=False, output_hidden_states=True)
+    found = torch.zeros(len(layout.positions), dtype=torch.bool)
+    for n in chosen:
+        found |= sink_tokens(out.hidden_states[n][0], layout.positions)
+    cols = torch.nonzero(found)[:, 0].tolist()
+    notes["sinks"] = (
+        f"dropped {len(cols)} visual sink token(s) (image columns {cols}; |h|/rms(h) >= "
+        f"{SINK_THRESHOLD:g} in the begin-of-sequence sink dimensions, layer(s) {chosen})"
+    )
+    return values.masked_fill(found, 0)
+
+
+def relative_to_generic(
+    explainer: Explainer,
+    images: list[Image.Image],
+    layer: int | tuple,
+    text_ids: list[int],
+    values: torch.Tensor,
+) -> torch.Tensor:
+    """`values` [K, N] (attention rows) divided by the last prompt token's row for
+    `GENERIC_PROMPT` on the same images, at the same layers (`methods.relative_attention`)."""
+    text = explainer.adapter.decode(text_ids)
+    layers = list(layer) if isinstance(layer, tuple) else layer
+    generic = explain_vlm(
+        explainer, images, GENERIC_PROMPT, "attention", layers, None, text or " ", 1, True
+    )
+    if not len(generic):
+        raise InputError(
+            f"relative-attention: the text {text[:60]!r} left no token to read the generic "
+            "prompt's attention row from"
+        )
+    return relative(values, generic[0])
+
+
+def explain_phrases(
+    explainer: Explainer,
+    images: Sequence[Image.Image],
+    phrases: Sequence[str | Sequence[str]],
+    method: str | None,
+    layer: int | str | tuple | list | range | None,
+    prompt: str | None,
+) -> Explanation:
+    """Given phrases on a generative VLM (`Explainer.explain_many`): each phrase teacher-forced
+    after `prompt` in the family's template (`prompt=None`: `vlm.DEFAULT_PROMPT`); its map is
+    the mean of its tokens' maps (`explain_vlm`), its score the sum of its tokens'
+    log-probabilities (`phrase_log_likelihood`). Maps of one call share one size: images of
+    other shapes go in separate calls."""
+    a = explainer.adapter
+    rows, scores, tokens, token_maps, flat, index = [], [], [], [], [], []
+    for i, (image, group) in enumerate(zip(images, phrases, strict=True)):
+        for phrase in [group] if isinstance(group, str) else group:
+            if not isinstance(phrase, str) or not phrase.strip():
+                raise InputError(f"phrases must be non-empty strings, got {phrase!r}")
+            gen = explain_vlm(explainer, [image], prompt, method, layer, None, phrase, 1)
+            if not gen.tokens:
+                raise InputError(
+                    f"phrase {phrase!r} tokenizes to nothing the {a.family} model writes "
+                    "(special tokens only): give words"
+                )
+            if rows and gen.raw_maps.shape[1:] != rows[0].shape:
+                raise InputError(
+                    f"image {i} gives {tuple(gen.raw_maps.shape[1:])} maps, image 0 "
+                    f"{tuple(rows[0].shape)}: explain images of other shapes in separate calls"
+                )
+            rows.append(gen.raw_maps.mean(0))
+            scores.append(gen.scores.double().log().sum().float())
+            tokens.append(gen.tokens)
+            token_maps.append(gen.raw_maps)
+            flat.append(phrase)
+            index.append(i)
+            used = gen
+    longest = max(len(t) for t in tokens)
+    padded = torch.zeros(len(rows), longest, *rows[0].shape)
+    for p, m in enumerate(token_maps):
+        padded[p, : len(m)] = m
+    raw = torch.stack(rows)
+    return Explanation(
+        maps=normalize_maps(raw),
+        raw_maps=raw,
+        scores=torch.stack(scores),
+        phrases=flat,
+        tokens=tokens,
+        method=used.method,
+        layer=used.layer,
+        target="phrase",
+        model=explainer.name,
+        raw_token_maps=padded,
+        images=list(images),
+        image_index=index,
+        score_kind=a.score_kind("phrase"),
+        unknown_words=a.unknown_words(flat),
+    )
+
+
+def phrase_log_likelihood(
+    explainer: Explainer, image: Image.Image, phrase: str, prompt: str | None = None
+) -> float:
+    """The log-probability of `phrase` after `prompt` on `image` (forward only): the score
+    `explain_phrases` reports, for deletion and insertion curves."""
+    a = explainer.adapter
+    inputs = a.inputs([image], prompt)
+    ids, first = a.teacher_ids(inputs, phrase)
+    skip = a.special_ids()
+    pos = torch.tensor([k for k in range(first, ids.shape[1]) if int(ids[0, k]) not in skip])
+    with torch.no_grad():
+        logits = a.model(**a.teacher_inputs(inputs, ids), use_cache=False).logits[0]
+    logp = logits[pos - 1].float().log_softmax(-1).gather(-1, ids[0, pos][:, None])
+    return float(logp.sum())
 
 
 def layer_range(layer: int | str | tuple | list | range | None) -> list:

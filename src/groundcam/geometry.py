@@ -41,6 +41,10 @@ class Geometry:
         grid = cut.new_zeros(*cut.shape[:-1], self.num_patches).scatter(-1, index, cut)
         return grid.reshape(*cut.shape[:-1], self.grid_h, self.grid_w)
 
+    def token_mean(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The mean of per-token values `[..., N]` over the image (Grad-CAM's channel weights)."""
+        return self.patches(tokens).mean(dim=(-2, -1))
+
     def select(self, rows: torch.Tensor) -> Geometry:
         """The geometry of samples `rows` (per-sample cells follow their samples)."""
         if self.cells is None:
@@ -48,3 +52,36 @@ class Geometry:
         return Geometry(
             self.grid_h, self.grid_w, self.prefix, self.cells[rows.to(self.cells.device)]
         )
+
+
+@dataclass(frozen=True, eq=False)
+class RegionGeometry(Geometry):
+    """Image tokens that are detector regions: `boxes` [B, K, 4] (x0, y0, x1, y1 in fractions of
+    the image, one row per sample) after `prefix` tokens. `patches` paints each region's value
+    over its box on a `grid_h` x `grid_w` image (`placement.place`, overlapping boxes by
+    `overlap`: "max" by default), so every method's map is already at image resolution."""
+
+    boxes: torch.Tensor | None = None
+    overlap: str = "max"
+
+    def patches(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-region values [B, ..., K(+prefix)] -> painted maps [B, ..., grid_h, grid_w]."""
+        from groundcam.placement import place, region_layout
+
+        k = self.boxes.shape[1]
+        cut = tokens[..., self.prefix : self.prefix + k]
+        size = [(self.grid_h, self.grid_w)]
+        return torch.stack(
+            [
+                place(cut[b], region_layout(self.boxes[b].tolist()), size, self.overlap)[0]
+                for b in range(cut.shape[0])
+            ]
+        )
+
+    def token_mean(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The mean over the regions (each region counts once, whatever its area)."""
+        return tokens[..., self.prefix : self.prefix + self.boxes.shape[1]].mean(-1)
+
+    def select(self, rows: torch.Tensor) -> RegionGeometry:
+        boxes = self.boxes[rows.to(self.boxes.device)]
+        return RegionGeometry(self.grid_h, self.grid_w, self.prefix, None, boxes, self.overlap)

@@ -4,8 +4,14 @@
 Rule (`place`): the output of image i is an (H, W) grid over the whole original image; pixel
 (y, x) samples, at its centre ``((y + 0.5) / H, (x + 0.5) / W)``, the cell of every tile whose box
 holds that point (half-open: ``x0 <= u < x1``); the value is the **mean over the tiles that cover
-the pixel** (a base image plus hi-res tiles: their mean), and 0 where no tile does (the sides a
-centre crop drops). Newline and separator columns have no cell and are never read.
+the pixel** (a base image plus hi-res tiles: their mean), or with ``overlap="max"`` their maximum,
+and 0 where no tile does (the sides a centre crop drops). Newline and separator columns have no
+cell and are never read.
+
+Regions (detector boxes, `region_layout`): each region is a tile with a 1x1 grid whose box is the
+region's box, so a map over regions paints each box with its weight; region models combine
+overlapping boxes with ``overlap="max"`` (a pixel shows its strongest region, so a small box
+inside a large background box keeps its own weight).
 
 Size: the image's `(H, W)` as given (e.g. `layout.sizes`, the original pixel grid), else the
 working resolution: per axis, the finest tile's cells spread over the whole image,
@@ -51,14 +57,25 @@ def _tile_index(layout: TokenLayout, k: int, tile: Tile, size: tuple[int, int]) 
     return torch.where((ys[:, None] >= 0) & (xs[None, :] >= 0), index, -1)
 
 
+def region_layout(boxes: torch.Tensor | Sequence[Sequence[float]], start: int = 0) -> TokenLayout:
+    """One image whose tokens from column `start` are regions: box k (x0, y0, x1, y1 in
+    fractions of the image) is a 1x1 tile (module docstring)."""
+    tiles = [Tile(0, k, 1, 1, tuple(float(v) for v in box)) for k, box in enumerate(boxes)]
+    return TokenLayout.from_tiles(torch.arange(start, start + len(tiles)), tiles)
+
+
 def place(
     values: torch.Tensor,
     layout: TokenLayout,
     sizes: Sequence[tuple[int, int]] | None = None,
+    overlap: str = "mean",
 ) -> list[torch.Tensor]:
     """One map `[..., H_i, W_i]` per image from per-column values `[..., N]` (N covers every
-    position of the layout): each tile's cells painted over its box, the mean where tiles
-    overlap, 0 where none covers (module docstring). Differentiable in `values`."""
+    position of the layout): each tile's cells painted over its box, the mean (or with
+    `overlap="max"` the maximum) where tiles overlap, 0 where none covers (module docstring).
+    Differentiable in `values`."""
+    if overlap not in ("mean", "max"):
+        raise ValueError(f"overlap must be 'mean' or 'max', got {overlap!r}")
     if layout.images and values.shape[-1] <= int(layout.positions.max()):
         raise ValueError(
             f"values have {values.shape[-1]} columns; the layout reads column "
@@ -71,6 +88,7 @@ def place(
         size = tuple(sizes[i]) if sizes is not None else working_size(layout, i)
         total = values.new_zeros(*values.shape[:-1], *size)
         count = torch.zeros(size, dtype=values.dtype, device=values.device)
+        top = values.new_full((*values.shape[:-1], *size), float("-inf"))
         for k, tile in enumerate(layout.tiles):
             if tile.image != i:
                 continue
@@ -79,5 +97,10 @@ def place(
             painted = values[..., index.clamp(min=0).flatten()].reshape(*values.shape[:-1], *size)
             total = total + torch.where(covered, painted, 0)
             count = count + covered.to(values.dtype)
-        out.append(total / count.clamp(min=1))
+            if overlap == "max":
+                top = torch.where(covered, torch.maximum(top, painted), top)
+        if overlap == "max":
+            out.append(torch.where(count > 0, top, 0))
+        else:
+            out.append(total / count.clamp(min=1))
     return out

@@ -84,12 +84,49 @@ FAMILIES: dict[str, Family] = {
         ),
         ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
     ),
+    "llava-next": Family(
+        "groundcam.adapters.llava_next",
+        "LlavaNextAdapter",
+        ("LlavaNextForConditionalGeneration",),
+        ("llava_next",),
+    ),
+    "llava-onevision": Family(
+        "groundcam.adapters.llava_next",
+        "LlavaOnevisionAdapter",
+        ("LlavaOnevisionForConditionalGeneration",),
+        ("llava_onevision",),
+    ),
+    "blip2": Family(
+        "groundcam.adapters.blip2",
+        "Blip2Adapter",
+        ("Blip2ForConditionalGeneration",),
+        ("blip-2",),
+    ),
+    "instructblip": Family(
+        "groundcam.adapters.blip2",
+        "InstructBlipAdapter",
+        ("InstructBlipForConditionalGeneration",),
+        ("instructblip",),
+    ),
+    "paligemma": Family(
+        "groundcam.adapters.paligemma",
+        "PaliGemmaAdapter",
+        ("PaliGemmaForConditionalGeneration",),
+        ("paligemma",),
+    ),
+    "gemma3": Family(
+        "groundcam.adapters.gemma3",
+        "Gemma3Adapter",
+        ("Gemma3ForConditionalGeneration",),
+        ("gemma3",),
+    ),
     "captioner": Family(
         "groundcam.adapters.captioner",
         "CaptionerAdapter",
         ("ShowAttendTell",),
         ("groundcam-captioner",),
     ),
+    "scan": Family("groundcam.adapters.scan", "ScanAdapter", ("SCAN",), ("groundcam-scan",)),
 }
 
 

@@ -191,3 +191,14 @@ class AlbefAdapter(Adapter):
             return Scores(cosine / m.temp, cosine.detach())
         logits = m.itm_from(image, text, attention_mask, index)
         return Scores(logits[:, 1], logits.detach().softmax(-1)[:, 1])
+
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return torch.nn.functional.normalize(
+            m.vision_proj(m.encode_image(pixel_values)[:, 0]), dim=-1
+        )
+
+    def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        text = m.text_encoder.encode_text(input_ids, attention_mask)
+        return torch.nn.functional.normalize(m.text_proj(text[:, 0]), dim=-1)

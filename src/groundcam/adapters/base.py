@@ -27,6 +27,8 @@ class Adapter:
     missing_targets: Mapping[str, str] = {}  # target -> why this model cannot explain it
     # source -> why no score's gradient reaches its tensors (gradient methods refuse it)
     NO_GRADIENT_SOURCES: Mapping[str, str] = {}
+    # method -> why this family cannot run it although it has the method's source
+    REFUSED_METHODS: Mapping[str, str] = {}
     token_rows_shift: int = 1  # generation: the decoder row that predicted token k is k - shift
     takes_prompt: bool = False  # generation: whether a text prompt can lead the generated text
     images_per_generation: int = 1  # generation: how many images one generation can read
@@ -162,6 +164,28 @@ class Adapter:
         expand_vision_at: int | None = None,
     ) -> Scores:
         raise NotImplementedError
+
+    # Families with a `similarity` target also embed images and texts on their own, so that
+    # every image can be compared with every text (retrieval) without a forward per pair.
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings [N, D] whose dot products are the similarity's cosine."""
+        raise NotImplementedError
+
+    def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text embeddings [T, D] in the space of `embed_images`."""
+        raise NotImplementedError
+
+    @property
+    def embeds_apart(self) -> bool:
+        """Whether this family's similarity is a dot product of `embed_images`/`embed_texts`."""
+        return type(self).embed_images is not Adapter.embed_images
+
+    def similarity_matrix(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The similarity [N, T] of every image with every text: the embeddings' cosine here; a
+        family whose similarity reads images and texts together (cross attention) overrides it."""
+        return self.embed_images(pixel_values) @ self.embed_texts(input_ids, attention_mask).T
 
     # Generation families (target "token") also implement these two; a family that
     # `takes_prompt` also accepts `prompt=` (the text before the generated text) in both

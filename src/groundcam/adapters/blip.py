@@ -243,6 +243,15 @@ class BlipItmAdapter(_BlipBase):
         logits = m.itm_head(text.last_hidden_state[:, 0])
         return Scores(logits[:, 1], logits.detach().softmax(-1)[:, 1])
 
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        image = self._encode_image(pixel_values)
+        return F.normalize(self.model.vision_proj(image[:, 0]), dim=-1)
+
+    def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        text = m.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
+        return F.normalize(m.text_proj(text.last_hidden_state[:, 0]), dim=-1)
+
 
 class BlipCaptionAdapter(_BlipBase):
     """`BlipForConditionalGeneration`: one map per generated token (target `token`, its

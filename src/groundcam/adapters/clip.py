@@ -37,6 +37,12 @@ from groundcam.contract import (
 from groundcam.geometry import Geometry
 
 
+def pooled(out) -> torch.Tensor:
+    """The projected embedding `get_*_features` returns (a tensor, or since transformers 5 an
+    output whose `pooler_output` holds it)."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
 def first_norm(block: nn.Module) -> nn.Module:
     """The LayerNorm a pre-norm block reads its input through (before its attention)."""
     norm = getattr(block, "layer_norm1", None)
@@ -172,6 +178,19 @@ class ClipAdapter(Adapter):
         image_index = image_index.to(input_ids.device)
         logits = out.logits_per_image[image_index, pairs]
         return Scores(logits, self._reported(out, image_index, logits.detach()))
+
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        size = self.model.config.vision_config.image_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        out = self.model.get_image_features(
+            pixel_values=pixel_values,
+            interpolate_pos_encoding=tuple(pixel_values.shape[-2:]) != size,
+        )
+        return nn.functional.normalize(pooled(out), dim=-1)
+
+    def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        return nn.functional.normalize(pooled(out), dim=-1)
 
     def _forward_hooks(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()

@@ -7,8 +7,8 @@ in `adapters/__init__.py` (see `adapters/llava.py`); everything else is here.
 
 - Inputs: images and the prompt through the processor. The prompt is written into the
   processor's chat template when it has one, else into the family's `template`; a prompt that
-  already holds the image placeholder (one per image) is used as it is. `prompt=None` is
-  `DEFAULT_PROMPT`.
+  already holds the image placeholder (one per image) is used as it is. `prompt=None` is the
+  family's `default_prompt` (`DEFAULT_PROMPT` unless it knows better).
 - Image tokens: the positions holding `config.image_token_id` (never a constant).
 - Layers by structure: `model.get_decoder().layers[i].self_attn`, the LM head
   `model.get_output_embeddings()`; token k is scored by the logits at row k-1.
@@ -34,7 +34,9 @@ from torch import nn
 from groundcam.adapters import hf
 from groundcam.adapters.base import Adapter
 from groundcam.contract import (
+    ATTENTION_GRAPH,
     LM_TOKENS,
+    PHRASE_LOG_LIKELIHOOD,
     TEXT_TO_IMAGE,
     TOKEN_LOGITS,
     TOKEN_PROBABILITY,
@@ -154,17 +156,19 @@ class LogitLens(nn.Module):
 class VlmAdapter(Adapter):
     """A generative VLM: prompt + images in, text out, one map per generated token."""
 
-    targets = ("token",)
+    targets = ("token", "phrase")  # each generated token; a given phrase's log-likelihood
     default_target = "token"
-    SCORES = {"token": TOKEN_PROBABILITY}
-    SOURCES = (TEXT_TO_IMAGE, LM_TOKENS, TOKEN_LOGITS)
-    default_methods = {"token": "attn-gradcam"}
+    SCORES = {"token": TOKEN_PROBABILITY, "phrase": PHRASE_LOG_LIKELIHOOD}
+    SOURCES = (TEXT_TO_IMAGE, LM_TOKENS, TOKEN_LOGITS, ATTENTION_GRAPH)
+    default_methods = {"token": "attn-gradcam", "phrase": "attn-gradcam"}
     takes_prompt = True
     images_per_generation = 1
+    batch_images = 1  # an evaluation's phrase maps are placed on each image's own shape
     vlm = True  # generation runs through `groundcam.generation`'s VLM path
     template: str | None = None  # "{image}" and "{prompt}"; used when no chat template
     per_token_inputs: Mapping[str, int] = {}  # side inputs generate() extends: key -> pad value
     default_depth = 0.5  # default layer as a fraction of the LM's depth (the evidence's)
+    default_prompt = DEFAULT_PROMPT  # the prompt when none is given (a family may know better)
 
     def __init__(self, model: nn.Module, tokenizer=None, name: str = "", processor=None):
         if processor is None:
@@ -172,7 +176,7 @@ class VlmAdapter(Adapter):
                 f"{type(model).__name__}: pass processor= (the model's AutoProcessor) to gc.load"
             )
         super().__init__(model.eval(), hf.tokenizer_of(processor, tokenizer), name, processor)
-        self.decoder = model.get_decoder()
+        self.decoder = self.language_decoder(model)
         self.lm_layers = self.decoder.layers
         self.attn = [layer.self_attn for layer in self.lm_layers]
         head = model.get_output_embeddings()
@@ -183,6 +187,10 @@ class VlmAdapter(Adapter):
         if image_id is None:
             raise ValueError(f"{type(model).__name__}: its config names no image_token_id")
         self.image_token_id = int(image_id)
+
+    def language_decoder(self, model: nn.Module) -> nn.Module:
+        """The language model's decoder (the module holding `layers`), found by structure."""
+        return model.get_decoder()
 
     @classmethod
     def from_pretrained(cls, source, processor=None, tokenizer=None, name=""):
@@ -202,13 +210,13 @@ class VlmAdapter(Adapter):
     # ------------------------------------------------------------------ inputs
     def placeholder(self) -> str:
         """The text the processor expands into a run of image tokens."""
-        text = getattr(self.processor, "image_token", None)
-        return text or self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        text = getattr(self.processor, "image_token", None)  # may be an AddedToken
+        return str(text) if text else self.tokenizer.convert_ids_to_tokens(self.image_token_id)
 
     def prompt_text(self, prompt: str | None, images: int) -> str:
-        """The text the processor reads: `prompt` (default `DEFAULT_PROMPT`) in the chat
+        """The text the processor reads: `prompt` (default `default_prompt`) in the chat
         template or the family's template, or as given when it holds the image placeholders."""
-        prompt = DEFAULT_PROMPT if prompt is None else prompt
+        prompt = self.default_prompt if prompt is None else prompt
         mark = self.placeholder()
         given = prompt.count(mark)
         if given:
@@ -234,9 +242,12 @@ class VlmAdapter(Adapter):
     def inputs(self, images: Sequence[Image.Image], prompt: str | None) -> dict[str, torch.Tensor]:
         """The model inputs of the prompt and images (the processor's own expansion)."""
         text = self.prompt_text(prompt, len(images))
+        bos = getattr(self.tokenizer, "bos_token", None)
+        # a chat template that writes BOS (Gemma 3): the tokenizer must not add a second one
+        extra = {"add_special_tokens": False} if bos and text.startswith(bos) else {}
         try:
             enc = self.processor(
-                images=[to_rgb(im) for im in images], text=[text], return_tensors="pt"
+                images=[to_rgb(im) for im in images], text=[text], return_tensors="pt", **extra
             )
         except (ValueError, TypeError) as e:
             raise InputError(f"the processor refused the prompt and images: {e}") from None
@@ -271,6 +282,8 @@ class VlmAdapter(Adapter):
         if max_new_tokens is not None:
             config.max_length, config.max_new_tokens = None, max_new_tokens
         config.do_sample, config.num_beams = False, beam
+        # an image token in the answer would take image features in the teacher-forced forward
+        config.suppress_tokens = [*(config.suppress_tokens or []), self.image_token_id]
         ids = self.model.generate(**inputs, generation_config=config)
         return ids[:1], inputs["input_ids"].shape[1]
 
@@ -321,6 +334,17 @@ class VlmAdapter(Adapter):
         """`token_layout` of one family (with its arguments checked): what a family declares."""
         raise NotImplementedError
 
+    def lm_columns(self, ids: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """The LM sequence positions whose values make the maps: by default the layout's own
+        (its cells are LM tokens); a family whose LM reads queries says which positions."""
+        return layout.positions
+
+    def composition(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, str] | None:
+        """How values over `lm_columns` reach the layout's cells: a `[columns, cells]` matrix and
+        a note saying what it is, or None where the columns are the cells (every family whose
+        image tokens sit on the image)."""
+        return None
+
     def special_ids(self) -> set[int]:
         ids = set(super().special_ids())
         ids.add(self.image_token_id)
@@ -343,6 +367,7 @@ class VlmAdapter(Adapter):
             Source(TEXT_TO_IMAGE, self._attention_spec, layers, mid),
             Source(LM_TOKENS, self._tokens_spec, layers, mid),
             Source(TOKEN_LOGITS, self._lens_spec, layers[-1:], layers[-1]),
+            Source(ATTENTION_GRAPH, self._graph_spec),  # relevance: methods/lm_relevance.py
         )
 
     def _attention_spec(self, layer: int, target: str) -> RecordSpec:
@@ -354,6 +379,9 @@ class VlmAdapter(Adapter):
 
     def _lens_spec(self, layer: int, target: str) -> RecordSpec:
         return RecordSpec([HookPoint("lm.lens", self.lens)], layer)
+
+    def _graph_spec(self, layer: int | None, target: str) -> RecordSpec:
+        return RecordSpec([HookPoint(f"lm.{i}.attn", m, 1) for i, m in enumerate(self.attn)], None)
 
     def recording(self, spec: RecordSpec):
         """The scope a forward recording `spec` runs in: eager attention for the recorded

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -171,6 +172,8 @@ def faithfulness(
     if maps.shape[0] != len(phrases):
         raise ValueError(f"{maps.shape[0]} maps but {len(phrases)} phrases: give one map each")
 
+    if getattr(explainer.adapter, "vlm", False):
+        return vlm_curves(explainer, image, phrases, maps, metrics, steps, baseline)
     target = check_target(target or explainer.default_target, list(explainer.targets))
     pixel_values, input_ids, mask = explainer.prepare([image], phrases)
     gh, gw = explainer.grid(pixel_values)
@@ -218,5 +221,42 @@ def faithfulness(
         for m in metrics:
             setattr(c, m, values[(p, m)])
             setattr(c, f"{m}_auc", auc(values[(p, m)]))
+        out.append(c)
+    return out
+
+
+def vlm_curves(
+    explainer,
+    image: Image.Image,
+    phrases: list[str],
+    maps: torch.Tensor,
+    metrics: list[str],
+    steps: int,
+    baseline: float = 0.0,
+) -> list[Curves]:
+    """`faithfulness` on a generative VLM: the cells of each map's grid are laid over the whole
+    original image (the grid of `Explanation.maps`, placed on the image), removed cells take the
+    processor's mean colour plus `baseline` standard deviations (0: its mean, as on the other
+    families), and every masked image is scored by the phrase's log-likelihood after the
+    default prompt (`Explainer.phrase_log_likelihood`), one forward each."""
+    mean, std = (torch.tensor(v, dtype=torch.float32) for v in explainer.pixel_mean_std())
+    fill = ((mean + baseline * std) * 255).clamp(0, 255)[:, None, None]
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"))).float()
+    pixels = pixels.permute(2, 0, 1)[None]
+    out = []
+    for p, phrase in enumerate(phrases):
+        gh, gw = maps.shape[1:]
+        counts = step_counts(gh * gw, steps)
+        c = Curves()
+        for m in metrics:
+            masked = masked_images(pixels, patch_order(maps[p]), gh, gw, counts, m, fill)
+            values = [
+                explainer.phrase_log_likelihood(
+                    Image.fromarray(x.round().byte().permute(1, 2, 0).numpy()), phrase
+                )
+                for x in masked
+            ]
+            setattr(c, m, values)
+            setattr(c, f"{m}_auc", auc(values))
         out.append(c)
     return out

@@ -282,6 +282,8 @@ class UnitScorer:
         loader thread), which gives the same input as preparing them together."""
         explainer = self.explainer
         texts = [t for r in ready for t in r.texts]
+        if getattr(explainer.adapter, "vlm", False):
+            return self._explain_phrases(ready, texts)
         with warnings.catch_warnings(record=True) as caught:
             # one warning per unreadable phrase would flood a dataset run: they are counted
             warnings.simplefilter("always", GroundcamWarning)
@@ -299,6 +301,26 @@ class UnitScorer:
             ex = self.explainer.explain_tensors(
                 pixels, input_ids, mask, self.cfg.method, self.cfg.layer, self.cfg.target, index
             )
+        self.text_conditioned = ex.text_conditioned
+        return ex
+
+    def _explain_phrases(self, ready: list[_Ready], texts: list[str]):
+        """A generative VLM's batch: each phrase teacher-forced after the default prompt
+        (`Explainer.explain_many`), its unreadable words counted once by uid."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GroundcamWarning)  # counted below
+            with self.autocast:
+                ex = self.explainer.explain_many(
+                    [r.image for r in ready],
+                    [r.texts for r in ready],
+                    self.cfg.method,
+                    self.cfg.layer,
+                )
+        uids = [r.bases[k]["uid"] for r in ready for k in r.keep]
+        for uid, text, unknown in zip(uids, texts, ex.unknown_words, strict=True):
+            if unknown and uid not in self._warned:
+                self._warned.add(uid)
+                self.text_warnings.append(f"phrase {text!r}: {', '.join(unknown)} unknown")
         self.text_conditioned = ex.text_conditioned
         return ex
 
@@ -529,7 +551,8 @@ def run_eval(
     records = merge_records(out, units)
     summary = summarize(records)
     summary["config"] = fp | {"dataset_units": len(units)}
-    kind = explainer.score_kind(fp["target"])
+    vlm = getattr(explainer.adapter, "vlm", False)  # phrases score their log-likelihood
+    kind = explainer.score_kind("phrase" if vlm else fp["target"])
     if kind is not None:
         summary["config"]["score"] = kind.name
     summary["reader"] = {

@@ -19,11 +19,15 @@ from groundcam.methods.base import (
 )
 from groundcam.methods.gradcam import GradCAM
 from groundcam.methods.logit_lens import LogitLens
+from groundcam.methods.relative_attention import RelativeAttention
 from groundcam.methods.relevance import Relevance
 from groundcam.methods.rollout import Rollout
+from groundcam.methods.tam import Tam
 
 METHODS: dict[str, Method] = {
-    m.name: m for m in (Attention(), Rollout(), GradCAM(), AttnGradCAM(), Relevance(), LogitLens())
+    m.name: m
+    for m in (Attention(), Rollout(), GradCAM(), AttnGradCAM(), Relevance(), LogitLens())
+    + (Tam(), RelativeAttention())
 }
 
 

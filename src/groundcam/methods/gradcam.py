@@ -14,7 +14,6 @@ class GradCAM(Method):
 
     def compute(self, source, recorded, grads, geometry, text_mask, graph=None):
         (acts,), (grad,) = recorded, grads
-        acts = geometry.patches(acts.transpose(1, 2))  # [B, C, h, w]
-        grad = geometry.patches(grad.transpose(1, 2))
-        weights = grad.mean(dim=(2, 3), keepdim=True)
-        return MethodOutput((weights * acts).sum(1).clamp(min=0))
+        weights = geometry.token_mean(grad.transpose(1, 2))  # [B, C]
+        cam = (weights[:, :, None] * acts.transpose(1, 2)).sum(1)  # per token, then placed
+        return MethodOutput(geometry.patches(cam).clamp(min=0))

@@ -19,6 +19,10 @@ BUILTIN: dict[str, dict[str, str]] = {
         "family": "captioner",
         "description": "show-attend-tell captioner (resnet-tiny + LSTM with soft attention) on shapes captions",
     },
+    "scan-tiny-shapes": {
+        "family": "scan",
+        "description": "SCAN (stacked cross attention) on shapes scenes: proposals pooled from a small CNN, bi-GRU words",
+    },
     "trocr-tiny-glyphs": {
         "family": "vision-encoder-decoder",
         "description": "674k-parameter ViT + TrOCR decoder that reads rendered 3-6 character lines",

@@ -1,0 +1,1 @@
+"""Datasets and readers: grounding samples, Flickr30k Entities, RefCOCO, captions, Visual Genome, shapes, glyphs."""
