@@ -302,6 +302,7 @@ def test_caption_mode_shows_each_tokens_map_on_hover(page, artifacts):
     assert (
         page.locator("#gc-generate").is_visible() and not page.locator("#gc-explain").is_visible()
     )
+    assert not page.locator("#gc-prompt").is_visible()  # an OCR model reads no prompt
     before = status(page)
     page.locator("#gc-generate").click()
     text = wait_status(page, before, "generated")

@@ -9,6 +9,7 @@ import pickle
 import re
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -127,6 +128,27 @@ class Device(click.ParamType):
         if problem:
             raise UserError(f"--device {text}: {problem}")
         return text
+
+
+class LayerOrRange(click.ParamType):
+    """A layer number, or a range "A-B" (both included: the mean of those layers' maps, for
+    generative VLMs); a range is passed on as the string and checked by the explainer."""
+
+    name = "LAYER"
+
+    def convert(self, value, param, ctx):
+        text = str(value).strip()
+        if re.fullmatch(r"-?\d+", text):
+            return int(text)
+        if re.fullmatch(r"\d+\s*-\s*\d+", text):
+            return text
+        raise UserError(f"--layer {value!r}: expected a layer number or a range A-B (e.g. 10-14)")
+
+
+_LAYER_HELP = (
+    "Layer, or a range A-B on a generative VLM (the mean of its layers' maps); "
+    "default: the family's."
+)
 
 
 def _device_option(help_extra: str = ""):
@@ -738,13 +760,15 @@ def _box(ctx, param, values):
     return boxes or None
 
 
-def _explanations(explainer, picture, phrases, method, layer, target) -> dict:
+def _explanations(explainer, picture, phrases, method, layer, target, prompt=None) -> dict:
     """The explanations the figure compares, by column label: one per supported method
     (--method all; a method this model cannot run is left out with a warning), one per
     layer (--layer all), or the one asked for."""
     from groundcam.explainer import supported_methods
 
     kwargs = {"target": target}
+    if prompt is not None:  # generative VLMs: the text each phrase follows
+        kwargs["prompt"] = prompt
     if method == "all":
         found = {}
         for name in supported_methods(explainer.adapter):
@@ -790,6 +814,11 @@ def _explanations(explainer, picture, phrases, method, layer, target) -> dict:
 )
 @click.option("--target", default=None, help="itm or similarity (default: the family's).")
 @click.option(
+    "--prompt",
+    default=None,
+    help="Generative VLMs: the text each phrase follows (default: the family's template).",
+)
+@click.option(
     "--out",
     default="groundcam-out",
     show_default=True,
@@ -823,6 +852,7 @@ def explain(
     method,
     layer,
     target,
+    prompt,
     out,
     box,
     protocol,
@@ -867,7 +897,7 @@ def explain(
     results = []
     for path, picture in pictures:
         where = out / path.stem if many else out
-        found = _explanations(explainer, picture, list(phrases), method, layer, target)
+        found = _explanations(explainer, picture, list(phrases), method, layer, target, prompt)
         ex = next(iter(found.values()))
         save = _save_kwargs(cmap, alpha) | ({"full_res": True} if full_res else {})
         folders = [where / label.replace(" ", "-") for label in found] if compare else [where]
@@ -916,12 +946,12 @@ def _phrase_marks(ex, i: int) -> str:
 
 
 @main.command()
-@click.argument("image")
+@click.argument("image", nargs=-1, required=True)
 @click.option(
     "--model", required=True, help="A captioning/OCR model: built-in name, hub id or dir."
 )
 @click.option("--method", default=None, help=_METHOD_HELP)
-@click.option("--layer", default=None, type=int, help="Layer (default: the family's).")
+@click.option("--layer", default=None, type=LayerOrRange(), help=_LAYER_HELP)
 @click.option(
     "--max-new-tokens",
     default=None,
@@ -978,14 +1008,20 @@ def caption(
 
     IMAGE is a file, a folder of images or a quoted glob ('lines/*.png'); with several images
     the model is loaded once and each image's files go to OUT/<image name without extension>/.
+    Several IMAGE files are the images of one prompt (generative VLMs that read several):
+    OUT holds the maps over the first, OUT/image2/, OUT/image3/, ... those over the others.
     """
     from groundcam.api import load
 
     if text is not None and not text.strip():
         raise UserError("--text is empty: give the text to explain, or leave --text out")
-    paths, many = _image_paths(image)
     failed: list[dict] = []
-    pictures = _images(paths, failed) if many else [(paths[0], _read(paths[0]))]
+    if len(image) > 1:  # several files: one generation reads them all
+        paths, many = [Path(f) for f in image], False
+        pictures = [(paths[0], [_read(f) for f in paths])]
+    else:
+        paths, many = _image_paths(image[0])
+        pictures = _images(paths, failed) if many else [(paths[0], _read(paths[0]))]
     explainer = load(model, device=device)
     kwargs = {"layer": layer, "text": text}
     kwargs |= {"beam": beam} if beam > 1 else {}
@@ -1004,7 +1040,13 @@ def caption(
 
             fig = gen.figure(style=style, **_save_kwargs(cmap, alpha))
             files.append(str(save_figure(fig, Path(written) / f"figure.{fmt or 'png'}", dpi)))
-        results.append({"image": str(path), "out": str(written), "files": files} | meta)
+        for i, other in enumerate(picture[1:] if isinstance(picture, list) else [], 2):
+            maps = gen.image_maps[i - 1]
+            one = replace(gen, image=other, maps=maps, raw_maps=maps, image_maps=None)
+            folder = one.save(Path(written) / f"image{i}", **_save_kwargs(cmap, alpha))
+            files += _written(folder, len(gen), grid=True)
+        shown = [str(f) for f in paths] if isinstance(picture, list) else str(path)
+        results.append({"image": shown, "out": str(written), "files": files} | meta)
         if as_json:
             continue
         if many:
@@ -1864,9 +1906,10 @@ def models() -> None:
     matrix = families()
     names = sorted(METHODS)
     click.echo("families x methods (+ supported, - not defined for the family):")
-    click.echo(f"  {'':<24}" + "".join(f"{n:>14}" for n in names))
+    width = max(14, *(len(n) + 2 for n in names))  # columns stay apart (relative-attention)
+    click.echo(f"  {'':<24}" + "".join(f"{n:>{width}}" for n in names))
     for family, supported in matrix.items():
-        marks = "".join(f"{'+' if n in supported else '-':>14}" for n in names)
+        marks = "".join(f"{'+' if n in supported else '-':>{width}}" for n in names)
         click.echo(f"  {family:<24}{marks}")
     from groundcam.api import score_kinds
 

@@ -221,6 +221,13 @@ def build_app(
                         elem_id="gc-phrases",
                     )
                 with gr.Group(visible=False) as caption_inputs:
+                    prompt = gr.Textbox(
+                        label="Prompt (optional; blank: the model's default question)",
+                        max_length=limits.max_phrase_chars,
+                        placeholder="What does the sign say?",
+                        visible=False,
+                        elem_id="gc-prompt",
+                    )
                     text = gr.Textbox(
                         label="Text to explain instead of generating (optional)",
                         max_length=limits.max_phrase_chars,
@@ -372,7 +379,7 @@ def build_app(
         modes = [phrase_inputs, caption_inputs, phrase_outputs, caption_outputs, explain, generate]
 
         # ------------------------------------------------------------ model, method, layer, target
-        @_guard(outputs=10, status=9)
+        @_guard(outputs=11, status=10)
         def on_model(name: str) -> tuple:
             info = cache.info(name)
             targets, default_target = h.target_choices(cache, name)
@@ -394,10 +401,11 @@ def build_app(
                 gr.update(choices=layers, value=default_layer, interactive=len(layers) > 1),
                 gr.update(choices=targets, value=default_target, interactive=len(targets) > 1),
                 *[gr.update(visible=v) for v in visible],
+                gr.update(visible=info.prompt),
                 "\n".join(notes),
             )
 
-        model_outputs = [method, layer, target, *modes, status]
+        model_outputs = [method, layer, target, *modes, prompt, status]
         model.change(on_model, model, model_outputs, **ui)
         app.load(on_model, model, model_outputs, **ui)
 
@@ -619,6 +627,7 @@ def build_app(
             most: float | None,
             a: float,
             c: str,
+            prompt_: str,
             progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's way
         ) -> tuple:
             res = h.explain_caption(
@@ -634,6 +643,7 @@ def build_app(
                 a,
                 c,
                 progress=lambda f, d: progress(f, desc=d),
+                prompt=prompt_,
             )
             _prune()
             return (
@@ -646,7 +656,7 @@ def build_app(
 
         generate.click(
             on_generate,
-            [model, image, method, layer, text, max_new, alpha, cmap],
+            [model, image, method, layer, text, max_new, alpha, cmap, prompt],
             [result, caption, caption_maps, files, status],
             concurrency_id="model",
             concurrency_limit=limits.workers,

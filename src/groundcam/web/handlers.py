@@ -14,7 +14,7 @@ import time
 import warnings
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
@@ -413,12 +413,15 @@ def explain_caption(
     alpha: float | None = None,
     cmap: str | None = None,
     progress: Progress | None = None,
+    prompt: str | None = None,
 ) -> CaptionResult:
-    """`Explainer.explain_generation` on the uploaded image (or `text` taken as generated), saved
-    with `GenerationExplanation.save` (the files `groundcam caption` writes)."""
+    """`Explainer.explain_generation` on the uploaded image (or `text` taken as generated), after
+    `prompt` where the family takes one (blank: the family's default), saved with
+    `GenerationExplanation.save` (the files `groundcam caption` writes)."""
     progress = _quiet(progress)
     t0 = time.perf_counter()
     text = check_text(text, limits)
+    prompt = check_text(prompt, limits, "the prompt")
     image = read_upload(image_path, limits)
     progress(0.1, f"loading {model}")
     explainer = cache.get(model)
@@ -432,7 +435,12 @@ def explain_caption(
         progress(0.3, "generating and explaining each token" if text is None else "explaining")
         with cache.run(model):
             gen = explainer.explain_generation(
-                image, method=method or None, layer=_layer(layer), max_new_tokens=cap, text=text
+                image,
+                method=method or None,
+                layer=_layer(layer),
+                max_new_tokens=cap,
+                text=text,
+                **({"prompt": prompt} if prompt is not None else {}),
             )
     if text is not None and len(gen) > limits.max_tokens:
         raise InputError(f"the text makes {len(gen)} tokens; at most {limits.max_tokens}")
@@ -472,23 +480,30 @@ def _data_url(picture: Image.Image) -> str:
 
 
 def caption_html(result: CaptionResult, alpha: float | None, cmap: str | None) -> str:
-    """The generated text, one span per token; hovering (or focusing) a token shows its map."""
+    """The generated text, one span per token (per word where the model groups its sub-word
+    tokens into words: generative VLMs); hovering (or focusing) one shows its map."""
     gen = result.generation
     if not len(gen):
         return '<p class="gc-empty">The model generated no text for this image.</p>'
+    unit, units, scores = "token", gen, gen.scores.tolist()
+    if gen.words and gen.word_maps is not None:  # a word's p: the product of its tokens' p
+        unit, units = "word", replace(gen, tokens=gen.words, maps=gen.word_maps)
+        scores = [float(gen.scores[t].prod()) for t in gen.word_tokens]
+    sep = " " if unit == "word" else ""  # words lost their spaces; tokens keep theirs
     spans = []
-    for k, token in enumerate(gen.tokens):
-        picture = gen.overlay(k, alpha=alpha, cmap=cmap or None, max_side=HOVER_SIDE)
+    for k, token in enumerate(units.tokens):
+        picture = units.overlay(k, alpha=alpha, cmap=cmap or None, max_side=HOVER_SIDE)
         label = html.escape(token)
         spans.append(
             f'<span class="gc-tok" tabindex="0" data-k="{k}">{label or "&nbsp;"}'
-            f'<span class="gc-pop"><img alt="map of token {k}: {label}" '
-            f'src="{_data_url(picture)}"><small>{label} p={float(gen.scores[k]):.2f}</small>'
+            f'<span class="gc-pop"><img alt="map of {unit} {k}: {label}" '
+            f'src="{_data_url(picture)}"><small>{label} p={scores[k]:.2f}</small>'
             "</span></span>"
         )
+    prompt = f'<p class="gc-prompt">after: {html.escape(gen.prompt)}</p>' if gen.prompt else ""
     return (
-        f'<div class="gc-caption"><p class="gc-text">{"".join(spans)}</p>'
-        '<p class="gc-hint">Hover a token (or tab to it) to see where the model looked.</p></div>'
+        f'<div class="gc-caption">{prompt}<p class="gc-text">{sep.join(spans)}</p>'
+        f'<p class="gc-hint">Hover a {unit} (or tab to it) to see where the model looked.</p></div>'
     )
 
 

@@ -92,14 +92,15 @@ def parse_phrases(text: str | None, limits: Limits) -> list[str]:
     return phrases
 
 
-def check_text(text: str | None, limits: Limits) -> str | None:
-    """Caption mode's optional text to explain (None or blank: generate), within the limits."""
+def check_text(text: str | None, limits: Limits, what: str = "the text") -> str | None:
+    """Caption mode's optional text to explain (None or blank: generate), or its prompt (`what`),
+    within the limits."""
     if text is None or not text.strip():
         return None
     text = text.strip()
     if len(text) > limits.max_phrase_chars:
         raise InputError(
-            f"the text is {len(text)} characters long; at most {limits.max_phrase_chars}"
+            f"{what} is {len(text)} characters long; at most {limits.max_phrase_chars}"
         )
     return text
 

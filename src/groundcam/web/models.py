@@ -22,6 +22,7 @@ class ModelInfo:
     targets: list[str]
     default_target: str
     captions: bool  # generates text (captioning / OCR): caption mode instead of phrases
+    prompt: bool = False  # caption mode takes a prompt (generative VLMs, BLIP captioning)
 
 
 class ModelCache:
@@ -91,4 +92,5 @@ class ModelCache:
             targets=targets,
             default_target=explainer.default_target,
             captions="token" in targets,
+            prompt="token" in targets and explainer.adapter.takes_prompt,
         )
