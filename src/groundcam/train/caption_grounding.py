@@ -12,6 +12,7 @@ present) are pushed to look at their objects while they are written.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,12 +46,16 @@ def box_coverage(
     return cover
 
 
+@functools.lru_cache(maxsize=16)
+def _pixel_shares(pixels: int, cells: int) -> np.ndarray:
+    """`[cells, pixels]`: the share of each cell covered by each unit pixel."""
+    return np.stack([_overlaps(p, p + 1, cells, pixels) for p in range(pixels)], 1)
+
+
 def mask_coverage(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """`[h*w]` share of each grid cell (row-major) covered by a boolean `[H, W]` mask, each
     pixel a unit square (exact for cells that split pixels)."""
-    height, width = mask.shape
-    rows = np.stack([_overlaps(y, y + 1, grid[0], height) for y in range(height)], 1)  # [h, H]
-    cols = np.stack([_overlaps(x, x + 1, grid[1], width) for x in range(width)], 1)  # [w, W]
+    rows, cols = _pixel_shares(mask.shape[0], grid[0]), _pixel_shares(mask.shape[1], grid[1])
     share = rows @ mask.astype(np.float64) @ cols.T
     return np.clip(share, 0.0, 1.0).ravel()
 
