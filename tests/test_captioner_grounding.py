@@ -210,3 +210,10 @@ def test_cli_grounded_training_logs_its_term_and_lowers_it(shapes, encoder_dir, 
                (runs["none"] / "train_log.jsonl").read_text().splitlines())  # fmt: skip
     cfg = json.loads((runs["attention"] / "model" / "train_config.json").read_text())
     assert cfg["ground"] == "attention" and cfg["ground_weight"] == 2.0
+
+
+def test_an_unreadable_image_grounds_nothing(tmp_path) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    words = [(1, [(0.0, 0.0, 10.0, 10.0)], None)]
+    assert cg.word_regions(words, broken, (4, 4), 30, ReadReport()) == []

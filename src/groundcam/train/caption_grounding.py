@@ -101,14 +101,18 @@ def word_regions(
 ) -> list[tuple[int, np.ndarray]]:
     """`(alpha row, cell shares)` per grounded word of one caption: token k is written at row k
     (the row that reads `<SOS> w1 .. wk` and predicts w(k+1) is row k); words cut by `max_words`
-    and words whose region covers no cell are left out. Masks win over boxes when present."""
+    and words whose region covers no cell are left out, as are all words of an unreadable image.
+    Masks win over boxes when present."""
     from PIL import Image
 
     from groundcam.data.masks import decode_mask
     from groundcam.errors import InputError
 
-    with Image.open(image) as im:
-        width, height = im.size
+    try:
+        with Image.open(image) as im:
+            width, height = im.size
+    except OSError:  # an unreadable image: its rows never reach a batch (counted there)
+        return []
     out = []
     for token, boxes, masks in words:
         if token >= max_words:
