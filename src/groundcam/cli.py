@@ -450,6 +450,15 @@ def train_trocr(
     help="Print a caption of one validation image every N steps (0: never).",
 )
 @click.option(
+    "--ground",
+    type=click.Choice(["none", "attention", "amc"]),
+    default="none",
+    show_default=True,
+    help="Grounding supervision from the captions' 'grounding' (Karpathy layout): attention "
+    "correctness on the decoder's weights (Liu et al. 2017), or AMC on each word's Grad-CAM map.",
+)
+@click.option("--ground-weight", default=1.0, show_default=True, type=click.FloatRange(0))
+@click.option(
     "--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores)."
 )
 @_loop_options

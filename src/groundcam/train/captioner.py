@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from groundcam.data.sample import ReadReport
 from groundcam.errors import InputError
 from groundcam.io import read_image
 from groundcam.models.captioner import CaptionerConfig, ShowAttendTell, build_encoder
+from groundcam.train import caption_grounding as grounding
 from groundcam.train.loop import LoopConfig, fit, main_process, shard
 
 TRAIN_SPLITS = ("train", "restval")
@@ -58,6 +59,8 @@ class TrainConfig:
     sample_every: int = 100
     grad_accum: int = 1
     precision: str = "fp32"
+    ground: str = "none"  # grounding supervision: none, attention (Liu et al. 2017) or amc
+    ground_weight: float = 1.0
 
 
 @dataclass
@@ -70,6 +73,7 @@ class CaptionData:
     report: ReadReport
     truncated: int = 0
     unreadable: int = 0  # empty or all-<UNK> captions left out
+    grounding: list[list[tuple]] = field(default_factory=list)  # per train row, with --ground
 
 
 def load_data(cfg: TrainConfig) -> CaptionData:
@@ -107,6 +111,7 @@ def load_data(cfg: TrainConfig) -> CaptionData:
         )
     vocab = Vocabulary.build((c for _, c in train_rows), cfg.min_word_count)
     data = CaptionData(vocab, [], sorted(val_refs.items()), report)
+    grounded = _grounding(cfg, report)
     for path, caption in train_rows:
         words = tokenize(caption)
         if not words or vocab.unknown_share(caption) == 1.0:
@@ -116,9 +121,32 @@ def load_data(cfg: TrainConfig) -> CaptionData:
             data.truncated += 1
         ids = vocab.encode(" ".join(words[: cfg.max_words]))
         data.train.append((path, ids))
+        if grounded is not None:
+            data.grounding.append(grounded.get((path.name, " ".join(words)), []))
     if not data.train:
         raise InputError(f"--captions {cfg.captions}: every caption is empty or all <UNK>")
+    if grounded is not None and not any(data.grounding):
+        raise InputError(
+            f"--ground {cfg.ground}: no training caption of {cfg.captions} has 'grounding' "
+            "(token index + boxes, as `groundcam data shapes-captions` writes)"
+        )
     return data
+
+
+def _grounding(cfg: TrainConfig, report: ReadReport) -> dict | None:
+    """The grounded words of the captions file when `--ground` asks for them, else None."""
+    if cfg.ground not in grounding.GROUND_CHOICES:
+        raise InputError(f"--ground {cfg.ground!r}: expected one of {grounding.GROUND_CHOICES}")
+    if cfg.ground == "none":
+        return None
+    from groundcam.data.captions import detect_layout
+
+    if detect_layout(cfg.captions) != "karpathy":
+        raise InputError(
+            f"--ground {cfg.ground}: {cfg.captions} is not a Karpathy-layout file; only those "
+            "carry 'grounding'"
+        )
+    return grounding.read_grounding(cfg.captions, report)
 
 
 class ImageCache:
@@ -242,6 +270,21 @@ def train(cfg: TrainConfig, threads: int | None = None, stop_at: int | None = No
             flush=True,
         )
     cache = ImageCache(cfg.image_size)
+    grid = model.encoder.grid(cfg.image_size, cfg.image_size)
+    regions = (
+        [
+            grounding.word_regions(words, path, grid, cfg.max_words, data.report)
+            for words, (path, _) in zip(data.grounding, data.train, strict=True)
+        ]
+        if data.grounding
+        else []
+    )
+    if main and cfg.ground != "none":
+        print(
+            f"grounding ({cfg.ground}, weight {cfg.ground_weight}): "
+            f"{sum(map(len, regions)):,} grounded words in {sum(map(bool, regions)):,} captions",
+            flush=True,
+        )
     sample_image = data.val[0][0] if data.val else data.train[0][0]
 
     def step_rows(step: int) -> list[int]:
@@ -251,28 +294,47 @@ def train(cfg: TrainConfig, threads: int | None = None, stop_at: int | None = No
 
     @functools.lru_cache(maxsize=1)
     def step_batch(step: int):
-        rows = [data.train[i] for i in step_rows(step)]
-        arrays = [cache.load(p) for p, _ in rows]
-        kept = [(a, ids) for a, (_, ids) in zip(arrays, rows, strict=True) if a is not None]
+        rows = step_rows(step)
+        arrays = [cache.load(data.train[i][0]) for i in rows]
+        kept = [(a, i) for a, i in zip(arrays, rows, strict=True) if a is not None]
         if len(kept) < len(rows):  # unreadable image files: their rows are left out of the batch
             kept += [kept[i % len(kept)] for i in range(len(rows) - len(kept))]
-        return model.normalize([a for a, _ in kept]), _padded([i for _, i in kept], 0)
+        pixels = model.normalize([a for a, _ in kept])
+        ids = _padded([data.train[i][1] for _, i in kept], 0)
+        if cfg.ground == "none":
+            return pixels, ids
+        # [B, T, R]: each grounded word's cell shares at the row that writes it
+        targets = torch.zeros(len(kept), ids.shape[1] - 1, grid[0] * grid[1])
+        for b, (_, i) in enumerate(kept):
+            for row, cover in regions[i]:
+                targets[b, row] = torch.from_numpy(cover)
+        return pixels, ids, targets
 
     def batch_fn(step: int, micro: int, rank: int, world: int):
-        pixels, ids = step_batch(step)
-        part = [shard(t, micro, cfg.grad_accum) for t in (pixels, ids)]
+        part = [shard(t, micro, cfg.grad_accum) for t in step_batch(step)]
         return tuple(shard(t, rank, world) for t in part)
 
     def loss_fn(m: ShowAttendTell, batch, step: int) -> dict[str, torch.Tensor]:
-        pixels, ids = batch
+        pixels, ids = batch[:2]
         keep = (ids[:, 1:] != 0).any(0)  # trim columns that are padding in this micro-batch
         width = int(keep.nonzero().max()) + 2 if keep.any() else ids.shape[1]
-        out = m(pixels, ids[:, :width], labels=True)
-        return {
+        if cfg.ground == "amc":
+            term, out = grounding.gradcam_amc_loss(
+                m, pixels, ids[:, :width], batch[2][:, : width - 1]
+            )
+        else:
+            out = m(pixels, ids[:, :width], labels=True)
+        terms = {
             "loss": out.loss,
             "cross_entropy": out.cross_entropy,
             "attention_regularizer": out.regularizer,
         }
+        if cfg.ground == "attention":
+            term = grounding.attention_correctness_loss(out.alphas, batch[2][:, : width - 1])
+        if cfg.ground != "none":
+            terms[f"grounding_{cfg.ground}"] = term
+            terms["loss"] = out.loss + cfg.ground_weight * term
+        return terms
 
     def after_step(m: ShowAttendTell, step: int) -> None:
         if not main or cfg.sample_every <= 0 or step % cfg.sample_every:
@@ -290,6 +352,8 @@ def train(cfg: TrainConfig, threads: int | None = None, stop_at: int | None = No
         return caption_metrics(m, data.val, cache, cfg.beam, cfg.val_images)
 
     fingerprint = asdict(cfg)
+    if cfg.ground == "none":  # runs from before grounding existed resume as they were
+        del fingerprint["ground"], fingerprint["ground_weight"]
     fingerprint["vocab_size"] = len(data.vocab)
     final = fit(
         model,
