@@ -112,17 +112,22 @@ def test_maps_finite_and_not_flat_at_the_default_layer(tiny, method):
     assert gen.prompt is not None and "what is the sign" in gen.prompt
 
 
-def naive_maps(model, processor, image, method: str, layer: int) -> torch.Tensor:
-    """One forward and one backward per text token, written from the definitions (DESIGN
-    §12): the logits at row t-1 score token t; maps over the image-token columns as a 4 x 4
-    grid (a square image: the crop is the whole image)."""
+def teacher_forced(model, processor, image, text: str = TEXT):
+    """LLaVA's prompt with `text` after it as the model reads it: the processor's output, the
+    ids, where the text starts and the image-token columns."""
     enc = processor(
         images=[image], text=[f"USER: <image>\n{PROMPT} ASSISTANT:"], return_tensors="pt"
     )
-    body = processor.tokenizer(TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    body = processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     ids = torch.cat([enc["input_ids"], body], 1)
     first = enc["input_ids"].shape[1]
-    image_cols = torch.nonzero(ids[0] == model.config.image_token_index)[:, 0]
+    return enc, ids, first, torch.nonzero(ids[0] == model.config.image_token_index)[:, 0]
+
+
+def naive_maps(model, processor, image, method: str, layer: int) -> torch.Tensor:
+    """The naive per-token recipe (vlm_checks) over the image-token columns as a 4 x 4 grid (a
+    square image: the crop is the whole image)."""
+    enc, ids, first, image_cols = teacher_forced(model, processor, image)
     side = {"pixel_values": enc["pixel_values"]}
     values = naive_token_values(model, ids, first, image_cols, side, method, layer)
     return values.reshape(-1, 4, 4)
