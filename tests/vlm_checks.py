@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -46,10 +46,12 @@ def naive_token_values(
     side: dict,
     method: str,
     layer: int,
+    lm_outputs: Callable = lambda out: out,
 ) -> torch.Tensor:
     """One forward and one backward per text token from `first` on, written from the
     definitions (DESIGN §12): the logits at row t-1 score token t; [tokens, len(cols)] values
-    over the image-token columns `cols`; `side` holds the family's other model inputs."""
+    over the image-token columns `cols`; `side` holds the family's other model inputs and
+    `lm_outputs` picks the language model's outputs (attentions, hidden states) from the model's."""
     head = model.get_output_embeddings().weight
     values = []
     for t in range(first, ids.shape[1]):
@@ -61,8 +63,9 @@ def naive_token_values(
                 output_attentions=True,
                 output_hidden_states=True,
             )
+            lm = lm_outputs(out)
             logp = out.logits[0, t - 1].log_softmax(-1)[ids[0, t]]
-            A, H = out.attentions[layer], out.hidden_states[layer + 1]  # H: the layer's output
+            A, H = lm.attentions[layer], lm.hidden_states[layer + 1]  # H: the layer's output
             attn, hidden = A[0], H[0]  # [heads, T, T], [T, C]
             if method == "attention":
                 v = attn[:, t - 1, cols].mean(0)
@@ -73,7 +76,7 @@ def naive_token_values(
                 g = torch.autograd.grad(logp, H)[0][0]
                 v = (hidden[cols] * g[cols].mean(0)).sum(-1).clamp(min=0)
             else:
-                v = (out.hidden_states[-1][0][cols] @ head[ids[0, t]]).clamp(min=0)
+                v = (lm.hidden_states[-1][0][cols] @ head[ids[0, t]]).clamp(min=0)
         values.append(v.detach())
     return torch.stack(values)
 
