@@ -11,16 +11,10 @@ import copy
 import pytest
 import tiny_vlm
 import torch
+import vlm_checks as checks
 from click.testing import CliRunner
 from PIL import Image
-from vlm_checks import (
-    assert_attention_note,
-    assert_restored_after_an_error,
-    explain_on_both,
-    naive_token_values,
-    one_line,
-)
-from vlm_checks import picture as random_picture
+from vlm_checks import one_line
 
 import groundcam as gc
 from groundcam.cli import main
@@ -34,7 +28,7 @@ TEXT = "red cat the dog"
 
 def picture(w: int = 40, h: int = 32, seed: int = 0) -> Image.Image:
     """A seeded random image, 40 x 32 unless told: squashed to the square patch grid."""
-    return random_picture(w, h, seed)
+    return checks.picture(w, h, seed)
 
 
 def strong(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -84,7 +78,7 @@ def naive_maps(model, processor, image, method: str, layer: int, template: str) 
     with torch.no_grad():
         mix = cross_attention(model, enc)
     side = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-    values = naive_token_values(
+    values = checks.naive_token_values(
         model, ids, first, queries, side, method, layer, lambda out: out.language_model_outputs
     )
     g_side = int(mix.shape[1] ** 0.5)
@@ -166,16 +160,16 @@ def test_sdpa_and_eager_give_the_same_maps_and_sdpa_stays(tiny, method):
     sdpa = copy.deepcopy(eager)
     sdpa.set_attn_implementation("sdpa")
     assert sdpa.config.qformer_config._attn_implementation == "sdpa"
-    _, b = explain_on_both(eager, sdpa, processor, picture(seed=5), method)
+    _, b = checks.explain_on_both(eager, sdpa, processor, picture(seed=5), method)
     assert "recorded layers only" in b.notes["composition"]
-    assert_attention_note(b.notes, method)  # the language model switched for attention only
+    checks.assert_attention_note(b.notes, method)  # the language model switched for attention only
 
 
 def test_attention_implementation_restored_after_an_error_in_the_qformer():
     model, processor = tiny_vlm.blip2()
     model.set_attn_implementation("sdpa")
     layer = model.qformer.encoder.layer[1].crossattention.attention
-    assert_restored_after_an_error(model, processor, layer, picture(), "attention")
+    checks.assert_restored_after_an_error(model, processor, layer, picture(), "attention")
 
 
 def test_known_answer_every_query_reads_one_patch():

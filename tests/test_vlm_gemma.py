@@ -11,18 +11,10 @@ import copy
 import pytest
 import tiny_vlm
 import torch
+import vlm_checks as checks
 from click.testing import CliRunner
 from PIL import Image
-from vlm_checks import (
-    assert_attention_note,
-    assert_restored_after_an_error,
-    explain_on_both,
-    focus_first_layer,
-    marked,
-    naive_token_values,
-    one_line,
-    picture,
-)
+from vlm_checks import one_line, picture
 
 import groundcam as gc
 from groundcam.adapters.vlm import attention_implementations
@@ -58,9 +50,7 @@ def built():
 def sdpa(built):
     out = {}
     for family, (model, processor) in built.items():
-        twin = copy.deepcopy(model)
-        twin.set_attn_implementation("sdpa")
-        assert set(attention_implementations(twin)) == {"sdpa"}
+        twin = checks.sdpa_copy(model)
         out[family] = (twin, processor)
     return out
 
@@ -219,7 +209,7 @@ def naive_maps(family, model, processor, images, method, layer, pad=None) -> lis
     n = len(cols) // len(images)
     side = int(n**0.5)
     inputs = {"token_type_ids": types, "pixel_values": enc["pixel_values"]}
-    values = naive_token_values(model, ids, first, cols, inputs, method, layer)
+    values = checks.naive_token_values(model, ids, first, cols, inputs, method, layer)
     return list(values.reshape(-1, len(images), side, side).unbind(1))  # per image [tokens, s, s]
 
 
@@ -262,16 +252,18 @@ def test_the_side_input_is_extended_as_generate_does(built, family):
 @pytest.mark.parametrize("method", METHODS)
 def test_sdpa_and_eager_give_the_same_maps_and_sdpa_stays(built, sdpa, family, method):
     (eager, processor), (twin, _) = built[family], sdpa[family]
-    a, b = explain_on_both(eager, twin, processor, images_of(family, seed=5), method)
+    a, b = checks.explain_on_both(eager, twin, processor, images_of(family, seed=5), method)
     for x, y in zip(a.image_maps, b.image_maps, strict=True):
         assert torch.allclose(x, y, atol=1e-4)
-    assert_attention_note(b.notes, method)
+    checks.assert_attention_note(b.notes, method)
 
 
 def test_attention_implementation_restored_after_an_error_mid_forward(sdpa):
     model, processor = sdpa["gemma3"]
     layer = model.get_decoder().layers[1]
-    assert_restored_after_an_error(model, processor, layer, images_of("gemma3"), "attn-gradcam")
+    checks.assert_restored_after_an_error(
+        model, processor, layer, images_of("gemma3"), "attn-gradcam"
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -282,13 +274,13 @@ def test_known_answer_a_text_token_attending_to_one_image_token(family):
     the norms' weights on that channel are raised to make the logit large."""
     model, processor = tiny_vlm.BUILDERS[family](seed=2)
     images = images_of(family)
-    focus_first_layer(model, norm_slow=5.0)
+    checks.focus_first_layer(model, norm_slow=5.0)
     ex = gc.load(model, processor=processor)
     inputs = ex.adapter.inputs(images, PROMPT)
     cols = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id)[:, 0]
     image, row, col, side = (0, 2, 1, 4) if family == "paligemma" else (1, 1, 0, 2)
     cell = cols[image * side * side + row * side + col]
-    with marked(model, cell):
+    with checks.marked(model, cell):
         gen = ex.explain_generation(images, prompt=PROMPT, method="attention", text=TEXT)
     assert (gen.image_maps[image].flatten(1).argmax(1) == row * side + col).all()
     values = gen.raw_maps if image == 0 else None

@@ -5,23 +5,13 @@ implementation and hooks left as they were, a known answer, and bad input in one
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import tiny_vlm
 import torch
+import vlm_checks as checks
 from click.testing import CliRunner
 from PIL import Image
-from vlm_checks import (
-    assert_attention_note,
-    assert_restored_after_an_error,
-    explain_on_both,
-    focus_first_layer,
-    marked,
-    naive_token_values,
-    one_line,
-    picture,
-)
+from vlm_checks import one_line, picture
 
 import groundcam as gc
 from groundcam.adapters.vlm import _EAGER, attention_implementations
@@ -129,7 +119,7 @@ def naive_maps(model, processor, image, method: str, layer: int) -> torch.Tensor
     square image: the crop is the whole image)."""
     enc, ids, first, image_cols = teacher_forced(model, processor, image)
     side = {"pixel_values": enc["pixel_values"]}
-    values = naive_token_values(model, ids, first, image_cols, side, method, layer)
+    values = checks.naive_token_values(model, ids, first, image_cols, side, method, layer)
     return values.reshape(-1, 4, 4)
 
 
@@ -161,35 +151,33 @@ def test_batched_maps_equal_the_naive_recipe_at_another_layer(tiny):
 @pytest.fixture(scope="module")
 def sdpa_twin(tiny):
     model, processor = tiny
-    twin = copy.deepcopy(model)
-    twin.set_attn_implementation("sdpa")
-    assert set(attention_implementations(twin)) == {"sdpa"}
+    twin = checks.sdpa_copy(model)
     return twin, processor
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_sdpa_and_eager_give_the_same_maps_and_sdpa_stays(tiny, sdpa_twin, method):
     (eager, processor), (sdpa, _) = tiny, sdpa_twin
-    _, b = explain_on_both(eager, sdpa, processor, picture(seed=5), method)
+    _, b = checks.explain_on_both(eager, sdpa, processor, picture(seed=5), method)
     assert sdpa.config._attn_implementation == "sdpa"
-    assert_attention_note(b.notes, method)
+    checks.assert_attention_note(b.notes, method)
 
 
 def test_attention_implementation_restored_after_an_error_mid_forward(sdpa_twin):
     model, processor = sdpa_twin
     layer = model.get_decoder().layers[1]
-    assert_restored_after_an_error(model, processor, layer, picture(), "attn-gradcam")
+    checks.assert_restored_after_an_error(model, processor, layer, picture(), "attn-gradcam")
 
 
 def test_known_answer_a_text_token_attending_to_one_image_token():
     """Layer 0's queries read channel 0 (large in every text embedding), its keys channel 1,
     which only the image token of cell (2, 1) carries: every text row attends there alone."""
     model, processor = tiny_vlm.llava(seed=2)
-    focus_first_layer(model)
+    checks.focus_first_layer(model)
     ex = gc.load(model, processor=processor)
     inputs = ex.adapter.inputs([picture()], PROMPT)
     cell = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_index)[2 * 4 + 1, 0]
-    with marked(model, cell):
+    with checks.marked(model, cell):
         gen = ex.explain_generation(picture(), prompt=PROMPT, method="attention", text=TEXT)
     raw = gen.raw_maps
     assert (raw[:, 2, 1] > 0.99).all()

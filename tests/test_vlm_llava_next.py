@@ -12,17 +12,10 @@ import numpy as np
 import pytest
 import tiny_vlm
 import torch
+import vlm_checks as checks
 from click.testing import CliRunner
 from PIL import Image
-from vlm_checks import (
-    assert_restored_after_an_error,
-    explain_on_both,
-    focus_first_layer,
-    marked,
-    naive_token_values,
-    one_line,
-    picture,
-)
+from vlm_checks import one_line, picture
 
 import groundcam as gc
 from groundcam.adapters.vlm import attention_implementations
@@ -196,7 +189,7 @@ def naive_values(model, processor, images, method: str, layer: int) -> torch.Ten
     ids = torch.cat([enc["input_ids"], body], 1)
     first = enc["input_ids"].shape[1]
     cols = torch.nonzero(ids[0] == model.config.image_token_id)[:, 0]
-    return naive_token_values(model, ids, first, cols, side, method, layer)
+    return checks.naive_token_values(model, ids, first, cols, side, method, layer)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -231,7 +224,7 @@ def test_sdpa_and_eager_give_the_same_maps_and_sdpa_stays(tiny, method):
     eager, processor = tiny
     sdpa = copy.deepcopy(eager)
     sdpa.set_attn_implementation("sdpa")
-    a, b = explain_on_both(eager, sdpa, processor, picture(77, 61, seed=5), method)
+    a, b = checks.explain_on_both(eager, sdpa, processor, picture(77, 61, seed=5), method)
     assert set(attention_implementations(sdpa)) == {"sdpa"} and a.raw_maps.abs().amax() > 0
     assert ("attention" in b.notes) == (method in ("attention", "attn-gradcam"))
 
@@ -241,7 +234,7 @@ def test_attention_implementation_restored_after_an_error_mid_forward(tiny):
     twin = copy.deepcopy(model)
     twin.set_attn_implementation("sdpa")
     layer = twin.get_decoder().layers[1]
-    assert_restored_after_an_error(twin, processor, layer, picture(), "attn-gradcam")
+    checks.assert_restored_after_an_error(twin, processor, layer, picture(), "attn-gradcam")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -285,14 +278,14 @@ def test_known_answer_a_text_token_attending_to_one_hires_cell(builder):
     64 x 64 image (2 x 2 tiles, an 8 x 8 grid, no padding) the map is 0.5 on that cell (its mean
     with the base tile's cell, which gets nothing) and 0 elsewhere."""
     model, processor = getattr(tiny_vlm, builder)(seed=2)
-    focus_first_layer(model)
+    checks.focus_first_layer(model)
     ex = gc.load(model, processor=processor)
     image = picture(64, 64)
     inputs = ex.adapter.inputs([image], PROMPT)
     layout = ex.adapter.token_layout(inputs, inputs["input_ids"], [(64, 64)])
     assert (layout.tiles[1].grid_h, layout.tiles[1].grid_w) == (8, 8)
     cell = layout.positions[(layout.tile == 1) & (layout.row == 5) & (layout.col == 2)]
-    with marked(model, cell):
+    with checks.marked(model, cell):
         gen = ex.explain_generation(image, prompt=PROMPT, method="attention", text=TEXT)
     raw = gen.raw_maps
     assert raw.shape == (4, 8, 8)

@@ -7,26 +7,15 @@ input in one line."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import tiny_vlm
 import torch
+import vlm_checks as checks
 from PIL import Image
-from vlm_checks import (
-    assert_attention_note,
-    assert_restored_after_an_error,
-    explain_on_both,
-    focus_first_layer,
-    marked,
-    naive_token_values,
-    one_line,
-)
-from vlm_checks import picture as random_picture
+from vlm_checks import one_line
 
 import groundcam as gc
 from groundcam.adapters.qwen_vl import merged_grids
-from groundcam.adapters.vlm import attention_implementations
 from groundcam.errors import InputError
 from groundcam.explanation import normalize_maps
 from groundcam.placement import place
@@ -46,7 +35,7 @@ def tiny(request):
 
 def picture(w: int = 48, h: int = 32, seed: int = 0) -> Image.Image:
     """A seeded random image, 48 x 32 unless told: a non-square grid of tokens."""
-    return random_picture(w, h, seed)
+    return checks.picture(w, h, seed)
 
 
 def test_the_three_qwen_classes_are_one_registered_family(tiny):
@@ -242,7 +231,7 @@ def naive_maps(model, processor, images, method: str, layer: int) -> list[torch.
         "pixel_values": enc["pixel_values"],
         "image_grid_thw": enc["image_grid_thw"],
     }
-    flat = naive_token_values(model, ids, first, cols, side, method, layer)
+    flat = checks.naive_token_values(model, ids, first, cols, side, method, layer)
     sizes = [h * w for h, w in grids]
     return [v.reshape(-1, h, w) for v, (h, w) in zip(flat.split(sizes, 1), grids, strict=True)]
 
@@ -267,9 +256,7 @@ def test_batched_per_token_maps_of_two_images_equal_the_naive_recipe(tiny, metho
 @pytest.fixture(scope="module")
 def sdpa_twin(tiny):
     model, processor = tiny
-    twin = copy.deepcopy(model)
-    twin.set_attn_implementation("sdpa")
-    assert set(attention_implementations(twin)) == {"sdpa"}
+    twin = checks.sdpa_copy(model)
     return twin, processor
 
 
@@ -277,16 +264,16 @@ def sdpa_twin(tiny):
 def test_sdpa_and_eager_give_the_same_maps_and_sdpa_stays(tiny, sdpa_twin, method):
     (eager, processor), (sdpa, _) = tiny, sdpa_twin
     images = [picture(seed=5), picture(32, 32, seed=6)]
-    a, b = explain_on_both(eager, sdpa, processor, images, method)
+    a, b = checks.explain_on_both(eager, sdpa, processor, images, method)
     assert sdpa.config._attn_implementation == "sdpa"
     assert torch.allclose(a.image_maps[1], b.image_maps[1], atol=1e-4)
-    assert_attention_note(b.notes, method)
+    checks.assert_attention_note(b.notes, method)
 
 
 def test_attention_implementation_and_hooks_restored_after_an_error(sdpa_twin):
     model, processor = sdpa_twin
     layer = model.get_decoder().layers[1]
-    assert_restored_after_an_error(model, processor, layer, picture(), "attention")
+    checks.assert_restored_after_an_error(model, processor, layer, picture(), "attention")
 
 
 def test_each_class_loads_back_from_a_saved_directory(tiny, tmp_path):
@@ -399,11 +386,13 @@ def test_known_answer_a_text_token_attending_to_one_image_token(family):
     only the image token of cell (1, 2) carries: every text row attends there alone (the
     slowest rotary pair, so positions barely matter)."""
     model, processor = tiny_vlm.BUILDERS[family](seed=2)
-    focus_first_layer(model, norm_fill=10.0)  # Qwen3's per-head RMS norms would undo the scale
+    checks.focus_first_layer(
+        model, norm_fill=10.0
+    )  # Qwen3's per-head RMS norms would undo the scale
     ex = gc.load(model, processor=processor)
     inputs = ex.adapter.inputs([picture()], PROMPT)
     cell = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id)[1 * 3 + 2, 0]
-    with marked(model, cell):
+    with checks.marked(model, cell):
         gen = ex.explain_generation(picture(), prompt=PROMPT, method="attention", text=TEXT)
     raw = gen.raw_maps
     assert raw.shape == (4, 2, 3) and (raw[:, 1, 2] > 0.99).all()

@@ -7,24 +7,14 @@ eager, the attention implementation and hooks left as they were, and bad input i
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import tiny_vlm
 import torch
+import vlm_checks as checks
 from click.testing import CliRunner
 from PIL import Image
-from vlm_checks import (
-    assert_attention_note,
-    assert_restored_after_an_error,
-    explain_on_both,
-    focus_first_layer,
-    marked,
-    naive_token_values,
-    one_line,
-)
-from vlm_checks import picture as random_picture
+from vlm_checks import one_line
 
 import groundcam as gc
 from groundcam.adapters.vlm import attention_implementations
@@ -52,7 +42,7 @@ def tiny():
 
 def picture(w: int = 64, h: int = 32, seed: int = 0) -> Image.Image:
     """A seeded random image, 64 x 32 unless told: two tiles and the global image."""
-    return random_picture(w, h, seed)
+    return checks.picture(w, h, seed)
 
 
 def coded(w: int, h: int) -> Image.Image:
@@ -286,7 +276,7 @@ def naive_maps(model, processor, adapter, image, method: str, layer: int) -> tor
     image_cols = torch.nonzero(ids[0] == model.config.image_token_id)[:, 0]
     assert len(image_cols) == 12
     side = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-    values = naive_token_values(model, ids, first, image_cols, side, method, layer)
+    values = checks.naive_token_values(model, ids, first, image_cols, side, method, layer)
     return by_hand(values, 1, 2, 2)
 
 
@@ -311,13 +301,13 @@ def test_known_answer_a_text_token_attending_to_one_tile_cell():
     there alone, and the placed map is 1/2 (that cell, averaged with the global image's ~0)
     on that cell's pixel of the right half, ~0 elsewhere."""
     model, processor = tiny_vlm.idefics3(seed=2)
-    focus_first_layer(model)
+    checks.focus_first_layer(model)
     ex = gc.load(model, processor=processor)
     inputs = ex.adapter.inputs([picture()], PROMPT)
     layout = ex.adapter.token_layout(inputs, inputs["input_ids"], [(32, 64)])
     (m,) = torch.nonzero((layout.tile == 1) & (layout.row == 1) & (layout.col == 0))[:, 0]
     cell = int(layout.positions[m])
-    with marked(model, cell):
+    with checks.marked(model, cell):
         gen = ex.explain_generation(picture(), prompt=PROMPT, method="attention", text=TEXT)
     raw = gen.raw_maps
     assert raw.shape == (4, 2, 4) and (raw[:, 1, 2] > 0.49).all()
@@ -330,9 +320,7 @@ def test_known_answer_a_text_token_attending_to_one_tile_cell():
 def sdpa_twins(tiny):
     twins = {}
     for name, (model, processor) in tiny.items():
-        twin = copy.deepcopy(model)
-        twin.set_attn_implementation("sdpa")
-        assert set(attention_implementations(twin)) == {"sdpa"}
+        twin = checks.sdpa_copy(model)
         twins[name] = twin, processor
     return twins
 
@@ -343,16 +331,16 @@ def test_sdpa_and_eager_give_the_same_maps_and_sdpa_stays(tiny, sdpa_twins, name
     image = picture(seed=5)
     before = attention_implementations(sdpa)
     for method in METHODS:
-        _, b = explain_on_both(eager, sdpa, processor, image, method)
+        _, b = checks.explain_on_both(eager, sdpa, processor, image, method)
         assert attention_implementations(sdpa) == before
-        assert_attention_note(b.notes, method)
+        checks.assert_attention_note(b.notes, method)
 
 
 @pytest.mark.parametrize("name", ["idefics3", "internvl"])
 def test_attention_implementation_restored_after_an_error(sdpa_twins, name):
     model, processor = sdpa_twins[name]
     layer = model.get_decoder().layers[1]
-    assert_restored_after_an_error(model, processor, layer, picture(), "attention")
+    checks.assert_restored_after_an_error(model, processor, layer, picture(), "attention")
 
 
 @pytest.mark.parametrize("name", ["smolvlm", "internvl"])

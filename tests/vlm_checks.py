@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -169,3 +170,11 @@ def marked(model: torch.nn.Module, cell: int) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+def sdpa_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the eager model running sdpa attention in every layer, to compare against."""
+    twin = copy.deepcopy(model)
+    twin.set_attn_implementation("sdpa")
+    assert set(attention_implementations(twin)) == {"sdpa"}
+    return twin
