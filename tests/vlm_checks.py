@@ -178,3 +178,11 @@ def sdpa_copy(model: torch.nn.Module) -> torch.nn.Module:
     twin.set_attn_implementation("sdpa")
     assert set(attention_implementations(twin)) == {"sdpa"}
     return twin
+
+
+def assert_one_cell(raw: torch.Tensor, row: int, col: int, at_least: float) -> None:
+    """Every token's map [K, h, w] holds more than `at_least` on cell (row, col), ~0 elsewhere."""
+    assert (raw[:, row, col] > at_least).all()
+    others = raw.clone()
+    others[:, row, col] = 0
+    assert (others < 1e-3).all()
