@@ -11,11 +11,12 @@ import copy
 import pytest
 import tiny_vlm
 import torch
+import vlm_checks as checks
 from click.testing import CliRunner
 from PIL import Image
+from vlm_checks import one_line
 
 import groundcam as gc
-from groundcam.adapters.vlm import _EAGER, attention_implementations
 from groundcam.cli import main
 from groundcam.errors import InputError
 
@@ -26,16 +27,8 @@ TEXT = "red cat the dog"
 
 
 def picture(w: int = 40, h: int = 32, seed: int = 0) -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy())
-
-
-def hooks(model: torch.nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        for m in model.modules()
-    )
+    """A seeded random image, 40 x 32 unless told: squashed to the square patch grid."""
+    return checks.picture(w, h, seed)
 
 
 def strong(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -82,38 +75,14 @@ def naive_maps(model, processor, image, method: str, layer: int, template: str) 
     ids = torch.cat([enc["input_ids"], body], 1)
     first = enc["input_ids"].shape[1]
     queries = torch.nonzero(ids[0] == model.config.image_token_id)[:, 0]
-    head = model.get_output_embeddings().weight
     with torch.no_grad():
         mix = cross_attention(model, enc)
     side = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-    maps = []
-    for t in range(first, ids.shape[1]):
-        with torch.enable_grad():
-            out = model(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                output_attentions=True,
-                output_hidden_states=True,
-                **side,
-            )
-            lm = out.language_model_outputs
-            logp = out.logits[0, t - 1].log_softmax(-1)[ids[0, t]]
-            A, H = lm.attentions[layer], lm.hidden_states[layer + 1]
-            attn, hidden = A[0], H[0]
-            if method == "attention":
-                m = attn[:, t - 1, queries].mean(0)
-            elif method == "attn-gradcam":
-                g = torch.autograd.grad(logp, A)[0][0]
-                m = (g.clamp(min=0) * attn)[:, t - 1, queries].mean(0)
-            elif method == "gradcam":
-                g = torch.autograd.grad(logp, H)[0][0]
-                m = (hidden[queries] * g[queries].mean(0)).sum(-1).clamp(min=0)
-            else:
-                last = lm.hidden_states[-1][0]
-                m = (last[queries] @ head[ids[0, t]]).clamp(min=0)
-        g_side = int(mix.shape[1] ** 0.5)
-        maps.append((m.detach() @ mix).reshape(g_side, g_side))
-    return torch.stack(maps)
+    values = checks.naive_token_values(
+        model, ids, first, queries, side, method, layer, lambda out: out.language_model_outputs
+    )
+    g_side = int(mix.shape[1] ** 0.5)
+    return (values @ mix).reshape(-1, g_side, g_side)
 
 
 def test_registered_and_the_layout_is_the_patch_grid_and_the_queries(tiny):
@@ -190,45 +159,17 @@ def test_sdpa_and_eager_give_the_same_maps_and_sdpa_stays(tiny, method):
     eager, processor = tiny
     sdpa = copy.deepcopy(eager)
     sdpa.set_attn_implementation("sdpa")
-    before = attention_implementations(sdpa)
     assert sdpa.config.qformer_config._attn_implementation == "sdpa"
-    image = picture(seed=5)
-    a = gc.load(eager, processor=processor).explain_generation(
-        image, prompt=PROMPT, method=method, text=TEXT
-    )
-    n_hooks = hooks(sdpa)
-    b = gc.load(sdpa, processor=processor).explain_generation(
-        image, prompt=PROMPT, method=method, text=TEXT
-    )
-    assert attention_implementations(sdpa) == before and hooks(sdpa) == n_hooks and not _EAGER
-    scale = a.raw_maps.abs().amax()
-    assert torch.allclose(a.raw_maps, b.raw_maps, atol=1e-5 * scale, rtol=1e-4)
+    _, b = checks.explain_on_both(eager, sdpa, processor, picture(seed=5), method)
     assert "recorded layers only" in b.notes["composition"]
-    if method in ("attention", "attn-gradcam"):
-        assert "recorded layers only" in b.notes["attention"]
-    else:
-        assert "attention" not in b.notes  # the language model never switched
+    checks.assert_attention_note(b.notes, method)  # the language model switched for attention only
 
 
 def test_attention_implementation_restored_after_an_error_in_the_qformer():
     model, processor = tiny_vlm.blip2()
     model.set_attn_implementation("sdpa")
-    before, n_hooks = attention_implementations(model), hooks(model)
-
-    def boom(module, args, output):
-        raise RuntimeError("boom in the Q-Former")
-
     layer = model.qformer.encoder.layer[1].crossattention.attention
-    handle = layer.register_forward_hook(boom)
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            gc.load(model, processor=processor).explain_generation(
-                picture(), prompt=PROMPT, method="attention", text=TEXT
-            )
-        assert attention_implementations(model) == before and not _EAGER
-    finally:
-        handle.remove()
-    assert hooks(model) == n_hooks
+    checks.assert_restored_after_an_error(model, processor, layer, picture(), "attention")
 
 
 def test_known_answer_every_query_reads_one_patch():
@@ -264,12 +205,6 @@ def test_known_answer_every_query_reads_one_patch():
     others = raw.clone()
     others[:, patch] = 0
     assert (others < 1e-3 * raw[:, patch, None]).all()
-
-
-def one_line(exc: pytest.ExceptionInfo) -> str:
-    text = str(exc.value)
-    assert "\n" not in text and text
-    return text
 
 
 def test_bad_input_is_one_line(tiny):

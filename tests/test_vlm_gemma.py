@@ -11,11 +11,13 @@ import copy
 import pytest
 import tiny_vlm
 import torch
+import vlm_checks as checks
 from click.testing import CliRunner
 from PIL import Image
+from vlm_checks import one_line, picture
 
 import groundcam as gc
-from groundcam.adapters.vlm import _EAGER, attention_implementations
+from groundcam.adapters.vlm import attention_implementations
 from groundcam.cli import main
 from groundcam.errors import InputError
 from groundcam.explanation import normalize_maps
@@ -27,22 +29,9 @@ TEXT = "red cat the dog"
 FAMILIES = ("paligemma", "gemma3")
 
 
-def picture(w: int = 32, h: int = 32, seed: int = 0) -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy())
-
-
 def images_of(family: str, seed: int = 0) -> list[Image.Image]:
     """Two images: both families read several, one map each."""
     return [picture(seed=seed), picture(seed=seed + 10)]
-
-
-def hooks(model: torch.nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        for m in model.modules()
-    )
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +50,7 @@ def built():
 def sdpa(built):
     out = {}
     for family, (model, processor) in built.items():
-        twin = copy.deepcopy(model)
-        twin.set_attn_implementation("sdpa")
-        assert set(attention_implementations(twin)) == {"sdpa"}
+        twin = checks.sdpa_copy(model)
         out[family] = (twin, processor)
     return out
 
@@ -221,33 +208,9 @@ def naive_maps(family, model, processor, images, method, layer, pad=None) -> lis
     cols = torch.nonzero(ids[0] == model.config.image_token_id)[:, 0]
     n = len(cols) // len(images)
     side = int(n**0.5)
-    head = model.get_output_embeddings().weight
-    maps = []
-    for t in range(first, ids.shape[1]):
-        with torch.enable_grad():
-            out = model(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                token_type_ids=types,
-                pixel_values=enc["pixel_values"],
-                output_attentions=True,
-                output_hidden_states=True,
-            )
-            logp = out.logits[0, t - 1].log_softmax(-1)[ids[0, t]]
-            A, H = out.attentions[layer], out.hidden_states[layer + 1]
-            attn, hidden = A[0], H[0]
-            if method == "attention":
-                m = attn[:, t - 1, cols].mean(0)
-            elif method == "attn-gradcam":
-                g = torch.autograd.grad(logp, A)[0][0]
-                m = (g.clamp(min=0) * attn)[:, t - 1, cols].mean(0)
-            elif method == "gradcam":
-                g = torch.autograd.grad(logp, H)[0][0]
-                m = (hidden[cols] * g[cols].mean(0)).sum(-1).clamp(min=0)
-            else:
-                m = (out.hidden_states[-1][0][cols] @ head[ids[0, t]]).clamp(min=0)
-        maps.append(m.detach().reshape(len(images), side, side))
-    return list(torch.stack(maps).unbind(1))  # per image [tokens, s, s]
+    inputs = {"token_type_ids": types, "pixel_values": enc["pixel_values"]}
+    values = checks.naive_token_values(model, ids, first, cols, inputs, method, layer)
+    return list(values.reshape(-1, len(images), side, side).unbind(1))  # per image [tokens, s, s]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -289,42 +252,18 @@ def test_the_side_input_is_extended_as_generate_does(built, family):
 @pytest.mark.parametrize("method", METHODS)
 def test_sdpa_and_eager_give_the_same_maps_and_sdpa_stays(built, sdpa, family, method):
     (eager, processor), (twin, _) = built[family], sdpa[family]
-    images = images_of(family, seed=5)
-    before, n_hooks = attention_implementations(twin), hooks(twin)
-    a = gc.load(eager, processor=processor).explain_generation(
-        images, prompt=PROMPT, method=method, text=TEXT
-    )
-    b = gc.load(twin, processor=processor).explain_generation(
-        images, prompt=PROMPT, method=method, text=TEXT
-    )
-    assert attention_implementations(twin) == before and hooks(twin) == n_hooks and not _EAGER
-    scale = a.raw_maps.abs().amax()
-    assert torch.allclose(a.raw_maps, b.raw_maps, atol=1e-5 * scale, rtol=1e-4)
+    a, b = checks.explain_on_both(eager, twin, processor, images_of(family, seed=5), method)
     for x, y in zip(a.image_maps, b.image_maps, strict=True):
         assert torch.allclose(x, y, atol=1e-4)
-    if method in ("attention", "attn-gradcam"):
-        assert "recorded layers only" in b.notes["attention"]
-    else:
-        assert "attention" not in b.notes
+    checks.assert_attention_note(b.notes, method)
 
 
 def test_attention_implementation_restored_after_an_error_mid_forward(sdpa):
     model, processor = sdpa["gemma3"]
-    before, n_hooks = attention_implementations(model), hooks(model)
-
-    def boom(module, args, output):
-        raise RuntimeError("boom in layer 1")
-
-    handle = model.get_decoder().layers[1].register_forward_hook(boom)
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            gc.load(model, processor=processor).explain_generation(
-                images_of("gemma3"), prompt=PROMPT, method="attn-gradcam", text=TEXT
-            )
-        assert attention_implementations(model) == before and not _EAGER
-    finally:
-        handle.remove()
-    assert hooks(model) == n_hooks
+    layer = model.get_decoder().layers[1]
+    checks.assert_restored_after_an_error(
+        model, processor, layer, images_of("gemma3"), "attn-gradcam"
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -335,53 +274,20 @@ def test_known_answer_a_text_token_attending_to_one_image_token(family):
     the norms' weights on that channel are raised to make the logit large."""
     model, processor = tiny_vlm.BUILDERS[family](seed=2)
     images = images_of(family)
-    attn = model.get_decoder().layers[0].self_attn
-    hd = attn.head_dim
-    slow = hd // 2 - 1  # the rotary pair that barely turns over a few dozen positions
-    with torch.no_grad():
-        attn.q_proj.weight.zero_()
-        attn.k_proj.weight.zero_()
-        for h in range(attn.q_proj.out_features // hd):
-            attn.q_proj.weight[h * hd + slow, 0] = 5.0
-        for h in range(attn.k_proj.out_features // hd):
-            attn.k_proj.weight[h * hd + slow, 1] = 5.0
-        for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):
-            if norm is not None:
-                norm.weight[slow] = 5.0
-        model.get_input_embeddings().weight[:, 0] = 10.0
-        model.get_input_embeddings().weight[:, 1] = 0.0
+    checks.focus_first_layer(model, norm_slow=5.0)
     ex = gc.load(model, processor=processor)
     inputs = ex.adapter.inputs(images, PROMPT)
     cols = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id)[:, 0]
     image, row, col, side = (0, 2, 1, 4) if family == "paligemma" else (1, 1, 0, 2)
     cell = cols[image * side * side + row * side + col]
-
-    def mark(module, args, kwargs):
-        x = kwargs["inputs_embeds"].clone()
-        x[:, :, 1] = 0.0
-        x[:, cell, 1] = 10.0
-        return args, {**kwargs, "inputs_embeds": x}
-
-    handle = model.get_decoder().register_forward_pre_hook(mark, with_kwargs=True)
-    try:
+    with checks.marked(model, cell):
         gen = ex.explain_generation(images, prompt=PROMPT, method="attention", text=TEXT)
-    finally:
-        handle.remove()
     assert (gen.image_maps[image].flatten(1).argmax(1) == row * side + col).all()
     values = gen.raw_maps if image == 0 else None
     if values is not None:
-        assert (values[:, row, col] > 0.99).all()
-        others = values.clone()
-        others[:, row, col] = 0
-        assert (others < 1e-3).all()
+        checks.assert_one_cell(values, row, col, 0.99)
     else:  # the first image draws no attention; its raw map is near 0
         assert (gen.raw_maps < 1e-3).all()
-
-
-def one_line(exc: pytest.ExceptionInfo) -> str:
-    text = str(exc.value)
-    assert "\n" not in text and text
-    return text
 
 
 def test_bad_input_is_one_line(built):

@@ -5,13 +5,13 @@ implementation and hooks left as they were, a known answer, and bad input in one
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import tiny_vlm
 import torch
+import vlm_checks as checks
 from click.testing import CliRunner
 from PIL import Image
+from vlm_checks import one_line, picture
 
 import groundcam as gc
 from groundcam.adapters.vlm import _EAGER, attention_implementations
@@ -40,19 +40,6 @@ def strong(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
 def tiny():
     model, processor = tiny_vlm.llava()
     return strong(model), processor
-
-
-def picture(w: int = 32, h: int = 32, seed: int = 0) -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy())
-
-
-def hooks(model: torch.nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        for m in model.modules()
-    )
 
 
 def test_llava_is_a_registered_family_with_its_methods(tiny):
@@ -115,45 +102,25 @@ def test_maps_finite_and_not_flat_at_the_default_layer(tiny, method):
     assert gen.prompt is not None and "what is the sign" in gen.prompt
 
 
-def naive_maps(model, processor, image, method: str, layer: int) -> torch.Tensor:
-    """One forward and one backward per text token, written from the definitions (DESIGN
-    §12): the logits at row t-1 score token t; maps over the image-token columns as a 4 x 4
-    grid (a square image: the crop is the whole image)."""
+def teacher_forced(model, processor, image, text: str = TEXT):
+    """LLaVA's prompt with `text` after it as the model reads it: the processor's output, the
+    ids, where the text starts and the image-token columns."""
     enc = processor(
         images=[image], text=[f"USER: <image>\n{PROMPT} ASSISTANT:"], return_tensors="pt"
     )
-    body = processor.tokenizer(TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    body = processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     ids = torch.cat([enc["input_ids"], body], 1)
     first = enc["input_ids"].shape[1]
-    image_cols = torch.nonzero(ids[0] == model.config.image_token_index)[:, 0]
-    head = model.get_output_embeddings().weight
-    maps = []
-    for t in range(first, ids.shape[1]):
-        with torch.enable_grad():
-            out = model(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                pixel_values=enc["pixel_values"],
-                output_attentions=True,
-                output_hidden_states=True,
-            )
-            logp = out.logits[0, t - 1].log_softmax(-1)[ids[0, t]]
-            A, H = out.attentions[layer], out.hidden_states[layer + 1]  # H: the layer's output
-            attn, hidden = A[0], H[0]  # [heads, T, T], [T, C]
-            if method == "attention":
-                m = attn[:, t - 1, image_cols].mean(0)
-            elif method == "attn-gradcam":
-                g = torch.autograd.grad(logp, A)[0][0]
-                m = (g.clamp(min=0) * attn)[:, t - 1, image_cols].mean(0)
-            elif method == "gradcam":
-                g = torch.autograd.grad(logp, H)[0][0]
-                w = g[image_cols].mean(0)
-                m = (hidden[image_cols] * w).sum(-1).clamp(min=0)
-            else:
-                last = out.hidden_states[-1][0]
-                m = (last[image_cols] @ head[ids[0, t]]).clamp(min=0)
-        maps.append(m.detach().reshape(4, 4))
-    return torch.stack(maps)
+    return enc, ids, first, torch.nonzero(ids[0] == model.config.image_token_index)[:, 0]
+
+
+def naive_maps(model, processor, image, method: str, layer: int) -> torch.Tensor:
+    """The naive per-token recipe (vlm_checks) over the image-token columns as a 4 x 4 grid (a
+    square image: the crop is the whole image)."""
+    enc, ids, first, image_cols = teacher_forced(model, processor, image)
+    side = {"pixel_values": enc["pixel_values"]}
+    values = checks.naive_token_values(model, ids, first, image_cols, side, method, layer)
+    return values.reshape(-1, 4, 4)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -184,90 +151,36 @@ def test_batched_maps_equal_the_naive_recipe_at_another_layer(tiny):
 @pytest.fixture(scope="module")
 def sdpa_twin(tiny):
     model, processor = tiny
-    twin = copy.deepcopy(model)
-    twin.set_attn_implementation("sdpa")
-    assert set(attention_implementations(twin)) == {"sdpa"}
+    twin = checks.sdpa_copy(model)
     return twin, processor
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_sdpa_and_eager_give_the_same_maps_and_sdpa_stays(tiny, sdpa_twin, method):
     (eager, processor), (sdpa, _) = tiny, sdpa_twin
-    image = picture(seed=5)
-    before = attention_implementations(sdpa)
-    a = gc.load(eager, processor=processor).explain_generation(
-        image, prompt=PROMPT, method=method, text=TEXT
-    )
-    n_hooks = hooks(sdpa)
-    b = gc.load(sdpa, processor=processor).explain_generation(
-        image, prompt=PROMPT, method=method, text=TEXT
-    )
-    assert attention_implementations(sdpa) == before and sdpa.config._attn_implementation == "sdpa"
-    assert hooks(sdpa) == n_hooks and not _EAGER
-    scale = a.raw_maps.abs().amax()
-    assert torch.allclose(a.raw_maps, b.raw_maps, atol=1e-5 * scale, rtol=1e-4)
-    if method in ("attention", "attn-gradcam"):
-        assert "recorded layers only" in b.notes["attention"]
-    else:
-        assert "attention" not in b.notes  # never switched
+    _, b = checks.explain_on_both(eager, sdpa, processor, picture(seed=5), method)
+    assert sdpa.config._attn_implementation == "sdpa"
+    checks.assert_attention_note(b.notes, method)
 
 
 def test_attention_implementation_restored_after_an_error_mid_forward(sdpa_twin):
     model, processor = sdpa_twin
-    before, n_hooks = attention_implementations(model), hooks(model)
-
-    def boom(module, args, output):
-        raise RuntimeError("boom in layer 1")
-
-    handle = model.get_decoder().layers[1].register_forward_hook(boom)
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            gc.load(model, processor=processor).explain_generation(
-                picture(), prompt=PROMPT, method="attn-gradcam", text=TEXT
-            )
-        assert attention_implementations(model) == before and not _EAGER
-    finally:
-        handle.remove()
-    assert hooks(model) == n_hooks
+    layer = model.get_decoder().layers[1]
+    checks.assert_restored_after_an_error(model, processor, layer, picture(), "attn-gradcam")
 
 
 def test_known_answer_a_text_token_attending_to_one_image_token():
     """Layer 0's queries read channel 0 (large in every text embedding), its keys channel 1,
     which only the image token of cell (2, 1) carries: every text row attends there alone."""
     model, processor = tiny_vlm.llava(seed=2)
-    dec = model.get_decoder()
-    attn = dec.layers[0].self_attn
-    hd = attn.head_dim
-    slow = hd // 2 - 1  # the rotary pair that barely turns over a few dozen positions
-    with torch.no_grad():
-        attn.q_proj.weight.zero_()
-        attn.k_proj.weight.zero_()
-        for h in range(attn.q_proj.out_features // hd):
-            attn.q_proj.weight[h * hd + slow, 0] = 5.0
-        for h in range(attn.k_proj.out_features // hd):
-            attn.k_proj.weight[h * hd + slow, 1] = 5.0
-        model.get_input_embeddings().weight[:, 0] = 10.0
-        model.get_input_embeddings().weight[:, 1] = 0.0
+    checks.focus_first_layer(model)
     ex = gc.load(model, processor=processor)
     inputs = ex.adapter.inputs([picture()], PROMPT)
     cell = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_index)[2 * 4 + 1, 0]
-
-    def mark(module, args, kwargs):
-        x = kwargs["inputs_embeds"].clone()
-        x[:, :, 1] = 0.0
-        x[:, cell, 1] = 10.0
-        return args, {**kwargs, "inputs_embeds": x}
-
-    handle = dec.register_forward_pre_hook(mark, with_kwargs=True)
-    try:
+    with checks.marked(model, cell):
         gen = ex.explain_generation(picture(), prompt=PROMPT, method="attention", text=TEXT)
-    finally:
-        handle.remove()
     raw = gen.raw_maps
-    assert (raw[:, 2, 1] > 0.99).all()
-    others = raw.clone()
-    others[:, 2, 1] = 0
-    assert (others < 1e-3).all()
+    checks.assert_one_cell(raw, 2, 1, 0.99)
     assert (gen.maps.flatten(1).argmax(1) == 2 * 4 + 1).all()
 
 
@@ -299,12 +212,6 @@ def test_load_from_a_saved_directory(tiny, tmp_path):
     assert gen.raw_maps.shape[1:] == (4, 4) and torch.isfinite(gen.raw_maps).all()
     meta = gen.meta()
     assert meta["words"] == gen.words and meta["prompt"] == gen.prompt
-
-
-def one_line(exc: pytest.ExceptionInfo) -> str:
-    text = str(exc.value)
-    assert "\n" not in text and text
-    return text
 
 
 def test_bad_input_is_one_line(tiny):

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import tiny_vlm
 import torch
+import vlm_checks as checks
 from click.testing import CliRunner
 from PIL import Image
+from vlm_checks import one_line, picture
 
 import groundcam as gc
-from groundcam.adapters.vlm import _EAGER, attention_implementations
+from groundcam.adapters.vlm import attention_implementations
 from groundcam.cli import main
 from groundcam.contract import TokenLayout
 from groundcam.errors import InputError
@@ -35,30 +37,11 @@ def tiny(request):
     return tiny_vlm.sharpen(model), processor
 
 
-def picture(w: int = 32, h: int = 32, seed: int = 0) -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy())
-
-
 def coded(w: int, h: int) -> Image.Image:
     """Red = x, green = y of every pixel (both < 256)."""
     xs = torch.arange(w)[None, :].expand(h, w)
     ys = torch.arange(h)[:, None].expand(h, w)
     return Image.fromarray(torch.stack([xs, ys, torch.zeros_like(xs)], -1).to(torch.uint8).numpy())
-
-
-def hooks(model: torch.nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        for m in model.modules()
-    )
-
-
-def one_line(exc: pytest.ExceptionInfo) -> str:
-    text = str(exc.value)
-    assert "\n" not in text and text
-    return text
 
 
 def test_both_families_are_registered_with_their_methods():
@@ -198,40 +181,15 @@ TWO = "<image> <image> " + PROMPT  # placeholders given: the prompt is used as i
 
 
 def naive_values(model, processor, images, method: str, layer: int) -> torch.Tensor:
-    """One forward and one backward per text token, written from the definitions (DESIGN §12):
-    the logits at row t-1 score token t; values over the image-token columns in sequence order."""
+    """The naive per-token recipe (vlm_checks): values over the image-token columns in sequence
+    order."""
     enc = processor(images=images, text=[TWO], return_tensors="pt")
     side = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
     body = processor.tokenizer(TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"]
     ids = torch.cat([enc["input_ids"], body], 1)
     first = enc["input_ids"].shape[1]
     cols = torch.nonzero(ids[0] == model.config.image_token_id)[:, 0]
-    head = model.get_output_embeddings().weight
-    values = []
-    for t in range(first, ids.shape[1]):
-        with torch.enable_grad():
-            out = model(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                **side,
-                output_attentions=True,
-                output_hidden_states=True,
-            )
-            logp = out.logits[0, t - 1].log_softmax(-1)[ids[0, t]]
-            A, H = out.attentions[layer], out.hidden_states[layer + 1]
-            attn, hidden = A[0], H[0]
-            if method == "attention":
-                v = attn[:, t - 1, cols].mean(0)
-            elif method == "attn-gradcam":
-                g = torch.autograd.grad(logp, A)[0][0]
-                v = (g.clamp(min=0) * attn)[:, t - 1, cols].mean(0)
-            elif method == "gradcam":
-                g = torch.autograd.grad(logp, H)[0][0]
-                v = (hidden[cols] * g[cols].mean(0)).sum(-1).clamp(min=0)
-            else:
-                v = (out.hidden_states[-1][0][cols] @ head[ids[0, t]]).clamp(min=0)
-        values.append(v.detach())
-    return torch.stack(values)
+    return checks.naive_token_values(model, ids, first, cols, side, method, layer)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -266,19 +224,8 @@ def test_sdpa_and_eager_give_the_same_maps_and_sdpa_stays(tiny, method):
     eager, processor = tiny
     sdpa = copy.deepcopy(eager)
     sdpa.set_attn_implementation("sdpa")
-    image = picture(77, 61, seed=5)
-    before, n_hooks = attention_implementations(sdpa), hooks(sdpa)
-    a = gc.load(eager, processor=processor).explain_generation(
-        image, prompt=PROMPT, method=method, text=TEXT
-    )
-    b = gc.load(sdpa, processor=processor).explain_generation(
-        image, prompt=PROMPT, method=method, text=TEXT
-    )
-    assert attention_implementations(sdpa) == before and set(before) == {"sdpa"}
-    assert hooks(sdpa) == n_hooks and not _EAGER
-    scale = a.raw_maps.abs().amax()
-    assert scale > 0
-    assert torch.allclose(a.raw_maps, b.raw_maps, atol=1e-5 * scale, rtol=1e-4)
+    a, b = checks.explain_on_both(eager, sdpa, processor, picture(77, 61, seed=5), method)
+    assert set(attention_implementations(sdpa)) == {"sdpa"} and a.raw_maps.abs().amax() > 0
     assert ("attention" in b.notes) == (method in ("attention", "attn-gradcam"))
 
 
@@ -286,21 +233,8 @@ def test_attention_implementation_restored_after_an_error_mid_forward(tiny):
     model, processor = tiny
     twin = copy.deepcopy(model)
     twin.set_attn_implementation("sdpa")
-    before, n_hooks = attention_implementations(twin), hooks(twin)
-
-    def boom(module, args, output):
-        raise RuntimeError("boom in layer 1")
-
-    handle = twin.get_decoder().layers[1].register_forward_hook(boom)
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            gc.load(twin, processor=processor).explain_generation(
-                picture(), prompt=PROMPT, method="attn-gradcam", text=TEXT
-            )
-        assert attention_implementations(twin) == before and not _EAGER
-    finally:
-        handle.remove()
-    assert hooks(twin) == n_hooks
+    layer = twin.get_decoder().layers[1]
+    checks.assert_restored_after_an_error(twin, processor, layer, picture(), "attn-gradcam")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -344,37 +278,15 @@ def test_known_answer_a_text_token_attending_to_one_hires_cell(builder):
     64 x 64 image (2 x 2 tiles, an 8 x 8 grid, no padding) the map is 0.5 on that cell (its mean
     with the base tile's cell, which gets nothing) and 0 elsewhere."""
     model, processor = getattr(tiny_vlm, builder)(seed=2)
-    dec = model.get_decoder()
-    attn = dec.layers[0].self_attn
-    hd = attn.head_dim
-    slow = hd // 2 - 1  # the rotary pair that barely turns over a few hundred positions
-    with torch.no_grad():
-        for proj, channel in ((attn.q_proj, 0), (attn.k_proj, 1)):
-            proj.weight.zero_()
-            if proj.bias is not None:
-                proj.bias.zero_()
-            for h in range(proj.out_features // hd):
-                proj.weight[h * hd + slow, channel] = 5.0
-        model.get_input_embeddings().weight[:, 0] = 10.0
-        model.get_input_embeddings().weight[:, 1] = 0.0
+    checks.focus_first_layer(model)
     ex = gc.load(model, processor=processor)
     image = picture(64, 64)
     inputs = ex.adapter.inputs([image], PROMPT)
     layout = ex.adapter.token_layout(inputs, inputs["input_ids"], [(64, 64)])
     assert (layout.tiles[1].grid_h, layout.tiles[1].grid_w) == (8, 8)
     cell = layout.positions[(layout.tile == 1) & (layout.row == 5) & (layout.col == 2)]
-
-    def mark(module, args, kwargs):
-        x = kwargs["inputs_embeds"].clone()
-        x[:, :, 1] = 0.0
-        x[:, cell, 1] = 10.0
-        return args, {**kwargs, "inputs_embeds": x}
-
-    handle = dec.register_forward_pre_hook(mark, with_kwargs=True)
-    try:
+    with checks.marked(model, cell):
         gen = ex.explain_generation(image, prompt=PROMPT, method="attention", text=TEXT)
-    finally:
-        handle.remove()
     raw = gen.raw_maps
     assert raw.shape == (4, 8, 8)
     assert ((raw[:, 5, 2] - 0.5).abs() < 5e-3).all()

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import tiny_vlm
 import torch
-from test_vlm_llava import picture, strong
+from test_vlm_llava import strong, teacher_forced
+from vlm_checks import hooks, picture
 
 import groundcam as gc
 from groundcam.adapters.vlm import attention_implementations
@@ -139,17 +140,23 @@ def test_tam_equals_an_independent_loop_over_generation_rounds(tiny):
     assert (plain - want).abs().max() > 2
 
 
-def test_tam_under_sdpa_equals_eager_and_sdpa_stays(tiny):
+def eager_and_sdpa(tiny, method: str, seed: int):
+    """The method's generation on the eager model and on an sdpa copy of it, and that copy."""
     model, processor = tiny
     twin = copy.deepcopy(model)
     twin.set_attn_implementation("sdpa")
-    image = picture(seed=5)
+    image = picture(seed=seed)
     eager = gc.load(model, processor=processor).explain_generation(
-        image, prompt=PROMPT, method="tam", text=TEXT
+        image, prompt=PROMPT, method=method, text=TEXT
     )
     sdpa = gc.load(twin, processor=processor).explain_generation(
-        image, prompt=PROMPT, method="tam", text=TEXT
+        image, prompt=PROMPT, method=method, text=TEXT
     )
+    return eager, sdpa, twin
+
+
+def test_tam_under_sdpa_equals_eager_and_sdpa_stays(tiny):
+    eager, sdpa, twin = eager_and_sdpa(tiny, "tam", seed=5)
     assert (eager.raw_maps - sdpa.raw_maps).abs().max() <= 1
     assert set(attention_implementations(twin)) == {"sdpa"}
 
@@ -250,13 +257,7 @@ def test_bad_phrases_and_prompts_are_one_line(tiny, tiny_model_dir):
 def naive_relevance(model, processor, image) -> torch.Tensor:
     """Chefer's rule with every layer's attention and gradient kept: one forward and backward
     per token, R = I, R += mean_heads relu(grad * A) @ R per layer, row t-1 at the image."""
-    enc = processor(
-        images=[image], text=[f"USER: <image>\n{PROMPT} ASSISTANT:"], return_tensors="pt"
-    )
-    body = processor.tokenizer(TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    ids = torch.cat([enc["input_ids"], body], 1)
-    first = enc["input_ids"].shape[1]
-    image_cols = torch.nonzero(ids[0] == model.config.image_token_index)[:, 0]
+    enc, ids, first, image_cols = teacher_forced(model, processor, image, TEXT)
     maps = []
     for t in range(first, ids.shape[1]):
         out = model(
@@ -288,16 +289,7 @@ def test_relevance_equals_chefer_with_every_layer_kept(tiny):
 
 
 def test_relevance_under_sdpa_switches_back_and_matches_eager(tiny):
-    model, processor = tiny
-    twin = copy.deepcopy(model)
-    twin.set_attn_implementation("sdpa")
-    image = picture(seed=11)
-    eager = gc.load(model, processor=processor).explain_generation(
-        image, prompt=PROMPT, method="relevance", text=TEXT
-    )
-    sdpa = gc.load(twin, processor=processor).explain_generation(
-        image, prompt=PROMPT, method="relevance", text=TEXT
-    )
+    eager, sdpa, twin = eager_and_sdpa(tiny, "relevance", seed=11)
     assert torch.allclose(eager.raw_maps, sdpa.raw_maps, rtol=1e-4, atol=1e-6)
     assert set(attention_implementations(twin)) == {"sdpa"}
     assert "eager" in sdpa.notes["attention"]
@@ -417,8 +409,6 @@ def test_cli_explains_phrases_on_a_vlm_and_refuses_an_empty_one_in_one_line(tiny
 
 
 def test_relevance_leaves_no_hook_or_switched_attention_after_an_error(tiny):
-    from test_vlm_llava import hooks
-
     model, processor = tiny
     twin = copy.deepcopy(model)
     twin.set_attn_implementation("sdpa")

@@ -7,16 +7,15 @@ input in one line."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import tiny_vlm
 import torch
+import vlm_checks as checks
 from PIL import Image
+from vlm_checks import one_line
 
 import groundcam as gc
 from groundcam.adapters.qwen_vl import merged_grids
-from groundcam.adapters.vlm import _EAGER, attention_implementations
 from groundcam.errors import InputError
 from groundcam.explanation import normalize_maps
 from groundcam.placement import place
@@ -35,22 +34,8 @@ def tiny(request):
 
 
 def picture(w: int = 48, h: int = 32, seed: int = 0) -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy())
-
-
-def hooks(model: torch.nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        for m in model.modules()
-    )
-
-
-def one_line(exc: pytest.ExceptionInfo) -> str:
-    text = str(exc.value)
-    assert "\n" not in text and text
-    return text
+    """A seeded random image, 48 x 32 unless told: a non-square grid of tokens."""
+    return checks.picture(w, h, seed)
 
 
 def test_the_three_qwen_classes_are_one_registered_family(tiny):
@@ -241,32 +226,12 @@ def naive_maps(model, processor, images, method: str, layer: int) -> list[torch.
     cols = torch.nonzero(ids[0] == model.config.image_token_id)[:, 0]
     merge = processor.image_processor.merge_size
     grids = [(h // merge, w // merge) for _, h, w in enc["image_grid_thw"].tolist()]
-    head = model.get_output_embeddings().weight
-    maps = []
-    for t in range(first, ids.shape[1]):
-        out = model(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            mm_token_type_ids=types,
-            pixel_values=enc["pixel_values"],
-            image_grid_thw=enc["image_grid_thw"],
-            output_attentions=True,
-            output_hidden_states=True,
-        )
-        logp = out.logits[0, t - 1].log_softmax(-1)[ids[0, t]]
-        A, H = out.attentions[layer], out.hidden_states[layer + 1]
-        if method == "attention":
-            m = A[0, :, t - 1, cols].mean(0)
-        elif method == "attn-gradcam":
-            g = torch.autograd.grad(logp, A)[0][0]
-            m = (g.clamp(min=0) * A[0])[:, t - 1, cols].mean(0)
-        elif method == "gradcam":
-            g = torch.autograd.grad(logp, H)[0][0]
-            m = (H[0, cols] * g[cols].mean(0)).sum(-1).clamp(min=0)
-        else:
-            m = (out.hidden_states[-1][0, cols] @ head[ids[0, t]]).clamp(min=0)
-        maps.append(m.detach())
-    flat = torch.stack(maps)
+    side = {
+        "mm_token_type_ids": types,
+        "pixel_values": enc["pixel_values"],
+        "image_grid_thw": enc["image_grid_thw"],
+    }
+    flat = checks.naive_token_values(model, ids, first, cols, side, method, layer)
     sizes = [h * w for h, w in grids]
     return [v.reshape(-1, h, w) for v, (h, w) in zip(flat.split(sizes, 1), grids, strict=True)]
 
@@ -291,9 +256,7 @@ def test_batched_per_token_maps_of_two_images_equal_the_naive_recipe(tiny, metho
 @pytest.fixture(scope="module")
 def sdpa_twin(tiny):
     model, processor = tiny
-    twin = copy.deepcopy(model)
-    twin.set_attn_implementation("sdpa")
-    assert set(attention_implementations(twin)) == {"sdpa"}
+    twin = checks.sdpa_copy(model)
     return twin, processor
 
 
@@ -301,41 +264,16 @@ def sdpa_twin(tiny):
 def test_sdpa_and_eager_give_the_same_maps_and_sdpa_stays(tiny, sdpa_twin, method):
     (eager, processor), (sdpa, _) = tiny, sdpa_twin
     images = [picture(seed=5), picture(32, 32, seed=6)]
-    before, n_hooks = attention_implementations(sdpa), hooks(sdpa)
-    a = gc.load(eager, processor=processor).explain_generation(
-        images, prompt=PROMPT, method=method, text=TEXT
-    )
-    b = gc.load(sdpa, processor=processor).explain_generation(
-        images, prompt=PROMPT, method=method, text=TEXT
-    )
-    assert attention_implementations(sdpa) == before and sdpa.config._attn_implementation == "sdpa"
-    assert hooks(sdpa) == n_hooks and not _EAGER
-    scale = a.raw_maps.abs().amax()
-    assert torch.allclose(a.raw_maps, b.raw_maps, atol=1e-5 * scale, rtol=1e-4)
+    a, b = checks.explain_on_both(eager, sdpa, processor, images, method)
+    assert sdpa.config._attn_implementation == "sdpa"
     assert torch.allclose(a.image_maps[1], b.image_maps[1], atol=1e-4)
-    if method in ("attention", "attn-gradcam"):
-        assert "recorded layers only" in b.notes["attention"]
-    else:
-        assert "attention" not in b.notes  # never switched
+    checks.assert_attention_note(b.notes, method)
 
 
 def test_attention_implementation_and_hooks_restored_after_an_error(sdpa_twin):
     model, processor = sdpa_twin
-    before, n_hooks = attention_implementations(model), hooks(model)
-
-    def boom(module, args, output):
-        raise RuntimeError("boom in layer 1")
-
-    handle = model.get_decoder().layers[1].register_forward_hook(boom)
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            gc.load(model, processor=processor).explain_generation(
-                picture(), prompt=PROMPT, method="attention", text=TEXT
-            )
-        assert attention_implementations(model) == before and not _EAGER
-    finally:
-        handle.remove()
-    assert hooks(model) == n_hooks
+    layer = model.get_decoder().layers[1]
+    checks.assert_restored_after_an_error(model, processor, layer, picture(), "attention")
 
 
 def test_each_class_loads_back_from_a_saved_directory(tiny, tmp_path):
@@ -448,41 +386,13 @@ def test_known_answer_a_text_token_attending_to_one_image_token(family):
     only the image token of cell (1, 2) carries: every text row attends there alone (the
     slowest rotary pair, so positions barely matter)."""
     model, processor = tiny_vlm.BUILDERS[family](seed=2)
-    dec = model.get_decoder()
-    attn = dec.layers[0].self_attn
-    hd = attn.head_dim
-    slow = hd // 2 - 1
-    with torch.no_grad():
-        for proj in (attn.q_proj, attn.k_proj):
-            proj.weight.zero_()
-            if proj.bias is not None:
-                proj.bias.zero_()
-        for h in range(attn.q_proj.out_features // hd):
-            attn.q_proj.weight[h * hd + slow, 0] = 5.0
-        for h in range(attn.k_proj.out_features // hd):
-            attn.k_proj.weight[h * hd + slow, 1] = 5.0
-        for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):
-            if norm is not None:  # Qwen3's per-head RMS norms would undo the scale of 5
-                norm.weight.fill_(10.0)
-        model.get_input_embeddings().weight[:, 0] = 10.0
-        model.get_input_embeddings().weight[:, 1] = 0.0
+    # Qwen3's per-head RMS norms would undo the scale of 5
+    checks.focus_first_layer(model, norm_fill=10.0)
     ex = gc.load(model, processor=processor)
     inputs = ex.adapter.inputs([picture()], PROMPT)
     cell = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id)[1 * 3 + 2, 0]
-
-    def mark(module, args, kwargs):
-        x = kwargs["inputs_embeds"].clone()
-        x[:, :, 1] = 0.0
-        x[:, cell, 1] = 10.0
-        return args, {**kwargs, "inputs_embeds": x}
-
-    handle = dec.register_forward_pre_hook(mark, with_kwargs=True)
-    try:
+    with checks.marked(model, cell):
         gen = ex.explain_generation(picture(), prompt=PROMPT, method="attention", text=TEXT)
-    finally:
-        handle.remove()
     raw = gen.raw_maps
-    assert raw.shape == (4, 2, 3) and (raw[:, 1, 2] > 0.99).all()
-    others = raw.clone()
-    others[:, 1, 2] = 0
-    assert (others < 1e-3).all()
+    assert raw.shape == (4, 2, 3)
+    checks.assert_one_cell(raw, 1, 2, 0.99)

@@ -7,17 +7,17 @@ eager, the attention implementation and hooks left as they were, and bad input i
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import tiny_vlm
 import torch
+import vlm_checks as checks
 from click.testing import CliRunner
 from PIL import Image
+from vlm_checks import one_line
 
 import groundcam as gc
-from groundcam.adapters.vlm import _EAGER, attention_implementations
+from groundcam.adapters.vlm import attention_implementations
 from groundcam.cli import main
 from groundcam.contract import TokenLayout
 from groundcam.errors import InputError
@@ -41,9 +41,8 @@ def tiny():
 
 
 def picture(w: int = 64, h: int = 32, seed: int = 0) -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy())
+    """A seeded random image, 64 x 32 unless told: two tiles and the global image."""
+    return checks.picture(w, h, seed)
 
 
 def coded(w: int, h: int) -> Image.Image:
@@ -51,13 +50,6 @@ def coded(w: int, h: int) -> Image.Image:
     xs = torch.linspace(0, 255, w)[None, :].expand(h, w)
     ys = torch.linspace(0, 255, h)[:, None].expand(h, w)
     return Image.fromarray(torch.stack([xs, ys, torch.zeros_like(xs)], -1).byte().numpy())
-
-
-def hooks(model: torch.nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        for m in model.modules()
-    )
 
 
 def tile_pixels(processor, inputs) -> torch.Tensor:
@@ -275,42 +267,17 @@ def by_hand(tile_values: torch.Tensor, rows: int, cols: int, s: int) -> torch.Te
 
 
 def naive_maps(model, processor, adapter, image, method: str, layer: int) -> torch.Tensor:
-    """One forward and one backward per text token, written from the definitions (DESIGN §12):
-    the logits at row t-1 score token t; values over the image-token columns (1 x 2 tiles, then
-    the global image or thumbnail, 2 x 2 cells each) placed by hand."""
+    """The naive per-token recipe (vlm_checks): values over the image-token columns (1 x 2
+    tiles, then the global image or thumbnail, 2 x 2 cells each) placed by hand."""
     enc = processor(images=[image], text=[adapter.prompt_text(PROMPT, 1)], return_tensors="pt")
     body = processor.tokenizer(TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"]
     ids = torch.cat([enc["input_ids"], body], 1)
     first = enc["input_ids"].shape[1]
     image_cols = torch.nonzero(ids[0] == model.config.image_token_id)[:, 0]
     assert len(image_cols) == 12
-    head = model.get_output_embeddings().weight
     side = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-    maps = []
-    for t in range(first, ids.shape[1]):
-        with torch.enable_grad():
-            out = model(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                **side,
-                output_attentions=True,
-                output_hidden_states=True,
-            )
-            logp = out.logits[0, t - 1].log_softmax(-1)[ids[0, t]]
-            A, H = out.attentions[layer], out.hidden_states[layer + 1]
-            attn, hidden = A[0], H[0]
-            if method == "attention":
-                m = attn[:, t - 1, image_cols].mean(0)
-            elif method == "attn-gradcam":
-                g = torch.autograd.grad(logp, A)[0][0]
-                m = (g.clamp(min=0) * attn)[:, t - 1, image_cols].mean(0)
-            elif method == "gradcam":
-                g = torch.autograd.grad(logp, H)[0][0]
-                m = (hidden[image_cols] * g[image_cols].mean(0)).sum(-1).clamp(min=0)
-            else:
-                m = (out.hidden_states[-1][0][image_cols] @ head[ids[0, t]]).clamp(min=0)
-        maps.append(m.detach())
-    return by_hand(torch.stack(maps), 1, 2, 2)
+    values = checks.naive_token_values(model, ids, first, image_cols, side, method, layer)
+    return by_hand(values, 1, 2, 2)
 
 
 @pytest.mark.parametrize("name", ["idefics3", "internvl"])
@@ -334,50 +301,24 @@ def test_known_answer_a_text_token_attending_to_one_tile_cell():
     there alone, and the placed map is 1/2 (that cell, averaged with the global image's ~0)
     on that cell's pixel of the right half, ~0 elsewhere."""
     model, processor = tiny_vlm.idefics3(seed=2)
-    dec = model.get_decoder()
-    attn = dec.layers[0].self_attn
-    hd = attn.head_dim
-    slow = hd // 2 - 1  # the rotary pair that barely turns over a few dozen positions
-    with torch.no_grad():
-        attn.q_proj.weight.zero_()
-        attn.k_proj.weight.zero_()
-        for h in range(attn.q_proj.out_features // hd):
-            attn.q_proj.weight[h * hd + slow, 0] = 5.0
-        for h in range(attn.k_proj.out_features // hd):
-            attn.k_proj.weight[h * hd + slow, 1] = 5.0
-        model.get_input_embeddings().weight[:, 0] = 10.0
-        model.get_input_embeddings().weight[:, 1] = 0.0
+    checks.focus_first_layer(model)
     ex = gc.load(model, processor=processor)
     inputs = ex.adapter.inputs([picture()], PROMPT)
     layout = ex.adapter.token_layout(inputs, inputs["input_ids"], [(32, 64)])
     (m,) = torch.nonzero((layout.tile == 1) & (layout.row == 1) & (layout.col == 0))[:, 0]
     cell = int(layout.positions[m])
-
-    def mark(module, args, kwargs):
-        x = kwargs["inputs_embeds"].clone()
-        x[:, :, 1] = 0.0
-        x[:, cell, 1] = 10.0
-        return args, {**kwargs, "inputs_embeds": x}
-
-    handle = dec.register_forward_pre_hook(mark, with_kwargs=True)
-    try:
+    with checks.marked(model, cell):
         gen = ex.explain_generation(picture(), prompt=PROMPT, method="attention", text=TEXT)
-    finally:
-        handle.remove()
     raw = gen.raw_maps
-    assert raw.shape == (4, 2, 4) and (raw[:, 1, 2] > 0.49).all()
-    others = raw.clone()
-    others[:, 1, 2] = 0
-    assert (others < 1e-3).all()
+    assert raw.shape == (4, 2, 4)
+    checks.assert_one_cell(raw, 1, 2, 0.49)
 
 
 @pytest.fixture(scope="module")
 def sdpa_twins(tiny):
     twins = {}
     for name, (model, processor) in tiny.items():
-        twin = copy.deepcopy(model)
-        twin.set_attn_implementation("sdpa")
-        assert set(attention_implementations(twin)) == {"sdpa"}
+        twin = checks.sdpa_copy(model)
         twins[name] = twin, processor
     return twins
 
@@ -386,42 +327,18 @@ def sdpa_twins(tiny):
 def test_sdpa_and_eager_give_the_same_maps_and_sdpa_stays(tiny, sdpa_twins, name):
     (eager, processor), (sdpa, _) = tiny[name], sdpa_twins[name]
     image = picture(seed=5)
-    before, n_hooks = attention_implementations(sdpa), hooks(sdpa)
+    before = attention_implementations(sdpa)
     for method in METHODS:
-        a = gc.load(eager, processor=processor).explain_generation(
-            image, prompt=PROMPT, method=method, text=TEXT
-        )
-        b = gc.load(sdpa, processor=processor).explain_generation(
-            image, prompt=PROMPT, method=method, text=TEXT
-        )
-        assert attention_implementations(sdpa) == before and hooks(sdpa) == n_hooks
-        assert not _EAGER
-        scale = a.raw_maps.abs().amax()
-        assert torch.allclose(a.raw_maps, b.raw_maps, atol=1e-5 * scale, rtol=1e-4), method
-        if method in ("attention", "attn-gradcam"):
-            assert "recorded layers only" in b.notes["attention"]
-        else:
-            assert "attention" not in b.notes
+        _, b = checks.explain_on_both(eager, sdpa, processor, image, method)
+        assert attention_implementations(sdpa) == before
+        checks.assert_attention_note(b.notes, method)
 
 
 @pytest.mark.parametrize("name", ["idefics3", "internvl"])
 def test_attention_implementation_restored_after_an_error(sdpa_twins, name):
     model, processor = sdpa_twins[name]
-    before, n_hooks = attention_implementations(model), hooks(model)
-
-    def boom(module, args, output):
-        raise RuntimeError("boom in layer 1")
-
-    handle = model.get_decoder().layers[1].register_forward_hook(boom)
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            gc.load(model, processor=processor).explain_generation(
-                picture(), prompt=PROMPT, method="attention", text=TEXT
-            )
-        assert attention_implementations(model) == before and not _EAGER
-    finally:
-        handle.remove()
-    assert hooks(model) == n_hooks
+    layer = model.get_decoder().layers[1]
+    checks.assert_restored_after_an_error(model, processor, layer, picture(), "attention")
 
 
 @pytest.mark.parametrize("name", ["smolvlm", "internvl"])
@@ -431,12 +348,6 @@ def test_load_from_a_saved_directory(name, tmp_path):
     assert ex.family == name
     gen = ex.explain_generation(picture(), prompt=PROMPT, method="gradcam", text=TEXT)
     assert gen.raw_maps.shape == (4, 2, 4) and torch.isfinite(gen.raw_maps).all()
-
-
-def one_line(exc: pytest.ExceptionInfo) -> str:
-    text = str(exc.value)
-    assert "\n" not in text and text
-    return text
 
 
 @pytest.mark.parametrize("name", ["idefics3", "internvl"])
