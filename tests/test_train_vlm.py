@@ -188,3 +188,18 @@ def test_builtin_vlm_is_small_and_describes_fresh_scenes() -> None:
     model = gc.load("vlm-tiny-shapes")
     records = list(caption_records(model, shapes_samples("val", 16, seed=5), method="attention"))
     assert summarize_captions(records)["captions"]["bleu4"] > 0.35
+
+
+def test_out_that_is_a_file_and_a_changed_configuration_are_one_line(tmp_path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("not a directory")
+    result = run("train", "vlm", "--out", a_file)
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert f"--out {a_file} exists and is not a directory" in result.output
+    tiny = [x for k, v in TINY.items() for x in (f"--{k.replace('_', '-')}", v)]
+    out = tmp_path / "run"
+    assert run("train", "vlm", "--out", out, "--threads", 1, *tiny).exit_code == 0
+    result = run("train", "vlm", "--out", out, "--threads", 1, *tiny, "--lr", 0.5)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    (error,) = [x for x in result.output.splitlines() if "error" in x]
+    assert "written with another configuration" in error and "lr was 0.001, now 0.5" in error
