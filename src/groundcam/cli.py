@@ -477,6 +477,48 @@ def train_captioner(threads, **opts) -> None:
     _model_written(run(TrainConfig(**opts), threads=threads))
 
 
+@train.command("vlm")
+@click.option("--out", required=True, type=OutDir(), help="Run directory.")
+@click.option("--steps", default=3000, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--warmup", default=100, show_default=True, type=click.IntRange(0))
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--pool", default=4000, show_default=True, type=click.IntRange(1), help="Training scenes."
+)
+@click.option("--scene-size", default=128, show_default=True, type=click.IntRange(48))
+@click.option("--image-size", default=64, show_default=True, type=click.IntRange(8))
+@click.option("--patch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--vision-hidden", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--vision-layers", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--hidden", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--layers", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--heads", default=4, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--caption-share",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Share of rows that are captions (the rest: referring questions).",
+)
+@click.option("--val-scenes", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--eval-every", default=500, show_default=True, type=click.IntRange(1))
+@click.option("--save-every", default=200, show_default=True, type=click.IntRange(0))
+@click.option(
+    "--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores)."
+)
+@_loop_options
+@_guard
+def train_vlm(threads, out, **opts) -> None:
+    """vlm-tiny-shapes: a tiny LLaVA (CLIP tower + Llama) from scratch on shapes captions and
+    referring questions; loads with groundcam.load. Resumes from --out."""
+    from groundcam.train.vlm_shapes import TrainConfig
+    from groundcam.train.vlm_shapes import train as run
+
+    _model_written(run(TrainConfig(out=str(out), **opts), threads=threads))
+
+
 @train.command("scan")
 @click.option("--out", required=True, type=OutDir(), help="Run directory (resumes).")
 @click.option("--steps", default=1500, show_default=True, type=click.IntRange(1))

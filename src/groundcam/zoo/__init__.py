@@ -23,6 +23,10 @@ BUILTIN: dict[str, dict[str, str]] = {
         "family": "scan",
         "description": "SCAN (stacked cross attention) on shapes scenes: proposals pooled from a small CNN, bi-GRU words",
     },
+    "vlm-tiny-shapes": {
+        "family": "llava",
+        "description": "612k-parameter LLaVA (CLIP tower + projector + Llama) that describes shapes scenes and answers questions about them",
+    },
     "trocr-tiny-glyphs": {
         "family": "vision-encoder-decoder",
         "description": "674k-parameter ViT + TrOCR decoder that reads rendered 3-6 character lines",
