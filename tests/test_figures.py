@@ -264,7 +264,7 @@ def test_word_grid_holds_the_text_model_and_method_above_titled_panels(tmp_path)
 def test_triptych_is_image_heatmap_and_overlay_per_phrase(one_thread, tokenizer):
     explainer = Explainer(AlbefAdapter(tiny_albef(len(tokenizer)), tokenizer, name="tiny"))
     ex = explainer.explain(noise_images(1, 48, 64)[0], ["red", "a star"], method="gradcam", layer=1)
-    fig = figures.explanation_figure({"gradcam": ex}, triptych=True, boxes=[[4, 4, 30, 30]])
+    fig = ex.figure(triptych=True, boxes=[[4, 4, 30, 30]])  # scored by the pointing game
     panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
     assert len(panels) == 2 * 3
     assert [ax.get_title() for ax in panels[:3]] == [

@@ -16,7 +16,7 @@ import click
 
 from groundcam.errors import GroundcamWarning
 from groundcam.eval.datasets import DATASETS, DatasetSpec
-from groundcam.eval.pointing import PROTOCOLS
+from groundcam.eval.pointing import PROTOCOLS, pointing_game
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -957,10 +957,17 @@ def explain(
         if fmt:
             from groundcam.viz.figures import explanation_figure, save_figure
 
+            scored = None
+            if box is not None:
+                hw = (picture.height, picture.width)
+                scored = {
+                    label: [pointing_game(m, box, protocol, image_size=hw) for m in each.maps]
+                    for label, each in found.items()
+                }
             fig = explanation_figure(
                 found,
                 boxes=box,
-                protocol=protocol,
+                scored=scored,
                 triptych=triptych,
                 style=style,
                 **_save_kwargs(cmap, alpha),

@@ -80,14 +80,25 @@ class Explanation:
         kwargs.setdefault("note", image_only_note(self.method, self.text_conditioned))
         return overlay(self.image(i), self.maps[i], **_style(cmap, alpha), **kwargs)
 
-    def figure(self, **kwargs: Any):
-        """A paper figure of every phrase (`groundcam.viz.figures.explanation_figure`: boxes,
-        protocol, triptych, cmap, alpha, style), as a matplotlib Figure."""
+    def figure(self, boxes=None, protocol: str = "amc", **kwargs: Any):
+        """A paper figure of every phrase (`groundcam.viz.figures.explanation_figure`: triptych,
+        cmap, alpha, style), as a matplotlib Figure; with `boxes` (xyxy, image pixels) each map
+        is scored by the pointing game under `protocol`."""
+        from groundcam.eval.pointing import pointing_game
         from groundcam.viz.figures import explanation_figure
 
         if not self.images:
             raise ValueError("this explanation was made from tensors and holds no image")
-        return explanation_figure({self.method: self}, **kwargs)
+        scored = None
+        if boxes is not None:
+            sizes = [self.image(i).size[::-1] for i in range(len(self))]
+            scored = {
+                self.method: [
+                    pointing_game(m, boxes, protocol, image_size=hw)
+                    for m, hw in zip(self.maps, sizes, strict=True)
+                ]
+            }
+        return explanation_figure({self.method: self}, boxes=boxes, scored=scored, **kwargs)
 
     def _repr_png_(self) -> bytes | None:
         """What a notebook shows: the figure of every phrase (nothing without an image)."""

@@ -314,28 +314,22 @@ def explanation_figure(
     explanations: dict[str, object],
     *,
     boxes=None,
-    protocol: str = "amc",
+    scored: dict[str, list] | None = None,
     triptych: bool = False,
     cmap: Cmap = DEFAULT_CMAP,
     alpha: float = DEFAULT_ALPHA,
     style: str = "heat",
 ) -> Figure:
     """One figure of `Explanation`s of the same phrases over the same image, one column per
-    entry (keyed by its label: a method or a layer), each cell scored by the pointing game
-    under `protocol` when `boxes` (xyxy, image pixels) are given; ``triptych=True`` draws each
-    entry as its heatmap alone, then its overlay (the classic image, heatmap, overlay)."""
-    from groundcam.eval.pointing import pointing_game
-
+    entry (keyed by its label: a method or a layer); `boxes` (xyxy, image pixels) are drawn, and
+    `scored[label]` (one pointing-game result per phrase, as `groundcam.pointing_game` gives
+    them) marks each cell hit or miss; ``triptych=True`` draws each entry as its heatmap alone,
+    then its overlay (the classic image, heatmap, overlay)."""
     first = next(iter(explanations.values()))
     images = [first.image(i) for i in range(len(first))]
     panels = []
     for label, ex in explanations.items():
-        results = None
-        if boxes is not None:
-            results = [
-                pointing_game(m, boxes, protocol, image_size=(picture.height, picture.width))
-                for m, picture in zip(ex.maps, images, strict=True)
-            ]
+        results = (scored or {}).get(label)
         if triptych:
             panels.append(Panel(f"{label}: heatmap", list(ex.maps), "heatmap"))
         name = f"{label}: overlay" if triptych else label
