@@ -1,4 +1,4 @@
-"""Native ALBEF against outputs written by the official ALBEF code (../shared/fixtures/albef)."""
+"""Native ALBEF against outputs written by the official ALBEF code (tests/fixtures/albef)."""
 
 from __future__ import annotations
 
