@@ -110,25 +110,14 @@ def explain_generation(
     method_obj, source, target, layer = explainer.resolve(method, layer, "token")
     method = method_obj.name
     pixel_values = explainer.prepare_images(images)
-    unknown: list[str] = []
-    if text is None:
-        with torch.no_grad():
-            ids, first = a.generate(pixel_values, max_new_tokens, beam, **extra)
-    else:
-        ids, first = a.teacher_ids(text, **extra)
-        limit = a.max_positions()
-        if limit is not None and ids.shape[1] > limit:
-            raise InputError(
-                f"text= is {ids.shape[1]} tokens with the model's start and prompt tokens; "
-                f"this model reads at most {limit}: {text[:60]!r}"
-            )
-        unknown = a.unknown_words([text])[0]
-        if unknown:
-            warnings.warn(
-                unknown_words_message(text, unknown, getattr(a.tokenizer, "unk_token", None)),
-                GroundcamWarning,
-                stacklevel=2,
-            )
+    ids, first, unknown = _text_ids(
+        a,
+        text,
+        lambda: a.generate(pixel_values, max_new_tokens, beam, **extra),
+        lambda: a.teacher_ids(text, **extra),
+        "with the model's start and prompt tokens",
+        stacklevel=3,
+    )
     skip = a.special_ids()
     positions = [k for k in range(first, ids.shape[1]) if int(ids[0, k]) not in skip]
     if not positions:  # nothing but start/end tokens: an empty explanation, not an error
@@ -236,25 +225,14 @@ def explain_vlm(
     layers = [first_layer] + [explainer.resolve(method, n, "token").layer for n in wanted[1:]]
     layer = first_layer if len(layers) == 1 else tuple(layers)
     inputs = a.inputs(images, prompt)
-    unknown: list[str] = []
-    if text is None:
-        with torch.no_grad():
-            ids, first = a.generate(inputs, max_new_tokens, beam)
-    else:
-        ids, first = a.teacher_ids(inputs, text)
-        limit = a.max_positions()
-        if limit is not None and ids.shape[1] > limit:
-            raise InputError(
-                f"text= is {ids.shape[1]} tokens with the prompt and image tokens; this model "
-                f"reads at most {limit}: {text[:60]!r}"
-            )
-        unknown = a.unknown_words([text])[0]
-        if unknown:
-            warnings.warn(
-                unknown_words_message(text, unknown, getattr(a.tokenizer, "unk_token", None)),
-                GroundcamWarning,
-                stacklevel=3,
-            )
+    ids, first, unknown = _text_ids(
+        a,
+        text,
+        lambda: a.generate(inputs, max_new_tokens, beam),
+        lambda: a.teacher_ids(inputs, text),
+        "with the prompt and image tokens",
+        stacklevel=4,
+    )
     layout = a.token_layout(inputs, ids, [(im.height, im.width) for im in images])
     columns = TokenLayout(
         torch.arange(len(layout.positions)),
@@ -546,3 +524,29 @@ def group_words(tokenizer, token_ids: list[int]) -> tuple[list[str], list[list[i
             words[-1] += new.strip()
             groups[-1].append(i)
     return words, groups
+
+
+def _text_ids(a, text, generate, teacher, counted: str, stacklevel: int):
+    """The ids to explain, the first explained position and the unknown words of `text`:
+    `generate()` under no_grad, or `text` taken as if generated (`teacher()`), refused in one
+    line when longer than the model reads (`counted`: what its length includes) and warned
+    about when a word of it is unknown to the model."""
+    if text is None:
+        with torch.no_grad():
+            ids, first = generate()
+        return ids, first, []
+    ids, first = teacher()
+    limit = a.max_positions()
+    if limit is not None and ids.shape[1] > limit:
+        raise InputError(
+            f"text= is {ids.shape[1]} tokens {counted}; this model reads at most {limit}: "
+            f"{text[:60]!r}"
+        )
+    unknown = a.unknown_words([text])[0]
+    if unknown:
+        warnings.warn(
+            unknown_words_message(text, unknown, getattr(a.tokenizer, "unk_token", None)),
+            GroundcamWarning,
+            stacklevel=stacklevel,
+        )
+    return ids, first, unknown
