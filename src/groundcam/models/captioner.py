@@ -399,37 +399,17 @@ class ShowAttendTell(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> ShowAttendTell:
         """A saved captioner; a vocabulary that does not fit the weights is a one-line error."""
-        from safetensors.torch import load_file
+        from groundcam.models.saved import load_weights, read_saved, read_weights
 
-        from groundcam.model_files import check_model_size, check_safetensors, read_json
-
-        directory = Path(directory)
-        cfg_file, vocab_file = directory / "config.json", directory / "vocab.json"
-        weights = directory / "model.safetensors"
-        for f in (cfg_file, vocab_file, weights):
-            if not f.is_file():
-                raise FileNotFoundError(f"{directory}: no {f.name}; not a saved captioner")
-        cfg = CaptionerConfig.from_dict(read_json(cfg_file), str(cfg_file))
-        vocab = Vocabulary.load(vocab_file)
-        if len(vocab) != cfg.vocab_size:
-            raise ValueError(
-                f"{vocab_file} has {len(vocab)} words but {cfg_file} says vocab_size "
-                f"{cfg.vocab_size}: the vocabulary does not belong to this checkpoint"
-            )
-        check_model_size(cfg.parameters(), cfg_file)
+        cfg, vocab, cfg_file, weights = read_saved(
+            directory, CaptionerConfig.from_dict, "captioner"
+        )
         model = cls(cfg, vocab)
-        check_safetensors(weights)
-        state = load_file(str(weights))
+        state = read_weights(weights)
         rows = state.get("decoder.embed.weight")
         if rows is not None and rows.shape[0] != len(vocab):
             raise ValueError(
-                f"{vocab_file} has {len(vocab)} words but {weights} was trained with "
-                f"{rows.shape[0]}: the vocabulary does not belong to this checkpoint"
+                f"{cfg_file.parent / 'vocab.json'} has {len(vocab)} words but {weights} was "
+                f"trained with {rows.shape[0]}: the vocabulary does not belong to this checkpoint"
             )
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{weights} does not fit {cfg_file}: missing {missing[:3]}, unexpected "
-                f"{unexpected[:3]}"
-            )
-        return model.eval()
+        return load_weights(model, state, weights, cfg_file)

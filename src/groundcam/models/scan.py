@@ -517,38 +517,8 @@ class SCAN(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> SCAN:
         """A saved SCAN directory; files that do not fit each other are a one-line error."""
-        from safetensors.torch import load_file
+        from groundcam.models.saved import load_weights, read_saved, read_weights
 
-        from groundcam.model_files import check_model_size, check_safetensors
-
-        directory = Path(directory)
-        cfg_file, vocab_file = directory / "config.json", directory / "vocab.json"
-        weights = directory / "model.safetensors"
-        for f in (cfg_file, vocab_file, weights):
-            if not f.is_file():
-                raise FileNotFoundError(f"{directory}: no {f.name}; not a saved SCAN model")
-        try:
-            cfg = ScanConfig.from_dict(json.loads(cfg_file.read_text()), str(cfg_file))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_file}: not valid JSON ({e.msg}, line {e.lineno})") from None
-        vocab = Vocabulary.load(vocab_file)
-        if len(vocab) != cfg.vocab_size:
-            raise ValueError(
-                f"{vocab_file} has {len(vocab)} words but {cfg_file} says vocab_size "
-                f"{cfg.vocab_size}: the vocabulary does not belong to this checkpoint"
-            )
-        check_model_size(cfg.parameters(), cfg_file)
+        cfg, vocab, cfg_file, weights = read_saved(directory, ScanConfig.from_dict, "SCAN model")
         model = cls(cfg, vocab)
-        check_safetensors(weights)
-        state = load_file(str(weights))
-        try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError as e:  # a tensor of the wrong shape
-            first = str(e).strip().splitlines()[-1].strip()
-            raise ValueError(f"{weights} does not fit {cfg_file}: {first}") from None
-        if missing or unexpected:
-            raise ValueError(
-                f"{weights} does not fit {cfg_file}: missing {missing[:3]}, unexpected "
-                f"{unexpected[:3]}"
-            )
-        return model.eval()
+        return load_weights(model, read_weights(weights), weights, cfg_file)
