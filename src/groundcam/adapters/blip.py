@@ -10,6 +10,8 @@ returns `(context, probs)` under eager attention, and item 1 is recorded.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -34,10 +36,13 @@ from groundcam.contract import (
     Source,
     middle_layer,
 )
+from groundcam.data.text import blip_pre_caption
+from groundcam.errors import GroundcamWarning
 from groundcam.geometry import Geometry
 from groundcam.grouping import ImageGroups
 
 QUERY_NAMES = ("query", "qkv", "q_proj")
+BLIP_MAX_WORDS = 30  # pre_caption's cut in BLIP's retrieval sets
 NO_PHRASES = (
     "BLIP captioning explains the tokens it generates: use explain_generation "
     "(pass text= to explain a given caption)"
@@ -179,8 +184,20 @@ class BlipItmAdapter(_BlipBase):
         return self.model.text_encoder
 
     def prepare_texts(self, phrases: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """BLIP's `pre_caption` of each phrase (as its retrieval and ITM code read text), tokenised."""
         limit = self.model.config.text_config.max_position_embeddings
-        return hf.text_inputs(self.tokenizer, phrases, limit, self.device)
+        texts = [self.fed_text(p) for p in phrases]
+        for phrase, text in zip(phrases, texts, strict=True):
+            if len(text.split()) < len(blip_pre_caption(phrase, len(phrase) + 1).split()):
+                warnings.warn(
+                    f"phrase truncated to BLIP's {BLIP_MAX_WORDS} words (pre_caption): {phrase[:60]!r}",
+                    GroundcamWarning,
+                    stacklevel=3,
+                )
+        return hf.text_inputs(self.tokenizer, texts, limit, self.device, shown=phrases)
+
+    def fed_text(self, phrase: str) -> str:
+        return blip_pre_caption(phrase, BLIP_MAX_WORDS)
 
     def table(self) -> tuple[Source, ...]:
         """Cross-attention: the middle text layer (6 of 12, LAVIS's `compute_gradcam` default
