@@ -187,6 +187,21 @@ def test_through_the_vit_differs_from_stopping_at_its_output(tiny):
     assert torch.equal(plain.scores, deep.scores)
 
 
+def test_a_frozen_model_gives_the_same_maps_and_stays_frozen(tiny):
+    """Deployed models are often frozen (requires_grad False): the attention still gets a graph
+    for the backward, and the flags come back as they were."""
+    model, processor = tiny
+    want = gc.load(model, processor=processor).explain_generation(
+        picture(), prompt=PROMPT, method="relevance", text=TEXT
+    )
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    gen = gc.load(frozen, processor=processor).explain_generation(
+        picture(), prompt=PROMPT, method="relevance", text=TEXT
+    )
+    assert torch.allclose(gen.raw_maps, want.raw_maps, rtol=1e-5, atol=0)
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
 @pytest.mark.parametrize("method", ["relevance", "tam"])
 def test_maps_are_finite_and_not_flat(tiny, method):
     model, processor = tiny

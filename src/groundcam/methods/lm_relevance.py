@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from groundcam.capture import trainable
 from groundcam.contract import HookPoint, RecordSpec
 from groundcam.gradients import HeadRows
 from groundcam.methods.relevance import head_mean
@@ -67,13 +68,19 @@ def lm_relevance(
     handles = [m.register_forward_hook(grab(probs, i)) for i, m in enumerate(adapter.attn)]
     handles += [m.register_forward_hook(grab(under, i)) for i, m in enumerate(below)]
     try:
-        with torch.enable_grad(), picked, adapter.recording(spec) as note:
+        with torch.enable_grad(), trainable(adapter.model), picked, adapter.recording(spec) as note:
             logits = adapter.model(**inputs, use_cache=False).logits[0]
     finally:
         for h in handles:
             h.remove()
-    if any(p is None or not p.requires_grad for p in probs + under):
+    if any(p is None or not p.requires_grad for p in probs):
         raise ValueError("relevance: a decoder layer returned no attention weights to propagate")
+    missing = [type(m).__name__ for m, p in zip(below, under, strict=True) if p is None]
+    if missing or any(not p.requires_grad for p in under):
+        raise ValueError(
+            f"relevance: {missing[0] if missing else 'an attention under the language model'} "
+            "returned no attention weights (with a gradient) to propagate"
+        )
     logp = logits.float().log_softmax(-1).gather(-1, token_ids[:, None])[:, 0]
     rows = []
     for k in range(len(pos)):
