@@ -12,8 +12,9 @@ layer runs eager attention while recording (`vlm.eager_only`), restored afterwar
 
 Attention under the language model (`below`: BLIP-2's Q-Former and ViT, `adapters/blip2.py`) is
 recorded in the same forward; per token its Ā (`relevance.head_mean` of the same token's
-gradient, taken in the same backward) go to `compose`, which carries the row from the image
-columns down to the image's cells."""
+gradient, taken in the same backward, where those gradients come back together: the Q-Former's
+maps are small, the ViT's as large as its saved attention) go to `compose`, which carries the
+row from the image columns down to the image's cells."""
 
 from __future__ import annotations
 

@@ -55,5 +55,5 @@ def compose_to_patches(
     row: torch.Tensor, kinds: Sequence[str], bars: Sequence[torch.Tensor]
 ) -> torch.Tensor:
     """Token k's map over the patches [P]: its LM row over the queries [Q] times `R_si`, CLS
-    column dropped."""
-    return row @ query_patch_relevance(kinds, bars)[:, 1:].to(row)
+    column dropped (on the row's device: a dispatched model may hold the ViT elsewhere)."""
+    return row @ query_patch_relevance(kinds, [b.to(row) for b in bars])[:, 1:]
