@@ -8,6 +8,7 @@ sdpa against eager, the attention implementations and hooks left as they were, a
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -336,3 +337,19 @@ def test_models_lists_relevance_and_tam_for_both_families():
         assert marks["relevance"] == marks["tam"] == "+"
         assert marks["rollout"] == "-"
         assert marks["relative-attention"] == ("+" if family == "blip2" else "-")
+
+
+@pytest.mark.parametrize("method", ["relevance", "tam"])
+def test_caption_from_the_command_line(method, tmp_path):
+    model, processor = tiny_vlm.blip2()
+    path = tiny_vlm.save(strong(model), processor, tmp_path / "blip2")
+    image = tmp_path / "pic.png"
+    picture().save(image)
+    out = tmp_path / "out"
+    args = ["caption", str(image), "--model", str(path), "--prompt", PROMPT, "--method", method]
+    result = CliRunner().invoke(main, [*args, "--text", "red cat", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["method"] == method and meta["tokens"] == ["red", "cat"]
+    assert ("Q-Former's relevance" in meta["notes"]["composition"]) == (method == "relevance")
+    assert np.load(out / "maps.npz")["maps"].shape == (2, 4, 4)
