@@ -28,7 +28,6 @@ from groundcam.errors import GroundcamWarning, InputError
 from groundcam.explanation import Explanation, GenerationExplanation, normalize_maps
 from groundcam.geometry import Geometry
 from groundcam.gradients import HeadRows, record
-from groundcam.methods.lm_relevance import lm_relevance
 from groundcam.methods.relative_attention import GENERIC_PROMPT, relative
 from groundcam.methods.sinks import SINK_THRESHOLD, sink_tokens
 from groundcam.methods.tam import tam_maps
@@ -249,10 +248,12 @@ def explain_vlm(
     prompt_text = a.prompt_text(prompt, len(images))  # as templated, before expansion
     notes: dict[str, str] = {}
     k = len(positions)
+    composed, at_cells = None, source == ATTENTION_GRAPH  # relevance composes its own values
     if k and source == ATTENTION_GRAPH:  # relevance: every layer, row by row in the backward
         pos = torch.tensor(positions, device=ids.device)
         full = a.teacher_inputs(inputs, ids)
-        values, logp, notes["attention"] = lm_relevance(a, full, layout.positions, pos, ids[0, pos])
+        values, logp, more = a.relevance(full, read, pos, ids[0, pos])
+        notes.update(more)
         reported = logp.exp()
     elif k:
         pos = torch.tensor(positions, device=ids.device)
@@ -278,6 +279,7 @@ def explain_vlm(
         scores, recorded, grads = record(
             method_obj, spec, run, k, zeros, explainer.grad_chunk, root=picked
         )
+        composed = a.composition(inputs)  # kept by this forward (BLIP-2), before any other
         if source == TEXT_TO_IMAGE:  # only the row that scored each token
             rows = a.scored_rows(pos).to(recorded[0].device)
             pick = torch.arange(k, device=rows.device)
@@ -295,7 +297,9 @@ def explain_vlm(
             values = values + one.detach().float().cpu().reshape(k, -1) / len(layers)
         reported = scores.reported.detach().float().cpu()
         if getattr(method_obj, "whole_sequence", False):  # tam reads every position
-            values = sequence_tam(a, hidden[-1], ids, layout, columns, pos)
+            mix = None if composed is None else composed[0].detach().float().cpu()
+            values = sequence_tam(a, hidden[-1], ids, read, columns, pos, mix)
+            at_cells = True
         if getattr(method_obj, "relative", False):
             values = relative_to_generic(explainer, images, layer, id_list[first:], values)
             notes["relative-attention"] = (
@@ -307,9 +311,9 @@ def explain_vlm(
         values = drop_sinks(a, inputs, ids, layout, layers, values, notes)
     if columns_only:
         return values
-    composed = a.composition(inputs) if k else None
     if composed is not None:  # LM columns that are not cells (BLIP-2's queries) -> cells
-        values = values @ composed[0].detach().float().cpu()
+        if not at_cells:
+            values = values @ composed[0].detach().float().cpu()
         notes["composition"] = composed[1]
     placed = place(values, columns)
     words, word_tokens = group_words(a.tokenizer, [id_list[p] for p in positions])
@@ -341,16 +345,18 @@ def sequence_tam(
     a: Adapter,
     hidden: torch.Tensor,
     ids: torch.Tensor,
-    layout: TokenLayout,
+    image: torch.Tensor,
     columns: TokenLayout,
     pos: torch.Tensor,
+    compose: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """TAM (`methods.tam`) of the tokens at `pos` from the last hidden state [1, T, C]: the
-    logit lens of every text token's class and of the explained ones, at every position."""
+    logit lens of every text token's class and of the explained ones, at every position;
+    `image` the LM's image columns, `compose` [columns, cells] where they are not the cells."""
     seq = ids[0].cpu()
     skip = a.special_ids()
     is_image = torch.zeros(len(seq), dtype=torch.bool)
-    is_image[layout.positions] = True
+    is_image[image] = True
     text = torch.tensor(
         [j for j in range(len(seq)) if not is_image[j] and int(seq[j]) not in skip],
         dtype=torch.long,
@@ -358,7 +364,7 @@ def sequence_tam(
     classes = torch.unique(torch.cat([seq[text], seq[pos.cpu()]]))
     with torch.no_grad():
         lens = a.lens(hidden, classes.to(hidden.device)).cpu()
-    return tam_maps(lens, classes, seq, layout.positions, text, pos.cpu(), columns)
+    return tam_maps(lens, classes, seq, image, text, pos.cpu(), columns, compose)
 
 
 def drop_sinks(

@@ -16,6 +16,15 @@ switched on for the cross-attention modules only and restored afterwards; it car
 the Q-Former output as the language model holds it (its hidden states at the query positions),
 and `logit-lens` the token's logit at each query, both composed with `C`.
 
+`tam` runs TAM's steps on the query columns as on any LM's image tokens (the logit lens, the
+estimated causal inference, the min-max over image and text scores), then composes the
+normalised query scores with `C` and applies the rank Gaussian filter on the patch grid, `× 255`
+left unrounded (rounding a composed map, whose values are fractions of the query scale, would
+keep only a few levels). `relevance` does not use `C`: it composes the LM's relevance over the
+queries with the Q-Former's own relevance from the same token's gradients (Chefer's self- and
+co-attention rules, `methods.qformer_relevance`; `relevance_vision = True` also propagates
+through the ViT's self-attention), eager in the recorded modules only.
+
 Geometry: the image processor squashes the image to `size`; the patches are a g x g row-major
 grid over the whole image (vision positions 1..g², CLS at 0). The prompt is always
 written `Question: {prompt} Answer:` for BLIP-2 (its documented VQA format) and as given for
@@ -32,18 +41,15 @@ from groundcam.adapters import hf
 from groundcam.adapters.vlm import DEFAULT_PROMPT, VlmAdapter, eager_only
 from groundcam.contract import RecordSpec, Tile, TokenLayout
 from groundcam.errors import InputError
+from groundcam.methods.lm_relevance import lm_relevance
+from groundcam.methods.qformer_relevance import compose_to_patches
 
 
 class Blip2Adapter(VlmAdapter):
     family = "blip2"
     architectures = ("Blip2ForConditionalGeneration",)
-    REFUSED_METHODS = {
-        "relevance": "its rule composes the LM's relevance over the queries with the Q-Former "
-        "cross-attention's own relevance (DESIGN §12), which groundcam does not compute yet",
-        "tam": "TAM filters maps on the LM's image grid, and this LM reads queries, which have "
-        "no grid",
-    }
     template = "Question: {prompt} Answer:"
+    relevance_vision = False  # relevance: also through the ViT's self-attention (R_ii)
 
     def language_decoder(self, model: nn.Module) -> nn.Module:
         """The LM's decoder: `language_model.model.decoder` (OPT) or `language_model.model`."""
@@ -98,6 +104,57 @@ class Blip2Adapter(VlmAdapter):
             layout.positions, layout.tile, layout.row, layout.col, (tile,), (tuple(sizes[0]),)
         )
 
+    def qformer_attentions(self) -> list[tuple[str, nn.Module]]:
+        """The attention modules under the LM in forward order, each with its kind for
+        `methods.qformer_relevance`: the ViT's (when `relevance_vision`), then per Q-Former
+        layer its self-attention and its cross-attention."""
+        found = []
+        if self.relevance_vision:
+            found += [
+                ("vision", layer.self_attn) for layer in self.model.vision_model.encoder.layers
+            ]
+        for layer in self.model.qformer.encoder.layer:
+            found.append(("self", layer.attention.attention))
+            if getattr(layer, "has_cross_attention", False):
+                found.append(("cross", layer.crossattention.attention))
+        return found
+
+    def relevance(self, inputs, columns, pos, token_ids):
+        """Chefer's rules through the LM onto the queries, then through the Q-Former (and the
+        ViT with `relevance_vision`) onto the patches (`methods.qformer_relevance`), from one
+        forward and one backward per token; eager in the recorded modules only."""
+        kinds, modules = zip(*self.qformer_attentions(), strict=True)
+        vision = [m for k, m in zip(kinds, modules, strict=True) if k == "vision"]
+        qformer = [m for k, m in zip(kinds, modules, strict=True) if k != "vision"]
+
+        def compose(row: torch.Tensor, bars: list[torch.Tensor]) -> torch.Tensor:
+            return compose_to_patches(row, kinds, bars)
+
+        try:
+            with (
+                eager_only(self.model.vision_model, vision),
+                eager_only(self.model.qformer, qformer) as note,
+            ):
+                values, logp, lm_note = lm_relevance(
+                    self, inputs, columns, pos, token_ids, modules, compose
+                )
+        finally:
+            self._kept = None  # the cross-attention kept by `recording` is not a composition
+        n_self, n_cross = kinds.count("self"), kinds.count("cross")
+        through = f", after the ViT's {len(vision)} self-attention layers" if vision else ""
+        return (
+            values,
+            logp,
+            {
+                "attention": lm_note,
+                "composition": (
+                    f"LM relevance over the queries composed to patches by the Q-Former's relevance "
+                    f"(Chefer's rules through {n_self} self-attention and {n_cross} cross-attention "
+                    f"layers{through}; CLS dropped; {note})"
+                ),
+            },
+        )
+
     @contextmanager
     def _cross_attention(self):
         """While open, the Q-Former's cross-attention weights are kept as each module runs
@@ -149,8 +206,9 @@ class Blip2Adapter(VlmAdapter):
     def methods_note(self) -> str:
         return (
             "per generated token, over the query tokens: LM self-attention row k-1 (attention, "
-            "attn-gradcam), Grad-CAM on LM hidden states, the logit lens; each composed to the "
-            "patches by the Q-Former's cross-attention"
+            "attn-gradcam), Grad-CAM on LM hidden states, the logit lens, TAM; each composed to "
+            "the patches by the Q-Former's cross-attention; relevance by Chefer's rules through "
+            "the LM and the Q-Former"
         )
 
 

@@ -48,6 +48,7 @@ from groundcam.contract import (
 from groundcam.errors import InputError
 from groundcam.geometry import Geometry
 from groundcam.io import to_rgb
+from groundcam.methods.lm_relevance import lm_relevance
 
 DEFAULT_PROMPT = "Describe the image."
 RECORD_IMPL = "groundcam-record"
@@ -344,6 +345,14 @@ class VlmAdapter(Adapter):
         a note saying what it is, or None where the columns are the cells (every family whose
         image tokens sit on the image)."""
         return None
+
+    def relevance(
+        self, inputs: dict, columns: torch.Tensor, pos: torch.Tensor, token_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
+        """`relevance` of the tokens at `pos`: values over the layout's cells [K, N] (here the
+        LM's rows at the image columns `columns`), log-probabilities [K] and notes."""
+        values, logp, note = lm_relevance(self, inputs, columns, pos, token_ids)
+        return values, logp, {"attention": note}
 
     def special_ids(self) -> set[int]:
         ids = set(super().special_ids())

@@ -4,6 +4,8 @@ as identities and grow by the self-attention and co-attention rules, in forward 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from groundcam.methods.base import (
@@ -36,9 +38,16 @@ def propagate(
     """The relevance of every token of `graph.readout` to every token of `graph.image`: [B, n, m]."""
     if len(graph.steps) != len(recorded):
         raise ValueError(f"{len(graph.steps)} attention steps but {len(recorded)} recorded tensors")
+    dtype = recorded[0].dtype
+    bars = (head_mean(p.to(dtype), g.to(dtype)) for p, g in zip(recorded, grads, strict=True))
+    return propagate_bars(graph, bars)
+
+
+def propagate_bars(graph: AttentionGraph, bars: Iterable[torch.Tensor]) -> torch.Tensor:
+    """`propagate` from the steps' Ā [B, n, m] (head means already taken), in forward order."""
     rel: dict[tuple[str, str], torch.Tensor] = {}
     size: dict[str, int] = {}
-    batch, dtype, device = recorded[0].shape[0], recorded[0].dtype, recorded[0].device
+    batch, dtype, device = 0, None, None
 
     def get(a: str, b: str) -> torch.Tensor:
         if (a, b) not in rel:
@@ -49,11 +58,12 @@ def propagate(
                 rel[a, b] = torch.zeros(batch, size[a], size[b], dtype=dtype, device=device)
         return rel[a, b]
 
-    for step, probs, grad in zip(graph.steps, recorded, grads, strict=True):
+    for step, a in zip(graph.steps, bars, strict=True):
+        if dtype is None:
+            batch, dtype, device = a.shape[0], a.dtype, a.device
         q, k = step.query, step.key
-        size.setdefault(q, probs.shape[-2])
-        size.setdefault(k, probs.shape[-1])
-        a = head_mean(probs.to(dtype), grad.to(dtype))
+        size.setdefault(q, a.shape[-2])
+        size.setdefault(k, a.shape[-1])
         if q == k:  # R_qq += Ā R_qq, and every R_qx += Ā R_qx
             for other in [k] + sorted({y for x, y in rel if x == q and y != q}):
                 rel[q, other] = get(q, other) + a @ get(q, other)

@@ -74,11 +74,14 @@ def tam_maps(
     text: torch.Tensor,
     positions: torch.Tensor,
     layout: TokenLayout,
+    compose: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """TAM of the tokens at `positions` (module docstring): [K, N] values in 0..255 over the
     image columns. `lens` [U, T]: the logit lens of class `classes[u]` at every position; `ids`
     [T] the sequence; `image` [N] the image positions (column order); `text` the text
-    positions; `layout` indexes the columns (`positions` = column numbers)."""
+    positions; `layout` indexes the columns (`positions` = column numbers). `compose` [N, M]:
+    image columns that are not cells (BLIP-2's queries) go to the M cells of `layout` after the
+    normalisation and before the filter, and the values stay unrounded (see `adapters.blip2`)."""
     row = {int(c): u for u, c in enumerate(classes.tolist())}
     s_all = lens.double().clamp(min=0)
     out = []
@@ -97,8 +100,12 @@ def tam_maps(
         scores = torch.cat([own, s[[j for j in text.tolist() if j < p - 1]]])
         lo, hi = scores.min(), scores.max()
         own = (own - lo) / (hi - lo) if hi > lo else torch.zeros_like(own)
+        if compose is not None:
+            out.append((filtered(own @ compose.to(own), layout) * 255).float())
+            continue
         out.append((filtered(own, layout) * 255).to(torch.uint8).float())
-    return torch.stack(out) if out else torch.zeros(0, len(image))
+    width = len(image) if compose is None else compose.shape[1]
+    return torch.stack(out) if out else torch.zeros(0, width)
 
 
 class Tam(Method):
