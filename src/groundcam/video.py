@@ -78,6 +78,7 @@ def _read_animated(
             indices = sample_indices(total, wanted)
             chosen, durations = [], []
             for i, frame in enumerate(ImageSequence.Iterator(im)):
+                frame.load()  # WebP declares a frame's duration once it is decoded
                 durations.append(float(frame.info.get("duration") or 0))
                 if i in indices:
                     chosen.append(to_rgb(frame.copy()) if i else first)
