@@ -50,12 +50,8 @@ def _as_frame(frame, what: str) -> Image.Image:
     """One frame as an RGB PIL image: a PIL image or an HxWx3 (or HxW) uint8 array."""
     if isinstance(frame, np.ndarray | torch.Tensor):
         array = np.asarray(frame)
-        if (
-            array.dtype != np.uint8
-            or array.ndim not in (2, 3)
-            or array.ndim == 3
-            and (array.shape[-1] not in (1, 3, 4))
-        ):
+        channels = array.ndim == 2 or array.ndim == 3 and array.shape[-1] in (1, 3, 4)
+        if array.dtype != np.uint8 or not channels:
             raise InputError(
                 f"{what} must be an HxWx3 uint8 array (or a PIL image), got "
                 f"{array.dtype} of shape {tuple(array.shape)}"
@@ -76,11 +72,12 @@ def _read_animated(
         with Image.open(path) as im:
             total = int(getattr(im, "n_frames", 1))
             indices = sample_indices(total, wanted)
+            keep = set(indices)
             chosen, durations = [], []
             for i, frame in enumerate(ImageSequence.Iterator(im)):
                 frame.load()  # WebP declares a frame's duration once it is decoded
                 durations.append(float(frame.info.get("duration") or 0))
-                if i in indices:
+                if i in keep:
                     chosen.append(to_rgb(frame.copy()) if i else first)
     except InputError:
         raise
@@ -106,6 +103,10 @@ class Video:
     GIF/WebP/PNG; `frames=N` keeps N evenly spread frames; `fps` the clip's frame rate."""
 
     def __init__(self, source, frames: int | None = None, fps: float | None = None):
+        if fps is not None and (
+            isinstance(fps, bool) or not isinstance(fps, int | float) or not fps > 0
+        ):
+            raise InputError(f"fps must be a positive number, got {fps!r}")
         rate = None
         if isinstance(source, str | Path):
             path = Path(source)
@@ -128,10 +129,6 @@ class Video:
             indices = sample_indices(total, frames)
             pictures = [_as_frame(source[i], f"video frame {i}") for i in indices]
             self.name = "video"
-        if fps is not None and (
-            isinstance(fps, bool) or not isinstance(fps, int | float) or not fps > 0
-        ):
-            raise InputError(f"fps must be a positive number, got {fps!r}")
         size = pictures[0].size
         self.frames = [p if p.size == size else p.resize(size, Image.BICUBIC) for p in pictures]
         self.indices = indices
