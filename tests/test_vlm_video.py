@@ -319,6 +319,17 @@ def test_a_generated_answer_on_a_video_and_its_figures(tmp_path):
     assert phrase.maps.shape == (1, 2, 4) and phrase.images[0].size == (80, 30)
 
 
+@pytest.mark.parametrize("method", ["attention", "gradcam"])
+def test_a_video_under_sdpa_gives_the_eager_maps_and_keeps_sdpa(method):
+    """The deployed model's attention (sdpa) on a video: the same maps as eager, nothing left
+    switched or hooked (`vlm_checks.explain_on_both`)."""
+    model, processor = tiny_vlm.qwen2_vl()
+    model = tiny_vlm.sharpen(model)
+    a, b = checks.explain_on_both(model, checks.sdpa_copy(model), processor, Video(clip(3)), method)
+    assert a.raw_maps.shape == (4, 2, 6)
+    checks.assert_attention_note(b.notes, method)
+
+
 # ----------------------------------------------------------------------------- refusals
 
 
@@ -333,6 +344,15 @@ def test_a_video_to_a_family_without_video_is_one_line(family):
         with pytest.raises(InputError) as e:
             call()
         assert "reads images, not videos" in one_line(e)
+
+
+def test_a_video_inside_a_list_of_images_is_one_line():
+    model, processor = tiny_vlm.qwen2_vl()
+    with pytest.raises(InputError) as e:
+        gc.load(model, processor=processor).explain_generation(
+            [picture(), Video(clip(2))], prompt=PROMPT, text=TEXT
+        )
+    assert "a video is explained alone" in one_line(e)
 
 
 def test_too_many_frames_for_the_processor_or_the_model_is_one_line():

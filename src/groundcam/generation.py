@@ -47,6 +47,8 @@ def check_images(adapter: Adapter, given: Image.Image | Sequence[Image.Image]) -
         raise TypeError(f"image must be a PIL.Image, got {type(given).__name__}")
     if not given:
         raise InputError("no image given: explain_generation needs an image")
+    if any(isinstance(g, Video) for g in given):
+        raise InputError("a video is explained alone: pass the Video itself, not in a list")
     most = adapter.images_per_generation
     if len(given) > most:
         raise InputError(
