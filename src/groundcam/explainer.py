@@ -458,7 +458,9 @@ class Explainer:
         mean of those layers' maps. `method` defaults to the family's (`attention` for OCR models);
         `max_new_tokens=None` lets the model's own `generation_config` decide the length; `beam`
         > 1 decodes with beam search. `image=` is the first argument's older name. `sinks="drop"`
-        (generative VLMs): visual sink tokens read 0 in every map (`methods.sinks`)."""
+        (generative VLMs): visual sink tokens read 0 in every map (`methods.sinks`). A
+        `groundcam.Video` instead of images (Qwen2/2.5/3-VL, LLaVA-OneVision): one map per frame
+        (`gen.image_maps`), the frames side by side in `gen.maps` (`groundcam.video`)."""
         if image is not None and image_or_images is not None:
             raise InputError("pass the image once: as the first argument or as image=")
         if image is None and image_or_images is None:

@@ -183,6 +183,9 @@ class GenerationExplanation:
     image_maps: list[torch.Tensor] | None = None  # per image, [K, h_i, w_i] normalised
     prompt: str | None = None  # the text the model read before its answer
     notes: dict[str, str] = field(default_factory=dict)  # e.g. how attention was recorded
+    # a video: its frames; `image` is their strip side by side, `maps` [K, h, F*w] one map per
+    # frame in the same order, `image_maps` one [K, h, w] per frame
+    frames: list[Image.Image] | None = None
 
     @property
     def token_maps(self) -> torch.Tensor:
@@ -296,6 +299,7 @@ class GenerationExplanation:
             **({"words": self.words, "word_tokens": self.word_tokens} if self.words else {}),
             **({"prompt": self.prompt} if self.prompt is not None else {}),
             **({"notes": self.notes} if self.notes else {}),
+            **({"frames": len(self.frames)} if self.frames else {}),
         }
 
     def save(

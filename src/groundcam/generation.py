@@ -32,6 +32,7 @@ from groundcam.methods.relative_attention import GENERIC_PROMPT, relative
 from groundcam.methods.sinks import SINK_THRESHOLD, sink_tokens
 from groundcam.methods.tam import tam_maps
 from groundcam.placement import place
+from groundcam.video import Video
 
 if TYPE_CHECKING:
     from groundcam.explainer import Explainer
@@ -45,6 +46,8 @@ def check_images(adapter: Adapter, given: Image.Image | Sequence[Image.Image]) -
         raise TypeError(f"image must be a PIL.Image, got {type(given).__name__}")
     if not given:
         raise InputError("no image given: explain_generation needs an image")
+    if any(isinstance(g, Video) for g in given):
+        raise InputError("a video is explained alone: pass the Video itself, not in a list")
     most = adapter.images_per_generation
     if len(given) > most:
         raise InputError(
@@ -53,6 +56,15 @@ def check_images(adapter: Adapter, given: Image.Image | Sequence[Image.Image]) -
             f"{len(given)} images"
         )
     return list(given)
+
+
+def check_video(adapter: Adapter) -> None:
+    """One line when the family reads no videos."""
+    if not getattr(adapter, "videos", False):
+        raise InputError(
+            f"the {adapter.family} family reads images, not videos: video frames are read by "
+            "qwen-vl (Qwen2/2.5/3-VL) and llava-onevision"
+        )
 
 
 def check_prompt(adapter: Adapter, prompt: str | None) -> dict[str, str]:
@@ -98,7 +110,11 @@ def explain_generation(
         raise InputError(f"beam must be a positive integer, got {beam!r}")
     if text is not None and (not isinstance(text, str) or not text.strip()):
         raise InputError(f"text= must be a non-empty string to explain, got {text!r}")
-    images = check_images(a, image_or_images)
+    if isinstance(image_or_images, Video):
+        check_video(a)
+        images = image_or_images
+    else:
+        images = check_images(a, image_or_images)
     extra = check_prompt(a, prompt)
     if getattr(a, "vlm", False):
         return explain_vlm(
@@ -194,7 +210,7 @@ def explain_generation(
 
 def explain_vlm(
     explainer: Explainer,
-    images: list[Image.Image],
+    images: list[Image.Image] | Video,
     prompt: str | None,
     method: str | None,
     layer: int | str | tuple[int, int] | list[int] | range | None,
@@ -209,13 +225,15 @@ def explain_vlm(
     forward and a batched backward for every generated token; each token's values over the
     image-token columns are placed on every image through the family's `TokenLayout`
     (`columns_only`: the per-token values over the image-token columns, [K, N], unplaced;
-    `sinks="drop"`: visual sink tokens read 0, `methods.sinks`)."""
+    `sinks="drop"`: visual sink tokens read 0, `methods.sinks`). `images` may be one `Video`:
+    one map per frame, side by side in `maps` (`video_note`, `frames_of`)."""
     from groundcam.io import check_image
 
     a = explainer.adapter
     if sinks not in (None, "drop"):
         raise InputError(f'sinks must be None or "drop", got {sinks!r}')
-    for i, image in enumerate(images):
+    video = images if isinstance(images, Video) else None
+    for i, image in enumerate([] if video else images):
         if not isinstance(image, Image.Image):
             raise TypeError(f"image must be a PIL.Image, got {type(image).__name__}")
         check_image(image, f"image {i}")
@@ -223,7 +241,7 @@ def explain_vlm(
     method_obj, source, _, first_layer = explainer.resolve(method, wanted[0], "token")
     layers = [first_layer] + [explainer.resolve(method, n, "token").layer for n in wanted[1:]]
     layer = first_layer if len(layers) == 1 else tuple(layers)
-    inputs = a.inputs(images, prompt)
+    inputs = a.inputs(images, prompt) if video is None else a.video_inputs(video, prompt)
     ids, first, unknown = _text_ids(
         a,
         text,
@@ -232,7 +250,10 @@ def explain_vlm(
         "with the prompt and image tokens",
         stacklevel=4,
     )
-    layout = a.token_layout(inputs, ids, [(im.height, im.width) for im in images])
+    if video is None:
+        layout = a.token_layout(inputs, ids, [(im.height, im.width) for im in images])
+    else:
+        layout, frame_map = a.video_layout(inputs, ids, video)
     columns = TokenLayout(
         torch.arange(len(layout.positions)),
         layout.tile,
@@ -245,7 +266,8 @@ def explain_vlm(
     skip = a.special_ids()
     positions = [k for k in range(first, ids.shape[1]) if int(ids[0, k]) not in skip]
     id_list = ids[0].tolist()
-    prompt_text = a.prompt_text(prompt, len(images))  # as templated, before expansion
+    # as templated, before expansion
+    prompt_text = a.prompt_text(prompt, 1, True) if video else a.prompt_text(prompt, len(images))
     notes: dict[str, str] = {}
     k = len(positions)
     composed, at_cells = None, source == ATTENTION_GRAPH  # relevance composes its own values
@@ -316,6 +338,10 @@ def explain_vlm(
             values = values @ composed[0].detach().float().cpu()
         notes["composition"] = composed[1]
     placed = place(values, columns)
+    image = images[0] if video is None else video.strip()
+    if video is not None:  # one map per frame, side by side
+        placed = [torch.cat([placed[m] for m in frame_map], -1)]
+        notes["video"] = video_note(video, frame_map)
     words, word_tokens = group_words(a.tokenizer, [id_list[p] for p in positions])
     word_raw = torch.stack([placed[0][t].mean(0) for t in word_tokens]) if words else None
     return GenerationExplanation(
@@ -329,16 +355,37 @@ def explain_vlm(
         method=method_obj.name,
         layer=layer,
         model=explainer.name,
-        image=images[0],
+        image=image,
         score_kind=a.score_kind("token"),
         unknown_words=unknown,
         words=words,
         word_tokens=word_tokens,
         word_maps=None if word_raw is None else normalize_maps(word_raw),
-        image_maps=[normalize_maps(m) for m in placed],
+        image_maps=[normalize_maps(m) for m in placed]
+        if video is None
+        else frames_of(placed[0], video),
         prompt=prompt_text,
         notes=notes,
+        frames=None if video is None else video.frames,
     )
+
+
+def video_note(video: Video, frame_map: list[int]) -> str:
+    """What the maps of a video are: which frames, and which map each frame shows."""
+    shared = len(set(frame_map)) < len(frame_map)
+    how = (
+        f"{len(set(frame_map))} temporal steps: each frame shows its step's map "
+        f"(frame -> map {frame_map})"
+        if shared
+        else "one map per frame"
+    )
+    return f"{len(video)} frames (indices {video.indices} of {video.total}); {how}"
+
+
+def frames_of(strip: torch.Tensor, video: Video) -> list[torch.Tensor]:
+    """A video's per-frame maps [K, h, w] cut from the normalised strip [K, h, F*w] (normalised
+    over all frames together, so frames compare)."""
+    return list(normalize_maps(strip).chunk(len(video), -1))
 
 
 def sequence_tam(
@@ -394,7 +441,7 @@ def drop_sinks(
 
 def relative_to_generic(
     explainer: Explainer,
-    images: list[Image.Image],
+    images: list[Image.Image] | Video,
     layer: int | tuple,
     text_ids: list[int],
     values: torch.Tensor,
@@ -430,10 +477,13 @@ def explain_phrases(
     a = explainer.adapter
     rows, scores, tokens, token_maps, flat, index = [], [], [], [], [], []
     for i, (image, group) in enumerate(zip(images, phrases, strict=True)):
+        if isinstance(image, Video):
+            check_video(a)
         for phrase in [group] if isinstance(group, str) else group:
             if not isinstance(phrase, str) or not phrase.strip():
                 raise InputError(f"phrases must be non-empty strings, got {phrase!r}")
-            gen = explain_vlm(explainer, [image], prompt, method, layer, None, phrase, 1)
+            seen = image if isinstance(image, Video) else [image]
+            gen = explain_vlm(explainer, seen, prompt, method, layer, None, phrase, 1)
             if not gen.tokens:
                 raise InputError(
                     f"phrase {phrase!r} tokenizes to nothing the {a.family} model writes "
@@ -467,7 +517,7 @@ def explain_phrases(
         target="phrase",
         model=explainer.name,
         raw_token_maps=padded,
-        images=list(images),
+        images=[im.strip() if isinstance(im, Video) else im for im in images],
         image_index=index,
         score_kind=a.score_kind("phrase"),
         unknown_words=a.unknown_words(flat),

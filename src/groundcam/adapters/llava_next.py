@@ -13,8 +13,9 @@ past the image by the part of a cell that held padding. OneVision shrinks a grid
 `anyres_max_N` tiles' worth of cells bilinearly (same box, fewer cells), and an image of a
 multi-image sample (`batch_num_images` > 1) is its base tile and one newline. Both families take
 several images per prompt, one map per image (base and hi-res cells averaged where both cover a
-pixel, `placement.place`). OneVision's video tokens are laid out frame by frame (`video_tokens`),
-but `explain_generation` reads images only."""
+pixel, `placement.place`). OneVision also reads videos (a `groundcam.video.Video`): each frame
+is the image processor's base tile (`groundcam.video.onevision_video_features`), pooled by the
+model to a ceil(g/2) x ceil(g/2) grid; one map per frame (`video_tokens`)."""
 
 from __future__ import annotations
 
@@ -140,6 +141,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     architectures = ("LlavaOnevisionForConditionalGeneration",)
     template = "<|im_start|>user {image}\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
     default_depth = 0.5
+    videos = True
 
     def shrunk(self, rows: int, cols: int, cells: int) -> tuple[int, int]:
         """`anyres_max_N`: a grid of more than about N tiles' cells is shrunk bilinearly to
@@ -158,11 +160,21 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             return [True] * images
         return [int(n) == 1 for n in counts for _ in range(int(n))]
 
+    def video_features(self, video) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """`pixel_values_videos` [1, F, 3, s, s]: each frame the image processor's base tile."""
+        from groundcam.video import onevision_video_features
+
+        return onevision_video_features(hf.image_processor_of(self.processor), video.frames), {}
+
+    def video_layout(self, inputs, ids: torch.Tensor, video) -> tuple[TokenLayout, list[int]]:
+        """One map per frame (`video_tokens`), each over the whole frame."""
+        layout = self.video_tokens(ids, len(video))
+        return replace(layout, sizes=(video.size,) * len(video)), list(range(len(video)))
+
     def video_tokens(self, ids: torch.Tensor, frames: int) -> TokenLayout:
         """Where a video's tokens (`config.video_token_id`) sit: per frame the tile's cell grid
         pooled bilinearly to ceil(g/2) x ceil(g/2) over the whole (squashed) frame, frames in
-        order, then one newline; frame f is image f of the layout. For the video path to come:
-        `explain_generation` reads images only (videos also need torchvision's video processor)."""
+        order, then one newline; frame f is image f of the layout."""
         positions = torch.nonzero(ids[0] == int(self.model.config.video_token_id))[:, 0].cpu()
         vision = self.model.config.vision_config
         side = math.ceil(int(vision.image_size) // hf.patch_size(vision)[0] / 2)

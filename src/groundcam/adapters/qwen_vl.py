@@ -8,16 +8,18 @@ tokens are a `(grid_h / merge) x (grid_w / merge)` row-major grid over the whole
 `config.image_token_id` inside `<|vision_start|>…<|vision_end|>`. A prompt with several images
 gets one map per image, in the order the images appear.
 
-Video (`video_grid_thw`, `config.video_token_id`): `temporal_patch_size` consecutive frames are
-merged into one temporal step; each step's tokens are a grid over the whole frame, and each step
-is placed as a map of its own (after the still images that precede it in the sequence).
-`token_layout` reads video grids; explaining a video end to end needs the family's real video
-processor, which transformers builds only where torchvision is installed.
+Video (`video_grid_thw`, `config.video_token_id`; a `groundcam.video.Video` given to
+`explain_generation` or `explain`): `temporal_patch_size` consecutive frames are merged into one
+temporal step; each step's tokens are a grid over the whole frame, and each step is placed as a
+map of its own (after the still images that precede it in the sequence). The frames are prepared
+without torchvision (`groundcam.video.qwen_video_features`); a step's map is given to every frame
+of the step (with 2 frames per step, frames 0 and 1 show map 0, frames 2 and 3 map 1, ...).
 
 Generated tokens get `mm_token_type_ids` 0, as `generate()` pads them (DESIGN §12)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -51,6 +53,7 @@ class QwenVlAdapter(VlmAdapter):
     template = "<|im_start|>user\n{image}{prompt}<|im_end|>\n<|im_start|>assistant\n"
     per_token_inputs = {"mm_token_type_ids": 0}
     images_per_generation = MANY_IMAGES
+    videos = True
     # "MLLMs know where to look" (ICLR 2025): layer 22 of Qwen2.5-VL-7B's 28 localises best
     default_depth = 22 / 28
 
@@ -95,6 +98,33 @@ class QwenVlAdapter(VlmAdapter):
                 frame_sizes.append(tuple(size))
             positions.append(run)
         return TokenLayout.from_tiles(torch.cat(positions), tiles, tuple(frame_sizes))
+
+    def video_placeholder(self) -> str:
+        """One video as the prompt writes it: the video token inside the vision start and end
+        tokens (ids from the config)."""
+        cfg = self.model.config
+        ids = [cfg.vision_start_token_id, cfg.video_token_id, cfg.vision_end_token_id]
+        return "".join(self.tokenizer.convert_ids_to_tokens(ids))
+
+    def video_features(self, video) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """`pixel_values_videos` and `video_grid_thw` from the image processor's frames, and
+        the merge and temporal sizes the processor's expansion reads."""
+        from groundcam.adapters import hf
+        from groundcam.video import qwen_video_features
+
+        images = hf.image_processor_of(self.processor)
+        sizes = {
+            "merge_size": int(images.merge_size),
+            "temporal_patch_size": int(images.temporal_patch_size),
+            "patch_size": int(images.patch_size),
+        }
+        return qwen_video_features(images, video.frames), sizes
+
+    def video_layout(self, inputs, ids: torch.Tensor, video) -> tuple[TokenLayout, list[int]]:
+        """One map per temporal step; frame f shows step f // (frames per step)."""
+        layout = self.image_tokens(inputs, ids, [video.size])
+        per_step = math.ceil(len(video) / len(layout.tiles))
+        return layout, [f // per_step for f in range(len(video))]
 
     def video_id(self) -> int | None:
         """The video token's id (config.video_token_id), if the model has one."""

@@ -164,6 +164,7 @@ class VlmAdapter(Adapter):
     default_methods = {"token": "attn-gradcam", "phrase": "attn-gradcam"}
     takes_prompt = True
     images_per_generation = 1
+    videos = False  # whether the family reads videos (`video_inputs`, `groundcam.video`)
     batch_images = 1  # an evaluation's phrase maps are placed on each image's own shape
     vlm = True  # generation runs through `groundcam.generation`'s VLM path
     template: str | None = None  # "{image}" and "{prompt}"; used when no chat template
@@ -214,21 +215,26 @@ class VlmAdapter(Adapter):
         text = getattr(self.processor, "image_token", None)  # may be an AddedToken
         return str(text) if text else self.tokenizer.convert_ids_to_tokens(self.image_token_id)
 
-    def prompt_text(self, prompt: str | None, images: int) -> str:
+    def video_placeholder(self) -> str:
+        """The text the processor expands into a video's tokens (config.video_token_id)."""
+        return self.tokenizer.convert_ids_to_tokens(int(self.model.config.video_token_id))
+
+    def prompt_text(self, prompt: str | None, images: int, video: bool = False) -> str:
         """The text the processor reads: `prompt` (default `default_prompt`) in the chat
-        template or the family's template, or as given when it holds the image placeholders."""
+        template or the family's template, or as given when it holds the image placeholders
+        (`video`: one video's placeholder instead of `images` images')."""
         prompt = self.default_prompt if prompt is None else prompt
-        mark = self.placeholder()
+        mark, kind = (self.video_placeholder(), "video") if video else (self.placeholder(), "image")
         given = prompt.count(mark)
         if given:
             if given != images:
                 raise InputError(
-                    f"prompt holds {given} image placeholder(s) {mark!r} for {images} image(s): "
-                    "give one per image, or none to let the template place them"
+                    f"prompt holds {given} {kind} placeholder(s) {mark!r} for {images} {kind}(s): "
+                    f"give one per {kind}, or none to let the template place them"
                 )
             return prompt
         if getattr(self.processor, "chat_template", None):
-            content = [{"type": "image"}] * images + [{"type": "text", "text": prompt}]
+            content = [{"type": kind}] * images + [{"type": "text", "text": prompt}]
             messages = [{"role": "user", "content": content}]
             return self.processor.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=False
@@ -253,6 +259,49 @@ class VlmAdapter(Adapter):
         except (ValueError, TypeError) as e:
             raise InputError(f"the processor refused the prompt and images: {e}") from None
         return {k: v.to(self.device) for k, v in enc.items() if isinstance(v, torch.Tensor)}
+
+    def video_inputs(self, video, prompt: str | None) -> dict[str, torch.Tensor]:
+        """The model inputs of the prompt and one `groundcam.video.Video`: the frames prepared
+        by `video_features`, the text expanded by the processor itself; a video longer than the
+        model reads is one line."""
+        if not self.videos:
+            raise InputError(
+                f"the {self.family} family reads images, not videos: video frames are read by "
+                "qwen-vl (Qwen2/2.5/3-VL) and llava-onevision"
+            )
+        from groundcam.video import with_frames
+
+        most = getattr(getattr(self.processor, "video_processor", None), "max_frames", None)
+        if isinstance(most, int) and len(video) > most:
+            raise InputError(
+                f"{video.name}: {len(video)} frames, the processor reads at most {most}: "
+                "keep fewer (frames=N, CLI --frames N)"
+            )
+        features, sizes = self.video_features(video)
+        processor = with_frames(self.processor, features, video.metadata(), **sizes)
+        text = self.prompt_text(prompt, 1, video=True)
+        try:
+            enc = processor(videos=[video.frames], text=[text], return_tensors="pt")
+        except (ValueError, TypeError) as e:
+            raise InputError(f"the processor refused the prompt and video: {e}") from None
+        limit = self.max_positions()
+        if limit is not None and enc["input_ids"].shape[1] > limit:
+            raise InputError(
+                f"{video.name}: {len(video)} frames make {enc['input_ids'].shape[1]} tokens with "
+                f"the prompt; this model reads at most {limit}: keep fewer frames (frames=N, CLI "
+                "--frames N)"
+            )
+        return {k: v.to(self.device) for k, v in enc.items() if isinstance(v, torch.Tensor)}
+
+    def video_features(self, video) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """A video's model inputs (`groundcam.video`) and the sizes the processor's text
+        expansion reads off its video slot: the family hook of `video_inputs`."""
+        raise NotImplementedError
+
+    def video_layout(self, inputs, ids: torch.Tensor, video) -> tuple[TokenLayout, list[int]]:
+        """Where a video's tokens sit (one layout image per map) and, per frame, which of those
+        maps is the frame's: the family hook of `video_inputs`."""
+        raise NotImplementedError
 
     def prepare_images(self, images: list[Image.Image]) -> torch.Tensor:
         return hf.pixel_values(self.processor, images, self.device)
@@ -284,7 +333,7 @@ class VlmAdapter(Adapter):
             config.max_length, config.max_new_tokens = None, max_new_tokens
         config.do_sample, config.num_beams = False, beam
         # an image token in the answer would take image features in the teacher-forced forward
-        config.suppress_tokens = [*(config.suppress_tokens or []), self.image_token_id]
+        config.suppress_tokens = [*(config.suppress_tokens or []), *self.media_ids()]
         ids = self.model.generate(**inputs, generation_config=config)
         return ids[:1], inputs["input_ids"].shape[1]
 
@@ -354,9 +403,14 @@ class VlmAdapter(Adapter):
         values, logp, note = lm_relevance(self, inputs, columns, pos, token_ids)
         return values, logp, {"attention": note}
 
+    def media_ids(self) -> list[int]:
+        """The ids that stand for image (and video) features, never text."""
+        video = getattr(self.model.config, "video_token_id", None)
+        return [self.image_token_id] + ([int(video)] if video is not None else [])
+
     def special_ids(self) -> set[int]:
         ids = set(super().special_ids())
-        ids.add(self.image_token_id)
+        ids.update(self.media_ids())
         eos = self.model.generation_config.eos_token_id
         ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
         return {int(i) for i in ids}

@@ -1,5 +1,6 @@
-"""Loading generative VLM processors on installs without torchvision (groundcam explains images
-only, so a processor's video slot never runs).
+"""Loading generative VLM processors on installs without torchvision (groundcam prepares video
+frames itself, `groundcam.video`, and hands them to a copy of the processor per call, so the
+loaded processor's video slot never runs).
 
 transformers exports `VideoProcessorMixin` (which every processor with a video slot checks its video
 processor against) only when torchvision is installed, and `AutoVideoProcessor` cannot build one

@@ -407,9 +407,21 @@ def _phrase_marks(ex, i: int) -> str:
 
 
 @main.command()
-@click.argument("image", nargs=-1, required=True)
+@click.argument("image", nargs=-1)
 @click.option(
     "--model", required=True, help="A captioning/OCR model: built-in name, hub id or dir."
+)
+@click.option(
+    "--video",
+    default=None,
+    help="A video instead of IMAGE (Qwen2/2.5/3-VL, LLaVA-OneVision): an animated GIF/WebP/PNG "
+    "or a folder of frames sorted by name; maps are one per frame, side by side.",
+)
+@click.option(
+    "--frames",
+    default=None,
+    type=click.IntRange(1),
+    help="With --video: keep N frames spread evenly over the clip (default: all).",
 )
 @click.option("--method", default=None, help=_METHOD_HELP)
 @click.option("--layer", default=None, type=LayerOrRange(), help=_LAYER_HELP)
@@ -449,6 +461,8 @@ def _phrase_marks(ex, i: int) -> str:
 def caption(
     image,
     model,
+    video,
+    frames,
     method,
     layer,
     max_new_tokens,
@@ -471,13 +485,23 @@ def caption(
     the model is loaded once and each image's files go to OUT/<image name without extension>/.
     Several IMAGE files are the images of one prompt (generative VLMs that read several):
     OUT holds the maps over the first, OUT/image2/, OUT/image3/, ... those over the others.
+    --video PATH instead of IMAGE: one map per frame (tokens.png shows the frames side by side).
     """
     from groundcam.api import load
 
     if text is not None and not text.strip():
         raise UserError("--text is empty: give the text to explain, or leave --text out")
+    if (video is None) == (not image):
+        raise UserError("give IMAGE (a file, folder or glob) or --video PATH, one of the two")
+    if frames is not None and video is None:
+        raise UserError("--frames is for --video: it keeps N frames of the video")
     failed: list[dict] = []
-    if len(image) > 1:  # several files: one generation reads them all
+    if video is not None:  # the frames of one video: one generation reads them all
+        from groundcam.video import Video
+
+        paths, many = [Path(video)], False
+        pictures = [(paths[0], Video(video, frames=frames))]
+    elif len(image) > 1:  # several files: one generation reads them all
         paths, many = [Path(f) for f in image], False
         pictures = [(paths[0], [_read(f) for f in paths])]
     else:
