@@ -219,6 +219,10 @@ def test_bad_input_is_one_line(tiny):
     with pytest.raises(InputError) as e:
         ex.explain_generation(picture(), prompt=PROMPT, method="rollout")
     assert "rollout" in one_line(e)
+    for method in ("attention", "relevance", "tam"):  # sinks live among LM image tokens
+        with pytest.raises(InputError) as e:
+            ex.explain_generation(picture(), prompt=PROMPT, method=method, sinks="drop")
+        assert 'sinks="drop"' in one_line(e) and "queries" in one_line(e)
 
 
 def test_generation_and_the_template(tiny):

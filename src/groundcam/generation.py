@@ -263,6 +263,12 @@ def explain_vlm(
         layout.sizes,
     )  # the same cells, indexed by image-token column rather than sequence position
     read = a.lm_columns(ids, layout)  # the LM columns whose values are composed into the cells
+    if sinks == "drop" and not torch.equal(read.cpu(), layout.positions.cpu()):
+        raise InputError(
+            f'sinks="drop" finds sink tokens among the image tokens the language model reads; '
+            f"the {a.family} family's language model reads queries composed onto the image, not "
+            "image tokens: leave sinks= out"
+        )
     skip = a.special_ids()
     positions = [k for k in range(first, ids.shape[1]) if int(ids[0, k]) not in skip]
     id_list = ids[0].tolist()
