@@ -1442,7 +1442,7 @@ def _make_sweep_command(spec: DatasetSpec):
     dataset = spec.name
 
     def command(layers, out, **opts):
-        from groundcam.eval.sweep import sweep
+        from groundcam.eval.sweep import layer_mark, sweep
 
         wanted = _layer_list(layers)
         procs, units, explainer, cfg = _eval_run_setup(dataset, opts, default_split="val")
@@ -1451,14 +1451,17 @@ def _make_sweep_command(spec: DatasetSpec):
             return
         click.echo(f"{'layer':>5}  {'accuracy':>24}  {'n':>6}")
         for row in table["layers"]:
-            mark = "  <- best" if row["layer"] == table["best_layer"] else ""
-            click.echo(f"{row['layer']:>5}  {_percent(row):>24}  {row['n']:>6}{mark}")
+            mark = layer_mark(table, row["layer"])
+            click.echo(f"{row['layer']:>5}  {_percent(row):>24}  {row['n']:>6}  {mark}".rstrip())
+        if table["tied"]:
+            click.echo("no best layer: the 95% intervals of the tied layers overlap")
         click.echo(f"wrote {Path(out) / 'sweep.json'} and sweep.tsv")
 
     command.__doc__ = _eval_help(spec, "Pointing accuracy at every layer", "val") + (
         "One resumable evaluation per layer in --out/layer-<k>/, then sweep.json and sweep.tsv "
-        "(the best layer is the most accurate, the lower one on a tie). Methods that read "
-        "every layer at once (rollout, relevance) have nothing to sweep."
+        "(the best layer is the most accurate, marked only when its 95% interval lies above the "
+        "next one's; otherwise the layers whose intervals overlap it are marked tied). Methods "
+        "that read every layer at once (rollout, relevance) have nothing to sweep."
     )
     options = _dataset_options(spec) + _model_options(single_layer=False)
     options += [
