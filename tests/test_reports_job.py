@@ -4,10 +4,23 @@ report draw their maps with the paper figures, and `eval captions --report` writ
 
 from __future__ import annotations
 
-import pytest
+import json
+import re
+from types import SimpleNamespace
 
+import pytest
+from click.testing import CliRunner
+
+import groundcam as gc
+import groundcam.eval.caption_report as caption_report
+from groundcam.cli import main
+from groundcam.eval.caption_pointing import caption_records, shapes_samples, summarize_captions
+from groundcam.eval.caption_report import word_records, write_caption_report
+from groundcam.eval.pointing import pointing_game
+from groundcam.eval.runner import option_defaults
 from groundcam.eval.summary import accuracy_block
 from groundcam.eval.sweep import best_layer, layer_mark
+from groundcam.viz.report import card_figure, format_accuracy, render_eval_report
 
 
 def row(layer: int, hits: int, n: int) -> dict:
@@ -53,3 +66,115 @@ def test_unscored_layers_are_never_marked(n):
     rows = [row(1, 0, 0), row(2, n, n)]
     best, tied = best_layer(rows)
     assert 1 not in tied and best in (2, None)
+
+
+# ----------------------------------------------------------------------------- the report's options
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def config_keys(html: str) -> list[str]:
+    table = re.search(r'<table class="summary config">(.*?)</table>', html).group(1)
+    return re.findall(r"<tr><th>(.*?)</th>", table)
+
+
+def test_the_report_lists_what_was_run_and_only_the_options_that_were_set():
+    config = {
+        "dataset": "shapes",
+        "splits": ["val"],
+        "model": "m",
+        "method": "attn-gradcam",
+        "layer": 1,
+        "target": "itm",
+        "protocol": "amc",
+        "metrics": ["pointing"],
+        "steps": 16,
+        "precision": "fp32",
+        "seed": 3,
+        "dets": None,
+        "batch_images": 8,
+    }
+    defaults = option_defaults(SimpleNamespace(batch_images=8))
+    html = render_eval_report({"config": config}, [], [], defaults=defaults)
+    head = ["dataset", "splits", "model", "method", "layer", "target", "protocol"]
+    assert config_keys(html) == [*head, "seed"]  # seed 3 was set; the rest are defaults
+    html = render_eval_report({"config": config | {"steps": 4, "batch_images": 2}}, [], [],
+                              defaults=defaults)  # fmt: skip
+    assert config_keys(html) == [*head, "steps", "seed", "batch_images"]
+    assert config_keys(render_eval_report({"config": config}, [], [])) == list(config)
+
+
+def test_eval_report_of_a_run_shows_the_options_given_on_the_command_line(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    r = run("eval", "shapes", "--scenes", "2", "--seed", "5", "--model", tiny_model_dir,
+            "--report", "--examples", "1", "--out", out)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    keys = config_keys((out / "report.html").read_text())
+    assert "seed" in keys and "dataset_units" in keys and "score" in keys
+    assert not {"steps", "precision", "metrics", "dets", "batch_images"} & set(keys)
+    assert keys[:7] == ["dataset", "splits", "model", "method", "layer", "target", "protocol"]
+
+
+# ----------------------------------------------------------------------------- eval captions
+
+
+def test_eval_captions_report_shows_best_and_worst_words(one_thread, tmp_path):
+    out = tmp_path / "cap"
+    r = run("eval", "captions", "--model", "captioner-tiny-shapes", "--scenes", "3",
+            "--seed", "2", "--report", "--examples", "2", "--out", out)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert f"wrote {out / 'report.html'}" in r.output
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(h["ref"] == 0 for rec in records for h in rec["reference"])  # one reference
+    words = word_records(records)
+    n_ref = summary["reference_word_pointing"]["n"]
+    n_gen = summary["generated_word_pointing"]["n"]
+    assert len(words) == n_ref + n_gen > 0
+    hits = sum(w["hit"] for w in words)
+    html = (out / "report.html").read_text()
+    assert html.count("<img") == min(2, hits) + min(2, len(words) - hits)
+    assert f"Best hits ({min(2, hits)})" in html
+    # the headline is the reference words' pointing; BLEU-4 beside it
+    assert format_accuracy(summary["reference_word_pointing"]) in html
+    assert f"{summary['captions']['bleu4']:.3f}" in html and "By reference word" in html
+    keys = config_keys(html)
+    assert keys[:5] == ["dataset", "split", "model", "method", "layer"]
+    assert "scenes" in keys and "seed" in keys  # set on the command line
+    assert not {"beam", "image_size", "max_new_tokens", "captions_file"} & set(keys)
+
+
+def test_caption_report_cards_are_titled_with_the_word_and_its_probability(
+    one_thread, tmp_path, monkeypatch
+):
+    explainer = gc.load("captioner-tiny-shapes")
+    samples = list(shapes_samples("test", 2, seed=2))
+    records = list(caption_records(explainer, samples, method="attention"))
+    summary = summarize_captions(records) | {
+        "model": "captioner-tiny-shapes",
+        "method": "attention",
+    }
+    captured = {}
+    real = caption_report.write_eval_report
+
+    def spy(path, shown, best, worst, title, **options):
+        captured.update(best=best, worst=worst, shown=shown)
+        return real(path, shown, best, worst, title, **options)
+
+    monkeypatch.setattr(caption_report, "write_eval_report", spy)
+    write_caption_report(tmp_path, summary, records, explainer, samples, k=3)
+    chosen = captured["best"] + captured["worst"]
+    assert chosen and captured["shown"]["config"]["score"] == "p"
+    for example in chosen:
+        rec = example.record
+        image_id = rec["image_id"]
+        sample = next(s for s in samples if s.image_id == image_id)
+        assert example.image.size == sample.load_image().size
+        # the word's map is the one it was scored with: its first maximum is the recorded point
+        r = pointing_game(example.heatmap, rec["boxes"], image_size=example.image.size[::-1])
+        assert list(r.point) == rec["point"] and r.hit == rec["hit"]
+        assert 0 < rec["score"] <= 1 and rec["phrase"] in rec["text"].split()
+        fig = card_figure(example, "p")
+        assert fig.axes[0].get_title() == f"{rec['phrase']}  (p {rec['score']:.3f})"

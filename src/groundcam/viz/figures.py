@@ -98,26 +98,31 @@ def draw_map(
     alpha: float = DEFAULT_ALPHA,
     style: str = "heat",
     kind: str = "overlay",
+    resample: str = "bicubic",
 ) -> None:
     """Draw `heatmap` on `ax` in image coordinates: over `image` (heat as `overlay`, or contour
-    lines) or, for ``kind='heatmap'``, alone in `cmap` at full opacity."""
+    lines) or, for ``kind='heatmap'``, alone in `cmap` at full opacity; the map resized with
+    `resample` ('bicubic' or 'bilinear', as the pointing protocol that scored it)."""
     if style not in STYLES:
         raise InputError(f"figure style {style!r}: expected one of {', '.join(STYLES)}")
     width, height = image.size
     size = drawn_size(image.size, PANEL_SIDE)
     extent = (-0.5, width - 0.5, height - 0.5, -0.5)  # pixel centres at integer coordinates
     if kind == "heatmap":
-        values = upsample(as_2d_tensor(heatmap), (size[1], size[0])).clamp(0, 1).numpy()
+        values = upsample(as_2d_tensor(heatmap), (size[1], size[0]), resample)
+        values = values.clamp(0, 1).numpy()
         ax.imshow(values, cmap=colormap(cmap), vmin=0, vmax=1, extent=extent)
     elif style == "heat":
         ax.imshow(
-            np.asarray(overlay(image, heatmap, alpha, cmap=cmap, max_side=PANEL_SIDE)),
+            np.asarray(
+                overlay(image, heatmap, alpha, resample=resample, cmap=cmap, max_side=PANEL_SIDE)
+            ),
             extent=extent,
         )
     else:
         base = to_rgb(image).resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
         ax.imshow(np.asarray(base), extent=extent)
-        values = upsample(as_2d_tensor(heatmap), (height, width)).clamp(0, 1).numpy()
+        values = upsample(as_2d_tensor(heatmap), (height, width), resample).clamp(0, 1).numpy()
         colours = colormap(cmap)(np.asarray(CONTOUR_LEVELS))
         lines = ax.contour(values, levels=CONTOUR_LEVELS, colors=colours, linewidths=1.0)
         lines.set_path_effects([effects.withStroke(linewidth=2.2, foreground="black")])
@@ -206,13 +211,15 @@ def map_figure(
     cmap: Cmap = DEFAULT_CMAP,
     alpha: float = DEFAULT_ALPHA,
     style: str = "heat",
+    resample: str = "bicubic",
 ) -> Figure:
     """One map over its image, titled (e.g. with the phrase and its score), with the box, the
     pointed pixel and a colour bar as tall as the picture."""
     colours = colormap(cmap)
     fig = _figure(1, 1, image.height / image.width, None, width=3.2, below=0.15)
     ax = fig.subplots()
-    draw_map(ax, image, heatmap, cmap=colours, alpha=check_alpha(alpha), style=style)
+    alpha = check_alpha(alpha)
+    draw_map(ax, image, heatmap, cmap=colours, alpha=alpha, style=style, resample=resample)
     mark(ax, boxes, point, hit)
     if title:
         ax.set_title(_wrap(title, 40), fontsize=FONT_SIZE + 1)
