@@ -4,22 +4,29 @@ report draw their maps with the paper figures, and `eval captions --report` writ
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
+from PIL import Image
 
 import groundcam as gc
 import groundcam.eval.caption_report as caption_report
 from groundcam.cli import main
 from groundcam.eval.caption_pointing import caption_records, shapes_samples, summarize_captions
 from groundcam.eval.caption_report import word_records, write_caption_report
-from groundcam.eval.pointing import pointing_game
+from groundcam.eval.pointing import PointingResult, pointing_game
 from groundcam.eval.runner import option_defaults
 from groundcam.eval.summary import accuracy_block
 from groundcam.eval.sweep import best_layer, layer_mark
+from groundcam.explanation import GRID_DPI
+from groundcam.viz import figures
+from groundcam.viz.figures import Panel, compare_figure, figure_png, word_grid_figure
 from groundcam.viz.report import card_figure, format_accuracy, render_eval_report
 
 
@@ -178,3 +185,77 @@ def test_caption_report_cards_are_titled_with_the_word_and_its_probability(
         assert 0 < rec["score"] <= 1 and rec["phrase"] in rec["text"].split()
         fig = card_figure(example, "p")
         assert fig.axes[0].get_title() == f"{rec['phrase']}  (p {rec['score']:.3f})"
+
+
+# ----------------------------------------------------------------------------- the demo's figures
+
+
+def _render(fig) -> np.ndarray:
+    """The figure as PNG pixels at its own dpi, laid out as saved."""
+    return np.asarray(Image.open(io.BytesIO(figure_png(fig, int(fig.dpi)))).convert("RGB"))
+
+
+def _pixel(fig, ax, x: float, y: float) -> tuple[int, int]:
+    """Data (x, y) on `ax` -> (row, column) of `_render(fig)`."""
+    px, py = ax.transData.transform((x, y))
+    return int(fig.bbox.height - py), int(px)
+
+
+def _outlined(pixels: np.ndarray, row: int, column: int) -> bool:
+    """White at (row, column) with black within 3 px above or below: an outlined line."""
+    line = pixels[row - 3 : row + 4, column].astype(int)
+    return line.min(axis=1).max() >= 240 and line.max(axis=1).min() <= 40
+
+
+def test_each_row_of_a_comparison_draws_its_own_boxes():
+    image = Image.new("RGB", (80, 60), (200, 30, 30))
+    heat = torch.zeros(2, 6, 8)
+    results = [PointingResult(True, (30, 20), "amc"), PointingResult(False, (70, 50), "amc")]
+    panel = Panel("gradcam", list(heat), results=results)
+    boxes = [[[10, 10, 50, 30]], [[40, 35, 75, 55]]]
+    fig = compare_figure(image, ["first", "second"], [panel], row_boxes=boxes)
+    pixels = _render(fig)
+    axes = np.array(fig.axes[:4]).reshape(2, 2)
+    for r, other in ((0, 1), (1, 0)):
+        (x0, y0, x1, _), (ox0, oy0, ox1, _) = boxes[r][0], boxes[other][0]
+        for ax in axes[r]:
+            assert _outlined(pixels, *_pixel(fig, ax, (x0 + x1) / 2, y0))  # its own box
+            row, column = _pixel(fig, ax, (ox0 + ox1) / 2, oy0)
+            assert tuple(pixels[row, column]) == (200, 30, 30)  # not the other row's
+    row, column = _pixel(fig, axes[1, 1], 70, 50)
+    miss = np.array(Image.new("RGB", (1, 1), figures.MISS_COLOUR).getpixel((0, 0)))
+    assert np.abs(pixels[row, column] - miss).max() <= 3
+
+
+def test_word_grid_marks_each_panel_with_its_own_box_and_point():
+    image = Image.new("RGB", (128, 32), (240, 240, 240))
+    maps = torch.zeros(2, 2, 8)
+    marks = [([[4, 4, 30, 28]], (16, 16), True), (None, None, None)]
+    fig = word_grid_figure(image, maps, ["'s' hit", "'x' -"], [0.9, 0.5], marks=marks)
+    pixels = _render(fig)
+    first, second = fig.axes[:2]
+    assert [first.get_title(), second.get_title()] == ["'s' hit  p=0.90", "'x' -  p=0.50"]
+    hit = np.array(Image.new("RGB", (1, 1), figures.HIT_COLOUR).getpixel((0, 0)))
+    assert np.abs(pixels[_pixel(fig, first, 16, 16)] - hit).max() <= 3
+    assert tuple(pixels[_pixel(fig, second, 16, 16)]) == (240, 240, 240)  # nothing drawn
+
+
+def test_caption_tokens_png_is_the_per_token_figure(one_thread, tmp_path):
+    line = Image.new("RGB", (128, 32), "white")
+    line.save(tmp_path / "line.png")
+    out = tmp_path / "out"
+    r = run("caption", tmp_path / "line.png", "--model", "trocr-tiny-glyphs", "--text", "ab3",
+            "--out", out)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    gen = gc.load("trocr-tiny-glyphs").explain_generation(line, text="ab3")
+    fig = gen.figure(tokens=True)
+    width, height = fig.get_size_inches()
+    with Image.open(out / "tokens.png") as png:
+        assert png.size == pytest.approx((width * GRID_DPI, height * GRID_DPI), abs=1)
+        assert png.width >= 600  # not the 160 px cells of the old sheet: labels at print size
+    # the generated text, model and method above; each token titled with its probability
+    assert fig.get_suptitle().splitlines() == ["“ab3”", "trocr-tiny-glyphs · attention · layer 1"]
+    titles = [ax.get_title() for ax in fig.axes[: len(gen)]]
+    assert titles == [
+        f"{t}  p={p:.2f}" for t, p in zip(gen.tokens, gen.scores.tolist(), strict=True)
+    ]

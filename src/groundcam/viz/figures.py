@@ -164,10 +164,12 @@ def compare_figure(
     cmap: Cmap = DEFAULT_CMAP,
     alpha: float = DEFAULT_ALPHA,
     style: str = "heat",
+    row_boxes: Sequence | None = None,
 ) -> Figure:
     """The image, then one column per panel (method, layer, or heatmap and overlay for the
     triptych), one row per phrase (`image` may be one image per row); a cell with a pointing
-    result shows its point and says hit or miss; one colour bar as tall as the grid."""
+    result shows its point and says hit or miss; one colour bar as tall as the grid. `boxes`
+    are drawn in every row, `row_boxes` (one list per row) each in its own."""
     alpha, colours = check_alpha(alpha), colormap(cmap)
     rows, columns = len(phrases), len(panels) + 1
     pictures = [image] * rows if isinstance(image, Image.Image) else list(image)
@@ -176,9 +178,10 @@ def compare_figure(
     fig = _figure(columns, rows, aspect, title, below=0.2 if scored else 0)
     axes = np.atleast_2d(fig.subplots(rows, columns, squeeze=False))
     for r, (phrase, image) in enumerate(zip(phrases, pictures, strict=True)):
+        here = boxes if row_boxes is None else row_boxes[r]
         first = axes[r, 0]
         first.imshow(np.asarray(_panel_photo(image)), extent=_extent(image))
-        mark(first, boxes)
+        mark(first, here)
         note = f"\n{row_notes[r]}" if row_notes else ""
         first.set_ylabel(_wrap(phrase, 22) + note, fontsize=FONT_SIZE)
         if r == 0:
@@ -190,7 +193,7 @@ def compare_figure(
             )
             result = panel.results[r] if panel.results else None
             if result is not None:
-                mark(ax, boxes, result.point, None if result.skipped else result.hit)
+                mark(ax, here, result.point, None if result.skipped else result.hit)
                 verdict = "skipped" if result.skipped else "hit" if result.hit else "miss"
                 ax.set_xlabel(f"{verdict} ({result.protocol})", fontsize=FONT_SIZE)
             if r == 0:
@@ -240,9 +243,13 @@ def word_grid_figure(
     cmap: Cmap = DEFAULT_CMAP,
     alpha: float = DEFAULT_ALPHA,
     style: str = "heat",
+    marks: Sequence[tuple] | None = None,
+    colorbar: bool = True,
 ) -> Figure:
     """One panel per generated word (or token), titled with it and its probability; the
-    generated `text` and a `subtitle` (model, method, layer) above; one colour bar."""
+    generated `text` and a `subtitle` (model, method, layer) above; one colour bar (unless
+    ``colorbar=False``). `marks`: per panel (boxes, point, hit) as `mark` draws them (e.g. the
+    word's object, scored)."""
     if len(labels) != maps.shape[0]:
         raise InputError(f"{len(labels)} labels but {maps.shape[0]} maps")
     colours = colormap(cmap)
@@ -257,12 +264,15 @@ def word_grid_figure(
             ax.set_visible(False)
             continue
         draw_map(ax, image, maps[k], cmap=colours, alpha=check_alpha(alpha), style=style)
+        if marks is not None:
+            mark(ax, *marks[k])
         label = repr(labels[k])[1:-1].strip() or "␣"
         if scores is not None:
             label += f"  p={float(scores[k]):.2f}"
         ax.set_title(label, fontsize=FONT_SIZE + 1)
     _clean(axes)
-    _colorbar(fig, axes, colours)
+    if colorbar:
+        _colorbar(fig, axes, colours)
     return fig
 
 
