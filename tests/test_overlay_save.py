@@ -118,10 +118,12 @@ def test_huge_photo_is_drawn_bounded_with_boxes_and_point_scaled():
     assert result.getpixel((384, 256)) == (0, 0, 0)  # inside the box: black photo, map ~0
     # the point's pixel centre (3600.5, 2400.5) lands on the drawn pixel (768, 512)
     assert result.getpixel((768, 512)) == POINT_FILL[True]
-    assert result.getpixel((768, 512 - 3)) == (255, 255, 255)  # its border
+    # markers grow with the drawn size (a unit of round(683 / 200) = 3 px): a dot of radius 9
+    # whose outer unit is a white ring
+    assert result.getpixel((768, 512 - 7)) == (255, 255, 255)
+    assert result.getpixel((768, 512 - 10)) == (0, 0, 0)  # then a unit of black edge
     # the map is drawn at the drawn size: its peak is where the photo's peak is, scaled
-    values = np.asarray(result, dtype=np.int64)[..., 0]
-    values[505:520, 760:776] = 0  # ignore the point marker
+    values = np.asarray(overlay(image, grid, alpha=1.0), dtype=np.int64)[..., 0]  # no markers
     peak_y, peak_x = np.unravel_index(int(values.argmax()), values.shape)
     assert abs(peak_x - 3800 * sx) <= 4 and abs(peak_y - 2600 * sy) <= 4
 

@@ -34,6 +34,8 @@ from groundcam.maps import as_2d_tensor, upsample
 from groundcam.viz.overlay import (
     DEFAULT_ALPHA,
     DEFAULT_CMAP,
+    HIT_COLOUR,
+    MISS_COLOUR,
     Cmap,
     check_alpha,
     colormap,
@@ -48,8 +50,6 @@ CELL_INCHES = 1.9  # one panel's width: six fit a page's text width at print siz
 FONT_SIZE = 8  # points: readable when the figure is printed at its size
 CONTOUR_LEVELS = (0.25, 0.5, 0.75)
 PANEL_SIDE = 512  # longest side a panel's photo is drawn at (a print needs no more)
-HIT_COLOUR = "#1a9850"
-MISS_COLOUR = "#d73027"
 _EDGE = [effects.withStroke(linewidth=3.0, foreground="black")]
 
 
