@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -259,3 +260,25 @@ def test_caption_tokens_png_is_the_per_token_figure(one_thread, tmp_path):
     assert titles == [
         f"{t}  p={p:.2f}" for t, p in zip(gen.tokens, gen.scores.tolist(), strict=True)
     ]
+
+
+def test_an_image_that_cannot_be_read_again_loses_its_cards_not_the_report(one_thread, tmp_path):
+    explainer = gc.load("captioner-tiny-shapes")
+    samples = list(shapes_samples("test", 2, seed=2))
+    records = list(caption_records(explainer, samples, method="attention"))
+    summary = summarize_captions(records) | {
+        "model": "captioner-tiny-shapes",
+        "method": "attention",
+    }
+
+    def gone():
+        raise OSError("scene.png: no such file")
+
+    broken = [replace(samples[0], load_image=gone), samples[1]]
+    words = word_records(records)
+    kept = [w for w in words if w["image_id"] == samples[1].image_id]
+    assert kept and len(kept) < len(words)
+    path = write_caption_report(tmp_path, summary, records, explainer, broken, k=len(words))
+    html = path.read_text()
+    assert html.count("<img") == len(kept)  # every word of the readable image, none of the other
+    assert samples[0].image_id not in html.split("Best hits")[1]

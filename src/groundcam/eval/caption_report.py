@@ -81,7 +81,10 @@ def write_caption_report(
     pictures = {}
     for sample in samples:
         if sample.image_id in chosen:
-            pictures[sample.image_id] = _word_maps(explainer, sample, summary, best + worst)
+            try:
+                pictures[sample.image_id] = _word_maps(explainer, sample, summary, best + worst)
+            except (OSError, ValueError):  # the file changed since it was scored: no picture
+                continue
     shown, groups = report_summary(summary)
     shown["config"]["score"] = "p"
     if shown["config"].get("layer") is None:  # the family's layer: the records name it
@@ -91,7 +94,7 @@ def write_caption_report(
     def examples(words: list[dict]) -> list[Example]:
         result = []
         for word in words:
-            image, maps = pictures[word["image_id"]]
+            image, maps = pictures.get(word["image_id"], (None, {}))
             found = maps.get((word["set"], word["ref"], word["index"]))
             if found is not None:  # else the word reads differently now: no picture to show
                 heatmap, score, text = found
