@@ -113,12 +113,15 @@ def test_demo_writes_a_self_contained_page(tiny_model_dir, tmp_path):
     assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
     summary = json.loads((out / "summary.json").read_text())
     n_phrases = summary["attn-gradcam"]["n"]
-    # the captioner section: the scene, its per-word figure, two overlays per object word
+    # one figure of the scene (a row per phrase, a column per method); the captioner section:
+    # its per-word figure and the figure of its object words
+    heads = html.split("<figcaption>columns: ", 1)[1].split("</figcaption>", 1)[0].split(", ")
+    assert n_phrases > 0 and [h.split(" ")[0] for h in heads] == ["image", *DEMO_METHODS]
     n_words = summary["captioner-tiny-shapes"]["attention"]["n"]
     assert n_words == summary["captioner-tiny-shapes"]["gradcam"]["n"] > 0
-    assert html.count("<img") == 1 + len(DEMO_METHODS) * n_phrases + 2 + 2 * n_words
-    overlays = len(DEMO_METHODS) * n_phrases + 1 + 2 * n_words
-    assert len(list((out / "overlays").glob("*.png"))) == overlays
+    assert html.count("<img") == html.count('class="cell wide"') == 3
+    figures = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert figures == ["scene0.png", "scene0_captioner_objects.png", "scene0_captioner_words.png"]
     assert "pointing accuracy" in r.output and str(out / "index.html") in r.output
     assert "captioner word pointing" in r.output and "captioner-tiny-shapes on" in html
 

@@ -44,7 +44,13 @@ def demo(model, out):
 
 
 def overlays(out, pattern):
-    return sorted(p.name for p in (out / "overlays").glob(pattern))
+    """The figure files the demo wrote that match `pattern`."""
+    return sorted(p.name for p in (out / "figures").glob(pattern))
+
+
+def columns(html):
+    """The column headings of every figure on the page, from their captions."""
+    return re.findall(r"<figcaption>columns: (.*?)</figcaption>", html)
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +85,16 @@ def test_dual_encoder_demo_explains_phrases_with_its_methods(
     methods = gc.families()[family]
     assert sorted(k for k in summary if k != "captioner-tiny-shapes") == methods
     assert "attn-gradcam" not in methods
-    # each (phrase, method) scored once and drawn once; the numbers are the pointing game's
+    # one figure of the scene: a column per method; each (phrase, method) scored once, the
+    # numbers the pointing game's
     explainer = gc.load(model)
+    assert overlays(out, "scene0.png") == ["scene0.png"]
+    heads = columns(html)[0].split(", ")
+    assert [h.split(" ")[0] for h in heads] == ["image", *demo_methods(explainer)]
     sample = generate_scene("test", 0, 0)
     texts = [p.text for p in sample.phrases]
     for m in methods:
-        assert len(overlays(out, f"scene0_phrase*_{m}.png")) == summary[m]["n"] == len(texts)
+        assert summary[m]["n"] == len(texts)
         ex = explainer.explain(sample.image, texts, method=m)
         hits = sum(
             pointing_game(ex.maps[k], p.boxes, image_size=sample.image.size[::-1]).hit
@@ -92,7 +102,9 @@ def test_dual_encoder_demo_explains_phrases_with_its_methods(
         )
         assert summary[m]["accuracy"] == pytest.approx(hits / len(texts))
         assert f"pointing accuracy {m:>12}: " in r.stdout
-    assert "badge = gradcam hit" in html and "the model&#x27;s image-text similarity" in html
+    assert (
+        "the first column is gradcam" in html and "the model&#x27;s image-text similarity" in html
+    )
     assert ("image only" in html) == (family == "clip")  # CLIP's attention is the CLS row
     assert "captioner-tiny-shapes on" in html  # the captioner section, as with ALBEF
 
@@ -103,11 +115,10 @@ def test_captioner_demo_captions_and_maps_its_words(tmp_path):
     assert sorted(summary) == ["attention", "gradcam"]
     n = summary["attention"]["n"]
     assert n == summary["gradcam"]["n"] > 0
-    assert len(overlays(out, "scene0_word*_attention.png")) == n
-    assert len(overlays(out, "scene0_word*_gradcam.png")) == n
-    assert overlays(out, "*phrase*") == []  # a captioner has no phrases to explain
-    assert html.count("<img") == 1 + 1 + 2 * n  # the scene, the per-word figure, its words
-    assert html.count('class="cell wide"') == 1
+    # the per-word figure, then one figure of the object words: a column per method
+    assert overlays(out, "*") == ["scene0_captioner_objects.png", "scene0_captioner_words.png"]
+    assert html.count("<img") == html.count('class="cell wide"') == 2
+    assert columns(html) == ["image, attention (layer 0), gradcam (layer 0)"]
     assert f"({summary['attention']['accuracy'] * n:.0f}/{n} words)" in r.stdout
     assert html.count("<h2>captioner-tiny-shapes on shapes-test-0-0") == 1  # no second copy
 
@@ -119,9 +130,10 @@ def test_any_captioning_family_captions_the_scenes(tokenizer, tmp_path):
     r, summary, html = demo(path, out)
     methods = demo_methods(gc.load(path), "token")
     assert methods[0] == "attn-gradcam" and sorted(summary) == sorted(methods)
+    objects = overlays(out, "scene0_captioner_objects.png")
     for m in methods:
         n = summary[m]["n"]
-        assert len(overlays(out, f"scene0_word*_{m}.png")) == n
+        assert len(objects) == (n > 0)  # the object words' figure, when the caption has any
         assert f"pointing accuracy {m:>12}: " in r.stdout and f"/{n} words)" in r.stdout
     assert "<h2>" + escape(f"{path} on shapes-test-0-0") in html
 
@@ -135,7 +147,8 @@ def test_ocr_demo_reads_text_lines_and_maps_each_character(tmp_path):
     for m in methods:  # the same rule and numbers as `groundcam eval glyphs` on the same line
         records = list(glyph_records(explainer, "test", 1, method=m))
         want = summarize_glyphs(records)
-        assert summary[m]["n"] == want["n_tokens"] == len(overlays(out, f"line0_token*_{m}.png"))
+        assert summary[m]["n"] == want["n_tokens"] > 0
+        assert overlays(out, f"line0_{m}.png") == [f"line0_{m}.png"]  # its per-token figure
         assert summary[m]["accuracy"] == pytest.approx(want["token_pointing"])
         assert summary["char_accuracy"] == pytest.approx(want["char_accuracy"])
         assert f"pointing accuracy {m:>12}: " in r.stdout and "tokens)" in r.stdout
@@ -151,12 +164,16 @@ def test_default_demo_shows_amc_beside_its_baseline(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     html = (out / "index.html").read_text()
     phrases = len(generate_scene("test", 0, 0).phrases)
-    # both models' maps for every phrase and method, in one line per model
-    assert html.count(f'<span class="model">{LEAD}</span>') == phrases
-    assert html.count(f'<span class="model">{BASELINE}</span>') == phrases
-    assert len(overlays(out, "scene0_phrase*.png")) == len(METHODS) * phrases
-    baseline_files = sorted(p.name for p in (out / "overlays" / BASELINE).glob("*.png"))
-    assert baseline_files == overlays(out, "scene0_phrase*.png")
+    # one figure per model of every phrase (rows) and method (columns), one under the other
+    assert html.count(f'<span class="phrase">{LEAD}</span>') == 1
+    assert html.count(f'<span class="phrase">{BASELINE}</span>') == 1
+    assert html.index(f">{LEAD}</span>") < html.index(f">{BASELINE}</span>")
+    assert overlays(out, "scene0.png") == ["scene0.png"]
+    baseline_files = sorted(p.name for p in (out / "figures" / BASELINE).glob("*.png"))
+    assert baseline_files == ["scene0.png"]
+    for heads in columns(html)[:2]:
+        assert sorted(h.split(" ")[0] for h in heads.split(", ")) == sorted(["image", *METHODS])
+    assert all(summary[m]["n"] == phrases for m in METHODS)
     # the numbers beside are the baseline's own demo on the same scene
     alone = run_demo(tmp_path / "alone", model=BASELINE, scenes=1)
     lead = run_demo(tmp_path / "lead", model=LEAD, scenes=1)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from groundcam.errors import InputError
-from groundcam.explanation import Explanation, GenerationExplanation
+from groundcam.explanation import GRID_DPI, Explanation, GenerationExplanation
 from groundcam.maps import upsample
 from groundcam.viz.overlay import (
     BOX_COLOUR,
@@ -23,7 +23,6 @@ from groundcam.viz.overlay import (
     drawn_size,
     overlay,
 )
-from groundcam.viz.token_grid import token_grid
 
 
 def photo(width: int = 64, height: int = 48, seed: int = 0) -> Image.Image:
@@ -119,10 +118,12 @@ def test_huge_photo_is_drawn_bounded_with_boxes_and_point_scaled():
     assert result.getpixel((384, 256)) == (0, 0, 0)  # inside the box: black photo, map ~0
     # the point's pixel centre (3600.5, 2400.5) lands on the drawn pixel (768, 512)
     assert result.getpixel((768, 512)) == POINT_FILL[True]
-    assert result.getpixel((768, 512 - 3)) == (255, 255, 255)  # its border
+    # markers grow with the drawn size (a unit of round(683 / 200) = 3 px): a dot of radius 9
+    # whose outer unit is a white ring
+    assert result.getpixel((768, 512 - 7)) == (255, 255, 255)
+    assert result.getpixel((768, 512 - 10)) == (0, 0, 0)  # then a unit of black edge
     # the map is drawn at the drawn size: its peak is where the photo's peak is, scaled
-    values = np.asarray(result, dtype=np.int64)[..., 0]
-    values[505:520, 760:776] = 0  # ignore the point marker
+    values = np.asarray(overlay(image, grid, alpha=1.0), dtype=np.int64)[..., 0]  # no markers
     peak_y, peak_x = np.unravel_index(int(values.argmax()), values.shape)
     assert abs(peak_x - 3800 * sx) <= 4 and abs(peak_y - 2600 * sy) <= 4
 
@@ -251,12 +252,12 @@ def test_generation_overlay_grid_and_save_take_cmap_alpha(tmp_path):
     gen = generation(["a", "b1"])
     expected = overlay(gen.image, gen.maps[1], alpha=0.9, cmap="jet")
     assert np.array_equal(np.asarray(gen.overlay(1, alpha=0.9, cmap="jet")), np.asarray(expected))
-    grid = gen.grid(cmap="jet", alpha=0.9)
-    assert np.array_equal(
-        np.asarray(grid),
-        np.asarray(token_grid(gen.image, gen.maps, gen.tokens, [0.5, 0.5], cmap="jet", alpha=0.9)),
-    )
-    assert gen.grid(colorbar=True).width > gen.grid().width
+    grid = gen.grid(cmap="jet", alpha=0.9)  # the per-token paper figure at GRID_DPI
+    width, height = gen.figure(tokens=True).get_size_inches()
+    assert grid.size == pytest.approx((width * GRID_DPI, height * GRID_DPI), abs=1)
+    assert not np.array_equal(np.asarray(grid), np.asarray(gen.grid()))  # jet, not inferno
+    assert not np.array_equal(np.asarray(grid), np.asarray(gen.grid(cmap="jet", alpha=0.9,
+                                                                     colorbar=False)))  # fmt: skip
     out = gen.save(tmp_path / "gen", cmap="jet", alpha=0.9)
     assert sorted(p.name for p in out.iterdir()) == [
         "000_a.png",
@@ -265,20 +266,9 @@ def test_generation_overlay_grid_and_save_take_cmap_alpha(tmp_path):
         "meta.json",
         "tokens.png",
     ]
-    assert (
-        Image.open(out / "tokens.png").width == gen.grid(cmap="jet", alpha=0.9, colorbar=True).width
-    )
+    assert np.array_equal(np.asarray(Image.open(out / "tokens.png")), np.asarray(grid))
     saved = np.asarray(Image.open(out / "001_b1.png"))
     assert np.array_equal(saved, np.asarray(gen.overlay(1, alpha=0.9, cmap="jet", colorbar=True)))
-
-
-def test_token_grid_draws_each_cell_from_the_image_scaled_once():
-    image = photo(800, 300)
-    maps = torch.zeros(2, 3, 8)
-    sheet = token_grid(image, maps, ["x", "y"], columns=2, cell_width=160)
-    cell = np.asarray(sheet)[6 + 22 : 6 + 22 + 60, 6 : 6 + 160]
-    scaled = image.resize((160, 60), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    assert np.array_equal(cell, np.asarray(scaled))  # a zero map: the scaled photo itself
 
 
 # ----------------------------------------------------------------------------- stale files

@@ -9,13 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from groundcam.viz.overlay import POINT_FILL
+from groundcam.viz import figures
 from groundcam.viz.report import (
+    CARD_DPI,
     Example,
+    card_figure,
+    card_marks,
     format_accuracy,
     render_eval_report,
     select_examples,
-    thumbnail_overlay,
     write_eval_report,
 )
 
@@ -224,30 +226,57 @@ def test_report_escapes_text_from_data():
     assert "<title>run &lt;1&gt; &amp; co</title>" in html
 
 
-def test_thumbnails_are_bounded_and_show_point_in_hit_colour():
+def _png(fig) -> np.ndarray:
+    """The figure as the page shows it (PNG at the card's dpi), as an RGB array."""
+    return np.asarray(Image.open(io.BytesIO(figures.figure_png(fig, CARD_DPI))).convert("RGB"))
+
+
+def _at(fig, x: float, y: float) -> tuple[int, int]:
+    """Image (x, y) on the card's picture -> (row, column) of its PNG at the card's dpi."""
+    fig.draw_without_rendering()  # the constrained layout places the axes when drawn
+    scale = CARD_DPI / fig.dpi
+    px, py = fig.axes[0].transData.transform((x, y))
+    return int((fig.bbox.height - py) * scale), int(px * scale)
+
+
+def _colour(name: str) -> np.ndarray:
+    return np.array(Image.new("RGB", (1, 1), name).getpixel((0, 0)))
+
+
+def test_cards_are_readable_figures_with_the_point_in_the_hit_colour():
     best, worst = make_examples()
     html = render_eval_report(summary_dict(), best, worst)
-    big, small, miss = decode_images(html)
-    assert big.size == (256, 192)  # 512x384 scaled to 256 on the long side
-    assert small.size == (80, 60)  # never upscaled
-    assert miss.size == (80, 60)
-    # point (200, 160) of a 512x384 image -> (100, 80) at half scale
-    assert big.getpixel((100, 80)) == POINT_FILL[True]
-    assert small.getpixel((30, 25)) == POINT_FILL[True]
-    assert miss.getpixel((70, 50)) == POINT_FILL[False]
-    # the box is drawn at the thumbnail's scale: (100, 80, 300, 240) -> (50, 40, 150, 120)
-    assert big.getpixel((50, 60)) == (0, 255, 0)
-    assert big.getpixel((150, 60)) == (0, 255, 0)
+    cards = decode_images(html)
+    assert [card.width for card in cards] == [round(3.2 * CARD_DPI)] * 3  # not 256 px thumbnails
+    for example, hit in ((best[0], True), (best[1], True), (worst[0], False)):
+        fig = card_figure(example)
+        pixels = _png(fig)
+        row, column = _at(fig, *example.record["point"])  # the images are at record size
+        want = _colour(figures.HIT_COLOUR if hit else figures.MISS_COLOUR)
+        assert np.abs(pixels[row, column] - want).max() <= 3
+    # the title: the phrase and its score, above the picture
+    fig = card_figure(best[1], "itm")
+    assert fig.axes[0].get_title() == "phrase test/11/0  (itm 0.500)"
+    fig.draw_without_rendering()
+    assert fig.axes[0].title.get_window_extent().y0 >= fig.axes[0].get_window_extent().y1 - 1
 
 
-def test_thumbnail_without_map_or_point_and_with_image_size_mismatch():
-    rec = record("test/1/0", True, point=None, boxes=[], image_size=[160, 120])
-    img = thumbnail_overlay(Example(rec, picture(80, 60), None))
-    assert img.size == (80, 60)
-    assert np.all(np.asarray(img) == 90)  # no map, no box, no point: the plain image
+def test_card_marks_move_with_the_image_size_and_skip_bad_values():
     rec = record("test/1/1", False, point=[100, 100], image_size=[160, 120])
-    img = thumbnail_overlay(Example(rec, picture(80, 60), torch.rand(2, 2)))
-    assert img.getpixel((50, 50)) == POINT_FILL[False]
+    rec["boxes"] = [[20, 10, 60, 50], ["x", 1, 2, 3], [1, 2]]
+    boxes, point = card_marks(Example(rec, picture(80, 60), torch.rand(2, 2)))
+    assert boxes == [[10.0, 5.0, 30.0, 25.0]]
+    assert point == pytest.approx((49.75, 49.75))  # pixel centres: (100 + 0.5) / 2 - 0.5
+    fig = card_figure(Example(rec, picture(80, 60), torch.rand(2, 2)))
+    row, column = _at(fig, *point)
+    assert np.abs(_png(fig)[row, column] - _colour(figures.MISS_COLOUR)).max() <= 3
+
+
+def test_card_without_map_or_point_is_the_plain_image():
+    rec = record("test/1/0", True, point=None, boxes=[], image_size=[160, 120])
+    fig = card_figure(Example(rec, picture(80, 60), None))
+    row, column = _at(fig, 40, 30)
+    assert tuple(_png(fig)[row, column]) == (90, 90, 90)
 
 
 def test_empty_inputs_do_not_crash(tmp_path):
@@ -269,4 +298,4 @@ def test_empty_inputs_do_not_crash(tmp_path):
 @pytest.mark.parametrize("heatmap", [torch.rand(3, 3), np.random.default_rng(1).random((3, 3))])
 def test_heatmap_types(heatmap):
     example = Example(record("test/1/0", True), picture(), heatmap)
-    assert thumbnail_overlay(example).size == (80, 60)
+    assert _png(card_figure(example)).shape[1] == round(3.2 * CARD_DPI)

@@ -92,30 +92,33 @@ def test_overlay_resizes_bicubically_and_clamps():
     assert np.array_equal(result, expected)
 
 
-def test_overlay_draws_green_box_edges():
-    image = Image.new("RGB", (40, 30), (0, 0, 0))
+def test_overlay_draws_box_edges_white_inside_a_black_edge():
+    image = Image.new("RGB", (40, 30), (200, 30, 30))  # red: a green or red box could vanish
     result = overlay(image, np.zeros((4, 4)), alpha=0.0, boxes=[[5, 4, 20, 25]])
-    green = (0, 255, 0)
+    white, black = (255, 255, 255), (0, 0, 0)
     for y in range(4, 26):
-        assert result.getpixel((5, y)) == green  # left edge
-        assert result.getpixel((6, y)) == green  # 2 px wide
-        assert result.getpixel((20, y)) == green  # right edge
+        assert result.getpixel((5, y)) == white  # left edge
+        assert result.getpixel((6, y)) == white  # 2 px wide
+        assert result.getpixel((4, y)) == black  # its edge outside
+        assert result.getpixel((7, y)) == black or y in (4, 5, 24, 25)  # and inside the corners
+        assert result.getpixel((20, y)) == white  # right edge
     for x in range(5, 21):
-        assert result.getpixel((x, 4)) == green  # top edge
-        assert result.getpixel((x, 25)) == green  # bottom edge
-    assert result.getpixel((12, 14)) == (0, 0, 0)  # interior untouched
-    assert result.getpixel((2, 2)) == (0, 0, 0)  # outside untouched
+        assert result.getpixel((x, 4)) == white  # top edge
+        assert result.getpixel((x, 25)) == white  # bottom edge
+    assert result.getpixel((12, 14)) == (200, 30, 30)  # interior untouched
+    assert result.getpixel((2, 2)) == (200, 30, 30)  # outside untouched
 
 
 @pytest.mark.parametrize(
-    ("hit", "fill"), [(True, (0, 200, 0)), (False, (230, 0, 0)), (None, (255, 255, 255))]
+    ("hit", "fill"), [(True, (26, 152, 80)), (False, (215, 48, 39)), (None, (255, 255, 255))]
 )
 def test_overlay_draws_point_marker(hit, fill):
-    image = Image.new("RGB", (40, 30), (0, 0, 0))
+    image = Image.new("RGB", (40, 30), (200, 30, 30))
     result = overlay(image, np.zeros((4, 4)), alpha=0.0, point=(10, 12), hit=hit)
-    assert result.getpixel((10, 12)) == fill
-    assert result.getpixel((10, 9)) == (255, 255, 255)  # border at radius 3
-    assert result.getpixel((20, 20)) == (0, 0, 0)
+    assert result.getpixel((10, 12)) == fill  # the figures' hit and miss colours
+    assert result.getpixel((10, 9)) == (255, 255, 255)  # white ring at radius 3
+    assert result.getpixel((10, 8)) == (0, 0, 0)  # black edge around it
+    assert result.getpixel((20, 20)) == (200, 30, 30)
 
 
 def test_data_uri_round_trips_pixels():

@@ -1,7 +1,9 @@
 """`groundcam demo`: a few synthetic images explained with every method the model supports, one
-HTML page. Phrase models (ALBEF, CLIP, ...) explain the phrases of shapes scenes; captioning
-models caption the scenes and map each word; OCR models read rendered text lines and map each
-character. The default page shows the AMC-trained built-in beside the model it was trained from."""
+HTML page of paper figures (`groundcam.viz.figures`). Phrase models (ALBEF, CLIP, ...) explain the
+phrases of shapes scenes (one figure per scene and model: a row per phrase, a column per method);
+captioning models caption the scenes and map each word; OCR models read rendered text lines and
+map each character. Every map is scored by the pointing game and marked hit or miss. The default
+page shows the AMC-trained built-in beside the model it was trained from."""
 
 from __future__ import annotations
 
@@ -11,14 +13,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-
 from groundcam.api import load
 from groundcam.data.shapes import generate_scene
 from groundcam.errors import GroundcamWarning
 from groundcam.eval.pointing import pointing_game
 from groundcam.explainer import Explainer
-from groundcam.viz.html import png_bytes, write_report
+from groundcam.viz.figures import Panel, compare_figure, figure_png, word_grid_figure
+from groundcam.viz.html import write_report
 from groundcam.zoo import BUILTIN, ZOO
 
 # Every method of the phrase families (ALBEF's; a test keeps them equal), in the page's order; a
@@ -28,7 +29,8 @@ CAPTIONER = "captioner-tiny-shapes"
 LEAD, BASELINE = "albef-tiny-shapes-amc", "albef-tiny-shapes"  # the default page
 OCR_FAMILIES = ("vision-encoder-decoder",)  # generating families that read text lines
 SCORES = {"itm": "ITM match probability", "similarity": "the model's image-text similarity"}
-LINE_HEIGHT = 48  # px at which the 32 x 128 text lines and their overlays are shown
+LINE_HEIGHT = 48  # px at which the 32 x 128 text lines are shown beside their figures
+FIGURE_DPI = 110  # the page's figures at their own size: 8 pt labels are 12 px high
 
 
 @dataclass
@@ -69,7 +71,7 @@ def run_demo(
     device: str | None = None,
 ) -> DemoResult:
     """Explain `scenes` synthetic images (text lines for OCR models) with every method `model`
-    supports; write overlay PNGs, index.html and summary.json under `out`. `model` None shows
+    supports; write the figures (PNG, under figures/), index.html and summary.json to `out`. `model` None shows
     albef-tiny-shapes-amc beside albef-tiny-shapes, so the first page shows what AMC changes.
     `device` (e.g. "cuda") is where the models run (default: cpu)."""
     t0 = time.time()
@@ -78,7 +80,7 @@ def run_demo(
         raise ValueError(f"--out {out} exists and is not a directory")
     name = LEAD if model is None else model
     explainer = load(name, device=device)  # a model that cannot load leaves no folder behind
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
     sections: list[dict] = []
     intro, table, words, compared = "", None, None, None
     where = f"({split} split, seed {seed})"
@@ -96,15 +98,15 @@ def run_demo(
             summary["model"] = f"{LEAD}, beside {BASELINE}"
             intro = (
                 f"{LEAD}: {BUILTIN[LEAD]['description']}. Every phrase is explained by both "
-                "models with every method, each map marked hit or miss against the phrase's "
-                "ground-truth box (green)."
+                "models with every method, each map marked hit (green dot) or miss (red cross) "
+                "against the phrase's ground-truth box (white)."
             )
             table = [["pointing accuracy", LEAD, BASELINE]]
             table += [[m, _rate(accuracy[m]), _rate(compared.get(m))] for m in accuracy]
         else:
             summary |= {f"pointing accuracy, {m}": _rate(hn) for m, hn in accuracy.items()}
         score = SCORES.get(explainer.default_target, "score")
-        summary["score"] = f"{score}; badge = {badge} hit (green box = ground truth)"
+        summary["score"] = f"{score}, beside each phrase; the first column is {badge}"
         if CAPTIONER in BUILTIN and (ZOO / CAPTIONER / "model.safetensors").is_file():
             captioner = load(CAPTIONER, device=device)
             words = _caption_sections(captioner, CAPTIONER, out, sections, scenes, split, seed)
@@ -117,13 +119,13 @@ def run_demo(
         summary = {"model": name, "lines": f"{scenes} rendered text lines {where}"}
         summary["character accuracy"] = f"{chars:.1%}"
         summary |= {f"token pointing, {m}": _rate(hn, "tokens") for m, hn in accuracy.items()}
-        summary["score"] = "token probability (green boxes = the glyphs of that character)"
+        summary["score"] = "token probability (white boxes = the glyphs of that character)"
     else:
         unit = "words"
         accuracy = _caption_sections(explainer, name, out, sections, scenes, split, seed)
         summary = {"model": name, "scenes": f"{scenes} {where}"}
         summary |= {f"word pointing, {m}": _rate(hn, "words") for m, hn in accuracy.items()}
-        summary["score"] = "word probability (green box = the object the word names)"
+        summary["score"] = "word probability (white box = the object the word names)"
     html = write_report(out / "index.html", "groundcam demo", summary, sections, intro, table)
     record: dict = {m: _json(hn) for m, hn in accuracy.items()}
     for m, hn in (compared or {}).items():
@@ -152,11 +154,17 @@ def _json(hits_n: tuple[int, int]) -> dict:
     return {"accuracy": h / n if n else None, "n": n}
 
 
-def _save(picture: Image.Image, path: Path) -> bytes:
-    """Write `picture` to `path` as PNG; the bytes go into the page as they are (one encoding)."""
-    data = png_bytes(picture)
+def _save(fig, path: Path) -> bytes:
+    """Write figure `fig` to `path` as PNG at `FIGURE_DPI`; the bytes go into the page as they
+    are (one encoding)."""
+    data = figure_png(fig, dpi=FIGURE_DPI)
     path.write_bytes(data)
     return data
+
+
+def _cell(data: bytes, labels: list[str]) -> dict:
+    """A page cell showing a figure at its own size, captioned with its columns."""
+    return {"label": "columns: " + ", ".join(labels), "image": data, "wide": True}
 
 
 def _label(ex) -> str:
@@ -169,103 +177,109 @@ def _phrase_sections(
     models: dict[str, Explainer], out: Path, sections: list, scenes: int, split: str, seed: int
 ) -> dict[str, dict[str, tuple[int, int]]]:
     """Each scene's phrases explained by each model with every method it supports, each map
-    scored against the phrase's boxes; with several models, one line of maps per model (the
-    first model's overlays in overlays/, the others' in overlays/<model>/). Returns the hits
-    per model and method."""
+    scored against the phrase's boxes: one figure per scene and model (a row per phrase with its
+    score, the image then a column per method; the first model's in figures/, the others' in
+    figures/<model>/). Returns the hits per model and method."""
     methods = {name: demo_methods(ex) for name, ex in models.items()}
     hits = {name: {m: [0, 0] for m in ms} for name, ms in methods.items()}
-    folders = {name: out / "overlays" / (name if i else "") for i, name in enumerate(models)}
+    folders = {name: out / "figures" / (name if i else "") for i, name in enumerate(models)}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
     for index in range(scenes):
         sample = generate_scene(split, index, seed)
-        image = sample.image
+        image, size = sample.image, sample.image.size[::-1]
         texts = [p.text for p in sample.phrases]
-        with warnings.catch_warnings():
-            # the page marks image-only maps on each figure ("- image only"); no warning per scene
-            warnings.filterwarnings("ignore", "method .* does not read the text", GroundcamWarning)
-            results = {
-                name: {m: ex.explain(image, texts, method=m) for m in methods[name]}
-                for name, ex in models.items()
-            }
         rows = []
-        for k, phrase in enumerate(sample.phrases):
-            groups = []
-            for name, by_method in results.items():
-                cells, badge = [], None
-                for m, ex in by_method.items():
-                    r = pointing_game(ex.maps[k], phrase.boxes, image_size=image.size[::-1])
-                    hits[name][m][0] += r.hit
-                    hits[name][m][1] += 1
-                    badge = r.hit if badge is None else badge
-                    picture = ex.overlay(k, boxes=phrase.boxes, point=r.point, hit=r.hit)
-                    picture = _save(picture, folders[name] / f"scene{index}_phrase{k}_{m}.png")
-                    label = f"{_label(ex)}: {'hit' if r.hit else 'miss'}"
-                    cells.append({"label": label, "image": picture})
-                score = float(next(iter(by_method.values())).scores[k])
-                groups.append({"label": name, "score": score, "hit": badge, "cells": cells})
-            if len(groups) == 1:
-                rows.append({**groups[0], "phrase": phrase.text})
-            else:
-                rows.append({"phrase": phrase.text, "groups": groups})
-        sections.append(
-            {"title": f"{sample.image_id}: {sample.caption}", "image": image, "rows": rows}
-        )
+        for name, explainer in models.items():
+            with warnings.catch_warnings():
+                # the figure marks image-only maps ("- image only"); no warning per scene
+                warnings.filterwarnings(
+                    "ignore", "method .* does not read the text", GroundcamWarning
+                )
+                results = {m: explainer.explain(image, texts, method=m) for m in methods[name]}
+            panels = []
+            for m, ex in results.items():
+                scored = [
+                    pointing_game(ex.maps[k], p.boxes, image_size=size)
+                    for k, p in enumerate(sample.phrases)
+                ]
+                hits[name][m][0] += sum(r.hit for r in scored)
+                hits[name][m][1] += len(scored)
+                panels.append(Panel(_label(ex), list(ex.maps), results=scored))
+            first = next(iter(results.values()))
+            kind = first.score_kind.name if first.score_kind else "score"
+            fig = compare_figure(
+                image,
+                texts,
+                panels,
+                row_notes=[f"{kind} {s:.3f}" for s in first.scores.tolist()],
+                row_boxes=[p.boxes for p in sample.phrases],
+                title=f"{name} · {sample.image_id}",
+            )
+            data = _save(fig, folders[name] / f"scene{index}.png")
+            cell = _cell(data, ["image"] + [p.label for p in panels])
+            rows.append({"phrase": name, "score": None, "hit": None, "cells": [cell]})
+        sections.append({"title": f"{sample.image_id}: {sample.caption}", "rows": rows})
     return {name: {m: (h, n) for m, (h, n) in by.items()} for name, by in hits.items()}
 
 
 def _caption_sections(
     explainer: Explainer, name: str, out: Path, sections: list, scenes: int, split: str, seed: int
 ) -> dict[str, tuple[int, int]]:
-    """Each scene captioned by a captioning model: the per-word figure, then per object word
-    its map with every method the model supports, scored against the object it names."""
+    """Each scene captioned by a captioning model: the per-word figure, then a figure of the
+    object words (a row per word, a column per method the model supports), each map scored
+    against the object the word names."""
     from groundcam.data.caption_text import tokenize
     from groundcam.data.shapes_captions import ground_generated
     from groundcam.eval.caption_pointing import word_maps
-    from groundcam.viz.figures import figure_png
 
     methods = demo_methods(explainer, "token")
     hits = {m: [0, 0] for m in methods}
     for index in range(scenes):
         sample = generate_scene(split, index, seed)
-        image = sample.image
+        image, size = sample.image, sample.image.size[::-1]
         gens = {m: explainer.explain_generation(image, method=m) for m in methods}
         first = gens[methods[0]]
-        figure = figure_png(first.figure(), dpi=110)  # the paper's per-word grid, readable
-        (out / "overlays" / f"scene{index}_captioner_words.png").write_bytes(figure)
+        figure = _save(first.figure(), out / "figures" / f"scene{index}_captioner_words.png")
         grid = {"label": f"{methods[0]} per word", "image": figure, "wide": True}
         rows = [{"phrase": "every word", "score": None, "hit": None, "cells": [grid]}]
         words, row_of = word_maps(first, explainer)
-        for i, boxes in enumerate(ground_generated(sample, tokenize(first.text))):
-            if not boxes or i not in row_of:
-                continue
-            k, cells, badge = row_of[i], [], None
+        found = ground_generated(sample, tokenize(first.text))
+        grounded = [(i, boxes) for i, boxes in enumerate(found) if boxes and i in row_of]
+        if grounded:
+            panels = []
             for m, gen in gens.items():
-                r = pointing_game(gen.maps[k], boxes, image_size=image.size[::-1])
-                hits[m][0] += r.hit
-                hits[m][1] += 1
-                badge = r.hit if badge is None else badge
-                picture = gen.overlay(k, boxes=boxes, point=r.point, hit=r.hit)
-                picture = _save(picture, out / "overlays" / f"scene{index}_word{i}_{m}.png")
-                cells.append({"label": f"{m}: {'hit' if r.hit else 'miss'}", "image": picture})
-            rows.append({"phrase": words[i], "score": float(first.scores[k]), "hit": badge,
-                         "cells": cells})  # fmt: skip
-        sections.append(
-            {
-                "title": f'{name} on {sample.image_id}: "{first.text}"',
-                "image": image,
-                "rows": rows,
-            }  # fmt: skip
-        )
+                maps = [gen.maps[row_of[i]] for i, _ in grounded]
+                scored = [
+                    pointing_game(heat, boxes, image_size=size)
+                    for heat, (_, boxes) in zip(maps, grounded, strict=True)
+                ]
+                hits[m][0] += sum(r.hit for r in scored)
+                hits[m][1] += len(scored)
+                panels.append(Panel(_label(gen), maps, results=scored))
+            fig = compare_figure(
+                image,
+                [words[i] for i, _ in grounded],
+                panels,
+                row_notes=[f"p {float(first.scores[row_of[i]]):.2f}" for i, _ in grounded],
+                row_boxes=[boxes for _, boxes in grounded],
+                title=f"{name} · the object words of its caption",
+            )
+            data = _save(fig, out / "figures" / f"scene{index}_captioner_objects.png")
+            cell = _cell(data, ["image"] + [p.label for p in panels])
+            rows.append({"phrase": "object words", "score": None, "hit": None, "cells": [cell]})
+        title = f'{name} on {sample.image_id}: "{first.text}"'
+        sections.append({"title": title, "rows": rows})
     return {m: (h, n) for m, (h, n) in hits.items()}
 
 
 def _line_sections(
     explainer: Explainer, name: str, out: Path, sections: list, lines: int, split: str, seed: int
 ) -> tuple[dict[str, tuple[int, int]], float]:
-    """Rendered text lines read by an OCR model: per method, each generated token's map scored
-    against the ink boxes of its character (a character the line lacks is a miss, as in
-    `groundcam eval glyphs`). Returns the hits per method and the mean character accuracy."""
+    """Rendered text lines read by an OCR model: per method, a per-token figure, each generated
+    token's map scored against the ink boxes of its character (a character the line lacks is a
+    miss, as in `groundcam eval glyphs`). Returns the hits per method and the mean character
+    accuracy."""
     from groundcam.data.glyphs import render_line
     from groundcam.eval.glyphs import char_accuracy, glyph_boxes
 
@@ -278,23 +292,32 @@ def _line_sections(
         rows, text = [], ""
         for m in methods:
             gen = explainer.explain_generation(image, method=m)
-            text, cells, line_hits = gen.text, [], 0
+            text, labels, marks, line_hits = gen.text, [], [], 0
             for k, token_id in enumerate(gen.token_ids):
                 char = explainer.decode([token_id])
                 boxes = glyph_boxes(sample, char)
                 r = pointing_game(gen.maps[k], boxes, image_size=size) if boxes else None
                 hit = bool(r is not None and r.hit)
                 line_hits += hit
-                point = None if r is None else r.point
-                picture = gen.overlay(k, boxes=boxes, point=point, hit=hit)
-                picture = _save(picture, out / "overlays" / f"line{index}_token{k}_{m}.png")
-                verdict = ("hit" if hit else "miss") if boxes else "not in the line"
-                label = f"{char!r} p={float(gen.scores[k]):.2f}: {verdict}"
-                cells.append({"label": label, "image": picture})
+                labels.append(f"{char!r} {'hit' if hit else 'miss'}" if boxes else f"{char!r} -")
+                marks.append(
+                    (boxes or None, None if r is None else r.point, hit if boxes else None)
+                )
             hits[m][0] += line_hits
-            hits[m][1] += len(cells)
-            head = f"{_label(gen)}: {line_hits}/{len(cells)} tokens on their glyphs"
-            rows.append({"phrase": head, "score": None, "hit": None, "cells": cells})
+            hits[m][1] += len(labels)
+            fig = word_grid_figure(
+                image,
+                gen.maps,
+                labels,
+                gen.scores.tolist(),
+                text=text,
+                subtitle=f"{name} · {_label(gen)}",
+                marks=marks,
+            )
+            data = _save(fig, out / "figures" / f"line{index}_{m}.png")
+            head = f"{_label(gen)}: {line_hits}/{len(labels)} tokens on their glyphs"
+            cell = {"label": "per token ('-': not in the line)", "image": data, "wide": True}
+            rows.append({"phrase": head, "score": None, "hit": None, "cells": [cell]})
         accuracy = char_accuracy(text, sample.text)
         total += accuracy
         title = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import platform
 import re
@@ -19,6 +20,8 @@ from groundcam.errors import InputError
 from groundcam.maps import normalize_maps
 
 __all__ = ["Explanation", "GenerationExplanation", "normalize_maps", "versions"]
+
+GRID_DPI = 110  # tokens.png: 9 pt token labels are 14 px high, readable at the image's size
 
 
 @dataclass
@@ -222,40 +225,28 @@ class GenerationExplanation:
         *,
         cmap: str | None = None,
         alpha: float | None = None,
-        colorbar: bool = False,
+        colorbar: bool = True,
+        dpi: int = GRID_DPI,
     ) -> Image.Image:
-        """The per-token figure: each token above its overlay (`cmap`, `alpha` as `overlay`;
-        ``colorbar=True`` adds one colour bar at the right)."""
-        from groundcam.viz.token_grid import token_grid
+        """The per-token figure as an image (`tokens.png`): `figure` with one panel per token,
+        drawn at `dpi` (`cmap`, `alpha` as `overlay`; ``colorbar=False`` leaves out the colour
+        bar)."""
+        from groundcam.viz.figures import figure_png
 
-        if self.image is None:
-            raise ValueError("this explanation holds no image")
-        sheet = token_grid(
-            self.image,
-            self.maps,
-            self.tokens,
-            self.scores.tolist(),
-            columns,
-            colorbar=colorbar,
-            **_style(cmap, alpha),
-        )
-        note = image_only_note(self.method, self.text_conditioned)
-        if note is None:
-            return sheet
-        from groundcam.viz.overlay import add_note
+        fig = self.figure(columns, tokens=True, colorbar=colorbar, **_style(cmap, alpha))
+        with Image.open(io.BytesIO(figure_png(fig, dpi))) as png:
+            return png.convert("RGB")
 
-        return add_note(sheet, note)
-
-    def figure(self, columns: int = 6, **kwargs: Any):
+    def figure(self, columns: int = 6, *, tokens: bool = False, **kwargs: Any):
         """The paper's per-word grid (`groundcam.viz.figures.word_grid_figure`): each word (or
-        token, for models without words) over the image with its probability, the generated
-        text, model, method and layer above; a matplotlib Figure."""
+        token, for models without words, or with ``tokens=True``) over the image with its
+        probability, the generated text, model, method and layer above; a matplotlib Figure."""
         from groundcam.viz.figures import word_grid_figure
 
         if self.image is None:
             raise ValueError("this explanation holds no image")
         maps, labels, scores = self.maps, self.tokens, self.scores.tolist()
-        if self.words and self.word_maps is not None:
+        if self.words and self.word_maps is not None and not tokens:
             maps, labels = self.word_maps, self.words
             scores = [float(np.prod([scores[t] for t in ts])) for ts in self.word_tokens]
         layer = f" · layer {self.layer}" if self.layer is not None else ""

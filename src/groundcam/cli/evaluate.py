@@ -344,7 +344,7 @@ def _make_sweep_command(spec: DatasetSpec):
     dataset = spec.name
 
     def command(layers, out, **opts):
-        from groundcam.eval.sweep import sweep
+        from groundcam.eval.sweep import layer_mark, sweep
 
         wanted = _layer_list(layers)
         procs, units, explainer, cfg = _eval_run_setup(dataset, opts, default_split="val")
@@ -353,14 +353,17 @@ def _make_sweep_command(spec: DatasetSpec):
             return
         click.echo(f"{'layer':>5}  {'accuracy':>24}  {'n':>6}")
         for row in table["layers"]:
-            mark = "  <- best" if row["layer"] == table["best_layer"] else ""
-            click.echo(f"{row['layer']:>5}  {_percent(row):>24}  {row['n']:>6}{mark}")
+            mark = layer_mark(table, row["layer"])
+            click.echo(f"{row['layer']:>5}  {_percent(row):>24}  {row['n']:>6}  {mark}".rstrip())
+        if table["tied"]:
+            click.echo("no best layer: the 95% intervals of the tied layers overlap")
         click.echo(f"wrote {Path(out) / 'sweep.json'} and sweep.tsv")
 
     command.__doc__ = _eval_help(spec, "Pointing accuracy at every layer", "val") + (
         "One resumable evaluation per layer in --out/layer-<k>/, then sweep.json and sweep.tsv "
-        "(the best layer is the most accurate, the lower one on a tie). Methods that read "
-        "every layer at once (rollout, relevance) have nothing to sweep."
+        "(the best layer is the most accurate, marked only when its 95% interval lies above the "
+        "next one's; otherwise the layers whose intervals overlap it are marked tied). Methods "
+        "that read every layer at once (rollout, relevance) have nothing to sweep."
     )
     options = _dataset_options(spec) + _model_options(single_layer=False)
     options += [
@@ -505,6 +508,14 @@ def eval_glyphs(split, lines, model, method, layer, seed, device, out) -> None:
 )
 @_device_option()
 @click.option("--out", required=True, type=OutDir(), help="Results directory (resumes).")
+@click.option("--report", is_flag=True, help="Also write report.html.")
+@click.option(
+    "--examples",
+    default=8,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Best/worst examples in the report.",
+)
 @_guard
 def eval_captions(
     model,
@@ -522,6 +533,8 @@ def eval_captions(
     metrics,
     device,
     out,
+    report,
+    examples,
 ) -> None:
     """Caption metrics (BLEU-1..4, CIDEr-D, as the COCO caption evaluation) and word pointing
     (protocol amc) of a captioning model: the grounded words of the reference captions,
@@ -538,14 +551,14 @@ def eval_captions(
         summarize_captions,
     )
 
-    report = None
+    reader = None
     if dataset == "file":
         if not captions or not images:
             raise UserError("--dataset file needs --captions FILE and --images DIR")
         if metrics:
             raise UserError("--metrics needs object masks: use --dataset shapes")
-        split, report = file_split(captions, split), ReadReport()
-        samples = file_samples(captions, images, split=split, report=report)
+        split, reader = file_split(captions, split), ReadReport()
+        samples = file_samples(captions, images, split=split, report=reader)
         n = len(samples)
         if not n:
             raise UserError(f"--captions {captions}: no {split} images found under {images}")
@@ -576,12 +589,12 @@ def eval_captions(
     stream = caption_records(explainer, todo, method, layer, beam, max_new_tokens, metrics)
     records = list(done.values()) + _append_records(stream, out, f"captions/{split}", n - len(done))
     summary = summarize_captions(records) | {"protocol": "amc", **run}
-    if report is not None:
+    if reader is not None:
         summary["reader"] = {
-            "skipped_rows": report.skipped_rows,
-            "skipped_samples": report.skipped_samples,
-            "repaired_rows": report.repaired_rows,
-            "errors": report.errors[:20],
+            "skipped_rows": reader.skipped_rows,
+            "skipped_samples": reader.skipped_samples,
+            "repaired_rows": reader.repaired_rows,
+            "errors": reader.errors[:20],
         }
     _write_summary(out, summary)
     for key in ("reference", "generated"):
@@ -609,6 +622,13 @@ def eval_captions(
     if summary["errors"]:
         click.echo(f"{summary['errors']} images could not be read (see results.jsonl)")
     click.echo(f"wrote {out / 'summary.json'}")
+    if report:
+        from groundcam.eval.caption_report import write_caption_report
+
+        unset = {p.name: p.default for p in click.get_current_context().command.params}
+        again = samples if dataset == "file" else shapes_samples(split, scenes, seed, image_size)
+        args = (summary, records, explainer, again, examples, unset | {"captions_file": None})
+        click.echo(f"wrote {write_caption_report(out, *args)}")
 
 
 def _maybe(value: float | None) -> str:

@@ -173,7 +173,7 @@ def caption_records(
         if metrics and s.labels is not None:
             record["word_iou"] = generation_word_ious(gen, explainer.decode, *s.labels())
         record["reference"] = []
-        for tokens, boxes in s.grounded:
+        for j, (tokens, boxes) in enumerate(s.grounded):
             try:
                 ref = explainer.explain_generation(
                     image, method=method, layer=layer, text=" ".join(tokens)
@@ -184,7 +184,8 @@ def caption_records(
             ref_words, ref_rows = word_maps(ref, explainer)
             if ref_words != tokens:  # the model's tokenizer reads the caption differently
                 ref_rows = _align(tokens, ref_words, ref_rows)
-            record["reference"] += list(_score(ref, size, tokens, boxes, ref_rows, metrics))
+            scored = _score(ref, size, tokens, boxes, ref_rows, metrics)
+            record["reference"] += [h | {"ref": j} for h in scored]  # j: which reference
         yield record
 
 

@@ -19,7 +19,7 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -613,4 +613,16 @@ def write_report(out: Path, summary, records, units: Units, scorer: UnitScorer, 
     best, worst = examples(best), examples(worst)
     if scorer.text_conditioned is False:  # known once an example was explained
         title += f" - image-only maps: {summary['config']['method']} does not read the text"
-    return write_eval_report(out / "report.html", summary, best, worst, title)
+    defaults = option_defaults(scorer.explainer)
+    return write_eval_report(out / "report.html", summary, best, worst, title, defaults=defaults)
+
+
+def option_defaults(explainer) -> dict:
+    """The value each `EvalConfig` option has when it is not set, as `summary.json` records it
+    (the report lists only the options that differ)."""
+    defaults = {
+        f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+        for f in fields(EvalConfig)
+        if f.default is not MISSING
+    }
+    return defaults | {"batch_images": explainer.batch_images}

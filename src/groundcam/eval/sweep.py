@@ -29,8 +29,7 @@ def sweep(
     progress: bool = True,
 ) -> dict | None:
     """One resumable evaluation per layer in `out/layer-<k>/`; the table (main process only)
-    goes to `sweep.json` and `sweep.tsv`. The best layer is the most accurate, the lower one on
-    a tie."""
+    goes to `sweep.json` and `sweep.tsv`, with the best layer where there is one (`best_layer`)."""
     procs = procs or Processes()
     valid = sweep_layers_of(explainer, cfg)
     layers = valid if layers is None else layers
@@ -49,10 +48,9 @@ def sweep(
             rows.append({"layer": layer} | {k: s[k] for k in keys})
     if not procs.is_main:
         return None
-    scored = [r for r in rows if r["accuracy"] is not None]
-    best = max(scored, key=lambda r: (r["accuracy"], -r["layer"]))["layer"] if scored else None
+    best, tied = best_layer(rows)
     table = {"config": replace(cfg, layer=None).__dict__ | {"splits": list(cfg.splits)}}
-    table |= {"layers": rows, "best_layer": best}
+    table |= {"layers": rows, "best_layer": best, "tied": tied}
     (out / "sweep.json").write_text(json.dumps(table, indent=1) + "\n")
     lines = ["layer\taccuracy\tci95_low\tci95_high\tn"]
     for r in rows:
@@ -60,3 +58,24 @@ def sweep(
         lines.append(f"{r['layer']}\t{r['accuracy']}\t{lo}\t{hi}\t{r['n']}")
     (out / "sweep.tsv").write_text("\n".join(lines) + "\n")
     return table
+
+
+def best_layer(rows: list[dict]) -> tuple[int | None, list[int]]:
+    """(best layer, tied layers) of sweep rows (`layer`, `accuracy`, `ci95`). The most accurate
+    layer (the lower one on equal accuracy) is the best only when its 95% interval lies wholly
+    above the next one's: otherwise the data cannot tell them apart, and every layer whose
+    interval reaches the leader's is tied with it (best None; tied from the most accurate)."""
+    scored = [r for r in rows if r["accuracy"] is not None and r.get("ci95")]
+    if not scored:
+        return None, []
+    ranked = sorted(scored, key=lambda r: (-r["accuracy"], r["layer"]))
+    low = ranked[0]["ci95"][0]
+    tied = [r["layer"] for r in ranked if r["ci95"][1] >= low]
+    return (ranked[0]["layer"], []) if len(tied) == 1 else (None, tied)
+
+
+def layer_mark(table: dict, layer: int) -> str:
+    """What the sweep's table says beside `layer`: "<- best", "tied" or nothing."""
+    if layer == table.get("best_layer"):
+        return "<- best"
+    return "tied" if layer in table.get("tied", []) else ""

@@ -34,6 +34,8 @@ from groundcam.maps import as_2d_tensor, upsample
 from groundcam.viz.overlay import (
     DEFAULT_ALPHA,
     DEFAULT_CMAP,
+    HIT_COLOUR,
+    MISS_COLOUR,
     Cmap,
     check_alpha,
     colormap,
@@ -48,8 +50,6 @@ CELL_INCHES = 1.9  # one panel's width: six fit a page's text width at print siz
 FONT_SIZE = 8  # points: readable when the figure is printed at its size
 CONTOUR_LEVELS = (0.25, 0.5, 0.75)
 PANEL_SIDE = 512  # longest side a panel's photo is drawn at (a print needs no more)
-HIT_COLOUR = "#1a9850"
-MISS_COLOUR = "#d73027"
 _EDGE = [effects.withStroke(linewidth=3.0, foreground="black")]
 
 
@@ -98,26 +98,31 @@ def draw_map(
     alpha: float = DEFAULT_ALPHA,
     style: str = "heat",
     kind: str = "overlay",
+    resample: str = "bicubic",
 ) -> None:
     """Draw `heatmap` on `ax` in image coordinates: over `image` (heat as `overlay`, or contour
-    lines) or, for ``kind='heatmap'``, alone in `cmap` at full opacity."""
+    lines) or, for ``kind='heatmap'``, alone in `cmap` at full opacity; the map resized with
+    `resample` ('bicubic' or 'bilinear', as the pointing protocol that scored it)."""
     if style not in STYLES:
         raise InputError(f"figure style {style!r}: expected one of {', '.join(STYLES)}")
     width, height = image.size
     size = drawn_size(image.size, PANEL_SIDE)
     extent = (-0.5, width - 0.5, height - 0.5, -0.5)  # pixel centres at integer coordinates
     if kind == "heatmap":
-        values = upsample(as_2d_tensor(heatmap), (size[1], size[0])).clamp(0, 1).numpy()
+        values = upsample(as_2d_tensor(heatmap), (size[1], size[0]), resample)
+        values = values.clamp(0, 1).numpy()
         ax.imshow(values, cmap=colormap(cmap), vmin=0, vmax=1, extent=extent)
     elif style == "heat":
         ax.imshow(
-            np.asarray(overlay(image, heatmap, alpha, cmap=cmap, max_side=PANEL_SIDE)),
+            np.asarray(
+                overlay(image, heatmap, alpha, resample=resample, cmap=cmap, max_side=PANEL_SIDE)
+            ),
             extent=extent,
         )
     else:
         base = to_rgb(image).resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
         ax.imshow(np.asarray(base), extent=extent)
-        values = upsample(as_2d_tensor(heatmap), (height, width)).clamp(0, 1).numpy()
+        values = upsample(as_2d_tensor(heatmap), (height, width), resample).clamp(0, 1).numpy()
         colours = colormap(cmap)(np.asarray(CONTOUR_LEVELS))
         lines = ax.contour(values, levels=CONTOUR_LEVELS, colors=colours, linewidths=1.0)
         lines.set_path_effects([effects.withStroke(linewidth=2.2, foreground="black")])
@@ -159,10 +164,12 @@ def compare_figure(
     cmap: Cmap = DEFAULT_CMAP,
     alpha: float = DEFAULT_ALPHA,
     style: str = "heat",
+    row_boxes: Sequence | None = None,
 ) -> Figure:
     """The image, then one column per panel (method, layer, or heatmap and overlay for the
     triptych), one row per phrase (`image` may be one image per row); a cell with a pointing
-    result shows its point and says hit or miss; one colour bar as tall as the grid."""
+    result shows its point and says hit or miss; one colour bar as tall as the grid. `boxes`
+    are drawn in every row, `row_boxes` (one list per row) each in its own."""
     alpha, colours = check_alpha(alpha), colormap(cmap)
     rows, columns = len(phrases), len(panels) + 1
     pictures = [image] * rows if isinstance(image, Image.Image) else list(image)
@@ -171,9 +178,10 @@ def compare_figure(
     fig = _figure(columns, rows, aspect, title, below=0.2 if scored else 0)
     axes = np.atleast_2d(fig.subplots(rows, columns, squeeze=False))
     for r, (phrase, image) in enumerate(zip(phrases, pictures, strict=True)):
+        here = boxes if row_boxes is None else row_boxes[r]
         first = axes[r, 0]
         first.imshow(np.asarray(_panel_photo(image)), extent=_extent(image))
-        mark(first, boxes)
+        mark(first, here)
         note = f"\n{row_notes[r]}" if row_notes else ""
         first.set_ylabel(_wrap(phrase, 22) + note, fontsize=FONT_SIZE)
         if r == 0:
@@ -185,7 +193,7 @@ def compare_figure(
             )
             result = panel.results[r] if panel.results else None
             if result is not None:
-                mark(ax, boxes, result.point, None if result.skipped else result.hit)
+                mark(ax, here, result.point, None if result.skipped else result.hit)
                 verdict = "skipped" if result.skipped else "hit" if result.hit else "miss"
                 ax.set_xlabel(f"{verdict} ({result.protocol})", fontsize=FONT_SIZE)
             if r == 0:
@@ -206,13 +214,15 @@ def map_figure(
     cmap: Cmap = DEFAULT_CMAP,
     alpha: float = DEFAULT_ALPHA,
     style: str = "heat",
+    resample: str = "bicubic",
 ) -> Figure:
     """One map over its image, titled (e.g. with the phrase and its score), with the box, the
     pointed pixel and a colour bar as tall as the picture."""
     colours = colormap(cmap)
     fig = _figure(1, 1, image.height / image.width, None, width=3.2, below=0.15)
     ax = fig.subplots()
-    draw_map(ax, image, heatmap, cmap=colours, alpha=check_alpha(alpha), style=style)
+    alpha = check_alpha(alpha)
+    draw_map(ax, image, heatmap, cmap=colours, alpha=alpha, style=style, resample=resample)
     mark(ax, boxes, point, hit)
     if title:
         ax.set_title(_wrap(title, 40), fontsize=FONT_SIZE + 1)
@@ -233,9 +243,13 @@ def word_grid_figure(
     cmap: Cmap = DEFAULT_CMAP,
     alpha: float = DEFAULT_ALPHA,
     style: str = "heat",
+    marks: Sequence[tuple] | None = None,
+    colorbar: bool = True,
 ) -> Figure:
     """One panel per generated word (or token), titled with it and its probability; the
-    generated `text` and a `subtitle` (model, method, layer) above; one colour bar."""
+    generated `text` and a `subtitle` (model, method, layer) above; one colour bar (unless
+    ``colorbar=False``). `marks`: per panel (boxes, point, hit) as `mark` draws them (e.g. the
+    word's object, scored)."""
     if len(labels) != maps.shape[0]:
         raise InputError(f"{len(labels)} labels but {maps.shape[0]} maps")
     colours = colormap(cmap)
@@ -250,12 +264,15 @@ def word_grid_figure(
             ax.set_visible(False)
             continue
         draw_map(ax, image, maps[k], cmap=colours, alpha=check_alpha(alpha), style=style)
+        if marks is not None:
+            mark(ax, *marks[k])
         label = repr(labels[k])[1:-1].strip() or "␣"
         if scores is not None:
             label += f"  p={float(scores[k]):.2f}"
         ax.set_title(label, fontsize=FONT_SIZE + 1)
     _clean(axes)
-    _colorbar(fig, axes, colours)
+    if colorbar:
+        _colorbar(fig, axes, colours)
     return fig
 
 

@@ -14,7 +14,10 @@ How a map is drawn, and why. Each pixel is blended with the colour map's colour 
 - `alpha` is the opacity at the map's maximum (1 paints the colour there exactly).
 
 Huge photos are drawn at most `MAX_SIDE` px on their longer side (the model saw a few hundred);
-boxes and the point, given in the original image's pixels, are scaled with the image.
+boxes and the point, given in the original image's pixels, are scaled with the image. Boxes are
+white lines with a black edge and the point a dot in a white then black ring (green for a hit, red
+for a miss), as `groundcam.viz.figures` draws them, so they stay visible on any photo and map;
+their sizes grow with the drawn image (one unit per 200 px of its shorter side).
 """
 
 from __future__ import annotations
@@ -38,11 +41,13 @@ DEFAULT_CMAP = "inferno"
 DEFAULT_ALPHA = 0.5
 MAX_SIDE = 1024  # longest side of a drawn overlay, in pixels (None in `overlay` lifts it)
 
-BOX_COLOUR = (0, 255, 0)
-BOX_WIDTH = 2
-POINT_RADIUS = 3
+BOX_COLOUR = (255, 255, 255)
+BOX_WIDTH = 2  # px per unit, with one unit of EDGE_COLOUR either side
+EDGE_COLOUR = (0, 0, 0)
+POINT_RADIUS = 3  # px per unit, the white ring included; a unit of EDGE_COLOUR around it
 POINT_BORDER = (255, 255, 255)
-POINT_FILL = {True: (0, 200, 0), False: (230, 0, 0), None: (255, 255, 255)}
+HIT_COLOUR, MISS_COLOUR = "#1a9850", "#d73027"  # green and red that stay apart for most eyes
+POINT_FILL = {True: (26, 152, 80), False: (215, 48, 39), None: (255, 255, 255)}
 
 COLORBAR_BACKGROUND = (255, 255, 255)
 COLORBAR_TEXT = (0, 0, 0)
@@ -148,20 +153,22 @@ def overlay(
     result = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
 
     draw = ImageDraw.Draw(result)
+    unit = max(1, round(min(size) / 200))
     for box in _box_list(boxes):
         x1, y1, x2, y2 = (float(v) for v in box)
-        draw.rectangle(
-            (round(x1 * sx), round(y1 * sy), round(x2 * sx), round(y2 * sy)),
-            outline=BOX_COLOUR,
-            width=BOX_WIDTH,
-        )
+        edges = (round(x1 * sx), round(y1 * sy), round(x2 * sx), round(y2 * sy))
+        wider = (edges[0] - unit, edges[1] - unit, edges[2] + unit, edges[3] + unit)
+        draw.rectangle(wider, outline=EDGE_COLOUR, width=(BOX_WIDTH + 2) * unit)
+        draw.rectangle(edges, outline=BOX_COLOUR, width=BOX_WIDTH * unit)
     if point is not None:
         x, y = _scaled_point(point, (sx, sy), size)
-        r = POINT_RADIUS
+        r = POINT_RADIUS * unit
+        draw.ellipse((x - r - unit, y - r - unit, x + r + unit, y + r + unit), fill=EDGE_COLOUR)
         draw.ellipse(
             (x - r, y - r, x + r, y + r),
             fill=POINT_FILL[None if hit is None else bool(hit)],
             outline=POINT_BORDER,
+            width=unit,
         )
     result = add_colorbar(result, colours_of) if colorbar else result
     return add_note(result, note) if note else result

@@ -2,9 +2,12 @@
 
 The page holds the run's configuration, the overall pointing accuracy (with its 95% interval and
 the faithfulness AUCs when they were measured), accuracy per split and per phrase type, and two
-galleries -- the best hits and the worst misses -- each card showing the map over the image with
-the ground-truth boxes and the pointed pixel. Images are inlined as PNG data URIs, the CSS is
-inline, and there is no script: the file opens anywhere, offline.
+galleries -- the best hits and the worst misses -- each card a paper figure
+(`groundcam.viz.figures.map_figure`): the map over the image titled with the phrase and its
+score, the ground-truth boxes and the pointed pixel outlined, a colour bar. Only the options that
+were set are listed (with `defaults`, a value equal to its default is left out). Images are
+inlined as PNG data URIs, the CSS is inline, and there is no script: the file opens anywhere,
+offline.
 
 Inputs follow the eval record contract: one dict per phrase as written to ``results.jsonl``
 (``uid``, ``phrase``, ``image_id``, ``boxes``, ``image_size``, ``point``, ``hit``, ``score``,
@@ -25,15 +28,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from groundcam.viz.figures import figure_png, map_figure
 from groundcam.viz.html import CSS, image_data_uri
-from groundcam.viz.overlay import overlay
 
 DEFAULT_TITLE = "groundcam evaluation report"
-THUMBNAIL_SIZE = 256  # longest side of a gallery overlay, in pixels
 OVERLAY_ALPHA = 0.5
+CARD_DPI = 110  # a card's figure (3.2 in wide) is 352 px: labels readable at the page's size
 
-# Config keys shown first, in this order; any other config key follows in the summary's order.
-_CONFIG_ORDER = ("dataset", "split", "model", "method", "layer", "target", "protocol")
+# Config keys shown first, in this order, set or not (they say what the numbers are); any other
+# key follows in the summary's order, unless it holds its default.
+_CONFIG_ORDER = ("dataset", "split", "splits", "model", "method", "layer", "target", "protocol")
 
 _MISSING = "\u2014"  # em dash for a value that is absent or not a number
 _EN_DASH = "\u2013"
@@ -45,8 +49,8 @@ p.legend { font-size: 13px; color: #444; margin: 0 0 8px; }
 .tables { display: flex; flex-wrap: wrap; gap: 24px; align-items: flex-start; }
 .tables h3 { font-size: 15px; margin: 0 0 6px; }
 .gallery { display: flex; flex-wrap: wrap; gap: 14px; }
-.card { width: 260px; font-size: 13px; }
-.card img { display: block; max-width: 256px; max-height: 256px; border: 1px solid #ccc; }
+.card { width: 360px; font-size: 13px; }
+.card img { display: block; max-width: 356px; height: auto; }
 .card .phrase { display: block; margin: 6px 0 3px; word-wrap: break-word; }
 .card dl { display: grid; grid-template-columns: auto 1fr; gap: 1px 8px; margin: 0; }
 .card dt { color: #666; }
@@ -188,12 +192,18 @@ def _decimal(value: Any, digits: int = 3) -> str:
 # ----------------------------------------------------------------------------- tables
 
 
-def _render_config(config: Any) -> str:
-    """Key/value table of the run's configuration (known keys first)."""
+def _render_config(config: Any, defaults: Mapping[str, Any] | None = None) -> str:
+    """Key/value table of the run's configuration: the keys that say what was run first, then
+    the options that were set (a value equal to its entry in `defaults` is left out)."""
     if not isinstance(config, Mapping) or not config:
         return '<p class="none">no configuration recorded</p>'
+    defaults = defaults or {}
     keys = [key for key in _CONFIG_ORDER if key in config]
-    keys += [key for key in config if key not in keys]
+    keys += [
+        key
+        for key in config
+        if key not in keys and not (key in defaults and config[key] == defaults[key])
+    ]
     rows = "".join(f"<tr><th>{_text(key)}</th><td>{_text(config[key])}</td></tr>" for key in keys)
     return f'<table class="summary config">{rows}</table>'
 
@@ -207,12 +217,21 @@ _OVERALL_COLUMNS = (
 )
 
 
+# Headline numbers shown when the run measured them.
+_EXTRA_COLUMNS = (
+    ("deletion_auc", "deletion AUC"),
+    ("insertion_auc", "insertion AUC"),
+    ("bleu4", "BLEU-4"),
+    ("cider_d", "CIDEr-D"),
+)
+
+
 def _render_overall(summary: Mapping[str, Any]) -> str:
     """One-row table of the headline numbers (AUC columns only when measured)."""
     heads = [label for label, _ in _OVERALL_COLUMNS]
     cells = [escape(format_accuracy(summary))]
     cells += [escape(_count(summary.get(key))) for _, key in _OVERALL_COLUMNS[1:]]
-    for key, label in (("deletion_auc", "deletion AUC"), ("insertion_auc", "insertion AUC")):
+    for key, label in _EXTRA_COLUMNS:
         if key in summary:
             heads.append(label)
             cells.append(escape(_decimal(summary.get(key))))
@@ -258,52 +277,52 @@ def _source_size(example: Example) -> tuple[int, int]:
     return example.image.size
 
 
-def thumbnail_overlay(example: Example, max_side: int = THUMBNAIL_SIZE) -> Image.Image:
-    """The example's map over its image, at most ``max_side`` px on the long side (never upscaled),
-    with the record's boxes and pointed pixel (hit colour) drawn at the thumbnail's scale."""
+def card_marks(example: Example) -> tuple[list[list[float]], tuple[float, float] | None]:
+    """The record's boxes and pointed pixel moved from its `image_size` to the pixels of
+    `example.image` (pixel centres to pixel centres); malformed values are left out."""
     record = example.record
-    image = example.image.convert("RGB")
-    width, height = image.size
-    scale = min(1.0, max_side / max(width, height))
-    thumb_size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    if thumb_size != image.size:
-        image = image.resize(thumb_size, Image.Resampling.LANCZOS)
     src_w, src_h = _source_size(example)
-    sx, sy = thumb_size[0] / src_w, thumb_size[1] / src_h
-
+    sx, sy = example.image.width / src_w, example.image.height / src_h
     boxes = []
     for box in record.get("boxes") or []:
         values = [_number(v) for v in box] if isinstance(box, Sequence) else []
         if len(values) == 4 and all(v is not None for v in values):
             x1, y1, x2, y2 = values
             boxes.append([x1 * sx, y1 * sy, x2 * sx, y2 * sy])
-
     point = None
     raw_point = record.get("point")
     if isinstance(raw_point, Sequence) and not isinstance(raw_point, str) and len(raw_point) == 2:
         px, py = (_number(v) for v in raw_point)
         if px is not None and py is not None:
-            # pixel centres map to pixel centres: (x + 0.5) * s - 0.5
-            x = min(max(round((px + 0.5) * sx - 0.5), 0), thumb_size[0] - 1)
-            y = min(max(round((py + 0.5) * sy - 0.5), 0), thumb_size[1] - 1)
-            point = (int(x), int(y))
+            point = ((px + 0.5) * sx - 0.5, (py + 0.5) * sy - 0.5)
+    return boxes, point
 
-    hit = record.get("hit")
+
+def card_figure(example: Example, score_name: str = "score"):
+    """The example as a paper figure: its map over its image titled with the phrase and its
+    score, the boxes and the pointed pixel outlined (green for a hit, red for a miss)."""
+    record = example.record
+    boxes, point = card_marks(example)
+    phrase = str(record.get("phrase", record.get("text", "")))
+    score = _number(record.get("score"))
+    title = phrase if score is None else f"{phrase}  ({score_name} {score:.3f})"
     heatmap, alpha = example.heatmap, OVERLAY_ALPHA
     if heatmap is None:
         heatmap, alpha = np.zeros((1, 1), dtype=np.float32), 0.0
-    return overlay(
-        image,
-        heatmap,
-        alpha=alpha,
+    hit = record.get("hit")
+    return map_figure(
+        example.image,
+        torch.as_tensor(heatmap, dtype=torch.float32),
+        title,
         boxes=boxes or None,
         point=point,
-        resample=example.resample,
         hit=None if hit is None else bool(hit),
+        alpha=alpha,
+        resample=example.resample,
     )
 
 
-def _render_card(example: Example) -> str:
+def _render_card(example: Example, score_name: str = "score") -> str:
     """One gallery card: overlay, phrase, badge and the record's identifying numbers."""
     record = example.record
     phrase = str(record.get("phrase", record.get("text", "")))
@@ -325,22 +344,22 @@ def _render_card(example: Example) -> str:
     if record.get("uid") is not None:
         fields.append(("uid", record.get("uid")))
     details = "".join(f"<dt>{_text(name)}</dt><dd>{_text(value)}</dd>" for name, value in fields)
-    img = thumbnail_overlay(example)
+    png = figure_png(card_figure(example, score_name), dpi=CARD_DPI)
     return (
         '<figure class="card">'
-        f'<img src="{image_data_uri(img)}" alt="{escape(phrase)}"'
-        f' width="{img.width}" height="{img.height}">'
+        f'<img src="{image_data_uri(png)}" alt="{escape(phrase)}">'
         f'<span class="phrase">{escape(phrase)}{badge}</span>'
         f"<dl>{details}</dl></figure>"
     )
 
 
-def _render_gallery(title: str, examples: Sequence[Example]) -> str:
+def _render_gallery(title: str, examples: Sequence[Example], score_name: str = "score") -> str:
     """A titled section of cards, or a 'none' line."""
     if not examples:
         body = '<p class="none">none</p>'
     else:
-        body = f'<div class="gallery">{"".join(_render_card(ex) for ex in examples)}</div>'
+        cards = "".join(_render_card(ex, score_name) for ex in examples)
+        body = f'<div class="gallery">{cards}</div>'
     return f"<section><h2>{escape(title)} ({len(examples)})</h2>{body}</section>"
 
 
@@ -352,31 +371,40 @@ def render_eval_report(
     examples_best: list[Example],
     examples_worst: list[Example],
     title: str = DEFAULT_TITLE,
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    groups: Sequence[tuple[str, str, Any]] | None = None,
 ) -> str:
-    """Build the self-contained HTML page of one evaluation run."""
+    """Build the self-contained HTML page of one evaluation run. `defaults`: the options'
+    default values, left out of the configuration table; `groups`: the accuracy tables as
+    (title, column label, {name: accuracy block}) (default: by split and by phrase type)."""
     summary = summary if isinstance(summary, Mapping) else {}
-    tables = (
-        '<div class="tables">'
-        f"{_render_groups('By split', 'split', summary.get('by_split'))}"
-        f"{_render_groups('By phrase type', 'type', summary.get('by_type'))}"
-        "</div>"
-    )
+    config = summary.get("config")
+    if groups is None:
+        groups = [
+            ("By split", "split", summary.get("by_split")),
+            ("By phrase type", "type", summary.get("by_type")),
+        ]
+    tables = "".join(_render_groups(*group) for group in groups)
+    *parts, last = [t.removeprefix("By ") for t, _, _ in groups] or ["group"]
+    heading = "Accuracy by " + " and ".join(filter(None, [", ".join(parts), last]))
+    score_name = str(config.get("score") or "score") if isinstance(config, Mapping) else "score"
     legend = (
-        '<p class="legend">Green boxes: ground truth. Dot: the pointed pixel (the map&#x27;s '
-        "maximum), green for a hit, red for a miss. in_box: fraction of the map&#x27;s mass "
-        "inside the boxes.</p>"
+        '<p class="legend">White boxes with a black edge: ground truth. Marker: the pointed '
+        "pixel (the map&#x27;s maximum), a green dot for a hit, a red cross for a miss. in_box: "
+        "fraction of the map&#x27;s mass inside the boxes.</p>"
     )
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
         f"<title>{escape(title)}</title><style>{CSS}{_REPORT_CSS}</style></head>"
         f"<body><header><h1>{escape(title)}</h1></header>"
-        f"<section><h2>Configuration</h2>{_render_config(summary.get('config'))}</section>"
+        f"<section><h2>Configuration</h2>{_render_config(config, defaults)}</section>"
         f"<section><h2>Overall</h2>{_render_overall(summary)}</section>"
-        f"<section><h2>Accuracy by split and phrase type</h2>{tables}</section>"
+        f'<section><h2>{escape(heading)}</h2><div class="tables">{tables}</div></section>'
         f"{legend}"
-        f"{_render_gallery('Best hits', examples_best)}"
-        f"{_render_gallery('Worst misses', examples_worst)}"
+        f"{_render_gallery('Best hits', examples_best, score_name)}"
+        f"{_render_gallery('Worst misses', examples_worst, score_name)}"
         "</body></html>\n"
     )
 
@@ -387,9 +415,11 @@ def write_eval_report(
     best: list[Example],
     worst: list[Example],
     title: str = DEFAULT_TITLE,
+    **options: Any,
 ) -> Path:
-    """Write the report as UTF-8 (creating parent folders) and return its path."""
+    """Write the report as UTF-8 (creating parent folders) and return its path; `options` go
+    to `render_eval_report` (defaults, groups)."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_eval_report(summary, best, worst, title=title), encoding="utf-8")
+    out.write_text(render_eval_report(summary, best, worst, title, **options), encoding="utf-8")
     return out
