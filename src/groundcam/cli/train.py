@@ -291,6 +291,12 @@ def train_trocr(
 )
 @click.option("--ground-weight", default=1.0, show_default=True, type=click.FloatRange(0))
 @click.option(
+    "--randomise-labels",
+    is_flag=True,
+    help="Permute the training captions across images (fixed by --seed): the model for "
+    "`eval sanity --data-model`.",
+)
+@click.option(
     "--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores)."
 )
 @_loop_options

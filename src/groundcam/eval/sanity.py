@@ -16,7 +16,8 @@ models) and, for a tensor that leaves unchanged or a model without one, by the m
 layer's init is seeded from (seed, layer index). All of it happens on a copy of the model.
 
 The data-randomisation variant compares the maps of the model with those of a second model of the
-same family trained on permuted labels (`data_model`); groundcam does not train that model here.
+same family trained on permuted labels (`data_model`): `groundcam train captioner
+--randomise-labels` trains one for the captioner.
 """
 
 from __future__ import annotations

@@ -61,6 +61,7 @@ class TrainConfig:
     precision: str = "fp32"
     ground: str = "none"  # grounding supervision: none, attention (Liu et al. 2017) or amc
     ground_weight: float = 1.0
+    randomise_labels: bool = False  # captions permuted across training images (Adebayo et al.)
 
 
 @dataclass
@@ -125,12 +126,24 @@ def load_data(cfg: TrainConfig) -> CaptionData:
             data.grounding.append(grounded.get((path.name, " ".join(words)), []))
     if not data.train:
         raise InputError(f"--captions {cfg.captions}: every caption is empty or all <UNK>")
+    if cfg.randomise_labels:
+        permute_labels(data, cfg.seed)
     if grounded is not None and not any(data.grounding):
         raise InputError(
             f"--ground {cfg.ground}: no training caption of {cfg.captions} has 'grounding' "
             "(token index + boxes, as `groundcam data shapes-captions` writes)"
         )
     return data
+
+
+def permute_labels(data: CaptionData, seed: int) -> None:
+    """Give each training image another image's caption (and its grounded words), by a fixed
+    permutation of `seed`: the data-randomisation control of Adebayo et al. (2018). The images,
+    the captions' multiset and the validation references are unchanged."""
+    order = np.random.default_rng(seed).permutation(len(data.train))
+    data.train = [(path, data.train[j][1]) for (path, _), j in zip(data.train, order, strict=True)]
+    if data.grounding:
+        data.grounding = [data.grounding[j] for j in order]
 
 
 def _grounding(cfg: TrainConfig, report: ReadReport) -> dict | None:
@@ -354,6 +367,8 @@ def train(cfg: TrainConfig, threads: int | None = None, stop_at: int | None = No
     fingerprint = asdict(cfg)
     if cfg.ground == "none":  # runs from before grounding existed resume as they were
         del fingerprint["ground"], fingerprint["ground_weight"]
+    if not cfg.randomise_labels:  # nor do runs from before the option
+        del fingerprint["randomise_labels"]
     fingerprint["vocab_size"] = len(data.vocab)
     final = fit(
         model,
@@ -381,6 +396,8 @@ def _print_data(cfg: TrainConfig, data: CaptionData) -> None:
         f"vocabulary {len(data.vocab):,} words (min count {cfg.min_word_count})",
         flush=True,
     )
+    if cfg.randomise_labels:
+        print(f"  captions permuted across the training images (seed {cfg.seed})", flush=True)
     if r.missing_images:
         print(
             f"  {len(r.missing_images)} images listed but missing under {cfg.images}, their "
