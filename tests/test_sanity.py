@@ -248,3 +248,26 @@ def test_a_generative_family_through_the_same_surface(tmp_path):
     assert names[4:6] == [f"model.vision_tower.encoder.layers.{i}" for i in (1, 0)]
     assert summary["methods"]["gradcam"]["errors"] == 0 and steps[-1]["n"] > 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_flat_original_maps_are_left_out_not_counted_as_surviving():
+    """Two flat maps are equal whatever the model: such pairs must not read as rho = 1."""
+    flat, ramp = torch.zeros(8, 8), torch.arange(64.0).reshape(8, 8)
+    assert sanity.compare(flat, flat)["flat_original"]
+    assert sanity.compare(flat, flat)["spearman_abs"] == 1.0  # what would have been averaged
+    assert not sanity.compare(ramp, flat)["flat_original"]
+    base = {"variant": "cascading", "layer": "L1", "method": "m", "image_id": "a", "phrase": "p"}
+    records = [
+        base
+        | {"step": 1}
+        | sanity.compare(ramp, torch.rand(8, 8, generator=torch.Generator().manual_seed(0))),
+        base | {"step": 1} | sanity.compare(flat, flat),
+        base | {"step": 1} | sanity.compare(flat, flat),
+    ]
+    entry = sanity.summarize(records, ["m"])["methods"]["m"]
+    assert entry["flat"] == {"cascading": 2}
+    assert entry["cascading"][0]["n"] == 1
+    assert entry["final"]["spearman_abs"] == pytest.approx(records[0]["spearman_abs"])
+    only_flat = sanity.summarize(records[1:], ["m"])
+    assert "flagged" not in only_flat["methods"]["m"] and only_flat["flagged"] == []
+    assert "no verdict: every original map is flat" in sanity.table(only_flat)

@@ -124,12 +124,14 @@ def _unit_range(m: torch.Tensor) -> torch.Tensor:
 
 def compare(original: torch.Tensor, other: torch.Tensor) -> dict:
     """Spearman (raw and of absolute values) and SSIM of two [h, w] maps; SSIM of the maps
-    resized to 64 x 64 and scaled to [0, 1] each (Adebayo et al. scale the same way)."""
+    resized to 64 x 64 and scaled to [0, 1] each (Adebayo et al. scale the same way). A flat
+    original is marked (`flat_original`): it has no order to lose, so it tests nothing."""
     o, r = original.detach().float().cpu(), other.detach().float().cpu()
     return {
         "spearman": spearman(o.numpy(), r.numpy()),
         "spearman_abs": spearman(o.abs().numpy(), r.abs().numpy()),
         "ssim": ssim(_unit_range(o).numpy(), _unit_range(r).numpy()),
+        "flat_original": bool(o.max() == o.min()),
     }
 
 
@@ -368,7 +370,9 @@ def _named_tensors(layer: Layer) -> Iterator[tuple[tuple[int, str], torch.Tensor
 def summarize(records: Sequence[dict], methods: Sequence[str]) -> dict:
     """Per method and variant, the mean of each measure at each step; for cascading, the step at
     from which the mean |Spearman| stays at or below SURVIVES ("breaks") and whether the map survives
-    the randomisation of every layer (flagged)."""
+    the randomisation of every layer (flagged). Pairs whose original map is flat are left out of
+    the means and counted (`flat`): two flat maps are equal whatever the model, which would read
+    as surviving; a method whose original maps are all flat gets no verdict."""
     summary: dict = {"threshold": SURVIVES, "methods": {}}
     for method in methods:
         mine = [r for r in records if r["method"] == method]
@@ -378,6 +382,10 @@ def summarize(records: Sequence[dict], methods: Sequence[str]) -> dict:
         entry["failed"] = [{"image_id": i, "error": e} for i, e in sorted(failed)]
         for variant in ("cascading", "independent", "data"):
             rows = [r for r in mine if r["variant"] == variant and "error" not in r]
+            flat = [r for r in rows if r.get("flat_original")]
+            rows = [r for r in rows if not r.get("flat_original")]
+            if flat:
+                entry.setdefault("flat", {})[variant] = len(flat)
             if not rows:
                 continue
             steps = []
@@ -429,8 +437,12 @@ def table(summary: dict) -> str:
         data = e["data"][0]["spearman_abs"] if e.get("data") else None
         if "flagged" in e:
             verdict = "FLAGGED: survives randomisation" if e["flagged"] else "passes"
+        elif e.get("flat", {}).get("cascading"):
+            verdict = "no verdict: every original map is flat"
         else:
             verdict = "no cascade"
+        if e.get("flat"):
+            verdict += f" ({max(e['flat'].values())} flat originals left out)"
         if e["errors"]:
             verdict += f" ({e['errors']} failed)"
         rows.append(
