@@ -261,11 +261,12 @@ def test_flat_original_maps_are_left_out_not_counted_as_surviving():
         base
         | {"step": 1}
         | sanity.compare(ramp, torch.rand(8, 8, generator=torch.Generator().manual_seed(0))),
-        base | {"step": 1} | sanity.compare(flat, flat),
-        base | {"step": 1} | sanity.compare(flat, flat),
+        base | {"step": 1, "index": 1} | sanity.compare(flat, flat),
+        base | {"step": 1, "index": 2} | sanity.compare(flat, flat),
+        base | {"step": 2, "layer": "L2", "index": 2} | sanity.compare(flat, flat),
     ]
     entry = sanity.summarize(records, ["m"])["methods"]["m"]
-    assert entry["flat"] == {"cascading": 2}
+    assert entry["flat"] == {"cascading": 2}  # original maps, not (map, step) pairs
     assert entry["cascading"][0]["n"] == 1
     assert entry["final"]["spearman_abs"] == pytest.approx(records[0]["spearman_abs"])
     only_flat = sanity.summarize(records[1:], ["m"])

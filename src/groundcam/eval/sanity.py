@@ -384,8 +384,9 @@ def summarize(records: Sequence[dict], methods: Sequence[str]) -> dict:
             rows = [r for r in mine if r["variant"] == variant and "error" not in r]
             flat = [r for r in rows if r.get("flat_original")]
             rows = [r for r in rows if not r.get("flat_original")]
-            if flat:
-                entry.setdefault("flat", {})[variant] = len(flat)
+            if flat:  # how many of the original maps (image, phrase) are flat
+                pairs = {(r["image_id"], r.get("index", r.get("phrase"))) for r in flat}
+                entry.setdefault("flat", {})[variant] = len(pairs)
             if not rows:
                 continue
             steps = []
