@@ -129,6 +129,27 @@ def test_contour_style_leaves_the_zero_region_untouched(tmp_path):
         map_figure(_red_image(), _half_map(), style="dots")
 
 
+def test_muted_style_greys_the_photo_and_keeps_the_heat_visible_on_red(tmp_path):
+    from groundcam.viz.figures import MUTED_FLOOR, muted
+
+    grey = muted(_red_image()).getpixel((10, 30))
+    luminance = round(0.299 * RED[0] + 0.587 * RED[1] + 0.114 * RED[2])
+    expected = round((MUTED_FLOOR + (1 - MUTED_FLOOR) * luminance / 255) * 255)
+    assert abs(grey[0] - expected) <= 1 and grey[0] == grey[1] == grey[2]
+    heat = map_figure(_red_image(), _half_map(), style="muted", alpha=0.9)
+    plain = map_figure(_red_image(), _half_map(), alpha=0.9)
+    muted_pixels = _pixels(heat, tmp_path, int(heat.dpi))
+    plain_pixels = _pixels(plain, tmp_path, int(plain.dpi))
+    column, row = _to_pixel(heat, heat.axes[0], 10, 30)  # map 0: the grey photo, no heat
+    assert np.abs(muted_pixels[row, column].astype(int) - np.array(grey)).max() <= 1
+    column, row = _to_pixel(heat, heat.axes[0], 75, 55)  # heat: colour against grey
+    spread = lambda p: int(p.max()) - int(p.min())  # noqa: E731
+    assert spread(muted_pixels[row, column]) > 60
+    # the only colour in the panel is the heat's: the same heat as over the photo
+    assert np.abs(muted_pixels[row, column].astype(int) - np.array(grey)).max() > 60
+    assert tuple(plain_pixels[row, column]) != tuple(muted_pixels[row, column])
+
+
 def test_notebook_shows_png_and_html(one_thread, tokenizer):
     explainer = Explainer(AlbefAdapter(tiny_albef(len(tokenizer)), tokenizer, name="tiny"))
     ex = explainer.explain(noise_images(1, 48, 64)[0], ["red", "a star"], method="gradcam", layer=1)

@@ -18,7 +18,14 @@ from groundcam.data.shapes import generate_scene
 from groundcam.errors import GroundcamWarning
 from groundcam.eval.pointing import pointing_game
 from groundcam.explainer import Explainer
-from groundcam.viz.figures import Panel, compare_figure, figure_png, word_grid_figure
+from groundcam.viz.figures import (
+    PAGE_ALPHA,
+    PAGE_STYLE,
+    Panel,
+    compare_figure,
+    figure_png,
+    word_grid_figure,
+)
 from groundcam.viz.html import write_report
 from groundcam.zoo import BUILTIN, ZOO
 
@@ -157,7 +164,7 @@ def _json(hits_n: tuple[int, int]) -> dict:
 def _save(fig, path: Path) -> bytes:
     """Write figure `fig` to `path` as PNG at `FIGURE_DPI`; the bytes go into the page as they
     are (one encoding)."""
-    data = figure_png(fig, dpi=FIGURE_DPI)
+    data = figure_png(fig, dpi=FIGURE_DPI, palette=True)
     path.write_bytes(data)
     return data
 
@@ -215,6 +222,8 @@ def _phrase_sections(
                 row_notes=[f"{kind} {s:.3f}" for s in first.scores.tolist()],
                 row_boxes=[p.boxes for p in sample.phrases],
                 title=f"{name} · {sample.image_id}",
+                style=PAGE_STYLE,
+                alpha=PAGE_ALPHA,
             )
             data = _save(fig, folders[name] / f"scene{index}.png")
             cell = _cell(data, ["image"] + [p.label for p in panels])
@@ -240,7 +249,8 @@ def _caption_sections(
         image, size = sample.image, sample.image.size[::-1]
         gens = {m: explainer.explain_generation(image, method=m) for m in methods}
         first = gens[methods[0]]
-        figure = _save(first.figure(), out / "figures" / f"scene{index}_captioner_words.png")
+        fig = first.figure(style=PAGE_STYLE, alpha=PAGE_ALPHA)
+        figure = _save(fig, out / "figures" / f"scene{index}_captioner_words.png")
         grid = {"label": f"{methods[0]} per word", "image": figure, "wide": True}
         rows = [{"phrase": "every word", "score": None, "hit": None, "cells": [grid]}]
         words, row_of = word_maps(first, explainer)
@@ -264,6 +274,8 @@ def _caption_sections(
                 row_notes=[f"p {float(first.scores[row_of[i]]):.2f}" for i, _ in grounded],
                 row_boxes=[boxes for _, boxes in grounded],
                 title=f"{name} · the object words of its caption",
+                style=PAGE_STYLE,
+                alpha=PAGE_ALPHA,
             )
             data = _save(fig, out / "figures" / f"scene{index}_captioner_objects.png")
             cell = _cell(data, ["image"] + [p.label for p in panels])
@@ -313,6 +325,8 @@ def _line_sections(
                 text=text,
                 subtitle=f"{name} · {_label(gen)}",
                 marks=marks,
+                style=PAGE_STYLE,
+                alpha=PAGE_ALPHA,
             )
             data = _save(fig, out / "figures" / f"line{index}_{m}.png")
             head = f"{_label(gen)}: {line_hits}/{len(labels)} tokens on their glyphs"

@@ -172,9 +172,9 @@ def _figure_options(fn):
             "--style",
             default="heat",
             show_default=True,
-            type=click.Choice(["heat", "contour"]),
-            help="The figure's maps as heat over the photo or as outlined contour lines (visible "
-            "over red and yellow objects).",
+            type=click.Choice(["heat", "muted", "contour"]),
+            help="The figure's maps as heat over the photo, heat over a grey copy of the photo "
+            "(muted), or outlined contour lines (both visible over red and yellow objects).",
         ),
         click.option(
             "--full-res",

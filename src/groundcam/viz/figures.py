@@ -4,7 +4,9 @@ as PNG, PDF or SVG at a chosen DPI.
 
 Heat is drawn as `groundcam.viz.overlay.overlay` draws it (opacity ``alpha * value``, so a pixel
 where the map is 0 keeps the photo's colour). Over red or yellow objects inferno's orange-yellow
-high end can vanish: ``style="contour"`` draws the map as iso-lines at 0.25, 0.5 and 0.75 instead,
+high end can vanish: ``style="muted"`` draws the same heat over a light grey copy of the photo (the
+heat is then the only colour; the demo and the reports use it), and ``style="contour"`` draws the
+map as iso-lines at 0.25, 0.5 and 0.75 instead,
 in the colour map's colours with a black edge (visible on any colour), and 'viridis' or 'cividis' (blue to yellow-green)
 keep heat apart from red. Boxes and the pointed pixel are white lines with a black edge, the
 marker filled green for a hit and red for a miss, so they stay visible on any photo and any map.
@@ -44,7 +46,10 @@ from groundcam.viz.overlay import (
 )
 
 FORMATS = ("png", "pdf", "svg")
-STYLES = ("heat", "contour")
+STYLES = ("heat", "muted", "contour")
+# How the demo and the reports draw maps: heat over a grey photo, strong enough to read at a glance.
+PAGE_STYLE, PAGE_ALPHA = "muted", 0.9
+MUTED_FLOOR = 0.45  # "muted": the photo's luminance mapped into [MUTED_FLOOR, 1] of white
 DEFAULT_DPI = 150
 CELL_INCHES = 1.9  # one panel's width: six fit a page's text width at print size
 FONT_SIZE = 8  # points: readable when the figure is printed at its size
@@ -82,11 +87,21 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = DEFAULT_DPI) -> Path:
     return path
 
 
-def figure_png(fig: Figure, dpi: int = 100) -> bytes:
-    """`fig` as PNG bytes (for a notebook's `_repr_png_`)."""
+def figure_png(fig: Figure, dpi: int = 100, palette: bool = False) -> bytes:
+    """`fig` as PNG bytes (for a notebook's `_repr_png_`); `palette`: 256 colours without
+    dithering, several times smaller (pages that hold many figures)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
+    if not palette:
+        return buffer.getvalue()
+    buffer.seek(0)
+    with Image.open(buffer) as picture:
+        small = picture.convert("RGB").quantize(
+            256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE
+        )
+    out = io.BytesIO()
+    small.save(out, format="png", optimize=True)
+    return out.getvalue()
 
 
 def draw_map(
@@ -112,10 +127,11 @@ def draw_map(
         values = upsample(as_2d_tensor(heatmap), (size[1], size[0]), resample)
         values = values.clamp(0, 1).numpy()
         ax.imshow(values, cmap=colormap(cmap), vmin=0, vmax=1, extent=extent)
-    elif style == "heat":
+    elif style in ("heat", "muted"):
+        base = muted(image) if style == "muted" else image
         ax.imshow(
             np.asarray(
-                overlay(image, heatmap, alpha, resample=resample, cmap=cmap, max_side=PANEL_SIDE)
+                overlay(base, heatmap, alpha, resample=resample, cmap=cmap, max_side=PANEL_SIDE)
             ),
             extent=extent,
         )
@@ -128,6 +144,14 @@ def draw_map(
         lines.set_path_effects([effects.withStroke(linewidth=2.2, foreground="black")])
     ax.set_xlim(-0.5, width - 0.5)
     ax.set_ylim(height - 0.5, -0.5)
+
+
+def muted(image: Image.Image) -> Image.Image:
+    """`image` as a light grey picture (its luminance scaled into [MUTED_FLOOR, 1]), so that the
+    heat is the only colour in the panel and shows over objects of any colour."""
+    grey = np.asarray(to_rgb(image).convert("L"), dtype=np.float32) / 255.0
+    light = (MUTED_FLOOR + (1.0 - MUTED_FLOOR) * grey) * 255.0
+    return Image.fromarray(np.round(light).astype(np.uint8)).convert("RGB")
 
 
 def mark(ax, boxes=None, point: tuple[float, float] | None = None, hit: bool | None = None):

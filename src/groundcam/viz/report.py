@@ -28,11 +28,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from groundcam.viz.figures import figure_png, map_figure
+from groundcam.viz.figures import PAGE_ALPHA, PAGE_STYLE, figure_png, map_figure
 from groundcam.viz.html import CSS, image_data_uri
 
 DEFAULT_TITLE = "groundcam evaluation report"
-OVERLAY_ALPHA = 0.5
 CARD_DPI = 110  # a card's figure (3.2 in wide) is 352 px: labels readable at the page's size
 
 # Config keys shown first, in this order, set or not (they say what the numbers are); any other
@@ -306,9 +305,9 @@ def card_figure(example: Example, score_name: str = "score"):
     phrase = str(record.get("phrase", record.get("text", "")))
     score = _number(record.get("score"))
     title = phrase if score is None else f"{phrase}  ({score_name} {score:.3f})"
-    heatmap, alpha = example.heatmap, OVERLAY_ALPHA
-    if heatmap is None:
-        heatmap, alpha = np.zeros((1, 1), dtype=np.float32), 0.0
+    heatmap, alpha, style = example.heatmap, PAGE_ALPHA, PAGE_STYLE
+    if heatmap is None:  # the photo as it is
+        heatmap, alpha, style = np.zeros((1, 1), dtype=np.float32), 0.0, "heat"
     hit = record.get("hit")
     return map_figure(
         example.image,
@@ -319,6 +318,7 @@ def card_figure(example: Example, score_name: str = "score"):
         hit=None if hit is None else bool(hit),
         alpha=alpha,
         resample=example.resample,
+        style=style,
     )
 
 
@@ -344,7 +344,7 @@ def _render_card(example: Example, score_name: str = "score") -> str:
     if record.get("uid") is not None:
         fields.append(("uid", record.get("uid")))
     details = "".join(f"<dt>{_text(name)}</dt><dd>{_text(value)}</dd>" for name, value in fields)
-    png = figure_png(card_figure(example, score_name), dpi=CARD_DPI)
+    png = figure_png(card_figure(example, score_name), dpi=CARD_DPI, palette=True)
     return (
         '<figure class="card">'
         f'<img src="{image_data_uri(png)}" alt="{escape(phrase)}">'
