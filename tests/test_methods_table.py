@@ -131,3 +131,20 @@ def test_the_script_merges_one_model_into_the_table(tmp_path, monkeypatch):
         "rollout",
     }
     assert "`trocr-tiny-glyphs`" in md.read_text()
+
+
+def test_the_methods_page_shows_the_table_the_benchmark_wrote(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location(
+        "methods_table_hook", ROOT / "docs" / "hooks" / "methods_table.py"
+    )
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    page = (ROOT / "docs" / "concepts" / "methods.md").read_text()
+    assert hook.MARKER in page
+    table = tmp_path / "methods_table.md"
+    table.write_text("| model | method |\n|---|---|\n| `m` | `attention` |\n")
+    monkeypatch.setattr(hook, "TABLE", table)
+    shown = hook.on_page_markdown(page)
+    assert hook.MARKER not in shown and "| `m` | `attention` |" in shown
+    monkeypatch.setattr(hook, "TABLE", tmp_path / "missing.md")
+    assert "benchmarks/methods_table.py" in hook.on_page_markdown(hook.MARKER)
