@@ -148,3 +148,20 @@ def test_the_methods_page_shows_the_table_the_benchmark_wrote(tmp_path, monkeypa
     assert hook.MARKER not in shown and "| `m` | `attention` |" in shown
     monkeypatch.setattr(hook, "TABLE", tmp_path / "missing.md")
     assert "benchmarks/methods_table.py" in hook.on_page_markdown(hook.MARKER)
+
+
+def test_the_family_defaults_follow_the_committed_table():
+    """Where the table names a best method the built-in's default is that method; where methods
+    tie, the default is one of them."""
+    table = json.loads((ROOT / "benchmarks" / "results" / "methods_table.json").read_text())
+    assert set(table["models"]) == {
+        "albef-tiny-shapes-amc",
+        "captioner-tiny-shapes",
+        "trocr-tiny-glyphs",
+        "vlm-tiny-shapes",
+    }
+    for name, t in table["models"].items():
+        explainer = gc.load(name)
+        default = explainer.default_method("token" if "token" in explainer.targets else None)
+        assert default == t["default"], name
+        assert default == t["best"] if t["best"] else default in t["tied"], name
