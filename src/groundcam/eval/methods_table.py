@@ -149,9 +149,9 @@ def word_row(
     stream = caption_records(timed, samples, method, max_new_tokens=max_new_tokens, metrics=True)
     for record in stream:
         records.append(record)
-        (image, *_), gen, _ = timed.calls[-1]
-        if len(timed.calls) > faith:
+        if "error" in record or len(timed.calls) > faith:  # an error record explained nothing
             continue
+        (image, *_), gen, _ = timed.calls[-1]
         _, rows = word_maps(gen, explainer)
         scored = [w["index"] for w in record.get("generated", []) if "hit" in w]
         tokens = [rows[i] for i in scored if i in rows]
@@ -164,6 +164,7 @@ def word_row(
         "unit": "generated object words",
         "chance": block.get("chance"),
         "ungrounded_words": block["ungrounded_words"],
+        "errors": summary["errors"],  # images that could not be read, left out
         **{k: loc.get(k) for k in ("Obj-IoU", "Func-IoU", "F1-IoU")},
         **_faith(curves),
         "seconds_per_map": _per_map(timed.calls),
