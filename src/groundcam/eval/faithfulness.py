@@ -295,9 +295,8 @@ def token_curves(
     gh, gw = gen.raw_maps.shape[1:]
     counts = step_counts(gh * gw, steps)
     with explainer.lock, torch.no_grad():
-        inputs = a.inputs([image], prompt) if vlm else None
-        if vlm:
-            prefix = inputs["input_ids"]
+        if vlm:  # the prompt's ids, image tokens expanded, as the explanation read them
+            prefix = a.inputs([image], prompt)["input_ids"]
         else:
             teacher, start = a.teacher_ids(gen.text)
             prefix = teacher[:, :start]
@@ -306,7 +305,6 @@ def token_curves(
             raise ValueError("token_curves: the explained tokens are not one run after the prompt")
         body = torch.tensor([gen.token_ids], dtype=prefix.dtype, device=prefix.device)
         ids = torch.cat([prefix, body], 1)
-        # one row per (token, metric, step): the masked image and the token it scores
         if vlm:
             mean, std = (torch.tensor(v, dtype=torch.float32) for v in explainer.pixel_mean_std())
             fill = ((mean + baseline * std) * 255).clamp(0, 255)[:, None, None]
@@ -319,25 +317,19 @@ def token_curves(
                     f"gen's maps are {gh}x{gw}, the model's grid {explainer.grid(pixels)}"
                 )
             base = baseline
-        batches = [
-            masked_images(pixels, patch_order(gen.raw_maps[r]), gh, gw, counts, m, base)
-            for r in rows
-            for m in metrics
-        ]
-        keys = [(r, m) for r in rows for m in metrics]
         values: dict[tuple[int, str], list[float]] = {}
-        for (r, m), masked in zip(keys, batches, strict=True):
-            pos = first + r
+        for r, m in [(r, m) for r in rows for m in metrics]:
+            masked = masked_images(pixels, patch_order(gen.raw_maps[r]), gh, gw, counts, m, base)
+            pos = first + r  # the token's position; the logits at pos - 1 scored it
             token = int(ids[0, pos])
+            probs: list[float] = []
             if vlm:
-                probs = []
                 for x in masked:
                     im = Image.fromarray(x.round().byte().permute(1, 2, 0).numpy())
                     full = a.teacher_inputs(a.inputs([im], prompt), ids[:, : pos + 1])
                     logits = a.model(**full, use_cache=False).logits[0, pos - 1]
                     probs.append(float(logits.float().softmax(-1)[token]))
             else:
-                probs = []
                 for start in range(0, len(masked), batch_size):
                     chunk = masked[start : start + batch_size]
                     prefix_ids = ids[:, : pos + 1].expand(len(chunk), -1)
