@@ -260,3 +260,87 @@ def vlm_curves(
             setattr(c, f"{m}_auc", auc(values))
         out.append(c)
     return out
+
+
+def token_curves(
+    explainer,
+    image: Image.Image,
+    gen,
+    rows: Sequence[int],
+    metrics: str | Sequence[str] = METRICS,
+    steps: int = 16,
+    prompt: str | None = None,
+    batch_size: int = 64,
+    baseline: float = 0.0,
+) -> list[Curves]:
+    """Deletion / insertion curves of generated tokens: for each `rows[i]` of a generation
+    explanation `gen`, the cells of its map are removed from (or added to) `image` in the
+    map's order and the token's probability is read again, teacher-forced after the same
+    prefix (the text generated before it). Removed cells take the processor's mean colour, as
+    in `faithfulness`; on generative VLMs the grid is laid over the whole image (`vlm_curves`).
+    Generation families only; the maps are `gen.raw_maps` (the patch grid)."""
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    if not metrics or any(m not in METRICS for m in metrics):
+        raise ValueError(f"metrics {metrics!r}: give any of {list(METRICS)}")
+    metrics = [m for m in METRICS if m in metrics]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer of at least 1, got {steps!r}")
+    a = explainer.adapter
+    if "token" not in a.targets:
+        raise ValueError(f"the {a.family} family does not generate text: no token curves")
+    rows = list(rows)
+    if not rows:
+        return []
+    vlm = getattr(a, "vlm", False)
+    gh, gw = gen.raw_maps.shape[1:]
+    counts = step_counts(gh * gw, steps)
+    with explainer.lock, torch.no_grad():
+        if vlm:  # the prompt's ids, image tokens expanded, as the explanation read them
+            prefix = a.inputs([image], prompt)["input_ids"]
+        else:
+            teacher, start = a.teacher_ids(gen.text)
+            prefix = teacher[:, :start]
+        first = prefix.shape[1]
+        if list(gen.positions) != list(range(first, first + len(gen.positions))):
+            raise ValueError("token_curves: the explained tokens are not one run after the prompt")
+        body = torch.tensor([gen.token_ids], dtype=prefix.dtype, device=prefix.device)
+        ids = torch.cat([prefix, body], 1)
+        if vlm:
+            mean, std = (torch.tensor(v, dtype=torch.float32) for v in explainer.pixel_mean_std())
+            fill = ((mean + baseline * std) * 255).clamp(0, 255)[:, None, None]
+            pixels = torch.from_numpy(np.array(image.convert("RGB"))).float().permute(2, 0, 1)
+            pixels, base = pixels[None], fill
+        else:
+            pixels = explainer.prepare_images([image])
+            if explainer.grid(pixels) != (gh, gw):
+                raise ValueError(
+                    f"gen's maps are {gh}x{gw}, the model's grid {explainer.grid(pixels)}"
+                )
+            base = baseline
+        values: dict[tuple[int, str], list[float]] = {}
+        for r, m in [(r, m) for r in rows for m in metrics]:
+            masked = masked_images(pixels, patch_order(gen.raw_maps[r]), gh, gw, counts, m, base)
+            pos = first + r  # the token's position; the logits at pos - 1 scored it
+            token = int(ids[0, pos])
+            probs: list[float] = []
+            if vlm:
+                for x in masked:
+                    im = Image.fromarray(x.round().byte().permute(1, 2, 0).numpy())
+                    full = a.teacher_inputs(a.inputs([im], prompt), ids[:, : pos + 1])
+                    logits = a.model(**full, use_cache=False).logits[0, pos - 1]
+                    probs.append(float(logits.float().softmax(-1)[token]))
+            else:
+                for start in range(0, len(masked), batch_size):
+                    chunk = masked[start : start + batch_size]
+                    prefix_ids = ids[:, : pos + 1].expand(len(chunk), -1)
+                    logits = a.decoder_logits(chunk, prefix_ids)[:, pos - 1]
+                    probs += logits.float().softmax(-1)[:, token].cpu().tolist()
+            values[r, m] = probs
+    out = []
+    for r in rows:
+        c = Curves()
+        for m in metrics:
+            setattr(c, m, values[r, m])
+            setattr(c, f"{m}_auc", auc(values[r, m]))
+        out.append(c)
+    return out
