@@ -241,7 +241,7 @@ def vlm_curves(
     default prompt (`Explainer.phrase_log_likelihood`), one forward each."""
     mean, std = (torch.tensor(v, dtype=torch.float32) for v in explainer.pixel_mean_std())
     fill = ((mean + baseline * std) * 255).clamp(0, 255)[:, None, None]
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB"))).float()
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).float()
     pixels = pixels.permute(2, 0, 1)[None]
     out = []
     for p, phrase in enumerate(phrases):
