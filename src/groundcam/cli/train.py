@@ -344,17 +344,34 @@ def train_captioner(threads, **opts) -> None:
 @click.option("--eval-every", default=500, show_default=True, type=click.IntRange(1))
 @click.option("--save-every", default=200, show_default=True, type=click.IntRange(0))
 @click.option(
+    "--init", default=None, help="Fine-tune this saved model (built-in name or folder) instead."
+)
+@click.option(
+    "--ground",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "attention"]),
+    help="attention: attention correctness on the object words' image attention (Liu et al.).",
+)
+@click.option("--ground-weight", default=1.0, show_default=True, type=click.FloatRange(0))
+@click.option(
+    "--ground-layers",
+    default=None,
+    help="LM layers supervised, e.g. 1 or 0,1 (default: the family's default layer).",
+)
+@click.option(
     "--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores)."
 )
 @_loop_options
 @_guard
-def train_vlm(threads, out, **opts) -> None:
-    """vlm-tiny-shapes: a tiny LLaVA (CLIP tower + Llama) from scratch on shapes captions and
-    referring questions; loads with groundcam.load. Resumes from --out."""
-    from groundcam.train.vlm_shapes import TrainConfig
+def train_vlm(threads, out, ground_layers, **opts) -> None:
+    """vlm-tiny-shapes: a tiny LLaVA (CLIP tower + Llama) from scratch (or --init) on shapes
+    captions and referring questions; loads with groundcam.load. Resumes from --out."""
+    from groundcam.train.vlm_shapes import TrainConfig, parse_layers
     from groundcam.train.vlm_shapes import train as run
 
-    _model_written(run(TrainConfig(out=str(out), **opts), threads=threads))
+    layers = parse_layers(ground_layers)
+    _model_written(run(TrainConfig(out=str(out), ground_layers=layers, **opts), threads=threads))
 
 
 @train.command("scan")

@@ -9,7 +9,16 @@ the red circle?" -> "left"). The text is the LLaVA adapter's template, `USER: <i
 ASSISTANT: {answer} </s>`, and the loss is the cross-entropy of the answer tokens (and `</s>`)
 only. The tokenizer is word-level over the shapes vocabulary, the question words and the chat
 markers; `out/model` saves with `save_pretrained` (model, tokenizer, processor) and loads with
-`groundcam.load(dir)` as any LLaVA checkpoint."""
+`groundcam.load(dir)` as any LLaVA checkpoint.
+
+`init` starts from a saved model (a built-in name or a folder) instead of random weights (a
+fine-tune). `ground="attention"` adds attention correctness (Liu et al., AAAI 2017; the loss of
+`caption_grounding.attention_correctness_loss`): every answer word that names one object (the
+caption's colour and shape words, a colour or shape answer) is pushed, at the row that writes
+it (row k-1 for the token at k, the row groundcam's maps read), to put its image attention (mean
+over heads and `ground_layers`, as a share of that row's attention on the image tokens) on the
+cells its object's mask covers (`R_i`: the share of cell i inside the mask):
+`-log(sum_i R_i a_i / sum_i a_i)` per word, summed per row and averaged over the batch."""
 
 from __future__ import annotations
 
@@ -34,6 +43,7 @@ from groundcam.adapters.vlm import DEFAULT_PROMPT
 from groundcam.data.shapes import generate_scene, vocabulary
 from groundcam.data.shapes_captions import left_to_right
 from groundcam.errors import InputError
+from groundcam.train.caption_grounding import attention_correctness_loss, mask_coverage
 from groundcam.train.loop import LoopConfig, fit, main_process, shard
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
@@ -44,6 +54,7 @@ QUESTION_WORDS = (
 PUNCTUATION = ". , ? : !"
 IGNORE = -100
 KINDS = ("caption", "colour", "shape", "size", "where")
+GROUND_CHOICES = ("none", "attention")
 
 
 @dataclass
@@ -69,6 +80,11 @@ class TrainConfig:
     save_every: int = 200
     grad_accum: int = 1
     precision: str = "fp32"
+    init: str | None = None  # start from this saved model (built-in name or folder)
+    ground: str = "none"  # grounding supervision: none or attention (Liu et al. 2017)
+    ground_weight: float = 1.0
+    ground_layers: list[int] | None = None  # LM layers whose attention is supervised (None: the
+    # family's default layer, the one `attention` and `attn-gradcam` read)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -153,6 +169,43 @@ def build_model(cfg: TrainConfig) -> tuple[LlavaForConditionalGeneration, LlavaP
     return model, processor
 
 
+def load_init(source: str) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """The saved model and processor to fine-tune (`--init`: a built-in name or a folder),
+    with eager attention (the grounding term reads the weights)."""
+    from groundcam.adapters.vlm_compat import load_processor
+    from groundcam.model_files import pretrained
+    from groundcam.zoo import BUILTIN, builtin_path
+
+    folder = builtin_path(source) if source in BUILTIN else Path(source)
+    if not (folder / "config.json").is_file():
+        raise InputError(f"--init {source}: expected a built-in name or a saved model folder")
+    model = pretrained(LlavaForConditionalGeneration, folder, attn_implementation="eager")
+    return model, load_processor(str(folder))
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """`--ground-layers` ("1" or "0,2") as a list of layer numbers (None stays None)."""
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise InputError(
+            f"--ground-layers {text!r}: expected layer numbers such as 1 or 0,2"
+        ) from None
+
+
+def ground_layers(cfg: TrainConfig, model) -> list[int]:
+    """The LM layers whose attention the grounding term supervises (checked against the model)."""
+    n = model.config.text_config.num_hidden_layers
+    if cfg.ground_layers is None:  # LlavaAdapter's default layer
+        return [max(0, min(round(LlavaAdapter.default_depth * n), n - 2))]
+    bad = [i for i in cfg.ground_layers if not 0 <= i < n]
+    if bad or not cfg.ground_layers:
+        raise InputError(f"--ground-layers {cfg.ground_layers}: expected layers in 0..{n - 1}")
+    return sorted(set(cfg.ground_layers))
+
+
 def _where(box, size: int) -> str:
     x = (box[0] + box[2]) / 2 / size
     return "left" if x < 1 / 3 else "right" if x > 2 / 3 else "middle"
@@ -161,22 +214,65 @@ def _where(box, size: int) -> str:
 def questions(sample) -> list[tuple[str, str]]:
     """Referring questions about a scene with one-word answers, each about an object that its
     question names unambiguously."""
+    return [(q, a) for q, a, _ in _object_questions(sample)]
+
+
+def _object_questions(sample) -> list[tuple[str, str, int]]:
+    """`questions` with the index of the object each is about."""
     objects = sample.meta["objects"]
     size = sample.image_size[1]
     out = []
-    for o in objects:
+    for k, o in enumerate(objects):
         same_shape = sum(p["shape"] == o["shape"] for p in objects)
         same_colour = sum(p["colour"] == o["colour"] for p in objects)
         same_pair = sum(p["shape"] == o["shape"] and p["colour"] == o["colour"] for p in objects)
         if same_shape == 1:
-            out.append((f"What colour is the {o['shape']}?", o["colour"]))
+            out.append((f"What colour is the {o['shape']}?", o["colour"], k))
         if same_colour == 1:
-            out.append((f"What shape is the {o['colour']} one?", o["shape"]))
+            out.append((f"What shape is the {o['colour']} one?", o["shape"], k))
         if same_pair == 1:
             name = f"{o['colour']} {o['shape']}"
-            out.append((f"What size is the {name}?", o["size"]))
-            out.append((f"Where is the {name}?", _where(o["box"], size)))
+            out.append((f"What size is the {name}?", o["size"], k))
+            out.append((f"Where is the {name}?", _where(o["box"], size), k))
     return out
+
+
+def named_objects(sample, prompt: str, answer: str, words: list[str]) -> list[int | None]:
+    """Per word of `answer` as the tokenizer splits it (`words`), the index of the object it
+    names, or None: the caption's colour and shape words, a question's colour or shape answer."""
+    objects = sample.meta["objects"]
+    if prompt == DEFAULT_PROMPT:
+        caption = left_to_right(sample)
+        boxes = iter(caption.boxes)
+        out = []
+        for w in words:
+            if w in PUNCTUATION.split():
+                out.append(None)
+                continue
+            box = next(boxes)
+            out.append(None if box is None else [tuple(o["box"]) for o in objects].index(box[0]))
+        return out
+    for q, a, k in _object_questions(sample):
+        if (q, a) == (prompt, answer):
+            names = a in (objects[k]["colour"], objects[k]["shape"])
+            return [k if names and w == a else None for w in words]
+    return [None] * len(words)
+
+
+@functools.lru_cache(maxsize=4096)
+def _coverage(mask: str, height: int, width: int, grid: int) -> np.ndarray:
+    from groundcam.data.masks import decode_mask
+
+    rle = json.loads(mask)
+    return mask_coverage(decode_mask(rle, height, width, "shapes object mask"), (grid, grid))
+
+
+def object_cells(sample, k: int, grid: int) -> torch.Tensor:
+    """`[grid * grid]` share of each image-token cell (row-major) covered by object k's mask
+    (the processor's crop is the whole square scene)."""
+    h, w = sample.image_size
+    mask = json.dumps(sample.meta["objects"][k]["mask"], sort_keys=True)
+    return torch.from_numpy(_coverage(mask, h, w, grid).astype(np.float32))
 
 
 def row(sample, rng: np.random.Generator, caption_share: float) -> tuple[str, str]:
@@ -187,9 +283,13 @@ def row(sample, rng: np.random.Generator, caption_share: float) -> tuple[str, st
     return asks[int(rng.integers(len(asks)))]
 
 
-def encode(processor: LlavaProcessor, images, rows: list[tuple[str, str]]) -> dict:
+def encode(
+    processor: LlavaProcessor, images, rows: list[tuple[str, str]], samples=None, grid: int = 0
+) -> dict:
     """Processor inputs for `rows` of (prompt, answer) with `labels`: the answer words and
-    `</s>` keep their ids, everything else (prompt, image tokens, padding) is IGNORE."""
+    `</s>` keep their ids, everything else (prompt, image tokens, padding) is IGNORE. With the
+    rows' `samples`, also `ground_regions` [B, T, grid^2]: at the row that writes each answer
+    word naming an object (`named_objects`), its object's cell shares (elsewhere 0)."""
     tok = processor.tokenizer
     prompts = [LlavaAdapter.template.format(image=IMAGE_TOKEN, prompt=p) for p, _ in rows]
     answers = [f" {a} {tok.eos_token}" for _, a in rows]
@@ -205,12 +305,46 @@ def encode(processor: LlavaProcessor, images, rows: list[tuple[str, str]]) -> di
         end = int(inputs["attention_mask"][i].sum())  # right padding
         labels[i, end - n : end] = inputs["input_ids"][i, end - n : end]
     inputs["labels"] = labels
+    if samples is not None:
+        regions = torch.zeros(*labels.shape, grid * grid)
+        for i, ((prompt, answer), sample) in enumerate(zip(rows, samples, strict=True)):
+            words = tok.tokenize(answer)
+            n = len(tok(answers[i], add_special_tokens=False)["input_ids"])
+            start = int(inputs["attention_mask"][i].sum()) - n  # the answer's first position
+            for j, k in enumerate(named_objects(sample, prompt, answer, words)):
+                if k is not None:
+                    regions[i, start + j - 1] = object_cells(sample, k, grid)
+        inputs["ground_regions"] = regions
     return dict(inputs)
 
 
 def answer_loss(model, batch: dict) -> torch.Tensor:
     """Mean cross-entropy of the answer tokens (`labels` != IGNORE) of `batch`."""
     return model(**batch).loss
+
+
+def image_attention_share(
+    attentions, input_ids: torch.Tensor, image_id: int, layers: list[int]
+) -> torch.Tensor:
+    """`[B, T, N]`: each row's attention on the N image tokens (mean over heads and `layers`),
+    as a share of its attention on all image tokens."""
+    image = (input_ids[0] == image_id).nonzero()[:, 0]
+    if not (input_ids[:, image] == image_id).all():
+        raise ValueError("the rows of a batch hold their image tokens at different positions")
+    att = torch.stack([attentions[n][:, :, :, image] for n in layers]).mean((0, 2))
+    return att / att.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def grounded_loss(model, batch: dict, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answer cross-entropy, attention-correctness term) of one forward over `batch` (which
+    holds `ground_regions`)."""
+    batch = dict(batch)
+    regions = batch.pop("ground_regions")
+    out = model(**batch, output_attentions=True)
+    share = image_attention_share(
+        out.attentions, batch["input_ids"], model.config.image_token_id, layers
+    )
+    return out.loss, attention_correctness_loss(share, regions.to(share.dtype))
 
 
 def generate(model, processor, images, prompt: str = DEFAULT_PROMPT, max_new: int = 40):
@@ -260,14 +394,25 @@ def train(cfg: TrainConfig, threads: int | None = None, stop_at: int | None = No
         raise InputError(f"--caption-share {cfg.caption_share}: expected a share in [0, 1]")
     if cfg.scene_size < 48:
         raise InputError(f"--scene-size {cfg.scene_size}: scenes are at least 48 px")
-    model, processor = build_model(cfg)
+    if cfg.ground not in GROUND_CHOICES:
+        raise InputError(f"--ground {cfg.ground!r}: expected one of {GROUND_CHOICES}")
+    model, processor = build_model(cfg) if cfg.init is None else load_init(cfg.init)
+    layers = ground_layers(cfg, model)
+    vision = model.config.vision_config
+    grid = vision.image_size // vision.patch_size
     model.train()
     main = main_process()
     if main:
         total = sum(p.numel() for p in model.parameters())
         print(
             f"model: LLaVA, {total:,} parameters ({4 * total / 2**20:.1f} MB in float32); "
-            f"{cfg.steps} steps of {cfg.batch_size} rows from {cfg.pool} scenes",
+            f"{cfg.steps} steps of {cfg.batch_size} rows from {cfg.pool} scenes"
+            + (f", from {cfg.init}" if cfg.init else "")
+            + (
+                f"; grounding ({cfg.ground}, weight {cfg.ground_weight}, layers {layers})"
+                if cfg.ground != "none"
+                else ""
+            ),
             flush=True,
         )
     loop = LoopConfig(
@@ -294,15 +439,23 @@ def train(cfg: TrainConfig, threads: int | None = None, stop_at: int | None = No
         picks = rng.integers(cfg.pool, size=cfg.batch_size)
         samples = [scene(int(i)) for i in picks]
         rows = [row(s, rng, cfg.caption_share) for s in samples]
-        return encode(processor, [s.image for s in samples], rows)
+        grounded = samples if cfg.ground != "none" else None
+        return encode(processor, [s.image for s in samples], rows, grounded, grid)
 
     def batch_fn(step: int, micro: int, rank: int, world: int) -> dict:
         batch = step_batch(step)
         return {k: shard(shard(v, micro, cfg.grad_accum), rank, world) for k, v in batch.items()}
 
     def loss_fn(m, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        loss = answer_loss(m, batch)
-        return {"loss": loss, "answer_cross_entropy": loss.detach()}
+        if cfg.ground == "none":
+            loss = answer_loss(m, batch)
+            return {"loss": loss, "answer_cross_entropy": loss.detach()}
+        ce, term = grounded_loss(m, batch, layers)
+        return {
+            "loss": ce + cfg.ground_weight * term,
+            "answer_cross_entropy": ce.detach(),
+            f"grounding_{cfg.ground}": term.detach(),
+        }
 
     def after_step(m, step: int) -> None:
         if main and step % cfg.eval_every == 0:
