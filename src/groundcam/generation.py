@@ -28,6 +28,8 @@ from groundcam.errors import GroundcamWarning, InputError
 from groundcam.explanation import Explanation, GenerationExplanation, normalize_maps
 from groundcam.geometry import Geometry
 from groundcam.gradients import HeadRows, record
+from groundcam.methods.lm_relevance import lm_relevance
+from groundcam.methods.qformer_relevance import compose_to_patches
 from groundcam.methods.relative_attention import GENERIC_PROMPT, relative
 from groundcam.methods.sinks import SINK_THRESHOLD, sink_tokens
 from groundcam.methods.tam import tam_maps
@@ -280,7 +282,7 @@ def explain_vlm(
     if k and source == ATTENTION_GRAPH:  # relevance: every layer, row by row in the backward
         pos = torch.tensor(positions, device=ids.device)
         full = a.teacher_inputs(inputs, ids)
-        values, logp, more = a.relevance(full, read, pos, ids[0, pos])
+        values, logp, more = relevance_values(a, full, read, pos, ids[0, pos])
         notes.update(more)
         reported = logp.exp()
     elif k:
@@ -418,6 +420,26 @@ def sequence_tam(
     with torch.no_grad():
         lens = a.lens(hidden, classes.to(hidden.device)).cpu()
     return tam_maps(lens, classes, seq, image, text, pos.cpu(), columns, compose)
+
+
+def relevance_values(
+    a: Adapter, inputs: dict, columns: torch.Tensor, pos: torch.Tensor, token_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
+    """`relevance` of the tokens at `pos`: values over the layout's cells [K, N] (the LM's rows
+    at the image columns `columns`, or, where the adapter names attention below the LM, those
+    rows composed through it: `methods.qformer_relevance`), log-probabilities [K] and notes."""
+    below = a.relevance_below()
+    if below is None:
+        values, logp, note = lm_relevance(a, inputs, columns, pos, token_ids)
+        return values, logp, {"attention": note}
+    kinds, modules = below
+
+    def compose(row: torch.Tensor, bars: list[torch.Tensor]) -> torch.Tensor:
+        return compose_to_patches(row, kinds, bars)
+
+    with a.relevance_scope(kinds, modules) as note:
+        values, logp, lm_note = lm_relevance(a, inputs, columns, pos, token_ids, modules, compose)
+    return values, logp, {"attention": lm_note, "composition": a.relevance_note(kinds, note)}
 
 
 def drop_sinks(

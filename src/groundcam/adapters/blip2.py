@@ -32,6 +32,7 @@ InstructBLIP; the processor puts the query tokens before it itself."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
@@ -41,8 +42,6 @@ from groundcam.adapters import hf
 from groundcam.adapters.vlm import DEFAULT_PROMPT, VlmAdapter, eager_only
 from groundcam.contract import RecordSpec, Tile, TokenLayout
 from groundcam.errors import InputError
-from groundcam.methods.lm_relevance import lm_relevance
-from groundcam.methods.qformer_relevance import compose_to_patches
 
 
 class Blip2Adapter(VlmAdapter):
@@ -119,40 +118,35 @@ class Blip2Adapter(VlmAdapter):
                 found.append(("cross", layer.crossattention.attention))
         return found
 
-    def relevance(self, inputs, columns, pos, token_ids):
-        """Chefer's rules through the LM onto the queries, then through the Q-Former (and the
-        ViT with `relevance_vision`) onto the patches (`methods.qformer_relevance`), from one
-        forward and one backward per token; eager in the recorded modules only."""
+    def relevance_below(self) -> tuple[list[str], list[nn.Module]]:
+        """Chefer's rules go on below the LM: through the Q-Former's self- and cross-attention
+        (and the ViT's self-attention with `relevance_vision`), forward order, with their kinds
+        (`methods.qformer_relevance`)."""
         kinds, modules = zip(*self.qformer_attentions(), strict=True)
+        return list(kinds), list(modules)
+
+    @contextmanager
+    def relevance_scope(self, kinds: Sequence[str], modules: Sequence[nn.Module]):
+        """While open, the modules below the LM run eager (those only); yields the note."""
         vision = [m for k, m in zip(kinds, modules, strict=True) if k == "vision"]
         qformer = [m for k, m in zip(kinds, modules, strict=True) if k != "vision"]
-
-        def compose(row: torch.Tensor, bars: list[torch.Tensor]) -> torch.Tensor:
-            return compose_to_patches(row, kinds, bars)
-
         try:
             with (
                 eager_only(self.model.vision_model, vision),
                 eager_only(self.model.qformer, qformer) as note,
             ):
-                values, logp, lm_note = lm_relevance(
-                    self, inputs, columns, pos, token_ids, modules, compose
-                )
+                yield note
         finally:
             self._kept = None  # the cross-attention kept by `recording` is not a composition
-        n_self, n_cross = kinds.count("self"), kinds.count("cross")
-        through = f", after the ViT's {len(vision)} self-attention layers" if vision else ""
+
+    def relevance_note(self, kinds: Sequence[str], note: str) -> str:
+        """What the composition below the LM was, for the result's notes."""
+        n_self, n_cross, n_vision = (kinds.count(k) for k in ("self", "cross", "vision"))
+        through = f", after the ViT's {n_vision} self-attention layers" if n_vision else ""
         return (
-            values,
-            logp,
-            {
-                "attention": lm_note,
-                "composition": (
-                    f"LM relevance over the queries composed to patches by the Q-Former's relevance "
-                    f"(Chefer's rules through {n_self} self-attention and {n_cross} cross-attention "
-                    f"layers{through}; CLS dropped; {note})"
-                ),
-            },
+            f"LM relevance over the queries composed to patches by the Q-Former's relevance "
+            f"(Chefer's rules through {n_self} self-attention and {n_cross} cross-attention "
+            f"layers{through}; CLS dropped; {note})"
         )
 
     @contextmanager

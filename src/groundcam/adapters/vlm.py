@@ -48,7 +48,6 @@ from groundcam.contract import (
 from groundcam.errors import InputError
 from groundcam.geometry import Geometry
 from groundcam.io import to_rgb
-from groundcam.methods.lm_relevance import lm_relevance
 
 DEFAULT_PROMPT = "Describe the image."
 RECORD_IMPL = "groundcam-record"
@@ -395,13 +394,10 @@ class VlmAdapter(Adapter):
         image tokens sit on the image)."""
         return None
 
-    def relevance(
-        self, inputs: dict, columns: torch.Tensor, pos: torch.Tensor, token_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
-        """`relevance` of the tokens at `pos`: values over the layout's cells [K, N] (here the
-        LM's rows at the image columns `columns`), log-probabilities [K] and notes."""
-        values, logp, note = lm_relevance(self, inputs, columns, pos, token_ids)
-        return values, logp, {"attention": note}
+    def relevance_below(self) -> tuple[list[str], list[nn.Module]] | None:
+        """Attention modules below the LM that `relevance` goes on through (their kinds and the
+        modules, forward order), or None where the LM's image tokens are the cells."""
+        return None
 
     def media_ids(self) -> list[int]:
         """The ids that stand for image (and video) features, never text."""
