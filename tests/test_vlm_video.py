@@ -17,10 +17,12 @@ from PIL import Image
 from vlm_checks import one_line, picture
 
 import groundcam as gc
+from groundcam.adapters.llava_next import onevision_video_features
+from groundcam.adapters.qwen_vl import qwen_video_features
 from groundcam.cli import main
 from groundcam.errors import ImageError, InputError
 from groundcam.explanation import normalize_maps
-from groundcam.video import Video, onevision_video_features, qwen_video_features
+from groundcam.video import Video
 
 PROMPT = "what happens"
 TEXT = "red cat the dog"

@@ -1,5 +1,5 @@
 """Videos for generative VLMs that read them (Qwen2/2.5/3-VL, LLaVA-OneVision): the frames of one
-clip (`Video`) and their preparation for the model without torchvision.
+clip (`Video`); the adapters prepare them for their models without torchvision.
 
 A `Video` is read from a list of PIL images or HxWx3 uint8 arrays (or one [F, H, W, 3] array), a
 folder of image files (sorted by name) or an animated GIF, WebP or PNG (APNG); `frames=N` keeps N
@@ -10,16 +10,16 @@ transformers' processors assume) where a model reads timestamps (Qwen2.5-VL, Qwe
 
 Preparation (transformers' video processors need torchvision, which groundcam does not use): each
 frame goes through the family's image processor, exactly as a still image would, and the family
-regroups the result into what its model's video path reads (`qwen_video_features`,
-`onevision_video_features`); the processor's own text expansion (video tokens, Qwen3-VL's
-timestamps, Qwen2.5-VL's `second_per_grid_ts`) then runs on those features (`FrameProcessor`).
+regroups the result into what its model's video path reads (`adapters.qwen_vl.qwen_video_features`,
+`adapters.llava_next.onevision_video_features`); the processor's own text expansion (video
+tokens, Qwen3-VL's timestamps, Qwen2.5-VL's `second_per_grid_ts`) then runs on those features
+(`adapters.vlm_compat.with_frames`).
 The frame size is the image processor's (a still image's `smart_resize` for Qwen, the base tile for
 OneVision), not a video processor's own budget.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -185,74 +185,3 @@ def frame_strip(frames: Sequence[Image.Image]) -> Image.Image:
     for i, frame in enumerate(frames):
         sheet.paste(frame if scale == 1.0 else frame.resize((fw, fh), Image.BICUBIC), (i * fw, 0))
     return sheet
-
-
-# ----------------------------------------------------------------------------- preparation
-
-
-def qwen_video_features(image_processor, frames: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
-    """Qwen2/2.5/3-VL: `pixel_values_videos` and `video_grid_thw` of one video. Each frame is
-    prepared by the image processor (which repeats a still image `temporal_patch_size` times);
-    one copy of each frame's patches is kept and consecutive frames are stacked into the temporal
-    slots of one patch (the last frame repeated to fill the final step), patches in the image's
-    (merged, row-major) order: the video processor's layout, `[steps*h*w, C*T*p*p]`."""
-    out = image_processor(images=list(frames), return_tensors="pt")
-    grids = out["image_grid_thw"]
-    if not bool((grids == grids[0]).all()) or int(grids[0, 0]) != 1:
-        raise InputError(f"the frames were prepared to different grids {grids.tolist()}")
-    t, p = int(image_processor.temporal_patch_size), int(image_processor.patch_size)
-    n = int(grids[0, 1] * grids[0, 2])
-    patches = out["pixel_values"].reshape(len(frames), n, -1, t, p, p)[
-        :, :, :, 0
-    ]  # [F, N, C, p, p]
-    if pad := -len(frames) % t:
-        patches = torch.cat([patches, patches[-1:].expand(pad, -1, -1, -1, -1)])
-    steps = patches.shape[0] // t
-    grouped = patches.reshape(steps, t, n, -1, p, p).permute(0, 2, 3, 1, 4, 5)  # [S, N, C, T, p, p]
-    grid = torch.tensor([[steps, int(grids[0, 1]), int(grids[0, 2])]])
-    return {"pixel_values_videos": grouped.reshape(steps * n, -1), "video_grid_thw": grid}
-
-
-def onevision_video_features(
-    image_processor, frames: Sequence[Image.Image]
-) -> dict[str, torch.Tensor]:
-    """LLaVA-OneVision: `pixel_values_videos` [1, F, 3, s, s], each frame the image processor's
-    base tile (the whole frame resized to the tile, as its video processor resizes frames); the
-    model pools each frame's patch grid to ceil(g/2) x ceil(g/2) itself."""
-    out = image_processor(images=list(frames), return_tensors="pt")
-    return {"pixel_values_videos": out["pixel_values"][:, 0][None]}
-
-
-@functools.cache
-def _frame_processor_class() -> type:
-    """`FrameProcessor`'s class (built on first use: transformers loads lazily)."""
-    from groundcam.adapters.vlm_compat import _mixin
-
-    class FrameProcessor(_mixin()):
-        """A processor's video slot that returns features prepared in advance (one video) and
-        its metadata, carrying the sizes the processor's text expansion reads."""
-
-        def __init__(self, features: dict, metadata, **sizes):
-            self.features, self.metadata = features, metadata
-            for key, value in sizes.items():
-                setattr(self, key, value)
-
-        def __call__(self, videos=None, **kwargs):
-            from transformers import BatchFeature
-
-            return BatchFeature({**self.features, "video_metadata": [self.metadata]})
-
-        def to_dict(self) -> dict:
-            return {}
-
-    return FrameProcessor
-
-
-def with_frames(processor, features: dict, metadata, **sizes):
-    """A shallow copy of `processor` whose video slot hands over `features` (the user's
-    processor is left as it is)."""
-    import copy
-
-    out = copy.copy(processor)
-    out.video_processor = _frame_processor_class()(features, metadata, **sizes)
-    return out

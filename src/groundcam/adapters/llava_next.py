@@ -14,17 +14,19 @@ past the image by the part of a cell that held padding. OneVision shrinks a grid
 multi-image sample (`batch_num_images` > 1) is its base tile and one newline. Both families take
 several images per prompt, one map per image (base and hi-res cells averaged where both cover a
 pixel, `placement.place`). OneVision also reads videos (a `groundcam.video.Video`): each frame
-is the image processor's base tile (`groundcam.video.onevision_video_features`), pooled by the
+is the image processor's base tile (`onevision_video_features`), pooled by the
 model to a ceil(g/2) x ceil(g/2) grid; one map per frame (`video_tokens`)."""
 
 from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
 import torch
+from PIL import Image
 
 from groundcam.adapters import hf
 from groundcam.adapters.vlm import VlmAdapter
@@ -162,7 +164,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def video_features(self, video) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """`pixel_values_videos` [1, F, 3, s, s]: each frame the image processor's base tile."""
-        from groundcam.video import onevision_video_features
 
         return onevision_video_features(hf.image_processor_of(self.processor), video.frames), {}
 
@@ -192,3 +193,13 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             torch.cat([cells.col, torch.tensor([-1])]),
             tiles,
         )
+
+
+def onevision_video_features(
+    image_processor, frames: Sequence[Image.Image]
+) -> dict[str, torch.Tensor]:
+    """LLaVA-OneVision: `pixel_values_videos` [1, F, 3, s, s], each frame the image processor's
+    base tile (the whole frame resized to the tile, as its video processor resizes frames); the
+    model pools each frame's patch grid to ceil(g/2) x ceil(g/2) itself."""
+    out = image_processor(images=list(frames), return_tensors="pt")
+    return {"pixel_values_videos": out["pixel_values"][:, 0][None]}

@@ -12,7 +12,7 @@ Video (`video_grid_thw`, `config.video_token_id`; a `groundcam.video.Video` give
 `explain_generation` or `explain`): `temporal_patch_size` consecutive frames are merged into one
 temporal step; each step's tokens are a grid over the whole frame, and each step is placed as a
 map of its own (after the still images that precede it in the sequence). The frames are prepared
-without torchvision (`groundcam.video.qwen_video_features`); a step's map is given to every frame
+without torchvision (`qwen_video_features`); a step's map is given to every frame
 of the step (with 2 frames per step, frames 0 and 1 show map 0, frames 2 and 3 map 1, ...).
 
 Generated tokens get `mm_token_type_ids` 0, as `generate()` pads them (DESIGN §12)."""
@@ -20,12 +20,14 @@ Generated tokens get `mm_token_type_ids` 0, as `generate()` pads them (DESIGN §
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
+from PIL import Image
 
 from groundcam.adapters.vlm import VlmAdapter
 from groundcam.contract import Tile, TokenLayout
+from groundcam.errors import InputError
 
 # A stand-in for "no fixed limit": Qwen's processor takes any number of images (the context
 # length is what bounds them).
@@ -110,7 +112,6 @@ class QwenVlAdapter(VlmAdapter):
         """`pixel_values_videos` and `video_grid_thw` from the image processor's frames, and
         the merge and temporal sizes the processor's expansion reads."""
         from groundcam.adapters import hf
-        from groundcam.video import qwen_video_features
 
         images = hf.image_processor_of(self.processor)
         sizes = {
@@ -130,3 +131,26 @@ class QwenVlAdapter(VlmAdapter):
         """The video token's id (config.video_token_id), if the model has one."""
         vid = getattr(self.model.config, "video_token_id", None)
         return None if vid is None else int(vid)
+
+
+def qwen_video_features(image_processor, frames: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+    """Qwen2/2.5/3-VL: `pixel_values_videos` and `video_grid_thw` of one video. Each frame is
+    prepared by the image processor (which repeats a still image `temporal_patch_size` times);
+    one copy of each frame's patches is kept and consecutive frames are stacked into the temporal
+    slots of one patch (the last frame repeated to fill the final step), patches in the image's
+    (merged, row-major) order: the video processor's layout, `[steps*h*w, C*T*p*p]`."""
+    out = image_processor(images=list(frames), return_tensors="pt")
+    grids = out["image_grid_thw"]
+    if not bool((grids == grids[0]).all()) or int(grids[0, 0]) != 1:
+        raise InputError(f"the frames were prepared to different grids {grids.tolist()}")
+    t, p = int(image_processor.temporal_patch_size), int(image_processor.patch_size)
+    n = int(grids[0, 1] * grids[0, 2])
+    patches = out["pixel_values"].reshape(len(frames), n, -1, t, p, p)[
+        :, :, :, 0
+    ]  # [F, N, C, p, p]
+    if pad := -len(frames) % t:
+        patches = torch.cat([patches, patches[-1:].expand(pad, -1, -1, -1, -1)])
+    steps = patches.shape[0] // t
+    grouped = patches.reshape(steps, t, n, -1, p, p).permute(0, 2, 3, 1, 4, 5)  # [S, N, C, T, p, p]
+    grid = torch.tensor([[steps, int(grids[0, 1]), int(grids[0, 2])]])
+    return {"pixel_values_videos": grouped.reshape(steps * n, -1), "video_grid_thw": grid}

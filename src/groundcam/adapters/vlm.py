@@ -268,7 +268,7 @@ class VlmAdapter(Adapter):
                 f"the {self.family} family reads images, not videos: video frames are read by "
                 "qwen-vl (Qwen2/2.5/3-VL) and llava-onevision"
             )
-        from groundcam.video import with_frames
+        from groundcam.adapters.vlm_compat import with_frames
 
         most = getattr(getattr(self.processor, "video_processor", None), "max_frames", None)
         if isinstance(most, int) and len(video) > most:

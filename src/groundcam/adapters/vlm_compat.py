@@ -96,3 +96,37 @@ def load_processor(source, **kwargs):
             f"{source}: its processor needs the package {package!r}, which this install lacks "
             f"(pip install {package})"
         ) from None
+
+
+@functools.cache
+def _frame_processor_class() -> type:
+    """`FrameProcessor`'s class (built on first use: transformers loads lazily)."""
+
+    class FrameProcessor(_mixin()):
+        """A processor's video slot that returns features prepared in advance (one video) and
+        its metadata, carrying the sizes the processor's text expansion reads."""
+
+        def __init__(self, features: dict, metadata, **sizes):
+            self.features, self.metadata = features, metadata
+            for key, value in sizes.items():
+                setattr(self, key, value)
+
+        def __call__(self, videos=None, **kwargs):
+            from transformers import BatchFeature
+
+            return BatchFeature({**self.features, "video_metadata": [self.metadata]})
+
+        def to_dict(self) -> dict:
+            return {}
+
+    return FrameProcessor
+
+
+def with_frames(processor, features: dict, metadata, **sizes):
+    """A shallow copy of `processor` whose video slot hands over `features` (the user's
+    processor is left as it is)."""
+    import copy
+
+    out = copy.copy(processor)
+    out.video_processor = _frame_processor_class()(features, metadata, **sizes)
+    return out
