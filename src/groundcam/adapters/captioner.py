@@ -30,6 +30,7 @@ from groundcam.data.caption_text import tokenize
 from groundcam.errors import GroundcamWarning, InputError
 from groundcam.geometry import Geometry
 from groundcam.models.captioner import ShowAttendTell
+from groundcam.models.saved import load_saved
 
 NO_GRADIENTS = (
     "the captioner's attention weights are recorded after its recurrence, so gradients of a "
@@ -60,11 +61,7 @@ class CaptionerAdapter(Adapter):
 
     @classmethod
     def from_pretrained(cls, source, processor=None, tokenizer=None, name=""):
-        try:
-            model = ShowAttendTell.from_pretrained(source)
-        except (ValueError, FileNotFoundError) as e:
-            raise InputError(str(e)) from None
-        return cls(model, name=name or str(source))
+        return cls(load_saved(ShowAttendTell.from_pretrained, source), name=name or str(source))
 
     # ------------------------------------------------------------------ inputs and geometry
     def prepare_images(self, images: list[Image.Image]) -> torch.Tensor:

@@ -32,6 +32,7 @@ from groundcam.data.caption_text import tokenize
 from groundcam.data.regions import RegionFeatures, paint
 from groundcam.errors import GroundcamWarning, InputError
 from groundcam.geometry import RegionGeometry
+from groundcam.models.saved import load_saved
 from groundcam.models.scan import SCAN, pair_similarity
 
 
@@ -65,11 +66,7 @@ class ScanAdapter(Adapter):
 
     @classmethod
     def from_pretrained(cls, source, processor=None, tokenizer=None, name=""):
-        try:
-            model = SCAN.from_pretrained(source)
-        except (ValueError, FileNotFoundError) as e:
-            raise InputError(str(e)) from None
-        return cls(model, name=name or str(source))
+        return cls(load_saved(SCAN.from_pretrained, source), name=name or str(source))
 
     # ------------------------------------------------------------------ inputs and geometry
     def prepare_images(self, images: list[Image.Image]) -> torch.Tensor:

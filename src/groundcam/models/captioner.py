@@ -17,7 +17,6 @@ regulariser `lambda * sum_i (1 - sum_t alpha_ti)^2`. A model is a directory: `co
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -387,14 +386,9 @@ class ShowAttendTell(nn.Module):
 
     # ------------------------------------------------------------------ files
     def save_pretrained(self, directory: str | Path) -> None:
-        from safetensors.torch import save_file
+        from groundcam.models.saved import write_saved
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        self.vocab.save(directory / "vocab.json")
-        state = {k: t.detach().contiguous().cpu() for k, t in self.state_dict().items()}
-        save_file(state, str(directory / "model.safetensors"))
+        write_saved(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> ShowAttendTell:

@@ -4,6 +4,7 @@ anything is built, so a folder that does not fit is one line naming the file."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from groundcam.data.caption_text import Vocabulary
+from groundcam.errors import InputError
 from groundcam.model_files import check_model_size, check_safetensors, read_json
 
 
@@ -37,6 +39,27 @@ def read_saved(
     check_model_size(cfg.parameters(), cfg_file)
     check_safetensors(weights)
     return cfg, vocab, cfg_file, weights
+
+
+def load_saved(read: Callable[[str | Path], nn.Module], source: str | Path) -> nn.Module:
+    """`read(source)` (a model class's `from_pretrained`), a folder that does not fit being an
+    `InputError` (one line naming the file)."""
+    try:
+        return read(source)
+    except (ValueError, FileNotFoundError) as e:
+        raise InputError(str(e)) from None
+
+
+def write_saved(model: nn.Module, directory: str | Path) -> None:
+    """Write `model` (with `config.to_dict()` and `vocab`) as the folder `read_saved` reads."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    model.vocab.save(directory / "vocab.json")
+    state = {k: t.detach().contiguous().cpu() for k, t in model.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"))
 
 
 def read_weights(weights: Path) -> dict[str, torch.Tensor]:

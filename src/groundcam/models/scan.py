@@ -31,7 +31,6 @@ A model is a directory: `config.json`, `model.safetensors`, `vocab.json` (`gc.lo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -505,14 +504,9 @@ class SCAN(nn.Module):
 
     # ------------------------------------------------------------------ files
     def save_pretrained(self, directory: str | Path) -> None:
-        from safetensors.torch import save_file
+        from groundcam.models.saved import write_saved
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        self.vocab.save(directory / "vocab.json")
-        state = {k: t.detach().contiguous().cpu() for k, t in self.state_dict().items()}
-        save_file(state, str(directory / "model.safetensors"))
+        write_saved(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> SCAN:
