@@ -129,6 +129,31 @@ def masked_images(
     return torch.where(chosen, image[None], base[None])
 
 
+def checked_metrics(metrics: str | Sequence[str], steps: int) -> list[str]:
+    """`metrics` in `METRICS`' order, no repeats; unknown metrics or a bad `steps` are one line."""
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    if not metrics:
+        raise ValueError(f"no metrics given; metrics are {list(METRICS)}")
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r}; metrics are {list(METRICS)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer of at least 1, got {steps!r}")
+    return [m for m in METRICS if m in metrics]
+
+
+def mean_fill(explainer, baseline: float) -> torch.Tensor:
+    """The colour removed cells take on a generative VLM's original image: the processor's
+    mean plus `baseline` standard deviations, in 0-255, [3, 1, 1]."""
+    mean, std = (torch.tensor(v, dtype=torch.float32) for v in explainer.pixel_mean_std())
+    return ((mean + baseline * std) * 255).clamp(0, 255)[:, None, None]
+
+
+def image_pixels(image: Image.Image) -> torch.Tensor:
+    """`image` as float RGB pixels [1, 3, H, W] in 0-255 (a copy: PIL's array is read-only)."""
+    return torch.from_numpy(np.array(image.convert("RGB"))).float().permute(2, 0, 1)[None]
+
+
 def auc(curve: Sequence[float]) -> float:
     """Trapezoid area under `curve` over the fractions 0..1, evenly spaced (S + 1 values)."""
     values = [float(v) for v in curve]
@@ -154,15 +179,7 @@ def faithfulness(
     are prepared once; every masked image is scored with its phrase's text in forward-only
     batches of `batch_size` rows."""
     phrases = [phrases] if isinstance(phrases, str) else list(phrases)
-    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
-    if not metrics:
-        raise ValueError(f"no metrics given; metrics are {list(METRICS)}")
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ValueError(f"unknown metric {unknown[0]!r}; metrics are {list(METRICS)}")
-    metrics = [m for m in METRICS if m in metrics]  # fixed order, no repeats
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer of at least 1, got {steps!r}")
+    metrics = checked_metrics(metrics, steps)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
     if not isinstance(maps, torch.Tensor):
@@ -239,10 +256,7 @@ def vlm_curves(
     processor's mean colour plus `baseline` standard deviations (0: its mean, as on the other
     families), and every masked image is scored by the phrase's log-likelihood after the
     default prompt (`Explainer.phrase_log_likelihood`), one forward each."""
-    mean, std = (torch.tensor(v, dtype=torch.float32) for v in explainer.pixel_mean_std())
-    fill = ((mean + baseline * std) * 255).clamp(0, 255)[:, None, None]
-    pixels = torch.from_numpy(np.array(image.convert("RGB"))).float()
-    pixels = pixels.permute(2, 0, 1)[None]
+    fill, pixels = mean_fill(explainer, baseline), image_pixels(image)
     out = []
     for p, phrase in enumerate(phrases):
         gh, gw = maps.shape[1:]
@@ -279,12 +293,7 @@ def token_curves(
     prefix (the text generated before it). Removed cells take the processor's mean colour, as
     in `faithfulness`; on generative VLMs the grid is laid over the whole image (`vlm_curves`).
     Generation families only; the maps are `gen.raw_maps` (the patch grid)."""
-    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
-    if not metrics or any(m not in METRICS for m in metrics):
-        raise ValueError(f"metrics {metrics!r}: give any of {list(METRICS)}")
-    metrics = [m for m in METRICS if m in metrics]
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer of at least 1, got {steps!r}")
+    metrics = checked_metrics(metrics, steps)
     a = explainer.adapter
     if "token" not in a.targets:
         raise ValueError(f"the {a.family} family does not generate text: no token curves")
@@ -306,10 +315,7 @@ def token_curves(
         body = torch.tensor([gen.token_ids], dtype=prefix.dtype, device=prefix.device)
         ids = torch.cat([prefix, body], 1)
         if vlm:
-            mean, std = (torch.tensor(v, dtype=torch.float32) for v in explainer.pixel_mean_std())
-            fill = ((mean + baseline * std) * 255).clamp(0, 255)[:, None, None]
-            pixels = torch.from_numpy(np.array(image.convert("RGB"))).float().permute(2, 0, 1)
-            pixels, base = pixels[None], fill
+            pixels, base = image_pixels(image), mean_fill(explainer, baseline)
         else:
             pixels = explainer.prepare_images([image])
             if explainer.grid(pixels) != (gh, gw):
