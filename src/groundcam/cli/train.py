@@ -326,7 +326,12 @@ def train_captioner(threads, **opts) -> None:
     "--pool", default=4000, show_default=True, type=click.IntRange(1), help="Training scenes."
 )
 @click.option("--scene-size", default=128, show_default=True, type=click.IntRange(48))
-@click.option("--image-size", default=64, show_default=True, type=click.IntRange(8))
+@click.option(
+    "--image-size",
+    default=None,
+    type=click.IntRange(8),
+    help="Model input size [64]; with --init: resize the init's grid to it (positions resized).",
+)
 @click.option("--patch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--vision-hidden", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--vision-layers", default=2, show_default=True, type=click.IntRange(1))

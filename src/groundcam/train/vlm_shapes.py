@@ -12,7 +12,8 @@ markers; `out/model` saves with `save_pretrained` (model, tokenizer, processor) 
 `groundcam.load(dir)` as any LLaVA checkpoint.
 
 `init` starts from a saved model (a built-in name or a folder) instead of random weights (a
-fine-tune). `ground="attention"` adds attention correctness (Liu et al., AAAI 2017; the loss of
+fine-tune); with `image_size` as well it is first moved to that size (`vlm_regrid`: a finer grid
+of image tokens, position embeddings resized). `ground="attention"` adds attention correctness (Liu et al., AAAI 2017; the loss of
 `caption_grounding.attention_correctness_loss`): every answer word that names one object (the
 caption's colour and shape words, a colour or shape answer) is pushed, at the row that writes
 it (row k-1 for the token at k, the row groundcam's maps read), to put its image attention (mean
@@ -45,6 +46,7 @@ from groundcam.data.shapes_captions import left_to_right
 from groundcam.errors import InputError
 from groundcam.train.caption_grounding import attention_correctness_loss, mask_coverage
 from groundcam.train.loop import LoopConfig, fit, main_process, shard
+from groundcam.train.vlm_regrid import regrid
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 IMAGE_TOKEN = "<image>"
@@ -67,7 +69,7 @@ class TrainConfig:
     seed: int = 0
     pool: int = 4000  # training scenes (rendered once each, on first use)
     scene_size: int = 128  # scenes are drawn at this size, as `data shapes-captions` writes them
-    image_size: int = 64
+    image_size: int | None = None  # 64 from scratch; with `init`: the init's, or resized to it
     patch_size: int = 8
     vision_hidden: int = 64
     vision_layers: int = 2
@@ -113,15 +115,14 @@ def build_model(cfg: TrainConfig) -> tuple[LlavaForConditionalGeneration, LlavaP
     """The untrained LLaVA and its processor for `cfg` (random weights drawn under `cfg.seed`)."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    if cfg.image_size % cfg.patch_size:
-        raise InputError(
-            f"--image-size {cfg.image_size} is not a multiple of --patch-size {cfg.patch_size}"
-        )
+    size = cfg.image_size or 64
+    if size % cfg.patch_size:
+        raise InputError(f"--image-size {size} is not a multiple of --patch-size {cfg.patch_size}")
     for name, width in (("--hidden", cfg.hidden), ("--vision-hidden", cfg.vision_hidden)):
         if width % cfg.heads:
             raise InputError(f"{name} {width} is not a multiple of --heads {cfg.heads}")
     tok = build_tokenizer()
-    grid = (cfg.image_size // cfg.patch_size) ** 2
+    grid = (size // cfg.patch_size) ** 2
     config = LlavaConfig(
         vision_config=dict(
             model_type="clip_vision_model",
@@ -129,7 +130,7 @@ def build_model(cfg: TrainConfig) -> tuple[LlavaForConditionalGeneration, LlavaP
             intermediate_size=2 * cfg.vision_hidden,
             num_hidden_layers=cfg.vision_layers,
             num_attention_heads=cfg.heads,
-            image_size=cfg.image_size,
+            image_size=size,
             patch_size=cfg.patch_size,
             projection_dim=cfg.vision_hidden,
         ),
@@ -152,8 +153,8 @@ def build_model(cfg: TrainConfig) -> tuple[LlavaForConditionalGeneration, LlavaP
         image_seq_length=grid,
     )
     images = CLIPImageProcessorPil(
-        size={"shortest_edge": cfg.image_size},
-        crop_size={"height": cfg.image_size, "width": cfg.image_size},
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
     )
     processor = LlavaProcessor(
         image_processor=images,
@@ -396,7 +397,12 @@ def train(cfg: TrainConfig, threads: int | None = None, stop_at: int | None = No
         raise InputError(f"--scene-size {cfg.scene_size}: scenes are at least 48 px")
     if cfg.ground not in GROUND_CHOICES:
         raise InputError(f"--ground {cfg.ground!r}: expected one of {GROUND_CHOICES}")
-    model, processor = build_model(cfg) if cfg.init is None else load_init(cfg.init)
+    if cfg.init is None:
+        model, processor = build_model(cfg)
+    else:
+        model, processor = load_init(cfg.init)
+        if cfg.image_size is not None:
+            model, processor = regrid(model, processor, cfg.image_size)
     layers = ground_layers(cfg, model)
     vision = model.config.vision_config
     grid = vision.image_size // vision.patch_size
