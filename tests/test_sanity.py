@@ -272,3 +272,22 @@ def test_flat_original_maps_are_left_out_not_counted_as_surviving():
     only_flat = sanity.summarize(records[1:], ["m"])
     assert "flagged" not in only_flat["methods"]["m"] and only_flat["flagged"] == []
     assert "no verdict: every original map is flat" in sanity.table(only_flat)
+
+
+def test_an_ocr_model_is_checked_on_lines_it_reads_as_written(tmp_path):
+    """OCR reads no phrases: each line's text is teacher-forced and its token maps averaged."""
+    out = tmp_path / "o"
+    args = ["eval", "sanity", "--model", "trocr-tiny-glyphs", "--scenes", "1"]
+    args += ["--methods", "attention", "--variants", "cascading", "--out", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["dataset"] == "glyphs"
+    entry = summary["methods"]["attention"]
+    assert entry["errors"] == 0 and entry["cascading"][-1]["n"] == 1
+    ocr = gc.load("trocr-tiny-glyphs")
+    ((_, image, texts),) = sanity.glyph_samples(1)
+    tokens = ocr.explain_generation(image, method="attention", text=texts[0]).raw_maps
+    got = sanity.method_maps(ocr, image, texts, "attention")
+    assert got.shape == (1, *tokens.shape[1:])
+    torch.testing.assert_close(got[0], tokens.mean(0))

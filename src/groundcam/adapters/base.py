@@ -31,6 +31,7 @@ class Adapter:
     REFUSED_METHODS: Mapping[str, str] = {}
     token_rows_shift: int = 1  # generation: the decoder row that predicted token k is k - shift
     takes_prompt: bool = False  # generation: whether a text prompt can lead the generated text
+    reads_phrases: bool = True  # False: it explains only text it writes or is given to write (OCR)
     images_per_generation: int = 1  # generation: how many images one generation can read
     SCORES: Mapping[str, ScoreKind] = {}  # target -> what the reported score is
 

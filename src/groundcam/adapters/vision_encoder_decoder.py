@@ -42,6 +42,7 @@ class VisionEncoderDecoderAdapter(Adapter):
     SOURCES = (TEXT_TO_IMAGE, VISION_TOKENS, VISION_ATTENTION, ATTENTION_GRAPH)
     # trocr-tiny-glyphs' card: token pointing 90.4% with `attention`, 7.1% with `gradcam`
     default_methods = {"token": "attention"}
+    reads_phrases = False
 
     def __init__(self, model: nn.Module, tokenizer=None, name: str = "", processor=None):
         super().__init__(hf.prepare_instance(model), hf.tokenizer_of(processor, tokenizer), name)

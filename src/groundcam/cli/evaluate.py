@@ -386,8 +386,13 @@ for _spec in DATASETS.values():
 
 @eval_.command("sanity", short_help="Do the maps change when the model is randomised?")
 @click.option("--model", default="albef-tiny-shapes-amc", show_default=True, help=_MODEL_HELP)
-@click.option("--dataset", default="shapes", show_default=True, type=click.Choice(["shapes"]))
-@click.option("--scenes", default=20, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--dataset",
+    default=None,
+    type=click.Choice(["shapes", "glyphs"]),
+    help="shapes phrases, or glyph lines read as written (default: glyphs for OCR models).",
+)
+@click.option("--scenes", default=20, show_default=True, type=click.IntRange(1), help="Or lines.")
 @click.option("--seed", default=0, show_default=True, help="Scene and init seed.")
 @click.option("--methods", default=None, help="Comma-separated (default: every one the model has).")
 @click.option(
@@ -419,11 +424,13 @@ def eval_sanity(model, dataset, scenes, seed, methods, variants, data_model, dev
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     names = sanity.check_methods(explainer, names)
     other = load(data_model, device=device) if data_model else None
+    dataset = dataset or ("shapes" if explainer.adapter.reads_phrases else "glyphs")
+    pick = sanity.shapes_samples if dataset == "shapes" else sanity.glyph_samples
     config = {"model": model, "dataset": dataset, "scenes": scenes, "seed": seed}
     config |= {"methods": names, "variants": asked, "data_model": data_model}
     summary = sanity.run_sanity(
         explainer,
-        sanity.shapes_samples(scenes, seed),
+        pick(scenes, seed),
         names,
         out,
         config,

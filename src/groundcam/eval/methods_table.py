@@ -16,9 +16,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
-
-import torch
 
 from groundcam.eval import sanity
 from groundcam.eval.caption_pointing import (
@@ -31,7 +28,7 @@ from groundcam.eval.faithfulness import faithfulness, token_curves
 from groundcam.eval.glyphs import glyph_records
 from groundcam.eval.shapes import shapes_records
 from groundcam.eval.summary import accuracy_block
-from groundcam.explainer import Explainer, supported_methods
+from groundcam.explainer import supported_methods
 
 SPLIT = "test"
 PROTOCOLS = {  # family -> how its maps are scored
@@ -205,10 +202,7 @@ def sanity_samples(explainer, scenes: int, seed: int) -> list[tuple[str, object,
     if kind == "phrase pointing":
         return sanity.shapes_samples(scenes, seed, SPLIT)
     if kind == "glyph pointing":
-        from groundcam.data.glyphs import render_line
-
-        lines = [render_line(SPLIT, i, seed) for i in range(scenes)]
-        return [(f"{SPLIT}/{i}", s.image, [s.text]) for i, s in enumerate(lines)]
+        return sanity.glyph_samples(scenes, seed, SPLIT)
     return [
         (s.image_id, s.load_image(), s.references[:1]) for s in shapes_samples(SPLIT, scenes, seed)
     ]
@@ -218,8 +212,6 @@ def sanity_verdicts(explainer, methods: Sequence[str], scenes: int, seed: int) -
     """Per method, the cascading randomisation's verdict on `scenes` samples: `passes` or
     `flagged`, the step and layer where it breaks and the final mean |Spearman|."""
     samples = sanity_samples(explainer, scenes, seed)
-    if protocol(explainer) == "glyph pointing":  # it explains only the text it writes
-        explainer = _ReadsItsText(explainer.adapter, explainer.grad_chunk)
     with tempfile.TemporaryDirectory() as tmp:
         config = {"model": explainer.name, "scenes": scenes, "seed": seed, "table": True}
         summary = sanity.run_sanity(
@@ -237,18 +229,6 @@ def sanity_verdicts(explainer, methods: Sequence[str], scenes: int, seed: int) -
             "final_abs_spearman": entry["final"]["spearman_abs"],
         }
     return out
-
-
-class _ReadsItsText(Explainer):
-    """An OCR explainer whose `explain(image, texts)` maps each text as the mean of its token
-    maps, teacher-forced: what the sanity check compares on a family that reads no phrases."""
-
-    def explain(self, image, phrases, method=None, layer=None, target=None, prompt=None):
-        maps = [
-            self.explain_generation(image, method=method, layer=layer, text=t).raw_maps.mean(0)
-            for t in phrases
-        ]
-        return SimpleNamespace(maps=torch.stack(maps))
 
 
 def model_table(

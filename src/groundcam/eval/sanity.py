@@ -243,10 +243,19 @@ def copy_explainer(explainer):
     return type(explainer)(copy.deepcopy(adapter, memo), explainer.grad_chunk)
 
 
-def method_maps(explainer, image: Image.Image, phrases: list[str], method: str) -> torch.Tensor:
-    """[P, h, w] maps of every phrase over `image` by `method` (a registered custom map first)."""
+def method_maps(
+    explainer, image: Image.Image, phrases: list[str], method: str | None
+) -> torch.Tensor:
+    """[P, h, w] maps of every phrase over `image` by `method` (a registered custom map first;
+    None: the family's default). A family that reads no phrases (OCR) maps each text as the mean of its token maps, the
+    text teacher-forced as if written."""
     if method in CUSTOM_MAPS:
         return CUSTOM_MAPS[method](explainer, image, phrases)
+    if not explainer.adapter.reads_phrases:
+        maps = [
+            explainer.explain_generation(image, method=method, text=t).raw_maps for t in phrases
+        ]
+        return torch.stack([m.mean(0) for m in maps]).detach().float().cpu()
     return explainer.explain(image, phrases, method=method).maps.detach().float().cpu()
 
 
@@ -260,6 +269,20 @@ def shapes_samples(
     for i in range(scenes):
         s = generate_scene(split, i, seed)
         out.append((s.image_id, s.image, [p.text for p in s.phrases]))
+    return out
+
+
+def glyph_samples(
+    lines: int, seed: int = 0, split: str = "test"
+) -> list[tuple[str, Image.Image, list[str]]]:
+    """(line id, image, [its text]) of the first `lines` glyph lines of `split`: what an OCR
+    model is checked on."""
+    from groundcam.data.glyphs import render_line
+
+    out = []
+    for i in range(lines):
+        line = render_line(split, i, seed)
+        out.append((f"{split}/{i}", line.image, [line.text]))
     return out
 
 
@@ -311,7 +334,7 @@ def sanity_records(
             return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
     first_image, first_phrases = samples[0][1:]
-    layers = find_layers(work.model, lambda: work.explain(first_image, first_phrases))
+    layers = find_layers(work.model, lambda: method_maps(work, first_image, first_phrases, None))
     if not layers:
         raise InputError(f"model {explainer.name!r}: no layer with parameters ran in its forward")
     for image_id, image, phrases in samples:
