@@ -1,6 +1,6 @@
 """The logit lens of the built-in VLM recomputed without groundcam: transformers' own forward,
 the final hidden states at the image tokens (the LM head's input, after the final norm), the
-word's row of the head, relu, reshaped 8 x 8 in image-token order."""
+word's row of the head, relu, reshaped to the tower's patch grid in image-token order."""
 
 from __future__ import annotations
 
@@ -33,7 +33,9 @@ def test_builtin_logit_lens_equals_an_independent_computation() -> None:
     head = model.get_output_embeddings().weight
     assert torch.allclose(hidden @ head.T, out.logits[0], atol=1e-4)
     image = (ids[0] == model.config.image_token_id).nonzero()[:, 0]
-    assert len(image) == 64 and ex.raw_maps.shape[1:] == (8, 8)  # 128 px scene, 16 px cells
+    vision = model.config.vision_config
+    grid = vision.image_size // vision.patch_size  # read from the model, not assumed
+    assert len(image) == grid * grid and ex.raw_maps.shape[1:] == (grid, grid)
     for k, token in enumerate(ex.token_ids):
-        lens = (hidden[image] @ head[token]).clamp(min=0).reshape(8, 8)
+        lens = (hidden[image] @ head[token]).clamp(min=0).reshape(grid, grid)
         assert torch.allclose(ex.raw_maps[k], lens, atol=1e-4), k

@@ -25,7 +25,7 @@ BUILTIN: dict[str, dict[str, str]] = {
     },
     "vlm-tiny-shapes": {
         "family": "llava",
-        "description": "612k-parameter LLaVA (CLIP tower + projector + Llama) that describes shapes scenes and answers questions about them",
+        "description": "617k-parameter LLaVA (CLIP tower + projector + Llama, 96 px) that describes shapes scenes and answers questions about them, its attention grounded on the objects it names",
     },
     "trocr-tiny-glyphs": {
         "family": "vision-encoder-decoder",
