@@ -25,9 +25,6 @@ class LlavaAdapter(VlmAdapter):
     template = "USER: {image}\n{prompt} ASSISTANT:"
     # "MLLMs know where to look" (ICLR 2025): layer 14 of LLaVA-1.5's 32 localises best
     default_depth = 14 / 32
-    # the methods table (benchmarks/results/methods_table.md): on vlm-tiny-shapes relevance puts
-    # 63% [60-66] of generated object words in their box, the next best (attn-gradcam) 43% [40-46]
-    default_methods = {"token": "relevance", "phrase": "attn-gradcam"}
 
     def crop_box(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
         """The part of an (H, W) image the processor keeps, in fractions of W and H."""

@@ -160,6 +160,8 @@ class VlmAdapter(Adapter):
     default_target = "token"
     SCORES = {"token": TOKEN_PROBABILITY, "phrase": PHRASE_LOG_LIKELIHOOD}
     SOURCES = (TEXT_TO_IMAGE, LM_TOKENS, TOKEN_LOGITS, ATTENTION_GRAPH)
+    # the methods table (benchmarks/results/methods_table.md): on vlm-tiny-shapes (a LLaVA)
+    # attn-gradcam puts 86% [84-88] of generated object words in their box, the next best 80%
     default_methods = {"token": "attn-gradcam", "phrase": "attn-gradcam"}
     takes_prompt = True
     images_per_generation = 1
