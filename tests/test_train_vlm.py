@@ -135,6 +135,8 @@ def test_train_saves_a_model_that_loads_and_explains(tmp_path) -> None:
     assert torch.isfinite(out.maps).all()
     loaded = LlavaForConditionalGeneration.from_pretrained(final, trust_remote_code=False)
     assert loaded.config.vision_config.image_size == 32
+    # saved as the default length, so a caption is not cut at transformers' 20 tokens
+    assert loaded.generation_config.max_new_tokens == vlm_shapes.MAX_ANSWER
 
 
 def test_a_killed_run_resumes_to_identical_weights(tmp_path, monkeypatch) -> None:

@@ -57,6 +57,7 @@ PUNCTUATION = ". , ? : !"
 IGNORE = -100
 KINDS = ("caption", "colour", "shape", "size", "where")
 GROUND_CHOICES = ("none", "attention")
+MAX_ANSWER = 40  # tokens: the longest caption (5 objects, 24 tokens) and </s> fit; saved as default
 
 
 @dataclass
@@ -348,7 +349,7 @@ def grounded_loss(model, batch: dict, layers: list[int]) -> tuple[torch.Tensor, 
     return out.loss, attention_correctness_loss(share, regions.to(share.dtype))
 
 
-def generate(model, processor, images, prompt: str = DEFAULT_PROMPT, max_new: int = 40):
+def generate(model, processor, images, prompt: str = DEFAULT_PROMPT, max_new: int = MAX_ANSWER):
     """Greedy answers to `prompt` about each of `images`, as text."""
     text = LlavaAdapter.template.format(image=IMAGE_TOKEN, prompt=prompt)
     inputs = processor(images=images, text=[text] * len(images), return_tensors="pt")
@@ -403,6 +404,8 @@ def train(cfg: TrainConfig, threads: int | None = None, stop_at: int | None = No
         model, processor = load_init(cfg.init)
         if cfg.image_size is not None:
             model, processor = regrid(model, processor, cfg.image_size)
+    if model.generation_config.max_new_tokens is None:  # else generate() stops at 20 tokens
+        model.generation_config.max_new_tokens = MAX_ANSWER
     layers = ground_layers(cfg, model)
     vision = model.config.vision_config
     grid = vision.image_size // vision.patch_size
