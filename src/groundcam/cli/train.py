@@ -63,25 +63,12 @@ def _model_written(final) -> None:
 )
 @_loop_options
 @_guard
-def train_albef(
-    out, steps, batch_size, lr, seed, pool, eval_every, threads, grad_accum, precision
-) -> None:
+def train_albef(out, threads, **opts) -> None:
     """ALBEF from scratch on the shapes train split, ITC + ITM (no boxes). Resumes from --out."""
     from groundcam.train.albef_shapes import TrainConfig
     from groundcam.train.albef_shapes import train as run
 
-    cfg = TrainConfig(
-        out=str(out),
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        pool=pool,
-        eval_every=eval_every,
-        grad_accum=grad_accum,
-        precision=precision,
-    )
-    _model_written(run(cfg, threads=threads))
+    _model_written(run(TrainConfig(out=str(out), **opts), threads=threads))
 
 
 @train.command("amc")
@@ -196,26 +183,12 @@ def train_amc(out, no_amc, threads, **opts) -> None:
 )
 @_loop_options
 @_guard
-def train_trocr(
-    out, steps, batch_size, lr, aux_weight, seed, pool, eval_every, threads, grad_accum, precision
-) -> None:
+def train_trocr(out, threads, **opts) -> None:
     """trocr-tiny-glyphs (ViT + TrOCR decoder) on synthetic text lines. Resumes from --out."""
     from groundcam.train.trocr_glyphs import TrainConfig
     from groundcam.train.trocr_glyphs import train as run
 
-    cfg = TrainConfig(
-        out=str(out),
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        aux_weight=aux_weight,
-        seed=seed,
-        pool=pool,
-        eval_every=eval_every,
-        grad_accum=grad_accum,
-        precision=precision,
-    )
-    _model_written(run(cfg, threads=threads))
+    _model_written(run(TrainConfig(out=str(out), **opts), threads=threads))
 
 
 @train.command("captioner")
