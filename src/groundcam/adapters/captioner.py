@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from groundcam.adapters.base import Adapter
 from groundcam.adapters.hf import unknown_words_message
+from groundcam.adapters.word_vocab import WordVocabAdapter
 from groundcam.contract import (
     TEXT_TO_IMAGE,
     VISION_TOKENS,
@@ -39,7 +39,7 @@ NO_GRADIENTS = (
 )
 
 
-class CaptionerAdapter(Adapter):
+class CaptionerAdapter(WordVocabAdapter):
     family = "captioner"
     targets = ("token",)
     default_target = "token"
@@ -97,18 +97,6 @@ class CaptionerAdapter(Adapter):
             ids[i, : len(r)] = torch.tensor(r)
             mask[i, 1 : len(r)] = 1
         return ids.to(self.device), mask.to(self.device)
-
-    def unknown_words(self, phrases: list[str]) -> list[list[str]]:
-        """Per phrase, its words (as the captioner tokenises them) missing from its vocabulary."""
-        index = self.model.vocab.index
-        return [list(dict.fromkeys(w for w in tokenize(p) if w not in index)) for p in phrases]
-
-    def token_strings(self, input_ids, attention_mask):
-        words = self.model.vocab.words
-        return [
-            [words[i] for i, keep in zip(ids, m, strict=True) if keep]
-            for ids, m in zip(input_ids.tolist(), attention_mask.tolist(), strict=True)
-        ]
 
     def geometry(self, pixel_values: torch.Tensor) -> Geometry:
         h, w = self.model.encoder.grid(*pixel_values.shape[-2:])

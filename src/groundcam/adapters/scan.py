@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from groundcam.adapters.base import Adapter
 from groundcam.adapters.hf import unknown_words_message
+from groundcam.adapters.word_vocab import WordVocabAdapter
 from groundcam.contract import (
     TEXT_TO_IMAGE,
     VISION_TOKENS,
@@ -36,7 +36,7 @@ from groundcam.models.saved import load_saved
 from groundcam.models.scan import SCAN, pair_similarity
 
 
-class ScanAdapter(Adapter):
+class ScanAdapter(WordVocabAdapter):
     family = "scan"
     targets = ("similarity",)
     default_target = "similarity"
@@ -89,18 +89,6 @@ class ScanAdapter(Adapter):
         ids, lengths = self.model.encode_texts(list(phrases))
         mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
         return ids, mask
-
-    def unknown_words(self, phrases: list[str]) -> list[list[str]]:
-        """Per phrase, its words missing from SCAN's vocabulary."""
-        index = self.model.vocab.index
-        return [list(dict.fromkeys(w for w in tokenize(p) if w not in index)) for p in phrases]
-
-    def token_strings(self, input_ids, attention_mask):
-        words = self.model.vocab.words
-        return [
-            [words[i] for i, keep in zip(ids, m, strict=True) if keep]
-            for ids, m in zip(input_ids.tolist(), attention_mask.tolist(), strict=True)
-        ]
 
     def geometry(self, pixel_values: torch.Tensor) -> RegionGeometry:
         """Each image's proposals, painted at the model's input resolution."""
