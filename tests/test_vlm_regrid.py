@@ -44,6 +44,13 @@ def test_the_resized_tower_equals_transformers_interpolation_at_the_new_size() -
     assert all(torch.equal(before[k], after[k]) for k in before if k != POSITIONS)
 
 
+def test_the_resized_model_keeps_its_dtype() -> None:
+    model, processor = tiny()
+    resized, _ = regrid(model.to(torch.bfloat16), processor, 48)
+    assert resized.dtype == torch.bfloat16
+    assert resized.state_dict()[POSITIONS].dtype == torch.bfloat16
+
+
 def test_positions_keep_the_class_row_and_a_constant_grid_stays_constant() -> None:
     weight = torch.randn(1 + 16, 5)
     assert torch.equal(resize_positions(weight, 4), weight)

@@ -32,7 +32,8 @@ def resize_positions(weight: torch.Tensor, grid: int) -> torch.Tensor:
 def regrid(
     model: LlavaForConditionalGeneration, processor: LlavaProcessor, image_size: int
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """`model` and `processor` at `image_size` px (unchanged where it already is)."""
+    """`model` (a new one, in its dtype) and `processor` (changed in place) at `image_size` px;
+    both returned unchanged where the model already has that size."""
     vision = model.config.vision_config
     if vision.model_type != "clip_vision_model":
         raise InputError(
@@ -57,7 +58,9 @@ def regrid(
     state = model.state_dict()
     state[POSITIONS] = resize_positions(state[POSITIONS], grid)
     attn = model.config._attn_implementation
-    resized = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn)
+    resized = LlavaForConditionalGeneration._from_config(
+        config, attn_implementation=attn, dtype=model.dtype
+    )
     resized.load_state_dict(state)
     resized.generation_config = model.generation_config
     images = processor.image_processor
