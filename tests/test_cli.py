@@ -113,17 +113,23 @@ def test_demo_writes_a_self_contained_page(tiny_model_dir, tmp_path):
     assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
     summary = json.loads((out / "summary.json").read_text())
     n_phrases = summary["attn-gradcam"]["n"]
-    # one figure of the scene (a row per phrase, a column per method); the captioner section:
-    # its per-word figure and the figure of its object words
+    # one figure of the scene (a row per phrase, a column per method); each built-in captioning
+    # model's section (the captioner, the generative VLM): its per-word figure and the figure of
+    # its object words
     heads = html.split("<figcaption>columns: ", 1)[1].split("</figcaption>", 1)[0].split(", ")
     assert n_phrases > 0 and [h.split(" ")[0] for h in heads] == ["image", *DEMO_METHODS]
     n_words = summary["captioner-tiny-shapes"]["attention"]["n"]
     assert n_words == summary["captioner-tiny-shapes"]["gradcam"]["n"] > 0
-    assert html.count("<img") == html.count('class="cell wide"') == 3
+    n_vlm = summary["vlm-tiny-shapes"]["attn-gradcam"]["n"]
+    assert n_vlm == summary["vlm-tiny-shapes"]["attention"]["n"] > 0
+    assert html.count("<img") == html.count('class="cell wide"') == 5
     figures = sorted(p.name for p in (out / "figures").glob("*.png"))
     assert figures == ["scene0.png", "scene0_captioner_objects.png", "scene0_captioner_words.png"]
+    vlm = sorted(p.name for p in (out / "figures" / "vlm-tiny-shapes").glob("*.png"))
+    assert vlm == ["scene0_captioner_objects.png", "scene0_captioner_words.png"]
     assert "pointing accuracy" in r.output and str(out / "index.html") in r.output
-    assert "captioner word pointing" in r.output and "captioner-tiny-shapes on" in html
+    assert "captioner-tiny-shapes word pointing" in r.output and "captioner-tiny-shapes on" in html
+    assert "vlm-tiny-shapes word pointing" in r.output and "vlm-tiny-shapes on" in html
 
 
 def test_train_refuses_to_mix_configurations(tmp_path):

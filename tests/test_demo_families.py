@@ -22,7 +22,7 @@ from transformers import BlipForConditionalGeneration
 import groundcam as gc
 from groundcam.cli import main
 from groundcam.data.shapes import generate_scene
-from groundcam.demo import BASELINE, LEAD, demo_methods, run_demo
+from groundcam.demo import BASELINE, CAPTIONERS, LEAD, demo_methods, run_demo
 from groundcam.eval.glyphs import glyph_records, summarize_glyphs
 from groundcam.eval.pointing import pointing_game
 
@@ -83,7 +83,7 @@ def test_dual_encoder_demo_explains_phrases_with_its_methods(
     out = tmp_path / "demo"
     r, summary, html = demo(model, out)
     methods = gc.families()[family]
-    assert sorted(k for k in summary if k != "captioner-tiny-shapes") == methods
+    assert sorted(k for k in summary if k not in CAPTIONERS) == methods
     assert "attn-gradcam" not in methods
     # one figure of the scene: a column per method; each (phrase, method) scored once, the
     # numbers the pointing game's

@@ -32,7 +32,11 @@ from groundcam.zoo import BUILTIN, ZOO
 # Every method of the phrase families (ALBEF's; a test keeps them equal), in the page's order; a
 # model's own default method comes first and is the badge.
 DEMO_METHODS = ("attn-gradcam", "gradcam", "attention", "rollout", "relevance")
-CAPTIONER = "captioner-tiny-shapes"
+# the built-in captioning models shown under every phrase model, with what the page calls them
+CAPTIONERS = {
+    "captioner-tiny-shapes": "a show-attend-tell captioner",
+    "vlm-tiny-shapes": "a tiny generative LLaVA",
+}
 LEAD, BASELINE = "albef-tiny-shapes-amc", "albef-tiny-shapes"  # the default page
 OCR_FAMILIES = ("vision-encoder-decoder",)  # generating families that read text lines
 SCORES = {"itm": "ITM match probability", "similarity": "the model's image-text similarity"}
@@ -45,7 +49,8 @@ class DemoResult:
     html: Path
     accuracy: dict[str, tuple[int, int]]  # method -> (hits, counted) of the model shown first
     seconds: float
-    word_accuracy: dict[str, tuple[int, int]] | None = None  # captioner: method -> (hits, words)
+    # the built-in captioning models shown beside: model -> method -> (hits, words)
+    word_accuracy: dict[str, dict[str, tuple[int, int]]] | None = None
     unit: str = "phrases"  # what `accuracy` counts: phrases, words (captioners), tokens (OCR)
     baseline: str | None = None  # the model shown beside it (the default page)
     baseline_accuracy: dict[str, tuple[int, int]] | None = None
@@ -106,7 +111,10 @@ def run_demo(
             intro = (
                 f"{LEAD}: {BUILTIN[LEAD]['description']}. Every phrase is explained by both "
                 "models with every method, each map marked hit (green dot) or miss (red cross) "
-                "against the phrase's ground-truth box (white)."
+                "against the phrase's ground-truth box (white). Below them, "
+                + " and ".join(f"{c}, {what}," for c, what in CAPTIONERS.items())
+                + " caption each scene in their own words: a map per word, and the words that "
+                "name one object scored against its box."
             )
             table = [["pointing accuracy", LEAD, BASELINE]]
             table += [[m, _rate(accuracy[m]), _rate(compared.get(m))] for m in accuracy]
@@ -114,11 +122,18 @@ def run_demo(
             summary |= {f"pointing accuracy, {m}": _rate(hn) for m, hn in accuracy.items()}
         score = SCORES.get(explainer.default_target, "score")
         summary["score"] = f"{score}, beside each phrase; the first column is {badge}"
-        if CAPTIONER in BUILTIN and (ZOO / CAPTIONER / "model.safetensors").is_file():
-            captioner = load(CAPTIONER, device=device)
-            words = _caption_sections(captioner, CAPTIONER, out, sections, scenes, split, seed)
+        words = {}
+        for k, shown in enumerate(
+            c for c in CAPTIONERS if (ZOO / c / "model.safetensors").is_file()
+        ):
+            folder = out / "figures" / (shown if k else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            found = _caption_sections(
+                load(shown, device=device), shown, folder, sections, scenes, split, seed
+            )
+            words[shown] = found
             summary |= {
-                f"word pointing, {CAPTIONER}, {m}": _rate(hn, "words") for m, hn in words.items()
+                f"word pointing, {shown}, {m}": _rate(hn, "words") for m, hn in found.items()
             }
     elif explainer.family in OCR_FAMILIES:
         unit = "tokens"
@@ -129,7 +144,9 @@ def run_demo(
         summary["score"] = "token probability (white boxes = the glyphs of that character)"
     else:
         unit = "words"
-        accuracy = _caption_sections(explainer, name, out, sections, scenes, split, seed)
+        accuracy = _caption_sections(
+            explainer, name, out / "figures", sections, scenes, split, seed
+        )
         summary = {"model": name, "scenes": f"{scenes} {where}"}
         summary |= {f"word pointing, {m}": _rate(hn, "words") for m, hn in accuracy.items()}
         summary["score"] = "word probability (white box = the object the word names)"
@@ -139,8 +156,8 @@ def run_demo(
         record.setdefault(m, {})[BASELINE] = _json(hn)
     if unit == "tokens":
         record["char_accuracy"] = chars
-    if words is not None:
-        record[CAPTIONER] = {m: _json(hn) for m, hn in words.items()}
+    for shown, found in (words or {}).items():
+        record[shown] = {m: _json(hn) for m, hn in found.items()}
     (out / "summary.json").write_text(json.dumps(record, indent=1))
     seconds = time.time() - t0
     baseline = BASELINE if compared is not None else None
@@ -233,11 +250,18 @@ def _phrase_sections(
 
 
 def _caption_sections(
-    explainer: Explainer, name: str, out: Path, sections: list, scenes: int, split: str, seed: int
+    explainer: Explainer,
+    name: str,
+    folder: Path,
+    sections: list,
+    scenes: int,
+    split: str,
+    seed: int,
 ) -> dict[str, tuple[int, int]]:
-    """Each scene captioned by a captioning model: the per-word figure, then a figure of the
-    object words (a row per word, a column per method the model supports), each map scored
-    against the object the word names."""
+    """Each scene captioned by a captioning model (or a generative VLM, with its default
+    prompt): the per-word figure, then a figure of the object words (a row per word, a column
+    per method the model supports), each map scored against the object the word names; the
+    figures go to `folder`."""
     from groundcam.data.caption_text import tokenize
     from groundcam.data.shapes_captions import ground_generated
     from groundcam.eval.caption_pointing import word_maps
@@ -250,7 +274,7 @@ def _caption_sections(
         gens = {m: explainer.explain_generation(image, method=m) for m in methods}
         first = gens[methods[0]]
         fig = first.figure(style=PAGE_STYLE, alpha=PAGE_ALPHA)
-        figure = _save(fig, out / "figures" / f"scene{index}_captioner_words.png")
+        figure = _save(fig, folder / f"scene{index}_captioner_words.png")
         grid = {"label": f"{methods[0]} per word", "image": figure, "wide": True}
         rows = [{"phrase": "every word", "score": None, "hit": None, "cells": [grid]}]
         words, row_of = word_maps(first, explainer)
@@ -277,7 +301,7 @@ def _caption_sections(
                 style=PAGE_STYLE,
                 alpha=PAGE_ALPHA,
             )
-            data = _save(fig, out / "figures" / f"scene{index}_captioner_objects.png")
+            data = _save(fig, folder / f"scene{index}_captioner_objects.png")
             cell = _cell(data, ["image"] + [p.label for p in panels])
             rows.append({"phrase": "object words", "score": None, "hit": None, "cells": [cell]})
         title = f'{name} on {sample.image_id}: "{first.text}"'

@@ -39,7 +39,9 @@ def demo(out, model, scenes, device) -> None:
             h, m = beside[method]
             line += f"; {result.baseline}: {h / m:6.1%} ({h}/{m})" if m else ""
         click.echo(line)
-    for method, (hits, n) in (result.word_accuracy or {}).items():
-        if n:
-            click.echo(f"captioner word pointing {method:>9}: {hits / n:6.1%} ({hits}/{n} words)")
+    for shown, found in (result.word_accuracy or {}).items():
+        for method, (hits, n) in found.items():
+            if n:
+                rate = f"{hits / n:6.1%} ({hits}/{n} words)"
+                click.echo(f"{shown} word pointing {method:>12}: {rate}")
     click.echo(f"wrote {result.html} ({result.seconds:.1f} s)")
