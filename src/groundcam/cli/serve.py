@@ -73,34 +73,10 @@ from groundcam.cli.options import _device_option, _guard, main
 )
 @_device_option()
 @_guard
-def serve(
-    models,
-    host,
-    port,
-    max_upload_mb,
-    max_phrases,
-    max_tokens,
-    max_new_tokens,
-    workers,
-    cache_mb,
-    cache_ttl,
-    files_mb,
-    sessions,
-    device,
-) -> None:
+def serve(models, host, port, device, **limits) -> None:
     """A local web page: upload an image, type phrases, see where each lands (needs groundcam[web])."""
     from groundcam.web import Limits
     from groundcam.web import serve as run
 
-    limits = Limits(
-        max_upload_mb=max_upload_mb,
-        max_phrases=max_phrases,
-        max_tokens=max_tokens,
-        max_new_tokens=max_new_tokens,
-        workers=workers,
-        cache_mb=cache_mb,
-        cache_ttl=cache_ttl,
-        files_mb=files_mb,
-        sessions=sessions,
-    )
+    limits = Limits(**limits)  # every --max-*, --workers, --cache-*, --files-mb and --sessions
     run(models, host=host, port=port, limits=limits, device=device, echo=click.echo)

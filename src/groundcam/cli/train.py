@@ -30,6 +30,11 @@ _TRAIN_LOOP_OPTIONS = [
 ]
 
 
+_threads_option = click.option(
+    "--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores)."
+)
+
+
 def _loop_options(fn):
     for option in reversed(_TRAIN_LOOP_OPTIONS):
         fn = option(fn)
@@ -58,9 +63,7 @@ def _model_written(final) -> None:
     help="Training scenes rendered.",
 )
 @click.option("--eval-every", default=500, show_default=True, type=click.IntRange(1))
-@click.option(
-    "--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores)."
-)
+@_threads_option
 @_loop_options
 @_guard
 def train_albef(out, threads, **opts) -> None:
@@ -142,9 +145,7 @@ def train_albef(out, threads, **opts) -> None:
     help="shapes: val pointing accuracy every N steps.",
 )
 @click.option("--save-every", default=200, show_default=True, type=click.IntRange(0))
-@click.option(
-    "--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores)."
-)
+@_threads_option
 @_guard
 def train_amc(out, no_amc, threads, **opts) -> None:
     """Attention Map Consistency fine-tuning (Yang et al. 2023): ITC + ITM with hard negatives,
@@ -178,9 +179,7 @@ def train_amc(out, no_amc, threads, **opts) -> None:
     help="Training lines rendered.",
 )
 @click.option("--eval-every", default=500, show_default=True, type=click.IntRange(1))
-@click.option(
-    "--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores)."
-)
+@_threads_option
 @_loop_options
 @_guard
 def train_trocr(out, threads, **opts) -> None:
@@ -269,9 +268,7 @@ def train_trocr(out, threads, **opts) -> None:
     help="Permute the training captions across images (fixed by --seed): the model for "
     "`eval sanity --data-model`.",
 )
-@click.option(
-    "--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores)."
-)
+@_threads_option
 @_loop_options
 @_guard
 def train_captioner(threads, **opts) -> None:
@@ -337,9 +334,7 @@ def train_captioner(threads, **opts) -> None:
     default=None,
     help="LM layers supervised, e.g. 1 or 0,1 (default: the family's default layer).",
 )
-@click.option(
-    "--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores)."
-)
+@_threads_option
 @_loop_options
 @_guard
 def train_vlm(threads, out, ground_layers, **opts) -> None:
@@ -376,9 +371,7 @@ def train_vlm(threads, out, ground_layers, **opts) -> None:
     type=click.IntRange(0),
     help="First steps sum the hinge over every negative (a warm start), then the hardest.",
 )
-@click.option(
-    "--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores)."
-)
+@_threads_option
 @_loop_options
 @_guard
 def train_scan(threads, **opts) -> None:
