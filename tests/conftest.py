@@ -79,3 +79,15 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny ALBEF saved the way the zoo stores models (config, safetensors, tokenizer)."""
     path = tmp_path_factory.mktemp("tiny-albef")
     return saved(path, tiny_albef(len(tokenizer)), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory) -> Path:
+    """A saved micro ResNet (random, seed 0): the captioner tests' image encoder."""
+    from test_captioner import RESNET_MICRO
+    from transformers import ResNetConfig, ResNetModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("resnet") / "micro"
+    ResNetModel(ResNetConfig(**RESNET_MICRO)).save_pretrained(path)
+    return path

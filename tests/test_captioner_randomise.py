@@ -6,9 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
-from test_captioner import RESNET_MICRO
 
 from groundcam.cli import main
 from groundcam.data.shapes_captions import DATASET_FILE, write_dataset
@@ -20,16 +18,6 @@ def shapes(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shapes")
     write_dataset(root, {"train": 12, "val": 2}, seed=0, image_size=64)
     return root
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory) -> Path:
-    from transformers import ResNetConfig, ResNetModel
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("resnet") / "micro"
-    ResNetModel(ResNetConfig(**RESNET_MICRO)).save_pretrained(path)
-    return path
 
 
 def config(shapes: Path, encoder: Path, **kw) -> TrainConfig:

@@ -9,7 +9,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from test_captioner import RESNET_MICRO
 
 import groundcam as gc
 from groundcam.cli import main
@@ -33,16 +32,6 @@ def shapes(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shapes")
     write_dataset(root, {"train": 16, "val": 4, "test": 3}, seed=0, image_size=64)
     return root
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory) -> Path:
-    from transformers import ResNetConfig, ResNetModel
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("resnet") / "micro"
-    ResNetModel(ResNetConfig(**RESNET_MICRO)).save_pretrained(path)
-    return path
 
 
 def config(shapes: Path, encoder: Path, out: Path, **kw) -> TrainConfig:
